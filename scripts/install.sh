@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Idempotent install for a Debian 12 host (root): apt packages, kernel header links for bcc,
+# bpffs, and the project venv (.venv) with the project installed editable and bcc linked in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+[ "$(id -u)" = 0 ] || { echo "install.sh: must run as root (netns, cgroups and eBPF need it)" >&2; exit 1; }
+
+apt_pkgs=(python3 python3-venv python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2
+          openssl procps util-linux tcpdump iperf3 curl ca-certificates)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install.sh: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against Debian's headers; the running kernel may be newer and have no
+# /lib/modules entry, so link the installed -amd64/-common header trees (found by glob).
+kmod=/lib/modules/$(uname -r)
+build=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+mkdir -p "$kmod"
+[ -e "$kmod/build" ] || ln -sfn "$build" "$kmod/build"
+[ -e "$kmod/source" ] || ln -sfn "$common" "$kmod/source"
+
+# bpffs for pinned links and maps.
+mountpoint -q /sys/fs/bpf 2>/dev/null || mount -t bpf bpf /sys/fs/bpf
+
+# venv from Debian's python3 (the interpreter python3-bpfcc is built for).
+py=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if sys.base_prefix == "/usr" else 1)'; then
+  rm -rf .venv
+  "$py" -m venv .venv
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+[ -e "$site/bcc" ] || ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[test]"
+  rm -f .venv/.installed-*; touch "$stamp"
+fi
+.venv/bin/python -c 'import bcc, pyroute2, cryptography, uvloop, yaml, h2' \
+  || { echo "install.sh: venv imports failed" >&2; exit 1; }
+echo "install.sh: ready ($root/.venv)"
