@@ -1,0 +1,341 @@
+"""The mesh CA: a self-signed or plugged-in (intermediate) CA that signs X.509-SVIDs from CSRs."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ..clock import Clock
+from ..identity import NodeId, SpiffeId
+from .certs import WorkloadCert
+from .csr import build_csr, generate_key, key_to_pem
+
+__all__ = ["CAError", "CertificateAuthority", "DEFAULT_TTL", "DEFAULT_MAX_TTL",
+           "ROOT_CERT_FILE", "ROOT_KEY_FILE", "CHAIN_FILE"]
+
+DEFAULT_TTL = 24 * 3600
+DEFAULT_MAX_TTL = 90 * 24 * 3600  # Istio's default max workload cert TTL
+ROOT_CERT_FILE = "root-cert.pem"
+ROOT_KEY_FILE = "root-key.pem"
+CHAIN_FILE = "cert-chain.pem"
+
+_SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+class CAError(Exception):
+    """A CA operation failed; `reason` is a stable label (bad_csr, san_mismatch, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Atomically replace `path`; the temp file is 0600 from creation (mkstemp), so a key
+    is never readable by others, even briefly, whatever the umask or an old file's mode."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # exact mode, independent of the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class CertificateAuthority:
+    """Signs workload and node certificates for one trust domain.
+
+    Holds the signing cert and key plus the issuers above it (empty for a self-signed root).
+    Certificates are issued with not_before = clock.now() floored to the second, since X.509
+    times have one-second resolution.
+    """
+
+    def __init__(self, *, trust_domain: str, cert: x509.Certificate, key: _SigningKey,
+                 chain: tuple[x509.Certificate, ...] = (), clock: Clock,
+                 max_ttl: float = DEFAULT_MAX_TTL) -> None:
+        self.trust_domain = trust_domain
+        self.max_ttl = max_ttl
+        self._cert = cert
+        self._key = key
+        self._chain = chain  # issuers of `cert`, nearest first, root last
+        self._clock = clock
+        self._issuer_chain_pem = (_pem(cert),) + tuple(_pem(c) for c in chain)
+        try:
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:  # plugged-in CAs may lack an SKI
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def generate(cls, trust_domain: str, *, clock: Clock, validity_days: int = 3650,
+                 max_ttl: float = DEFAULT_MAX_TTL) -> CertificateAuthority:
+        """A new self-signed ECDSA P-256 root for `trust_domain`."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+            x509.NameAttribute(NameOID.COMMON_NAME, "ambient root CA"),
+        ])
+        not_before = float(int(clock.now()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(_serial())
+            .not_valid_before(_utc(not_before))
+            .not_valid_after(_utc(not_before + validity_days * 86400))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(trust_domain=trust_domain, cert=cert, key=key, clock=clock, max_ttl=max_ttl)
+
+    @classmethod
+    def load(cls, cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str], *,
+             chain_path: str | os.PathLike[str] | None = None, clock: Clock,
+             trust_domain: str | None = None, max_ttl: float = DEFAULT_MAX_TTL,
+             ) -> CertificateAuthority:
+        """Load a root CA, or an intermediate whose issuers up to the root are in `chain_path`.
+
+        The trust domain is `trust_domain` if given, else the signing cert's SPIFFE URI SAN,
+        else its subject O (as `generate` writes it).
+        """
+        cert_path, key_path = Path(cert_path), Path(key_path)
+        cert = _load_certs(cert_path)[0]
+        key = _load_key(key_path)
+        if key.public_key() != cert.public_key():
+            raise CAError("ca_load_failed", f"{key_path}: key does not match the certificate in {cert_path}")
+        if not _is_ca(cert):
+            raise CAError("ca_load_failed", f"{cert_path}: not a CA certificate (BasicConstraints CA=false)")
+        if clock.now() >= cert.not_valid_after_utc.timestamp():
+            raise CAError("ca_load_failed", f"{cert_path}: CA certificate expired at {cert.not_valid_after_utc}")
+        chain: tuple[x509.Certificate, ...] = ()
+        if not _self_signed(cert):
+            if chain_path is None:
+                raise CAError("ca_load_failed",
+                              f"{cert_path}: not self-signed (an intermediate), and no chain file given")
+            chain = _order_chain(cert, _load_certs(Path(chain_path)), Path(chain_path))
+        td = _trust_domain_of(cert, cert_path, trust_domain)
+        return cls(trust_domain=td, cert=cert, key=key, chain=chain, clock=clock, max_ttl=max_ttl)
+
+    @classmethod
+    def load_or_create(cls, directory: str | os.PathLike[str], trust_domain: str, *, clock: Clock,
+                       max_ttl: float = DEFAULT_MAX_TTL) -> CertificateAuthority:
+        """Load the CA saved in `directory`, or generate and save a new root there."""
+        d = Path(directory)
+        cert_path, key_path, chain_path = d / ROOT_CERT_FILE, d / ROOT_KEY_FILE, d / CHAIN_FILE
+        if cert_path.exists() or key_path.exists():
+            return cls.load(cert_path, key_path, chain_path=chain_path if chain_path.exists() else None,
+                            clock=clock, trust_domain=trust_domain, max_ttl=max_ttl)
+        ca = cls.generate(trust_domain, clock=clock, max_ttl=max_ttl)
+        ca.save(d)
+        return ca
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write the signing cert (root-cert.pem, 0644), its key (root-key.pem, 0600) and, for
+        an intermediate, its issuers (cert-chain.pem, 0644)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        _write_file(d / ROOT_KEY_FILE, key_to_pem(self._key), 0o600)
+        _write_file(d / ROOT_CERT_FILE, _pem(self._cert), 0o644)
+        if self._chain:
+            _write_file(d / CHAIN_FILE, b"".join(_pem(c) for c in self._chain), 0o644)
+
+    # -- accessors ----------------------------------------------------------------------
+
+    @property
+    def roots_pem(self) -> bytes:
+        """The trust anchor workloads verify peers against: the root at the top of the chain."""
+        return _pem(self._chain[-1] if self._chain else self._cert)
+
+    @property
+    def not_after(self) -> float:
+        """When the signing certificate expires."""
+        return self._cert.not_valid_after_utc.timestamp()
+
+    # -- signing ------------------------------------------------------------------------
+
+    def sign_csr(self, csr_pem: bytes, identity: SpiffeId | NodeId,
+                 ttl_seconds: float = DEFAULT_TTL) -> tuple[bytes, ...]:
+        """Issue an X.509-SVID for `identity` to the key in `csr_pem`.
+
+        The caller has authenticated `identity`; the CSR only proves key possession, and its
+        URI SANs, if any, must agree. Returns PEM blobs: leaf, intermediates, root.
+        """
+        if not 1 <= ttl_seconds <= self.max_ttl:
+            raise CAError("ttl_out_of_range", f"TTL {ttl_seconds}s outside [1, {self.max_ttl}]s")
+        if identity.trust_domain != self.trust_domain:
+            raise CAError("trust_domain_mismatch",
+                          f"{identity.uri} is not in trust domain {self.trust_domain!r}")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+            signature_ok = csr.is_signature_valid
+        except ValueError as e:
+            raise CAError("bad_csr", f"unparsable CSR: {e}") from None
+        if not signature_ok:
+            raise CAError("bad_csr", "CSR signature does not verify")
+        public_key = csr.public_key()
+        if not (isinstance(public_key, ec.EllipticCurvePublicKey)
+                and isinstance(public_key.curve, ec.SECP256R1)):
+            raise CAError("bad_key_type", "CSR key must be ECDSA P-256")
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        except ValueError as e:
+            raise CAError("bad_csr", f"malformed CSR extensions: {e}") from None
+        if any(uri != identity.uri for uri in uris):
+            raise CAError("san_mismatch", f"CSR asks for {uris}, caller is {identity.uri}")
+
+        not_before = float(int(self._clock.now()))
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self._cert.subject)
+            .public_key(public_key)
+            .serial_number(_serial())
+            .not_valid_before(_utc(not_before))
+            .not_valid_after(_utc(not_before + ttl_seconds))
+            # SPIFFE X.509-SVID: with an empty subject the SAN must be critical (RFC 5280 4.2.1.6).
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+                           critical=True)
+            .add_extension(_key_usage(digital_signature=True, key_agreement=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(self._aki, critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return (_pem(leaf),) + self._issuer_chain_pem
+
+    def issue(self, identity: SpiffeId | NodeId, ttl_seconds: float = DEFAULT_TTL) -> WorkloadCert:
+        """Generate a key and sign it directly (the control plane's own and bootstrap certs)."""
+        key = generate_key()
+        chain = self.sign_csr(build_csr(identity, key), identity, ttl_seconds)
+        return WorkloadCert.from_pem(key_to_pem(key), chain)
+
+
+def _serial() -> int:
+    # 128 random bits (CA/B forum asks for >= 64); never zero.
+    return secrets.randbits(128) or 1
+
+
+def _key_usage(*, digital_signature: bool = False, key_agreement: bool = False,
+               key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=key_agreement, key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CAError("ca_load_failed", f"{path}: cannot read: {e.strerror}") from None
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(_read(path))
+    except ValueError as e:
+        raise CAError("ca_load_failed", f"{path}: no PEM certificate: {e}") from None
+
+
+def _load_key(path: Path) -> _SigningKey:
+    try:
+        key = serialization.load_pem_private_key(_read(path), password=None)
+    except (ValueError, TypeError) as e:  # TypeError: the key is encrypted
+        raise CAError("ca_load_failed", f"{path}: unusable private key: {e}") from None
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise CAError("ca_load_failed", f"{path}: CA key must be EC or RSA")
+    return key
+
+
+def _order_chain(cert: x509.Certificate, pool: list[x509.Certificate],
+                 path: Path) -> tuple[x509.Certificate, ...]:
+    """Follow issuers from `cert` through `pool` (any order) up to a self-signed root."""
+    chain: list[x509.Certificate] = []
+    current = cert
+    while not _self_signed(current):
+        issuer = next((c for c in pool if c.subject == current.issuer and _issued_by(current, c)), None)
+        if issuer is None:
+            raise CAError("ca_load_failed", f"{path}: no issuer for {current.subject.rfc4514_string()!r}")
+        if issuer in chain or len(chain) > len(pool):
+            raise CAError("ca_load_failed", f"{path}: issuer loop")
+        if not _is_ca(issuer):
+            raise CAError("ca_load_failed", f"{path}: {issuer.subject.rfc4514_string()!r} is not a CA")
+        chain.append(issuer)
+        current = issuer
+    return tuple(chain)
+
+
+def _trust_domain_of(cert: x509.Certificate, path: Path, explicit: str | None) -> str:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+                if u.startswith("spiffe://")]
+    except x509.ExtensionNotFound:
+        uris = []
+    from_san = uris[0].removeprefix("spiffe://").partition("/")[0] if uris else None
+    if explicit is not None:
+        if from_san is not None and from_san != explicit:
+            raise CAError("ca_load_failed", f"{path}: CA is for trust domain {from_san!r}, not {explicit!r}")
+        return explicit
+    if from_san:
+        return from_san
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if orgs:
+        return str(orgs[0].value)
+    raise CAError("ca_load_failed", f"{path}: cannot tell the trust domain (no SPIFFE SAN, no O=)")
