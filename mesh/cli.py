@@ -1,0 +1,291 @@
+"""The `ambient` command: bring a local meshed cluster up, change it, look inside, take it down."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .cluster.api import ApiError, call
+from .cluster.paths import DEFAULT_CLUSTER, ClusterPaths, check_cluster_name
+from .config import ConfigError, load_text
+
+_START_TIMEOUT = 30.0
+
+
+def _sources(files: list[str]) -> list[dict[str, str]]:
+    """Read and syntax-check files here, so a typo fails before any process starts."""
+    out = []
+    for f in files:
+        if f == "-":
+            text, name, base = sys.stdin.read(), "<stdin>", os.getcwd()
+        else:
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    text = fh.read()
+            except OSError as e:
+                raise ConfigError(e.strerror or str(e), reason="unreadable", source=f) from None
+            name, base = f, os.path.dirname(os.path.abspath(f))
+        load_text(text, name, base_dir=base)
+        out.append({"name": name, "text": text, "base_dir": base})
+    return out
+
+
+def _running(paths: ClusterPaths) -> bool:
+    try:
+        call(paths.runner_socket, "ping", timeout=3)
+        return True
+    except (ApiError, OSError):
+        return False
+
+
+def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
+    os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
+    argv = [sys.executable, "-m", "mesh.cluster.daemon", "--cluster", paths.name,
+            "--trust-domain", a.trust_domain, "--cert-ttl", str(a.cert_ttl)]
+    if a.ca_dir:
+        argv += ["--ca-dir", os.path.abspath(a.ca_dir)]
+    with open(paths.runner_log, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ApiError(f"the cluster runner exited with {proc.returncode}:\n{_tail(paths.runner_log)}",
+                           "runner_failed")
+        if _running(paths):
+            return
+        time.sleep(0.1)
+    raise ApiError(f"the cluster runner did not start in {_START_TIMEOUT:.0f}s; see {paths.runner_log}",
+                   "runner_failed")
+
+
+def _tail(path: str, n: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _print_applied(res: dict[str, Any]) -> None:
+    for k in res["applied"]:
+        print(f"{k} applied")
+    if res["unchanged"]:
+        print(f"{res['unchanged']} unchanged")
+
+
+def cmd_up(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    sources = _sources(a.files)
+    started = False
+    if not _running(paths):
+        _start_runner(paths, a)
+        started = True
+    try:
+        res = call(paths.runner_socket, "apply", sources=sources)
+    except (ApiError, ConfigError):
+        if started:
+            _down(paths, quiet=True)
+        raise
+    _print_applied(res)
+    print(f"cluster {paths.name!r} is up; `ambient status` shows it, `ambient down` removes it")
+    return 0
+
+
+def cmd_apply(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    res = call(paths.runner_socket, "apply", sources=_sources(a.files), wait=not a.no_wait)
+    _print_applied(res)
+    return 0
+
+
+def cmd_delete(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    res = call(paths.runner_socket, "delete", sources=_sources(a.files))
+    for k in res["deleted"]:
+        print(f"{k} deleted")
+    for k in res["not_found"]:
+        print(f"{k} not found")
+    return 0
+
+
+def cmd_exec(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    if not a.command:
+        raise ApiError("no command given: ambient exec [-n NS] POD -- CMD...", "bad_request")
+    info = call(paths.runner_socket, "pod_info", namespace=a.namespace, name=a.pod)
+    from .cluster.procs import pod_argv
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", ""))
+    argv = pod_argv(a.command, netns=info["netns"], cgroup=info["cgroup"])
+    os.execvpe(argv[0], argv, env)
+    return 127  # not reached
+
+
+def cmd_logs(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    st = call(paths.runner_socket, "status")
+    for p in st["pods"]:
+        if p["namespace"] == a.namespace and p["name"] == a.pod:
+            for name, c in p["containers"].items():
+                if a.container in (None, name):
+                    sys.stdout.write(_tail(c["log"], a.tail))
+            return 0
+    raise ApiError(f"no pod {a.namespace}/{a.pod}", "not_found")
+
+
+def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    st = call(paths.runner_socket, "status")
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    cp = st["control_plane"]
+    print(f"cluster {st['cluster']}  trust domain {st['trust_domain']}  control plane "
+          f"{'running' if cp['running'] else 'STOPPED'} (version {cp['version']}, "
+          f"{cp['certificates']} certificates signed)")
+    print("\nNODES")
+    _table(["NAME", "IP", "POD CIDR", "ZTUNNEL", "STATE", "CERTIFICATES"], [
+        [n["name"], n["ip"], n["pod_cidr"],
+         ("ready" if n["ztunnel"]["ready"] else "not ready") + ("" if n["ztunnel"]["connected"] else ", disconnected"),
+         f"v{n['ztunnel']['version']}",
+         ", ".join(f"{c['identity'].rsplit('/ns/', 1)[-1]} ({c['state']})" for c in n["ztunnel"]["certificates"]) or "-"]
+        for n in st["nodes"]])
+    print("\nPODS")
+    _table(["NAMESPACE", "NAME", "NODE", "IP", "PHASE", "RESTARTS", "AMBIENT", "SERVICE ACCOUNT"], [
+        [p["namespace"], p["name"], p["node"], p["ip"], p["phase"], str(p["restarts"]),
+         "yes" if p["ambient"] else "no", p["service_account"]] for p in st["pods"]])
+    if st["services"]:
+        print("\nSERVICES")
+        _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS"], [
+            [s["namespace"], s["name"], s["cluster_ip"], ",".join(map(str, s["ports"]))] for s in st["services"]])
+    if st["policies"]:
+        print("\nPOLICIES")
+        for p in st["policies"]:
+            print(f"  {p}")
+    return 0
+
+
+def _table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for r in [head, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+
+
+def _down(paths: ClusterPaths, quiet: bool = False) -> None:
+    try:
+        call(paths.runner_socket, "shutdown", timeout=60)
+    except (ApiError, OSError):
+        pass
+    # Whatever the runner could not remove (it may have crashed): by pid, prefix and path.
+    try:
+        with open(paths.runner_pid_file) as f:
+            os.kill(int(f.read().strip()), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+    from .cluster.network import ClusterNetwork
+    ClusterNetwork(paths.prefix).teardown()
+    import shutil
+    shutil.rmtree(paths.bpf_pin_dir, ignore_errors=True)
+    shutil.rmtree(paths.run_dir, ignore_errors=True)
+    if not quiet:
+        print(f"cluster {paths.name!r} removed")
+
+
+def cmd_down(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    _down(paths)
+    return 0
+
+
+def cmd_control_plane(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    res = call(paths.runner_socket, "control_plane", action=a.action)
+    print(f"control plane {'running' if res['running'] else 'stopped'} (version {res['version']})")
+    return 0
+
+
+def _duration(v: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(v[:-1]) * units[v[-1]] if v and v[-1] in units else float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad duration {v!r} (e.g. 24h, 90m, 3600)") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ambient", description=__doc__)
+    p.add_argument("-c", "--cluster", type=check_cluster_name,
+                   default=os.environ.get("AMBIENT_CLUSTER", DEFAULT_CLUSTER),
+                   help="local cluster name (env AMBIENT_CLUSTER; default %(default)s)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start a local cluster (or add to it) from YAML files")
+    up.add_argument("files", nargs="+")
+    up.add_argument("--trust-domain", default="cluster.local")
+    up.add_argument("--cert-ttl", type=_duration, default=24 * 3600.0, help="workload cert TTL (24h)")
+    up.add_argument("--ca-dir", help="load the root CA from DIR (root-cert.pem, root-key.pem)")
+    up.set_defaults(fn=cmd_up)
+
+    ap = sub.add_parser("apply", help="create or update objects from YAML files")
+    ap.add_argument("files", nargs="*")
+    ap.add_argument("-f", "--filename", action="append", default=[], dest="more")
+    ap.add_argument("--no-wait", action="store_true", help="do not wait for readiness")
+    ap.set_defaults(fn=cmd_apply)
+
+    de = sub.add_parser("delete", help="delete the objects named in YAML files")
+    de.add_argument("files", nargs="*")
+    de.add_argument("-f", "--filename", action="append", default=[], dest="more")
+    de.set_defaults(fn=cmd_delete)
+
+    ex = sub.add_parser("exec", help="run a command inside a pod (its netns and cgroup)")
+    ex.add_argument("-n", "--namespace", default="default")
+    ex.add_argument("pod")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.set_defaults(fn=cmd_exec)
+
+    lg = sub.add_parser("logs", help="print a pod's container logs")
+    lg.add_argument("-n", "--namespace", default="default")
+    lg.add_argument("pod")
+    lg.add_argument("-c", "--container")
+    lg.add_argument("--tail", type=int, default=200)
+    lg.set_defaults(fn=cmd_logs)
+
+    st = sub.add_parser("status", help="nodes, pods, IPs, enrollment and certificates")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    dn = sub.add_parser("down", help="remove every process, netns, cgroup and pin of the cluster")
+    dn.set_defaults(fn=cmd_down)
+
+    cp = sub.add_parser("control-plane", help="stop or start the control plane (failure drills)")
+    cp.add_argument("action", choices=["start", "stop"])
+    cp.set_defaults(fn=cmd_control_plane)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if hasattr(a, "more"):
+        a.files = a.files + a.more
+        if not a.files:
+            print("ambient: no files given", file=sys.stderr)
+            return 2
+    if getattr(a, "command", None) and a.command[:1] == ["--"]:
+        a.command = a.command[1:]
+    if os.geteuid() != 0:
+        print("ambient: must run as root (network namespaces, cgroups, eBPF)", file=sys.stderr)
+        return 1
+    paths = ClusterPaths(a.cluster)
+    try:
+        return a.fn(paths, a)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print("nothing was applied", file=sys.stderr)
+        return 1
+    except ApiError as e:
+        # Config errors found by the runner come back as ApiErrors with the config reason.
+        print(f"error: {e}", file=sys.stderr)
+        if e.reason not in ("runner_unavailable", "runner_failed", "not_found", "not_ready"):
+            print("nothing was applied", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The local cluster runner: API server, scheduler, CNI and kubelet of a one-host cluster.
+
+One daemon per cluster. It keeps the resource store, validates and plans every change before
+anything is applied (a bad batch changes nothing), then reconciles the host to the store:
+
+    Node      -> a network namespace on the fabric, bootstrap credentials, one ztunnel process
+    Pod       -> a network namespace + cgroup wired to its node, one process per container
+    Service   -> a cluster VIP (used by the mesh; local mode has no kube-proxy)
+    policies  -> kept in the store and distributed by the control plane
+
+The control plane runs inside this process and watches the store, as istiod watches the
+Kubernetes API. Processes that exit are restarted with a capped backoff (kubelet's
+restartPolicy: Always), ztunnels included.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import ipaddress
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..admin_http import get_unix
+from ..ca import CertificateAuthority
+from ..clock import Clock
+from ..config import ConfigError, ConfigErrors, Loaded, parse_text, validate_batch, validate_deletion
+from ..control.server import ControlPlane
+from ..control.translate import enrolled
+from ..identity import NodeId
+from ..model import Namespace, Node, Pod, Resource, Service
+from . import procs
+from .api import ApiError
+from .addressing import AddressError, AddressPlan, ClusterAddressing
+from .network import ClusterNetwork
+from .paths import ClusterPaths
+from .store import ResourceStore
+
+__all__ = ["ClusterSettings", "Runner"]
+
+log = logging.getLogger("ambient.runner")
+_BOOTSTRAP_TTL = 30 * 24 * 3600.0
+_RESTART_BACKOFF_MAX = 30.0
+_READY_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSettings:
+    trust_domain: str = "cluster.local"
+    cert_ttl: float = 24 * 3600.0
+    """Workload certificate lifetime in seconds (Istio's default: 24 h)."""
+    ca_dir: str | None = None
+    """Load the CA from here (root-cert.pem, root-key.pem[, cert-chain.pem]); default: the
+    cluster's state directory, where one is generated on first start."""
+    plan: AddressPlan = field(default_factory=AddressPlan)
+
+
+@dataclass(slots=True)
+class _Proc:
+    """A supervised process: restarted with backoff when it exits."""
+
+    argv: list[str]
+    netns: str | None
+    cgroup: str | None
+    env: dict[str, str]
+    cwd: str | None
+    log_path: str
+    popen: Any = None
+    restarts: int = 0
+    last_exit: int | None = None
+    next_start: float = 0.0
+
+    def start(self) -> None:
+        self.popen = procs.spawn(self.argv, netns=self.netns, cgroup=self.cgroup, env=self.env,
+                                 cwd=self.cwd, log_path=self.log_path)
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            procs.stop(self.popen)
+
+
+@dataclass(slots=True)
+class _PodRt:
+    uid: str
+    node: str
+    ip: ipaddress.IPv4Address
+    net: Any
+    containers: dict[str, _Proc]
+
+
+class Runner:
+    """Owns everything one local cluster made on this host."""
+
+    def __init__(self, paths: ClusterPaths, settings: ClusterSettings, *, clock: Clock) -> None:
+        self.paths = paths
+        self.settings = settings
+        self.clock = clock
+        self.store = ResourceStore()
+        self.addr = ClusterAddressing(settings.plan)
+        self.net = ClusterNetwork(paths.prefix)
+        ca_dir = settings.ca_dir or paths.ca_dir
+        self.ca = CertificateAuthority.load_or_create(ca_dir, settings.trust_domain, clock=clock)
+        self.cp = ControlPlane(ca=self.ca, socket_path=paths.control_plane_socket, clock=clock,
+                               cert_ttl=settings.cert_ttl)
+        self.store.watch(self.cp.resources_changed)
+        self._ztunnels: dict[str, _Proc] = {}
+        self._pods: dict[str, _PodRt] = {}
+        self._lock = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
+        self.committed_at: float | None = None
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        os.makedirs(self.paths.logs_dir, exist_ok=True)
+        self.net.ensure_fabric()
+        await self.cp.start()
+        self._supervisor = asyncio.ensure_future(self._supervise())
+
+    async def shutdown(self) -> None:
+        """Stop every process and remove every namespace, cgroup and pin of this cluster."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        await self.cp.stop()
+        for rt in self._pods.values():
+            for c in rt.containers.values():
+                c.stop()
+        for z in self._ztunnels.values():
+            z.stop()
+        self._pods.clear()
+        self._ztunnels.clear()
+        await asyncio.to_thread(self.net.teardown)
+        shutil.rmtree(self.paths.bpf_pin_dir, ignore_errors=True)
+
+    # -- API: apply / delete --
+
+    async def apply(self, sources: Sequence[dict[str, str]], wait: bool = True) -> dict[str, Any]:
+        """Parse, validate, plan and commit `sources` ({name, text, base_dir}) as one batch."""
+        async with self._lock:
+            loaded = [dataclasses.replace(x, resource=self._keep_defaults(x.resource))
+                      for x in self._parse(sources)]
+            validate_batch(loaded, self.store.objects)
+            batch, addr = self._plan(loaded)
+            changed = [r for r in batch if self.store.get(r.key) != r]
+            self.addr = addr
+            self.store.commit(changed)
+            self.committed_at = self.clock.now()
+            await self._reconcile()
+        if wait:
+            await self.wait_ready()
+        return {"applied": [str(r.key) for r in changed],
+                "unchanged": len(batch) - len(changed), "committed_at": self.committed_at,
+                "version": self.cp.version}
+
+    async def delete(self, sources: Sequence[dict[str, str]]) -> dict[str, Any]:
+        async with self._lock:
+            keys = [x.resource.key for x in self._parse(sources)]
+            present = [k for k in keys if self.store.get(k) is not None]
+            validate_deletion(present, self.store.objects)
+            addr = copy.deepcopy(self.addr)
+            for k in present:
+                if k.kind == "Pod":
+                    addr.release_pod(k)
+                elif k.kind == "Service":
+                    addr.release_service(k)
+            self.store.commit(deletes=present)
+            self.committed_at = self.clock.now()
+            await self._reconcile()
+            # Node addresses go last: their pods were released above and reconciled away.
+            for k in present:
+                if k.kind == "Node":
+                    addr.remove_node(k.name)
+            self.addr = addr
+        return {"deleted": [str(k) for k in present],
+                "not_found": [str(k) for k in keys if k not in present]}
+
+    def _parse(self, sources: Sequence[dict[str, str]]) -> list[Loaded]:
+        batch: list[Loaded] = []
+        errors: list[ConfigError] = []
+        for s in sources:
+            try:
+                batch += parse_text(s["text"], s["name"], base_dir=s.get("base_dir"))
+            except ConfigError as e:
+                errors.append(e)
+        if errors:
+            raise ConfigErrors(errors)
+        return batch
+
+    def _keep_defaults(self, r: Resource) -> Resource:
+        # Fields the cluster filled in (node, pod IP, VIP, pod CIDR) stay when a re-applied
+        # object leaves them out, as Kubernetes keeps spec.nodeName and spec.clusterIP.
+        old = self.store.get(r.key)
+        if isinstance(r, Pod) and isinstance(old, Pod):
+            return dataclasses.replace(r, node_name=r.node_name or old.node_name,
+                                       pod_ip=r.pod_ip or old.pod_ip)
+        if isinstance(r, Service) and isinstance(old, Service):
+            return dataclasses.replace(r, cluster_ip=r.cluster_ip or old.cluster_ip)
+        if isinstance(r, Node) and isinstance(old, Node):
+            return dataclasses.replace(r, pod_cidr=r.pod_cidr or old.pod_cidr)
+        return r
+
+    def _plan(self, loaded: list[Loaded]) -> tuple[list[Resource], ClusterAddressing]:
+        """Schedule pods and allocate addresses on a copy of the allocator: all or nothing."""
+        addr = copy.deepcopy(self.addr)
+        out: list[Resource] = []
+
+        def refuse(x: Loaded, field: str | None, message: str, reason: str = "bad_value") -> ConfigError:
+            o = x.origin
+            return ConfigErrors([ConfigError(message, reason=reason, source=o.source, key=x.resource.key,
+                                             field=field, document=o.document, item=o.item, line=o.line)])
+
+        nodes = [x for x in loaded if isinstance(x.resource, Node)]
+        for x in nodes:
+            try:  # one at a time, so an error names the node it is about
+                na = addr.add_node(x.resource.name, x.resource.pod_cidr)
+            except AddressError as e:
+                raise refuse(x, "spec.podCIDR", str(e)) from None
+            out.append(dataclasses.replace(x.resource, pod_cidr=na.pod_cidr))
+        existing = {p.key for p in self.store.of(Pod)}
+        load = {n.name: 0 for n in addr.nodes}
+        for p in self.store.of(Pod):
+            if p.node_name in load:
+                load[p.node_name] += 1
+        for x in loaded:
+            r = x.resource
+            if isinstance(r, Pod):
+                node = r.node_name
+                if node is None:  # the scheduler: the node with the fewest pods
+                    if not load:
+                        raise refuse(x, "spec.nodeName", "no node to schedule the pod on; add a Node",
+                                     "unschedulable")
+                    node = min(load, key=lambda n: (load[n], n))
+                if r.key not in existing:
+                    load[node] = load.get(node, 0) + 1
+                try:
+                    ip = addr.allocate_pod(r.key, node, r.pod_ip)
+                except AddressError as e:
+                    raise refuse(x, "status.podIP", str(e)) from None
+                out.append(dataclasses.replace(r, node_name=node, pod_ip=ip))
+            elif isinstance(r, Service):
+                try:
+                    vip = addr.allocate_service(r.key, r.cluster_ip)
+                except AddressError as e:
+                    raise refuse(x, "spec.clusterIP", str(e)) from None
+                out.append(dataclasses.replace(r, cluster_ip=vip))
+            elif not isinstance(r, Node):
+                out.append(r)
+        return out, addr
+
+    # -- reconciliation --
+
+    async def _reconcile(self) -> None:
+        nodes = {n.name: n for n in self.store.of(Node)}
+        pods = {f"{p.namespace}/{p.name}": p for p in self.store.of(Pod)}
+        for uid in [u for u in self._pods if u not in pods]:
+            await self._remove_pod(uid)
+        for name in [n for n in self._ztunnels if n not in nodes]:
+            await self._remove_node(name)
+        added = [n for n in nodes if n not in self._ztunnels]
+        for name in added:
+            await self._add_node(name)
+        if added:
+            for name in nodes:
+                self.net.update_routes(name, self._routes(name))
+        for uid, p in pods.items():
+            if uid not in self._pods:
+                await self._add_pod(uid, p)
+
+    def _routes(self, node: str) -> dict[Any, Any]:
+        return self.addr.routes_for(node)
+
+    async def _add_node(self, name: str) -> None:
+        na = self.addr.node(name)
+        await asyncio.to_thread(self.net.add_node, name, na.ip, na.pod_cidr, self._routes(name))
+        ndir = self.paths.node_dir(name)
+        self._write_bootstrap(name, os.path.join(ndir, "bootstrap"))
+        z = _Proc(
+            argv=[sys.executable, "-m", "ztunnel", "--node", name, "--run-dir", ndir,
+                  "--control-plane", self.paths.control_plane_socket,
+                  "--trust-domain", self.settings.trust_domain],
+            netns=self.net.node_netns(name), cgroup=self.net.ztunnel_cgroup(name),
+            env=_base_env(), cwd=None, log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}.log"))
+        z.start()
+        self._ztunnels[name] = z
+        log.info("node %s up: ip %s pods %s", name, na.ip, na.pod_cidr)
+
+    def _write_bootstrap(self, node: str, directory: str) -> None:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        issued = self.ca.issue(NodeId(trust_domain=self.settings.trust_domain, node=node), _BOOTSTRAP_TTL)
+        files = {"key.pem": issued.key_pem, "cert-chain.pem": b"".join(issued.chain_pem),
+                 "root-cert.pem": self.ca.roots_pem}
+        for fname, data in files.items():
+            path = os.path.join(directory, fname)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+
+    async def _remove_node(self, name: str) -> None:
+        z = self._ztunnels.pop(name)
+        z.stop()
+        await asyncio.to_thread(self.net.remove_node, name)
+        shutil.rmtree(self.paths.node_dir(name), ignore_errors=True)
+        log.info("node %s removed", name)
+
+    async def _add_pod(self, uid: str, pod: Pod) -> None:
+        na = self.addr.node(pod.node_name)
+        podnet = await asyncio.to_thread(self.net.add_pod, pod.node_name, uid, pod.pod_ip, na.pod_cidr)
+        env = _base_env() | {"POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace,
+                             "POD_IP": str(pod.pod_ip), "NODE_NAME": pod.node_name,
+                             "SERVICE_ACCOUNT": pod.service_account}
+        containers = {}
+        for c in pod.containers:
+            if not c.argv:
+                continue  # no command: the image's entrypoint, which local mode has not got
+            proc = _Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup,
+                         env=env | dict(c.env), cwd=c.working_dir or pod.source_dir or None,
+                         log_path=self.paths.container_log(pod.namespace, pod.name, c.name))
+            try:
+                proc.start()
+            except OSError as e:
+                log.warning("pod %s container %s failed to start: %s", uid, c.name, e)
+                proc.last_exit, proc.next_start = -1, time.monotonic() + 1
+            containers[c.name] = proc
+        self._pods[uid] = _PodRt(uid=uid, node=pod.node_name, ip=pod.pod_ip, net=podnet,
+                                 containers=containers)
+        log.info("pod %s up on %s at %s", uid, pod.node_name, pod.pod_ip)
+
+    async def _remove_pod(self, uid: str) -> None:
+        rt = self._pods.pop(uid)
+        for c in rt.containers.values():
+            c.stop()
+        await asyncio.to_thread(self.net.remove_pod, uid)
+        log.info("pod %s removed", uid)
+
+    async def _supervise(self) -> None:
+        """Restart exited containers and ztunnels with capped exponential backoff."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            procs_ = [*self._ztunnels.values(), *(c for rt in self._pods.values() for c in rt.containers.values())]
+            for p in procs_:
+                if p.popen is not None and p.popen.poll() is not None and p.next_start == 0.0:
+                    p.last_exit = p.popen.returncode
+                    p.next_start = now + min(_RESTART_BACKOFF_MAX, 2.0 ** min(p.restarts, 5))
+                    log.warning("%s exited with %s; restarting in %.0fs", p.argv[:3], p.last_exit,
+                                p.next_start - now)
+                elif p.next_start and now >= p.next_start:
+                    p.next_start = 0.0
+                    p.restarts += 1
+                    try:
+                        p.start()
+                    except OSError as e:
+                        log.warning("restart of %s failed: %s", p.argv[:3], e)
+                        p.next_start = now + _RESTART_BACKOFF_MAX
+
+    # -- readiness and status --
+
+    async def _ztunnel_dump(self, node: str) -> dict[str, Any] | None:
+        try:
+            status, body = await get_unix(os.path.join(self.paths.node_dir(node), "admin.sock"),
+                                          "/config_dump", timeout=2)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        import json
+        return json.loads(body) if status == 200 else None
+
+    async def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
+        """Until every ztunnel has the current state and every container is running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for node in list(self._ztunnels):
+                d = await self._ztunnel_dump(node)
+                if d is None or d.get("version", 0) < self.cp.version:
+                    pending.append(f"ztunnel on {node}")
+            for rt in self._pods.values():
+                for name, c in rt.containers.items():
+                    if not c.running:
+                        pending.append(f"pod {rt.uid} container {name}")
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise ApiError("applied, but not ready after "
+                               f"{timeout:.0f}s: {', '.join(pending)} (see {self.paths.logs_dir})", "not_ready")
+            await asyncio.sleep(0.05)
+
+    async def status(self) -> dict[str, Any]:
+        nss = {n.name: n for n in self.store.of(Namespace)}
+        nodes = []
+        for na in self.addr.nodes:
+            z = self._ztunnels.get(na.name)
+            dump = await self._ztunnel_dump(na.name)
+            nodes.append({
+                "name": na.name, "ip": str(na.ip), "pod_cidr": str(na.pod_cidr),
+                "netns": self.net.node_netns(na.name),
+                "ztunnel": {"running": bool(z and z.running), "restarts": z.restarts if z else 0,
+                            "ready": bool(dump and dump.get("synced")),
+                            "connected": bool(dump and dump.get("connected")),
+                            "version": dump.get("version") if dump else None,
+                            "certificates": dump.get("certificates", []) if dump else []},
+            })
+        pods = []
+        for p in self.store.of(Pod):
+            uid = f"{p.namespace}/{p.name}"
+            rt = self._pods.get(uid)
+            cs = rt.containers if rt else {}
+            phase = ("Running" if cs and all(c.running for c in cs.values())
+                     else "Pending" if rt is None else "Failed" if cs else "Running")
+            pods.append({
+                "namespace": p.namespace, "name": p.name, "node": p.node_name, "ip": str(p.pod_ip),
+                "phase": phase, "restarts": sum(c.restarts for c in cs.values()),
+                "service_account": p.service_account,
+                "ambient": enrolled(p, nss.get(p.namespace)),
+                "netns": rt.net.netns if rt else None, "cgroup": rt.net.cgroup if rt else None,
+                "containers": {n: {"running": c.running, "pid": c.popen.pid if c.popen else None,
+                                   "restarts": c.restarts, "last_exit": c.last_exit, "log": c.log_path}
+                               for n, c in cs.items()},
+            })
+        services = [{"namespace": s.namespace, "name": s.name, "cluster_ip": str(s.cluster_ip),
+                     "ports": [p.port for p in s.ports]} for s in self.store.of(Service)]
+        return {
+            "cluster": self.paths.name, "trust_domain": self.settings.trust_domain,
+            "control_plane": {"running": self.cp.running, "version": self.cp.version,
+                              "socket": self.paths.control_plane_socket, **self.cp.stats},
+            "namespaces": [{"name": n.name, "ambient": n.ambient, "labels": n.labels.thaw()}
+                           for n in nss.values()],
+            "nodes": nodes, "pods": pods, "services": services,
+            "policies": [str(k) for k in self.store.objects if k.kind not in
+                         ("Namespace", "Node", "Pod", "Service", "ServiceAccount")],
+        }
+
+    def pod_info(self, namespace: str, name: str) -> dict[str, Any]:
+        rt = self._pods.get(f"{namespace}/{name}")
+        if rt is None:
+            raise ApiError(f"no pod {namespace}/{name} (see `ambient status`)", "not_found")
+        return {"netns": rt.net.netns, "netns_path": rt.net.netns_path, "cgroup": rt.net.cgroup,
+                "ip": str(rt.ip), "node": rt.node}
+
+
+def _base_env() -> dict[str, str]:
+    # `python3` in a pod is the project's interpreter, so demo apps can use its packages.
+    path = os.path.dirname(sys.executable) + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    return {"PATH": path, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1"}
+

@@ -1,0 +1,198 @@
+"""The control plane: distributes state to proxies and signs their certificates, over mTLS.
+
+It listens on a Unix socket (reachable from every node network namespace, never from a
+network), authenticates each proxy by its client certificate (a node's bootstrap identity or a
+workload identity), and per connection:
+  - Subscribe  -> the full Snapshot at the current version, then every Delta as it happens;
+  - CertificateRequest -> authorize (a node only for its pods' service accounts), sign, reply.
+State changes arrive through `resources_changed`, called by the resource source (the local
+runner's store, later the Kubernetes API). Each change is translated and diffed once, encoded
+once, and written to every subscriber; a subscriber that stops reading is disconnected (it
+reconnects and resyncs) instead of buffering without bound.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+from .. import tls
+from ..ca import CAError, CertificateAuthority, WorkloadCert
+from ..clock import Clock
+from ..identity import CONTROL_PLANE_ID, NodeId, SpiffeId
+from ..model import Pod, Resource
+from .csr_authz import CsrDenied, authorize_csr
+from .protocol import (CertificateRequest, CertificateResponse, Delta, FrameDecoder, ProtocolError,
+                       Snapshot, Subscribe, decode, encode)
+from .translate import diff, translate
+
+__all__ = ["ControlPlane", "ALPN"]
+
+log = logging.getLogger("ambient.control")
+ALPN = "ambient-cp/1"
+_SLOW_SUBSCRIBER_BYTES = 64 * 1024 * 1024
+
+
+class _Peer:
+    __slots__ = ("identity", "writer", "subscribed")
+
+    def __init__(self, identity: NodeId | SpiffeId, writer: asyncio.StreamWriter) -> None:
+        self.identity = identity
+        self.writer = writer
+        self.subscribed = False
+
+
+class ControlPlane:
+    """Serves proxies on `socket_path`; `resources_changed` feeds it the cluster state."""
+
+    def __init__(self, *, ca: CertificateAuthority, socket_path: str, clock: Clock,
+                 cert_ttl: float, resources: Iterable[Resource] = ()) -> None:
+        self.ca = ca
+        self.trust_domain = ca.trust_domain
+        self.socket_path = socket_path
+        self.clock = clock
+        self.cert_ttl = cert_ttl
+        self.version = 1
+        self._resources: list[Resource] = list(resources)
+        self._state = translate(self._resources, trust_domain=self.trust_domain)
+        self._server: asyncio.AbstractServer | None = None
+        self._peers: set[_Peer] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ctx: ssl.SSLContext | None = None
+        self._serving_cert: WorkloadCert | None = None
+        self.stats = {"snapshots": 0, "deltas": 0, "certificates": 0, "csr_denied": 0}
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        self._refresh_serving_cert()
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        self._server = await asyncio.start_unix_server(self._serve, path=self.socket_path, ssl=self._ctx)
+        os.chmod(self.socket_path, 0o600)
+        log.info("control plane listening on %s (version %d)", self.socket_path, self.version)
+
+    async def stop(self) -> None:
+        """Stop listening and drop every proxy connection (they keep their last state)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for p in list(self._peers):
+            p.writer.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(server.wait_closed(), 2)
+        except asyncio.TimeoutError:
+            pass
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        log.info("control plane stopped")
+
+    def _refresh_serving_cert(self) -> None:
+        # The serving cert is re-issued at half-life; new handshakes use the reloaded context.
+        cert = self._serving_cert
+        if cert is None or self.clock.now() >= cert.refresh_at:
+            cert = self.ca.issue(CONTROL_PLANE_ID(self.trust_domain), self.cert_ttl)
+            self._serving_cert = cert
+            if self._ctx is None:
+                self._ctx = tls.server_context(cert, self.ca.roots_pem, alpn=(ALPN,))
+            else:  # the listener keeps its context: load the new cert into it
+                tls.load_cert(self._ctx, cert)
+
+    # -- state --
+
+    def resources_changed(self, resources: Iterable[Resource]) -> None:
+        """The new full resource set: translate, diff, and push one delta if anything changed."""
+        self._resources = list(resources)
+        new = translate(self._resources, trust_domain=self.trust_domain)
+        upserts, removals = diff(self._state, new)
+        self._state = new
+        if not upserts and not removals:
+            return
+        self.version += 1
+        frame = encode(Delta(version=self.version, upserts=tuple(upserts), removals=tuple(removals)))
+        self.stats["deltas"] += 1
+        for p in list(self._peers):
+            if p.subscribed:
+                self._send(p, frame)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(version=self.version, resources=tuple(self._state.values()))
+
+    def _send(self, peer: _Peer, frame: bytes) -> None:
+        if peer.writer.transport.get_write_buffer_size() > _SLOW_SUBSCRIBER_BYTES:
+            log.warning("slow_subscriber: dropping %s (it will resync on reconnect)", peer.identity)
+            peer.writer.close()
+            return
+        peer.writer.write(frame)
+
+    # -- connections --
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        peer = None
+        try:
+            self._refresh_serving_cert()
+            sslobj = writer.get_extra_info("ssl_object")
+            try:
+                identity = tls.check_peer(sslobj, trust_domain=self.trust_domain)
+            except tls.PeerIdentityError as e:
+                log.warning("%s: refusing control-plane client: %s", e.reason, e)
+                return
+            peer = _Peer(identity, writer)
+            self._peers.add(peer)
+            decoder = FrameDecoder()
+            while True:
+                data = await reader.read(256 * 1024)
+                if not data:
+                    return
+                for obj in decoder.feed(data):
+                    self._handle(peer, decode(obj))
+        except ProtocolError as e:
+            log.warning("%s: closing %s: %s", e.reason, peer.identity if peer else "client", e)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+            log.info("client %s disconnected: %s", peer.identity if peer else "?", e)
+        finally:
+            if peer is not None:
+                self._peers.discard(peer)
+            writer.close()
+            self._tasks.discard(task)
+
+    def _handle(self, peer: _Peer, msg: Any) -> None:
+        if isinstance(msg, Subscribe):
+            peer.subscribed = True
+            self.stats["snapshots"] += 1
+            self._send(peer, encode(self.snapshot()))
+            log.info("subscribed %s at version %d (had %d)", peer.identity, self.version, msg.last_version)
+        elif isinstance(msg, CertificateRequest):
+            self._send(peer, encode(self._sign(peer, msg)))
+        else:
+            raise ProtocolError(f"unexpected {msg.type} from a client")
+
+    def _sign(self, peer: _Peer, req: CertificateRequest) -> CertificateResponse:
+        pods = (r for r in self._resources if isinstance(r, Pod))
+        try:
+            authorize_csr(peer.identity, req.identity, trust_domain=self.trust_domain, pods=pods)
+            ttl = self.cert_ttl if req.ttl_seconds is None else min(req.ttl_seconds, self.cert_ttl)
+            chain = self.ca.sign_csr(req.csr_pem.encode(), req.identity, ttl)
+        except (CsrDenied, CAError) as e:
+            self.stats["csr_denied"] += 1
+            log.warning("%s: certificate for %s refused to %s: %s", e.reason, req.identity, peer.identity, e)
+            return CertificateResponse(id=req.id, error=str(e), reason=e.reason)
+        self.stats["certificates"] += 1
+        log.info("signed %s for %s", req.identity, peer.identity)
+        return CertificateResponse(id=req.id, chain_pem=tuple(c.decode() for c in chain))

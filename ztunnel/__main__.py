@@ -1,0 +1,48 @@
+"""Entry point: `python -m ztunnel --node NAME --run-dir DIR --control-plane SOCK`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import signal
+import sys
+
+from mesh.clock import SystemClock
+
+from .app import Ztunnel
+from .config import ZtunnelConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ztunnel", description="ambient node L4 proxy")
+    p.add_argument("--node", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--control-plane", required=True, help="control plane Unix socket")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--no-tcp-admin", action="store_true", help="do not open 127.0.0.1:15000/15021")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = ZtunnelConfig(node=a.node, run_dir=a.run_dir, control_plane=a.control_plane,
+                        trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin)
+    import uvloop
+    uvloop.install()
+
+    async def run() -> None:
+        zt = Ztunnel(cfg, clock=SystemClock(), rng=random.Random())
+        task = asyncio.ensure_future(zt.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
