@@ -1,0 +1,151 @@
+"""Starting and stopping the local cluster's processes (pod containers, ztunnels).
+
+:func:`spawn` starts a program inside a cgroup and a network namespace.  Both are entered
+*before* the program runs, so it, and everything it forks, is accounted to the right cgroup
+from its first instruction (eBPF programs attached to the cgroup see its first connect()).
+
+How: ``/bin/sh`` writes its own PID (``$$``, which the program keeps across ``exec``) into
+``<cgroup>/cgroup.procs``, then ``exec nsenter --net=<netns path> -- argv...``, which calls
+setns(2) and execs the program.  Why not the alternatives:
+
+* ``ip netns exec`` remounts /sys for the child, and cgroupfs then appears empty inside it.
+* A ``preexec_fn`` doing ctypes ``setns`` runs Python between fork and exec.  In a
+  multi-threaded parent (the runner has threads) that can deadlock on locks held by other
+  threads at fork time, and CPython documents preexec_fn as unsafe with threads.  The shell
+  wrapper does its work in a fresh process image, and its failures land in the log file.
+* Moving the PID into the cgroup from the parent after fork races with the program's start.
+
+The process gets a new session (``start_new_session=True``): it is not killed with the
+terminal or the CLI that started the runner, and :func:`stop` can signal its whole process
+group.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+
+__all__ = ["SpawnError", "spawn", "stop"]
+
+_WRAPPER = (
+    'cg=$1 ns=$2 nsenter=$3; shift 3; '
+    'if [ -n "$cg" ]; then echo $$ > "$cg/cgroup.procs" || '
+    '{ echo "spawn: cannot join cgroup $cg" >&2; exit 126; }; fi; '
+    'if [ -n "$ns" ]; then exec "$nsenter" --net="$ns" -- "$@"; fi; '
+    'exec "$@"'
+)
+
+
+class SpawnError(OSError):
+    """The process could not be started (program, cgroup or netns missing)."""
+
+
+def _resolve(prog: str, env: Mapping[str, str], cwd: str | None) -> str:
+    if "/" in prog:
+        path = prog if os.path.isabs(prog) else os.path.join(cwd or os.getcwd(), prog)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise SpawnError(f"program {prog!r} not found or not executable")
+        return path
+    found = shutil.which(prog, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise SpawnError(f"program {prog!r} not found on PATH {env.get('PATH', os.defpath)!r}")
+    return os.path.abspath(found)
+
+
+def spawn(argv: Sequence[str], *, netns: str | None, cgroup: str | None,
+          env: Mapping[str, str], cwd: str | None, log_path: str) -> subprocess.Popen:
+    """Start `argv` inside `cgroup` (absolute path) and the named `netns`, in a new session.
+
+    `env` is the complete environment of the program.  stdout and stderr are appended to
+    `log_path`.  Either of `netns`/`cgroup` may be None to stay in the caller's.
+    """
+    if not argv:
+        raise SpawnError("empty argv")
+    prog = _resolve(argv[0], env, cwd)
+    if cwd is not None and not os.path.isdir(cwd):
+        raise SpawnError(f"working directory {cwd!r} does not exist")
+    ns_path = ""
+    if netns is not None:
+        from ebpf.netns import netns_path  # local import: procs is usable without pyroute2
+        ns_path = netns_path(netns)
+        if not os.path.exists(ns_path):
+            raise SpawnError(f"netns {netns!r} does not exist")
+    if cgroup is not None and not os.path.isfile(os.path.join(cgroup, "cgroup.procs")):
+        raise SpawnError(f"{cgroup!r} is not a cgroup directory")
+    nsenter = shutil.which("nsenter")
+    if netns is not None and nsenter is None:
+        raise SpawnError("nsenter (util-linux) is required to enter a netns")
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    cmd = ["/bin/sh", "-c", _WRAPPER, "mesh-spawn", cgroup or "", ns_path, nsenter or "",
+           prog, *argv[1:]]
+    with open(log_path, "ab", buffering=0) as log:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(env), cwd=cwd, start_new_session=True, close_fds=True)
+
+
+def _exited(pid: int) -> bool:
+    """True once `pid` has exited.  Our own child is left as a zombie (WNOWAIT), which keeps
+    its PID, and so its process-group ID, from being reused until it is reaped."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        pass  # not our child: look at /proc
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _signal(pid: int, sig: int, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def stop(proc: subprocess.Popen | int, timeout: float = 3.0) -> int | None:
+    """SIGTERM the process (its whole process group if it leads one), SIGKILL after `timeout`.
+
+    Once the leader has exited, members of its group still running get SIGKILL too.  Returns
+    the exit code when `proc` is a Popen, else None.  Bounded: waits at most `timeout`
+    seconds, plus one second after SIGKILL.
+    """
+    popen = proc if isinstance(proc, subprocess.Popen) else None
+    pid = popen.pid if popen is not None else int(proc)
+    if popen is not None and popen.returncode is not None:
+        return popen.returncode
+    if not _exited(pid):
+        group = _leads_group(pid)
+        for sig, limit in ((signal.SIGTERM, timeout), (signal.SIGKILL, 1.0)):
+            _signal(pid, sig, group)
+            deadline = time.monotonic() + limit
+            while not _exited(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _exited(pid):
+                break
+        else:
+            return None  # still alive after SIGKILL (uninterruptible sleep); caller may retry
+        if group:  # the unreaped leader still reserves the PID, so this hits only its group
+            _signal(pid, signal.SIGKILL, True)
+    if popen is not None:
+        return popen.wait(timeout=1.0)
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    except ChildProcessError:
+        pass
+    return None
