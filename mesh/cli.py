@@ -118,6 +118,8 @@ def cmd_exec(paths: ClusterPaths, a: argparse.Namespace) -> int:
     from .cluster.procs import pod_argv
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", ""))
     argv = pod_argv(a.command, netns=info["netns"], cgroup=info["cgroup"])
+    if info.get("workdir") and os.path.isdir(info["workdir"]):
+        os.chdir(info["workdir"])  # the pod's working directory, as `kubectl exec` uses the image's
     os.execvpe(argv[0], argv, env)
     return 127  # not reached
 

@@ -53,8 +53,20 @@ async def serve(paths: ClusterPaths, settings: ClusterSettings) -> None:
     api = ApiServer({"ping": ping, "apply": apply, "delete": delete, "status": status,
                      "pod_info": pod_info, "control_plane": control_plane, "shutdown": shutdown})
     loop = asyncio.get_running_loop()
+    me = os.getpid()
+
+    def on_signal(sig: int, _frame: object) -> None:
+        # Not loop.add_signal_handler: pyroute2 forks helpers that inherit the loop's signal
+        # wakeup fd, and a signal sent to such a child would stop this daemon. A plain handler
+        # runs in the process that got the signal; a child just dies as it would by default.
+        if os.getpid() != me:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            return
+        loop.call_soon_threadsafe(done.set)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
+        signal.signal(sig, on_signal)
     try:
         await runner.start()
         await api.listen(paths.runner_socket)

@@ -28,7 +28,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
-__all__ = ["SpawnError", "spawn", "stop"]
+__all__ = ["SpawnError", "spawn", "stop", "pod_argv"]
 
 _WRAPPER = (
     'cg=$1 ns=$2 nsenter=$3; shift 3; '
@@ -55,6 +55,17 @@ def _resolve(prog: str, env: Mapping[str, str], cwd: str | None) -> str:
     return os.path.abspath(found)
 
 
+def pod_argv(argv: Sequence[str], *, netns: str | None, cgroup: str | None) -> list[str]:
+    """The command line that runs `argv` inside `cgroup` and `netns` (what :func:`spawn` runs),
+    for callers that exec it themselves, such as `ambient exec`."""
+    ns_path = ""
+    if netns is not None:
+        from ebpf.netns import netns_path
+        ns_path = netns_path(netns)
+    return ["/bin/sh", "-c", _WRAPPER, "mesh-spawn", cgroup or "", ns_path,
+            shutil.which("nsenter") or "nsenter", *argv]
+
+
 def spawn(argv: Sequence[str], *, netns: str | None, cgroup: str | None,
           env: Mapping[str, str], cwd: str | None, log_path: str) -> subprocess.Popen:
     """Start `argv` inside `cgroup` (absolute path) and the named `netns`, in a new session.
@@ -79,8 +90,7 @@ def spawn(argv: Sequence[str], *, netns: str | None, cgroup: str | None,
     if netns is not None and nsenter is None:
         raise SpawnError("nsenter (util-linux) is required to enter a netns")
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    cmd = ["/bin/sh", "-c", _WRAPPER, "mesh-spawn", cgroup or "", ns_path, nsenter or "",
-           prog, *argv[1:]]
+    cmd = pod_argv([prog, *argv[1:]], netns=netns, cgroup=cgroup)
     with open(log_path, "ab", buffering=0) as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(env), cwd=cwd, start_new_session=True, close_fds=True)

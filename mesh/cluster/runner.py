@@ -34,7 +34,7 @@ from ..config import ConfigError, ConfigErrors, Loaded, parse_text, validate_bat
 from ..control.server import ControlPlane
 from ..control.translate import enrolled
 from ..identity import NodeId
-from ..model import Namespace, Node, Pod, Resource, Service
+from ..model import Namespace, Node, Pod, Resource, ResourceKey, Service
 from . import procs
 from .api import ApiError
 from .addressing import AddressError, AddressPlan, ClusterAddressing
@@ -123,7 +123,7 @@ class Runner:
 
     async def start(self) -> None:
         os.makedirs(self.paths.logs_dir, exist_ok=True)
-        self.net.ensure_fabric()
+        await asyncio.to_thread(self.net.ensure_fabric)
         await self.cp.start()
         self._supervisor = asyncio.ensure_future(self._supervise())
 
@@ -270,8 +270,8 @@ class Runner:
         for name in added:
             await self._add_node(name)
         if added:
-            for name in nodes:
-                self.net.update_routes(name, self._routes(name))
+            for name in self._ztunnels:
+                await asyncio.to_thread(self.net.update_routes, name, self._routes(name))
         for uid, p in pods.items():
             if uid not in self._pods:
                 await self._add_pod(uid, p)
@@ -443,8 +443,10 @@ class Runner:
         rt = self._pods.get(f"{namespace}/{name}")
         if rt is None:
             raise ApiError(f"no pod {namespace}/{name} (see `ambient status`)", "not_found")
+        pod = self.store.get(ResourceKey("Pod", namespace, name))
+        workdir = pod.source_dir if isinstance(pod, Pod) else None
         return {"netns": rt.net.netns, "netns_path": rt.net.netns_path, "cgroup": rt.net.cgroup,
-                "ip": str(rt.ip), "node": rt.node}
+                "ip": str(rt.ip), "node": rt.node, "workdir": workdir}
 
 
 def _base_env() -> dict[str, str]:
