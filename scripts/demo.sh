@@ -16,7 +16,7 @@ echo; echo "== ambient status"
 amb status
 ip_of() { amb status --json | .venv/bin/python -c "import json,sys; print(next(p['ip'] for p in json.load(sys.stdin)['pods'] if p['name']=='$1'))"; }
 echo2=$(ip_of echo-2); old=$(ip_of old-app)
-echo; echo "== demo/client -> demo/echo-2 ($echo2:8080), across nodes"
+echo; echo "== demo/client -> demo/echo-2 ($echo2:8080), across nodes (plain TCP until the L4 data path lands)"
 amb exec -n demo client -- python3 apps/client.py "$echo2" 8080 --bytes 1000000
 echo; echo "== demo/client -> legacy/old-app ($old:9090), a pod outside the mesh"
 amb exec -n demo client -- python3 apps/client.py "$old" 9090
