@@ -1,0 +1,1 @@
+"""The control plane: distribution protocol, server, proxy-side client, translation, CSR authorization."""

@@ -1,0 +1,24 @@
+"""The layering rules of DEVELOPERS.md, enforced: import-linter contracts in pyproject.toml."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_import_contracts_hold():
+    lint = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    p = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "broken" in p.stdout and " 0 broken" in p.stdout
+
+
+def test_every_package_directory_is_a_package():
+    # A directory without __init__.py is invisible to the contracts above.
+    missing = []
+    for top in ("mesh", "ztunnel", "waypoint", "ebpf"):
+        for d, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = [x for x in dirs if x != "__pycache__" and not x.startswith(".")]
+            if any(f.endswith(".py") for f in files) and "__init__.py" not in files:
+                missing.append(os.path.relpath(d, ROOT))
+    assert missing == []
