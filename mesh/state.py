@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from .control.protocol import Delta, Snapshot, resource_ref
 from .model import Namespace, PolicyObject, ServiceInfo, Workload
+from .model.policy import AuthorizationPolicy, PeerAuthentication
 
 __all__ = ["ProxyState", "StateVersionError"]
 
@@ -77,6 +78,12 @@ class ProxyState:
 
     def policies(self) -> list[PolicyObject]:
         return sorted(self._of("Policy"), key=lambda p: (p.key.kind, p.namespace, p.name))
+
+    def authorization_policies(self) -> list[AuthorizationPolicy]:
+        return sorted(self._of("AuthorizationPolicy"), key=lambda p: (p.namespace, p.name))
+
+    def peer_authentications(self) -> list[PeerAuthentication]:
+        return sorted(self._of("PeerAuthentication"), key=lambda p: (p.namespace, p.name))
 
     def workload(self, uid: str) -> Workload | None:
         return self._objects.get(("Workload", uid))

@@ -14,6 +14,7 @@ from ..model import (CORE_KINDS, POLICY_KINDS, Container, FrozenMap, Namespace, 
                      PolicyObject, Pod, Resource, ResourceKey, Service, ServiceAccount, ServicePort,
                      freeze)
 from .errors import ConfigError, ConfigErrors, Origin
+from .policy import authorization_policy, peer_authentication
 from .source import (Ctx, Document, Invalid, Path, describe, format_path, get_ipv4, get_ipv4_net,
                      get_list, get_map, get_port, get_str, get_str_list, quote_hint, read_documents)
 
@@ -292,6 +293,10 @@ def _policy(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta, kind: str,
     return PolicyObject(meta=meta, policy_kind=kind, api_version=api, spec=freeze(spec))
 
 
+# Policy kinds with a typed model; the others stay PolicyObject until an issue enforces them.
+_TYPED_POLICIES = {"AuthorizationPolicy": authorization_policy, "PeerAuthentication": peer_authentication}
+
+
 def _parse_object(ctx: Ctx, obj: Any, base_dir: str) -> Resource | None:
     """Convert one object; errors go to ctx.errors and the result is then None."""
     if not isinstance(obj, Mapping):
@@ -318,8 +323,10 @@ def _parse_object(ctx: Ctx, obj: Any, base_dir: str) -> Resource | None:
                   f"{' or '.join(accepted)}", "bad_api_version")
     # On bad metadata, still check the spec (against a stand-in) so all errors show at once.
     meta_obj = ctx.collect(lambda: _meta(ctx, obj, kind, namespaced)) or ObjectMeta(name="")
-    if kind in POLICY_KINDS:
-        result: Resource | None = ctx.collect(lambda: _policy(ctx, obj, meta_obj, kind, api or ""))
+    if kind in _TYPED_POLICIES:
+        result: Resource | None = ctx.collect(lambda: _TYPED_POLICIES[kind](ctx, obj, meta_obj))
+    elif kind in POLICY_KINDS:
+        result = ctx.collect(lambda: _policy(ctx, obj, meta_obj, kind, api or ""))
     else:
         result = ctx.collect(lambda: _BUILDERS[kind](ctx, obj, meta_obj, base_dir))
     return None if ctx.errors else result

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from ..identity import SpiffeId
 from ..model import Namespace, PolicyObject, ServiceInfo, Workload
+from ..model.policy import AuthorizationPolicy, PeerAuthentication
 from ..model.wire import WireError, from_wire, to_wire
 
 __all__ = [
@@ -39,6 +40,8 @@ RESOURCE_TYPES: dict[str, type] = {
     "Service": ServiceInfo,
     "Namespace": Namespace,
     "Policy": PolicyObject,
+    "AuthorizationPolicy": AuthorizationPolicy,
+    "PeerAuthentication": PeerAuthentication,
 }
 
 
@@ -90,6 +93,8 @@ def resource_ref(obj: Any) -> tuple[str, str]:
         return ("Service", obj.uid)
     if isinstance(obj, Namespace):
         return ("Namespace", obj.name)
+    if isinstance(obj, (AuthorizationPolicy, PeerAuthentication)):
+        return (obj.kind, f"{obj.namespace}/{obj.name}")
     if isinstance(obj, PolicyObject):
         return ("Policy", f"{obj.key.kind}/{obj.namespace}/{obj.name}")
     raise TypeError(f"{type(obj).__name__} is not distributed")

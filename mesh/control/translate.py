@@ -12,6 +12,7 @@ from typing import Any
 from ..identity import SpiffeId
 from ..model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, Resource,
                      Service, ServiceInfo, TunnelProtocol, Workload)
+from ..model.policy import AuthorizationPolicy, PeerAuthentication
 from .protocol import resource_ref
 
 __all__ = ["translate", "diff", "enrolled"]
@@ -32,7 +33,7 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
     namespaces: dict[str, Namespace] = {}
     pods: list[Pod] = []
     services: list[Service] = []
-    policies: list[PolicyObject] = []
+    policies: list[Any] = []
     for r in resources:
         if isinstance(r, Namespace):
             namespaces[r.name] = r
@@ -40,7 +41,7 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
             pods.append(r)
         elif isinstance(r, Service):
             services.append(r)
-        elif isinstance(r, PolicyObject):
+        elif isinstance(r, (PolicyObject, AuthorizationPolicy, PeerAuthentication)):
             policies.append(r)
 
     live = [p for p in pods if p.pod_ip is not None and p.node_name]

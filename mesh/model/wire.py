@@ -63,8 +63,12 @@ def from_wire(tp: Any, data: Any, *, path: str = "") -> Any:
     if origin is tuple:
         if not isinstance(data, list):
             raise WireError(f"{path or '<root>'}: expected a list")
-        (item, *_rest) = typing.get_args(tp)
-        return tuple(from_wire(item, x, path=f"{path}[{i}]") for i, x in enumerate(data))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+            return tuple(from_wire(args[0], x, path=f"{path}[{i}]") for i, x in enumerate(data))
+        if len(args) != len(data):
+            raise WireError(f"{path or '<root>'}: expected {len(args)} items, got {len(data)}")
+        return tuple(from_wire(a, x, path=f"{path}[{i}]") for i, (a, x) in enumerate(zip(args, data)))
     if tp is FrozenMap:
         if not isinstance(data, dict):
             raise WireError(f"{path or '<root>'}: expected an object")
