@@ -1,0 +1,11 @@
+"""HBONE: HTTP/2 CONNECT tunnels over mutual TLS 1.3 (port 15008) -- pooled client and server for ztunnel."""
+from .api import ConnectRequest, PoolKey, Reject, TunnelError, TunnelResult
+from .connection import ConnectionConfig
+from .frames import ErrorCode, ProtocolError
+from .pool import HbonePool
+from .server import HboneServer
+
+__all__ = [
+    "HbonePool", "PoolKey", "HboneServer", "ConnectRequest", "Reject", "TunnelResult", "TunnelError",
+    "ConnectionConfig", "ProtocolError", "ErrorCode",
+]

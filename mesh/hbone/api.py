@@ -1,0 +1,81 @@
+"""Public value types and errors of the HBONE stack: pool key, CONNECT request, results, rejections."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.identity import SpiffeId
+
+__all__ = ["PoolKey", "ConnectRequest", "TunnelResult", "TunnelError", "Reject"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolKey:
+    """ztunnel's WorkloadKey: connections are shared only between tunnels with the same
+    source/destination identities and IPs, so one pod's traffic never rides another's mTLS."""
+
+    src_identity: SpiffeId
+    dst_identity: SpiffeId
+    src_ip: str
+    dst_ip: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectRequest:
+    """A validated inbound CONNECT, as the server's handler sees it."""
+
+    authority: str
+    """`:authority`, `host:port` (the destination the client asks for)."""
+    headers: tuple[tuple[str, str], ...]
+    """Regular request headers in order (baggage, forwarded, traceparent, ...)."""
+    peer_identity: SpiffeId
+    """The client's SPIFFE identity from its (verified) certificate."""
+    local_addr: tuple[str, int]
+    """Our end of the TLS connection."""
+    peer_addr: tuple[str, int]
+    """The client's end of the TLS connection."""
+    stream_id: int = 0
+    """HTTP/2 stream id (diagnostics only)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelResult:
+    """How one tunnel ended; the basis for access logs and istio_tcp_* metrics."""
+
+    bytes_sent: int
+    """Bytes carried into the tunnel towards the peer (client: downstream -> server;
+    server: application -> client)."""
+    bytes_received: int
+    """Bytes that came out of the tunnel from the peer."""
+    status: int
+    """The CONNECT response status (200 for a tunnel that was opened)."""
+    duration: float
+    """Seconds from the CONNECT being sent/received to the end of both directions."""
+    error: str | None = None
+    """None for a clean end (both directions half-closed), else a stable reason label:
+    peer_reset, tcp_reset, tcp_closed, connection_lost, goaway, cancelled, ..."""
+
+
+class TunnelError(Exception):
+    """Opening a tunnel failed. `reason` is a stable label (connect_failed, tls_failed,
+    identity_mismatch, h2_handshake_failed, connect_rejected, stream_reset, connection_lost,
+    connect_timeout, ...); `status` is the CONNECT status when the peer answered."""
+
+    def __init__(self, reason: str, message: str = "", *, status: int | None = None) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.status = status
+
+    def copy(self) -> TunnelError:
+        """A fresh instance for another waiter (one exception object must not be raised by
+        several tasks: tracebacks would pile up on it)."""
+        return TunnelError(self.reason, str(self), status=self.status)
+
+
+class Reject(Exception):
+    """Raised by an HboneServer handler to refuse a CONNECT with `status` (400 bad request,
+    401 denied by policy, 503 no upstream...); `reason` is a stable label for logs."""
+
+    def __init__(self, status: int, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.status = status
+        self.reason = reason

@@ -1,0 +1,200 @@
+"""One TLS + HTTP/2 connection on the event loop: drives H2Connection, dispatches to Tunnels, coalesces writes.
+
+Theory of operation
+-------------------
+`Session` is the asyncio.Protocol of the TLS transport. Reads go through
+`H2Connection.receive_data`; DATA events are dispatched straight to the stream's `Tunnel`
+(no per-chunk allocation beyond the event itself). Everything the connection queues is
+written with ONE `transport.write` per loop iteration: at the end of each TLS read, and
+via a single `call_soon(flush)` for writes triggered from TCP reads, so many streams'
+frames share TLS records (the prototype's biggest small-message win).
+
+When the TLS transport goes above its high-water mark every tunnel stops reading its TCP
+socket; `resume_writing` restarts them. A ProtocolError sends GOAWAY and closes the
+connection; losing the connection aborts all its tunnels. Subclasses (client/server) add
+peer verification and what to do with responses/requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from .connection import (ConnectionConfig, DataReceived, GoAway, H2Connection, HandshakeCompleted,
+                         ProtocolError, RequestReceived, RequestRejected, ResponseReceived, Role,
+                         SendUnblocked, StreamEnded, StreamReset)
+from .tunnel import Tunnel, set_nodelay
+
+__all__ = ["Session"]
+
+log = logging.getLogger(__name__)
+
+TLS_HIGH_WATER = 4 * 1024 * 1024
+TLS_LOW_WATER = 1024 * 1024
+
+
+class Session(asyncio.Protocol):
+    """Base for ClientSession and ServerSession."""
+
+    def __init__(self, role: Role, config: ConnectionConfig) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.conn = H2Connection(role, config)
+        self.tunnels: dict[int, Tunnel] = {}
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.tls_paused = False
+        self.closed = False
+        self.close_reason: str | None = None
+        self._flush_scheduled = False
+
+    # -- hooks for subclasses -------------------------------------------------------------
+
+    def verify_peer(self, ssl_object: ssl.SSLObject) -> None:
+        """Raise to refuse the peer (after the TLS handshake, before any HTTP/2)."""
+
+    def on_request(self, ev: RequestReceived) -> None:
+        raise NotImplementedError
+
+    def on_request_rejected(self, ev: RequestRejected) -> None:
+        pass
+
+    def on_handshake(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def on_goaway(self, ev: GoAway) -> None:
+        pass
+
+    def on_closed(self) -> None:
+        pass
+
+    def tunnel_done(self, tunnel: Tunnel) -> None:
+        self.tunnels.pop(tunnel.sid, None)
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=TLS_HIGH_WATER, low=TLS_LOW_WATER)  # type: ignore[attr-defined]
+        try:
+            self.verify_peer(transport.get_extra_info("ssl_object"))
+        except Exception as e:
+            self.fail(e)
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.conn.initiate()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            log.info("hbone: closing connection from %s: protocol error %s (%s)",
+                     self._peername(), e.reason, e)
+            self.close_reason = e.reason
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        tunnels = self.tunnels
+        for ev in events:
+            if type(ev) is DataReceived:
+                tun = tunnels.get(ev.stream_id)
+                if tun is not None:
+                    tun.on_data(ev.data, ev.flow_controlled_length, ev.end_stream)
+                elif ev.flow_controlled_length:
+                    self.conn.acknowledge_received_data(ev.stream_id, ev.flow_controlled_length)
+            else:
+                self._dispatch(ev)
+        self.flush()
+
+    def _dispatch(self, ev) -> None:
+        t = type(ev)
+        if t is SendUnblocked:
+            tun = self.tunnels.get(ev.stream_id)
+            if tun is not None:
+                tun.on_unblocked()
+        elif t is ResponseReceived:
+            tun = self.tunnels.get(ev.stream_id)
+            if tun is not None:
+                tun.on_response(ev.status, ev.end_stream)
+        elif t is RequestReceived:
+            self.on_request(ev)
+        elif t is StreamEnded:
+            tun = self.tunnels.get(ev.stream_id)
+            if tun is not None:
+                tun.on_end()
+        elif t is StreamReset:
+            tun = self.tunnels.get(ev.stream_id)
+            if tun is not None:
+                tun.on_reset(ev.reason)
+        elif t is HandshakeCompleted:
+            self.on_handshake()
+        elif t is RequestRejected:
+            self.on_request_rejected(ev)
+        elif t is GoAway:
+            self.on_goaway(ev)
+
+    def eof_received(self) -> bool:
+        return False                                 # TLS: close on EOF
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        reason = self.close_reason or "connection_lost"
+        if not self.ready.done():
+            self.fail(exc or ConnectionError("connection closed during the HTTP/2 handshake"))
+        for tun in list(self.tunnels.values()):
+            tun.on_reset(reason)
+        self.on_closed()
+
+    def pause_writing(self) -> None:
+        self.tls_paused = True
+        for tun in self.tunnels.values():
+            tun.tls_paused()
+
+    def resume_writing(self) -> None:
+        self.tls_paused = False
+        for tun in list(self.tunnels.values()):
+            tun.tls_resumed()
+
+    # -- output ---------------------------------------------------------------------------
+
+    def want_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        conn = self.conn
+        if conn.has_data_to_send and self.transport is not None:
+            self.transport.write(conn.data_to_send())
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()                   # retrieved: waiters may be gone
+
+    def goaway(self) -> None:
+        """Stop accepting new streams (graceful drain); close once no tunnel is left."""
+        if self.closed or self.transport is None:
+            return
+        self.conn.close()
+        self.flush()
+        if not self.tunnels:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Close now: all tunnels are reset."""
+        if self.transport is not None and not self.closed:
+            self.close_reason = reason
+            self.conn.close()
+            self.flush()
+            self.transport.close()
+
+    def _peername(self):
+        return self.transport.get_extra_info("peername") if self.transport is not None else None

@@ -1,0 +1,260 @@
+"""The plain-TCP side of one HBONE stream: an asyncio.Protocol relaying bytes with backpressure.
+
+Theory of operation
+-------------------
+A `Tunnel` joins one HTTP/2 stream of a `Session` (TLS side) to one TCP transport (the
+downstream app socket on the client, the upstream app socket on the server).
+
+TCP -> stream: every read (up to uvloop's 256 KiB) is handed to `H2Connection.send_data`
+as is; the session writes everything queued once per loop iteration. When the stream or
+connection send window is exhausted, send_data keeps the remainder and we pause reading
+the TCP socket until `SendUnblocked`; when the TLS transport is above its high-water mark
+the session pauses every tunnel's TCP reading the same way (`_READ_TLS`).
+
+Stream -> TCP: DATA chunks (memoryviews, cut-through) are written to the TCP transport at
+once. Their flow-control credit is returned (`acknowledge_received_data`) only while that
+transport is below its high-water mark; while it is paused the credit accumulates in
+`unacked` and is returned by `resume_writing`. So a slow reader costs at most one stream
+window (16 MiB) plus the TCP high-water mark of buffer, never more.
+
+Half-close (RFC 9113 §8.5): TCP EOF -> END_STREAM; END_STREAM -> TCP write_eof. When both
+directions have ended the TCP socket is closed and the result is recorded. A TCP reset
+becomes RST_STREAM(CONNECT_ERROR); a RST_STREAM from the peer aborts (resets) the socket.
+
+Per-chunk work is counters and method calls only: no dicts, no logging, no copies.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from .api import TunnelError, TunnelResult
+from .connection import ErrorCode
+
+__all__ = ["Tunnel", "set_nodelay"]
+
+_READ_WINDOW = 1     # reading paused: stream/connection send window exhausted
+_READ_TLS = 2        # reading paused: TLS transport above its high-water mark
+_READ_CLOSED = 4     # our side of the stream has ended
+
+# TCP write buffer limits: above HIGH we stop returning flow-control credit for this stream.
+TCP_HIGH_WATER = 1024 * 1024
+TCP_LOW_WATER = 256 * 1024
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class Tunnel(asyncio.Protocol):
+    """One stream's relay state; `done` resolves to a TunnelResult (never raises)."""
+
+    __slots__ = ("session", "conn", "sid", "transport", "sent", "received", "status", "unacked",
+                 "write_paused", "read_block", "local_eof", "remote_eof", "early", "early_unacked",
+                 "discard", "done", "response", "started", "server_side", "on_attach")
+
+    def __init__(self, session, *, server_side: bool, on_attach=None) -> None:
+        loop = session.loop
+        self.session = session
+        self.conn = session.conn
+        self.sid = 0
+        self.transport: asyncio.Transport | None = None
+        self.sent = 0
+        self.received = 0
+        self.status = 0
+        self.unacked = 0
+        self.write_paused = False
+        self.read_block = 0
+        self.local_eof = False
+        self.remote_eof = False
+        self.early: list[bytes] | None = None       # server: DATA before the upstream exists
+        self.early_unacked = 0
+        self.discard = False                        # client: non-200, drop any body
+        self.done: asyncio.Future[TunnelResult] = loop.create_future()
+        self.response: asyncio.Future[int] | None = None if server_side else loop.create_future()
+        self.started = loop.time()
+        self.server_side = server_side
+        self.on_attach = on_attach                  # server: sends 200 once the upstream is connected
+
+    # -- TCP side (asyncio.Protocol) ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=TCP_HIGH_WATER, low=TCP_LOW_WATER)  # type: ignore[attr-defined]
+        if self.done.done():                        # the stream died while we were connecting
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if self.on_attach is not None:
+            self.on_attach(self)
+        if self.early is not None:
+            early, self.early = self.early, None
+            for chunk in early:
+                transport.write(chunk)  # type: ignore[attr-defined]
+                self.received += len(chunk)
+            n, self.early_unacked = self.early_unacked, 0
+            self._credit(n)
+        if self.remote_eof:
+            self._write_eof()
+        if self.session.tls_paused:
+            self._block(_READ_TLS)
+
+    def data_received(self, data: bytes) -> None:
+        self.sent += len(data)
+        if not self.conn.send_data(self.sid, data):
+            self._block(_READ_WINDOW)
+        self.session.want_flush()
+
+    def eof_received(self) -> bool:
+        self.local_eof = True
+        self.read_block |= _READ_CLOSED
+        self.conn.end_stream(self.sid)
+        self.session.want_flush()
+        if self.remote_eof:
+            self._finish(None)
+        return True                                 # keep writing: TCP half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done.done():
+            return
+        self.transport = None
+        self.conn.reset_stream(self.sid, ErrorCode.CONNECT_ERROR if exc else ErrorCode.CANCEL)
+        self.session.want_flush()
+        self._finish("tcp_reset" if exc else "tcp_closed")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.unacked:
+            n, self.unacked = self.unacked, 0
+            self.conn.acknowledge_received_data(self.sid, n)
+            self.session.want_flush()
+
+    # -- stream side (called by the Session) ----------------------------------------------
+
+    def on_data(self, data, n: int, end: bool) -> None:
+        t = self.transport
+        if t is None:
+            if self.discard or self.done.done():
+                self.conn.acknowledge_received_data(self.sid, n)
+            else:                                   # server, upstream not connected yet
+                if self.early is None:
+                    self.early = []
+                self.early.append(bytes(data))
+                self.early_unacked += n
+                if end:
+                    self.remote_eof = True
+            return
+        if data:
+            t.write(data)
+            self.received += len(data)
+        if self.write_paused:
+            self.unacked += n
+        elif n:
+            self.conn.acknowledge_received_data(self.sid, n)
+        if end:
+            self.remote_eof = True
+            self._write_eof()
+
+    def on_end(self) -> None:
+        self.remote_eof = True
+        if self.transport is not None:
+            self._write_eof()
+
+    def on_response(self, status: int, end_stream: bool) -> None:
+        self.status = status
+        if self.response is not None and not self.response.done():
+            self.response.set_result(status)
+        if end_stream:
+            self.remote_eof = True
+
+    def on_reset(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._finish(reason)
+
+    def on_unblocked(self) -> None:
+        self._unblock(_READ_WINDOW)
+
+    def tls_paused(self) -> None:
+        self._block(_READ_TLS)
+
+    def tls_resumed(self) -> None:
+        self._unblock(_READ_TLS)
+
+    def abort(self, reason: str) -> None:
+        """Tear down both sides now (cancellation, pool close)."""
+        if self.done.done():
+            return
+        self.conn.reset_stream(self.sid, ErrorCode.CANCEL)
+        self.session.want_flush()
+        self.on_reset(reason)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Client: take over the caller's (paused) downstream transport after the 200."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if not self.done.done():
+            transport.resume_reading()
+
+    def _credit(self, n: int) -> None:
+        if not n:
+            return
+        if self.write_paused:
+            self.unacked += n
+        else:
+            self.conn.acknowledge_received_data(self.sid, n)
+            self.session.want_flush()
+
+    def _write_eof(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        if t.can_write_eof():
+            t.write_eof()
+        if self.local_eof:
+            self._finish(None)
+
+    def _block(self, bit: int) -> None:
+        if not self.read_block and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_block |= bit
+
+    def _unblock(self, bit: int) -> None:
+        if self.read_block & bit:
+            self.read_block &= ~bit
+            if not self.read_block and self.transport is not None:
+                self.transport.resume_reading()
+
+    def _finish(self, error: str | None) -> None:
+        if self.done.done():
+            return
+        if error is not None and self.sid:
+            self.conn.reset_stream(self.sid, ErrorCode.CANCEL)
+        # Credit that no consumer will return any more goes back to the connection window.
+        leftover = self.unacked + self.early_unacked
+        self.unacked = self.early_unacked = 0
+        if leftover:
+            self.conn.acknowledge_received_data(self.sid, leftover)
+        t = self.transport
+        if t is not None:
+            if error is None:
+                t.close()                           # flushes what is buffered, then FIN
+            else:
+                t.abort()
+        if self.response is not None and not self.response.done():
+            self.response.set_exception(TunnelError(error or "stream_closed",
+                                                    f"stream ended before the CONNECT response ({error})"))
+        self.done.set_result(TunnelResult(bytes_sent=self.sent, bytes_received=self.received,
+                                          status=self.status, duration=self.session.loop.time() - self.started,
+                                          error=error))
+        self.session.tunnel_done(self)
