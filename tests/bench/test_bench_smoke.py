@@ -1,0 +1,33 @@
+"""Smoke test (root): bench_l4.py --quick on its own cluster gives positive numbers and leaves nothing behind."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SETUPS = ("direct", "envoy")  # + "ambient" once the ztunnel data path carries traffic in the tree
+CLUSTER = f"bs{os.getpid() % 100000}"
+
+
+@pytest.mark.root
+def test_quick_bench_has_numbers_and_cleans_up(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench_l4.py"), "--quick", "--secs", "2",
+                        "--cluster", CLUSTER, "--setups", ",".join(SETUPS), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [result] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / result) as f:
+        res = json.load(f)
+    assert res["failed"] == {}
+    for name in SETUPS:
+        row = res["summary"][name]
+        for key in ("rps", "p50_ms", "p99_ms", "gbps"):
+            assert row[key] > 0, (name, key, row)
+        if name != "direct":  # a proxy setup: its processes were measured
+            assert row["rss_mb"] > 0 and row["cpu_http_pct"] > 0, (name, row)
+    assert "| envoy " in p.stdout and "loadavg before" in p.stdout
+    assert not os.path.exists(f"/run/ambient/{CLUSTER}")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"amb-{CLUSTER}-" not in netns
