@@ -306,19 +306,32 @@ def check_proxied(cluster: Cluster, t: Target) -> None:
                          "traffic is not going through them")
 
 
+_MEASURE_ERRORS = (SetupError, api.ApiError, OSError, subprocess.TimeoutExpired)
+
+
+def _attempt(failures: list[str], what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """fn(*args); a failure is recorded and gives None, so one broken measurement keeps the others."""
+    try:
+        return fn(*args, **kw)
+    except _MEASURE_ERRORS as e:
+        failures.append(f"{what}: {e}")
+        return None
+
+
 def measure_round(cluster: Cluster, t: Target, d: Durations) -> dict[str, Any]:
     """Warm-up, req/s at -c32 (+ proxy CPU/RSS), p50/p99 at -c4, iperf3 Gbit/s (+ proxy CPU/RSS)."""
-    wrk(cluster, t, 32, d.warm)
+    failures: list[str] = []
+    _attempt(failures, "warm-up", wrk, cluster, t, 32, d.warm)
     with Sampler(t.pids()) as s_http:
-        tput = wrk(cluster, t, 32, d.tput)
+        tput = _attempt(failures, "wrk -c32", wrk, cluster, t, 32, d.tput) or {}
     time.sleep(d.pause)
-    lat = wrk(cluster, t, 4, d.lat, latency=True)
+    lat = _attempt(failures, "wrk -c4", wrk, cluster, t, 4, d.lat, latency=True) or {}
     time.sleep(d.pause)
     with Sampler(t.pids()) as s_bulk:
-        gbps = iperf(cluster, t, d.iperf)
+        gbps = _attempt(failures, "iperf3", iperf, cluster, t, d.iperf)
     time.sleep(d.pause)
-    return {"rps": tput["rps"], "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "gbps": gbps,
-            "errors": " ".join(x for x in (tput["errors"], lat["errors"]) if x),
+    return {"rps": tput.get("rps"), "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "gbps": gbps,
+            "errors": "; ".join(x for x in (tput.get("errors"), lat.get("errors")) if x), "failures": failures,
             "rss_mb": max(s_http.max_rss_mb, s_bulk.max_rss_mb),
             "cpu_http_pct": s_http.cpu_pct, "cpu_iperf_pct": s_bulk.cpu_pct,
             "cpu_http_by": s_http.cpu_by, "cpu_iperf_by": s_bulk.cpu_by,
@@ -562,6 +575,22 @@ def preflight(cluster: Cluster) -> None:
         cluster.cli("down", check=False)  # leftovers of a run that was killed hard
 
 
+def keep_logs(out: str, cluster: Cluster, workdir: str, failed: dict, runs: dict) -> None:
+    """After a failure, copy the cluster's and the Envoys' logs to `out` before they are removed."""
+    if not failed and not any(r["failures"] for rs in runs.values() for r in rs):
+        return
+    dest = os.path.join(out, f"logs-{cluster.name}-" + time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        shutil.copytree(cluster.paths.logs_dir, dest, dirs_exist_ok=True)
+        for name in os.listdir(workdir):
+            if name.endswith(".log"):
+                shutil.copy(os.path.join(workdir, name), dest)
+    except OSError as e:
+        print(f"# could not keep the logs: {e}", flush=True)
+        return
+    print(f"# logs of the failed run kept in {dest}", flush=True)
+
+
 def run(a: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[dict, dict, dict, dict]:
     """Bring the cluster and setups up, measure round-robin; returns runs, failed, idle RSS, notes."""
     cluster = Cluster(a.cluster)
@@ -575,16 +604,18 @@ def run(a: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[dict, dict,
     with open(yaml_path, "w") as f:
         f.write(cluster_yaml(workdir, namespaces, NAMESPACE["ambient"]))
     stack.callback(cluster.cli, "down", check=False)
+    targets, failed, idle, notes = {}, {}, {}, {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    stack.callback(keep_logs, a.out, cluster, workdir, failed, runs)
     print(f"# ambient -c {a.cluster} up ({', '.join(namespaces)})", flush=True)
     cluster.cli("up", yaml_path)
     b = Bench(cluster, workdir, stack)
-    targets, failed, idle, notes = {}, {}, {}, {}
     for name in a.setups:
         try:
             t = SETUP_FNS[name](b)
             probe(cluster, t)
             check_proxied(cluster, t)
-        except (SetupError, api.ApiError, OSError, subprocess.TimeoutExpired) as e:
+        except _MEASURE_ERRORS as e:
             failed[name] = str(e)
             print(f"# {name}: FAILED to set up: {e}", flush=True)
             continue
@@ -593,14 +624,14 @@ def run(a: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[dict, dict,
         idle[name] = rss_mb(t.pids())
         print(f"# {name}: ready via {t.http} (iperf {t.iperf[0]}:{t.iperf[1]}), "
               f"proxy RSS idle {idle[name]:.1f} MB", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in targets}
+    runs.update({n: [] for n in targets})
     for rnd in range(a.rounds):
         for name, t in targets.items():
             if name in failed:
                 continue
             try:
                 r = measure_round(cluster, t, a.durations)
-            except (SetupError, api.ApiError, OSError, subprocess.TimeoutExpired) as e:
+            except _MEASURE_ERRORS as e:
                 failed[name] = f"round {rnd + 1}: {e}"
                 print(f"# {name}: FAILED in round {rnd + 1}: {e}", flush=True)
                 continue
@@ -647,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     errs = {n: [r["errors"] for r in rs if r["errors"]] for n, rs in runs.items()}
     out += [f"wrk errors in {n}: {e}" for n, e in errs.items() if e]
     out += [f"FAILED {n}: {why}" for n, why in failed.items()]
+    out += [f"measurement failed in {n} round {i + 1}: {f}" for n, rs in runs.items()
+            for i, r in enumerate(rs) for f in r["failures"]]
     text = "\n".join(out)
     print("\n" + text)
     os.makedirs(a.out, exist_ok=True)
@@ -657,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
     print(f"\nwrote {stem}.json and {stem}.md")
-    return 1 if failed else 0
+    return 1 if failed or any(r["failures"] for rs in runs.values() for r in rs) else 0
 
 
 if __name__ == "__main__":
