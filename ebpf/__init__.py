@@ -1,1 +1,1 @@
-"""Kernel plumbing for the mesh: network namespaces, cgroup v2 and (later) the eBPF capture programs."""
+"""Kernel plumbing for the mesh: network namespaces, cgroup v2 and the eBPF traffic capture."""

@@ -1,0 +1,57 @@
+/* sk_lookup on every enrolled pod's netns: steer TCP connections arriving for the pod IP to
+ * ztunnel's in-pod listeners (HBONE_PORT -> the HBONE listener, any other port -> the
+ * INBOUND_PORT listener).  getsockname() on the accepted socket keeps the original
+ * destination, so ztunnel needs no map for inbound. */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/socket.h>
+#include "include/maps.h"
+#include "include/helpers.h"
+
+#if FAIL_OPEN
+#define VERDICT_NO_LISTENER SK_PASS   /* normal lookup: the app answers directly */
+#else
+#define VERDICT_NO_LISTENER SK_DROP   /* no socket: the client gets a RST (refused) */
+#endif
+
+/* Here, not in a header: bcc rewrites map methods only in the main file. */
+static __always_inline void count(__u32 idx)
+{
+    __u64 *v = counters.lookup(&idx);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+int capture_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    __u32 local = ctx->local_ip4;
+    __u32 remote = ctx->remote_ip4;
+    /* ztunnel's own hop to the app comes from a socket in the pod netns, i.e. from the pod IP,
+     * and pod-local traffic from 127/8.  ctx->ingress_ifindex cannot tell: for locally
+     * generated traffic to the pod IP it reports eth0, not lo (measured: a redirect loop). */
+    if (remote == local || is_loopback(remote)) {
+        count(CNT_SKLOOKUP_SKIP_LOCAL);
+        return SK_PASS;
+    }
+    if (!pods.lookup(&local)) {
+        count(CNT_SKLOOKUP_NOT_POD);
+        return SK_PASS;
+    }
+    int hbone = ctx->local_port == HBONE_PORT;
+    struct listener_key k = {.pod_ip = local, .kind = hbone ? LISTENER_HBONE : LISTENER_INBOUND};
+    struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&k);
+    if (!sk) {
+        count(CNT_SKLOOKUP_NO_LISTENER);
+        return VERDICT_NO_LISTENER;
+    }
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    if (err) {
+        count(CNT_SKLOOKUP_ASSIGN_ERROR);
+        return VERDICT_NO_LISTENER;
+    }
+    count(hbone ? CNT_SKLOOKUP_HBONE : CNT_SKLOOKUP_INBOUND);
+    return SK_PASS;
+}

@@ -1,0 +1,67 @@
+/* The single source of truth for every layout shared by the capture programs and Python.
+ * Python never re-declares these: ebpf/maps.py takes key/value types from bcc's table
+ * metadata of the compiled object, and reads the enums below from this file
+ * (ebpf/maps.py); tests/ebpf/test_layout.py has the compiler check both. */
+#ifndef CAPTURE_TYPES_H
+#define CAPTURE_TYPES_H
+
+/* Original destination of a redirected connect(), both fields in network byte order exactly
+ * as in struct sockaddr_in, so capture_getsockopt copies them without conversion. */
+struct orig_dst {
+    __u32 ip;
+    __u16 port;
+    __u16 _pad;
+};
+
+/* The client end of a redirected connection, as ztunnel sees it on the accepted socket:
+ * the pod's netns cookie (every pod's client is 127.0.0.1:<ephemeral>, so the address alone
+ * is ambiguous), the client's IPv4 address (network order) and port (host order). */
+struct conn_key {
+    __u64 netns_cookie;
+    __u32 ip;
+    __u32 port;
+};
+
+/* Which in-pod inbound listener a SOCKHASH entry is. */
+enum listener_kind {
+    LISTENER_INBOUND = 0,   /* 0.0.0.0:INBOUND_PORT, plaintext */
+    LISTENER_HBONE = 1,     /* 0.0.0.0:HBONE_PORT */
+};
+
+/* Key of the inbound listener SOCKHASH: pod IPv4 address (network order) and kind. */
+struct listener_key {
+    __u32 pod_ip;
+    __u32 kind;
+};
+
+#define POD_UID_MAX 128
+
+/* An enrolled pod, keyed by its IP.  sk_lookup only needs the key's presence ("this local
+ * address is an enrolled pod"); the rest lets a restarted ztunnel find and release what a
+ * previous one enrolled. uid is NUL-padded (not necessarily NUL-terminated at full length). */
+struct pod_info {
+    __u64 netns_cookie;
+    __u64 netns_ino;
+    __u64 cgroup_id;
+    char uid[POD_UID_MAX];
+};
+
+/* Indices of the counters array; Python names them by dropping CNT_ and lower-casing. */
+enum capture_counter {
+    CNT_CONNECT_REDIRECTED = 0,     /* connect4: rewritten to 127.0.0.1:OUTBOUND_PORT */
+    CNT_CONNECT_SKIP_MARK,          /* connect4: ztunnel's own socket (SO_MARK) */
+    CNT_CONNECT_SKIP_LOCAL,         /* connect4: destination 127/8 or 0.0.0.0 */
+    CNT_CONNECT_FAIL_OPEN,          /* connect4: no outbound listener, FAIL_OPEN let it through */
+    CNT_SOCKOPS_REKEYED,            /* sock_ops: pending entry moved to orig_dst */
+    CNT_GETSOCKOPT_ANSWERED,        /* getsockopt: SO_ORIGINAL_DST answered */
+    CNT_GETSOCKOPT_MISS,            /* getsockopt: SO_ORIGINAL_DST asked, no entry */
+    CNT_SKLOOKUP_INBOUND,           /* sk_lookup: steered to the INBOUND_PORT listener */
+    CNT_SKLOOKUP_HBONE,             /* sk_lookup: steered to the HBONE_PORT listener */
+    CNT_SKLOOKUP_SKIP_LOCAL,        /* sk_lookup: remote is the pod itself or 127/8 */
+    CNT_SKLOOKUP_NOT_POD,           /* sk_lookup: local address is not an enrolled pod IP */
+    CNT_SKLOOKUP_NO_LISTENER,       /* sk_lookup: enrolled pod, listener gone (ztunnel down) */
+    CNT_SKLOOKUP_ASSIGN_ERROR,      /* sk_lookup: bpf_sk_assign failed */
+    CNT__MAX,
+};
+
+#endif /* CAPTURE_TYPES_H */

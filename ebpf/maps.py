@@ -1,0 +1,155 @@
+"""Typed façades over the capture maps; layouts come from bcc's metadata and enums from types.h."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+from .loader import BPF_DIR, CaptureError, Programs, map_delete, map_keys, map_lookup, map_update
+
+__all__ = ["header_enum", "counter_names", "listener_kinds", "ip_to_be32", "be32_to_ip",
+           "PodRecord", "CaptureMaps"]
+
+TYPES_H = BPF_DIR / "include" / "types.h"
+_COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+
+
+@functools.lru_cache(maxsize=None)
+def header_enum(enum_name: str) -> dict[str, int]:
+    """The members of `enum <enum_name>` in types.h with their values (C rules: explicit
+    ``= N`` or previous + 1).  types.h stays the single source of truth for the numbers."""
+    text = _COMMENT.sub("", TYPES_H.read_text())
+    m = re.search(r"\benum\s+" + re.escape(enum_name) + r"\s*\{(.*?)\}", text, re.S)
+    if m is None:
+        raise CaptureError("bad_layout", f"enum {enum_name} not found in {TYPES_H}")
+    out: dict[str, int] = {}
+    value = -1
+    for item in (x.strip() for x in m.group(1).split(",")):
+        if not item:
+            continue
+        name, _, expr = (p.strip() for p in item.partition("="))
+        value = int(expr, 0) if expr else value + 1
+        out[name] = value
+    return out
+
+
+def counter_names() -> list[str]:
+    """Counter names by index: ``CNT_CONNECT_REDIRECTED`` -> ``connect_redirected``."""
+    enum = header_enum("capture_counter")
+    names = [""] * enum["CNT__MAX"]
+    for name, idx in enum.items():
+        if name != "CNT__MAX":
+            names[idx] = name.removeprefix("CNT_").lower()
+    return names
+
+
+def listener_kinds() -> dict[str, int]:
+    """``{"inbound": 0, "hbone": 1}`` from ``enum listener_kind``."""
+    return {k.removeprefix("LISTENER_").lower(): v
+            for k, v in header_enum("listener_kind").items()}
+
+
+def ip_to_be32(ip: str) -> int:
+    """An IPv4 address as the u32 the kernel stores (network order), read natively."""
+    return int.from_bytes(ipaddress.IPv4Address(ip).packed, "little")
+
+
+def be32_to_ip(value: int) -> str:
+    return str(ipaddress.IPv4Address(int(value).to_bytes(4, "little")))
+
+
+@dataclass(frozen=True, slots=True)
+class PodRecord:
+    """An entry of the ``pods`` map (struct pod_info) plus its key."""
+
+    uid: str
+    pod_ip: str
+    netns_cookie: int
+    netns_ino: int
+    cgroup_id: int
+
+
+class CaptureMaps:
+    """The maps Python writes or reads, opened through the compiled programs' fds.
+
+    Key and value types are bcc's decoding of the compiled object's BTF-free type
+    descriptions, never hand-written ctypes structs (design rule 14).
+    """
+
+    def __init__(self, progs: Programs, *, max_pods: int = 1024):
+        self._max_pods = max_pods
+        self._kinds = listener_kinds()
+        self._inbound_fd = progs.table_fd("inbound_listeners")
+        self._outbound_fd = progs.table_fd("outbound_listeners")
+        self._pods_fd = progs.table_fd("pods")
+        self.ListenerKey = progs.key_type("inbound_listeners")
+        self.OutboundKey = progs.key_type("outbound_listeners")
+        self.PodKey = progs.key_type("pods")
+        self.PodInfo = progs.leaf_type("pods")
+        self.ConnKey = progs.key_type("orig_dst")
+        self.OrigDst = progs.leaf_type("orig_dst")
+        self._counters = progs.table("counters")
+        self._uid_field = self.PodInfo.uid     # ctypes field descriptor of char uid[]
+        self.uid_max = self._uid_field.size
+
+    # -- listeners (SOCKHASH) --
+    def _listener_key(self, pod_ip: str, kind: str):
+        return self.ListenerKey(ip_to_be32(pod_ip), self._kinds[kind])
+
+    def put_listener(self, pod_ip: str, kind: str, sock: socket.socket) -> None:
+        map_update(self._inbound_fd, self._listener_key(pod_ip, kind),
+                   ctypes.c_int(sock.fileno()), f"inbound_listeners[{pod_ip}, {kind}]")
+
+    def del_listener(self, pod_ip: str, kind: str) -> bool:
+        return map_delete(self._inbound_fd, self._listener_key(pod_ip, kind))
+
+    def put_outbound(self, netns_cookie: int, sock: socket.socket) -> None:
+        map_update(self._outbound_fd, self.OutboundKey(netns_cookie), ctypes.c_int(sock.fileno()),
+                   f"outbound_listeners[{netns_cookie}]")
+
+    def del_outbound(self, netns_cookie: int) -> bool:
+        return map_delete(self._outbound_fd, self.OutboundKey(netns_cookie))
+
+    def has_listener(self, pod_ip: str, kind: str) -> bool:
+        """Whether the SOCKHASH holds a socket (a lookup from user space yields its cookie)."""
+        cookie = ctypes.c_uint64()
+        return map_lookup(self._inbound_fd, self._listener_key(pod_ip, kind), cookie)
+
+    # -- pods (hash) --
+    def put_pod(self, rec: PodRecord) -> None:
+        raw = rec.uid.encode()
+        if len(raw) > self.uid_max:
+            raise CaptureError("bad_uid", f"pod uid {rec.uid!r} is longer than {self.uid_max} "
+                              "bytes (POD_UID_MAX in types.h)")
+        info = self.PodInfo()
+        info.netns_cookie, info.netns_ino, info.cgroup_id = (rec.netns_cookie, rec.netns_ino,
+                                                             rec.cgroup_id)
+        ctypes.memmove(ctypes.addressof(info) + self._uid_field.offset, raw, len(raw))
+        map_update(self._pods_fd, self.PodKey(ip_to_be32(rec.pod_ip)), info,
+                   f"pods[{rec.pod_ip}]")
+
+    def del_pod(self, pod_ip: str) -> bool:
+        return map_delete(self._pods_fd, self.PodKey(ip_to_be32(pod_ip)))
+
+    def pods(self) -> dict[str, PodRecord]:
+        """Every enrolled pod by uid (bounded by MAX_PODS)."""
+        out: dict[str, PodRecord] = {}
+        for key in map_keys(self._pods_fd, self.PodKey, self._max_pods):
+            info = self.PodInfo()
+            if not map_lookup(self._pods_fd, key, info):
+                continue  # removed meanwhile
+            raw = ctypes.string_at(ctypes.addressof(info) + self._uid_field.offset,
+                                   self.uid_max)
+            uid = raw.rstrip(b"\0").decode(errors="replace")
+            out[uid] = PodRecord(uid=uid, pod_ip=be32_to_ip(key.value),
+                                 netns_cookie=info.netns_cookie, netns_ino=info.netns_ino,
+                                 cgroup_id=info.cgroup_id)
+        return out
+
+    # -- counters (array) --
+    def counters(self) -> dict[str, int]:
+        names = counter_names()
+        return {names[i]: int(self._counters[ctypes.c_uint32(i)].value) for i in range(len(names))}
