@@ -4,8 +4,9 @@ from .connection import ConnectionConfig
 from .frames import ErrorCode, ProtocolError
 from .pool import HbonePool
 from .server import HboneServer
+from .tunnel import HoldingProtocol
 
 __all__ = [
     "HbonePool", "PoolKey", "HboneServer", "ConnectRequest", "Reject", "TunnelResult", "TunnelError",
-    "ConnectionConfig", "ProtocolError", "ErrorCode",
+    "ConnectionConfig", "ProtocolError", "ErrorCode", "HoldingProtocol",
 ]

@@ -59,12 +59,16 @@ class ClientSession(Session):
         pass
 
     def on_goaway(self, ev: GoAway) -> None:
+        if self._on_closed is not None:
+            self._on_closed(self)                   # leaves the pool: no new streams here
         if not self.tunnels and self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def tunnel_done(self, tunnel: Tunnel) -> None:
         super().tunnel_done(tunnel)
         if not self.usable and not self.tunnels and self.transport is not None:
+            self.flush()
             self.transport.close()                  # drained after GOAWAY
 
     def on_closed(self) -> None:

@@ -72,9 +72,9 @@ class HbonePool:
                      headers: Sequence[tuple[str, str]] = (), trust_domain: str) -> TunnelResult:
         """Relay `downstream` through a CONNECT to `authority` on a pooled connection for
         `key`; returns when both directions ended. See the class and module docs."""
-        # uvloop starts reading an accepted transport *after* connection_made returns, so a
-        # pause_reading() there is undone; pausing again here (idempotent) covers callers
-        # that start this coroutine from connection_made.
+        # uvloop starts reading an accepted transport right after connection_made, so a
+        # pause there does not stick: pause again (idempotent). Bytes read before this are
+        # replayed if the caller accepted with HoldingProtocol.
         if downstream.is_reading():
             downstream.pause_reading()
         try:

@@ -144,6 +144,7 @@ class ServerSession(Session):
     def tunnel_done(self, tunnel: Tunnel) -> None:
         super().tunnel_done(tunnel)
         if self.conn.goaway_sent and not self.tunnels and self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def on_closed(self) -> None:

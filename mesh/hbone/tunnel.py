@@ -31,7 +31,7 @@ import socket
 from .api import TunnelError, TunnelResult
 from .connection import ErrorCode
 
-__all__ = ["Tunnel", "set_nodelay"]
+__all__ = ["Tunnel", "HoldingProtocol", "set_nodelay"]
 
 _READ_WINDOW = 1     # reading paused: stream/connection send window exhausted
 _READ_TLS = 2        # reading paused: TLS transport above its high-water mark
@@ -49,6 +49,39 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+
+class HoldingProtocol(asyncio.Protocol):
+    """Protocol for an accepted downstream connection while its tunnel is being set up.
+
+    uvloop starts reading a new transport right *after* `connection_made` returns, so a
+    pause_reading() there does not stick and early bytes (or even EOF) can arrive before
+    the tunnel exists. This protocol keeps them (pausing after the first read, so at most
+    one read is held) and `Tunnel.attach` replays them after the CONNECT succeeded.
+    """
+
+    __slots__ = ("transport", "held", "eof", "lost")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.held: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.held.append(data)
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
 
 
 class Tunnel(asyncio.Protocol):
@@ -200,9 +233,23 @@ class Tunnel(asyncio.Protocol):
     # -- internals --------------------------------------------------------------------------
 
     def attach(self, transport: asyncio.Transport) -> None:
-        """Client: take over the caller's (paused) downstream transport after the 200."""
+        """Client: take over the caller's (paused) downstream transport after the 200,
+        replaying what a HoldingProtocol caught before."""
+        held = transport.get_protocol()
         transport.set_protocol(self)
         self.connection_made(transport)
+        if isinstance(held, HoldingProtocol):
+            for chunk in held.held:
+                if self.done.done():
+                    return
+                self.data_received(chunk)
+            held.held = []
+            if held.lost:
+                self.connection_lost(None)
+                return
+            if held.eof:
+                self.eof_received()
+                return
         if not self.done.done():
             transport.resume_reading()
 
