@@ -186,7 +186,8 @@ def _down(paths: ClusterPaths, quiet: bool = False) -> None:
     from .cluster.network import ClusterNetwork
     ClusterNetwork(paths.prefix).teardown()
     import shutil
-    shutil.rmtree(paths.bpf_pin_dir, ignore_errors=True)
+    from .cluster.runner import remove_pins
+    remove_pins(paths.bpf_pin_dir)
     shutil.rmtree(paths.run_dir, ignore_errors=True)
     if not quiet:
         print(f"cluster {paths.name!r} removed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import signal
 import sys
@@ -21,17 +22,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-plane", required=True, help="control plane Unix socket")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--no-tcp-admin", action="store_true", help="do not open 127.0.0.1:15000/15021")
+    p.add_argument("--cluster-prefix", default="", help="local cluster object prefix (amb-<cluster>)")
+    p.add_argument("--pin-dir", default="", help="bpffs dir for pinned capture maps/links; empty: no capture")
+    p.add_argument("--fail-open", action="store_true", help="uncaptured traffic passes while ztunnel is down")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = ZtunnelConfig(node=a.node, run_dir=a.run_dir, control_plane=a.control_plane,
-                        trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin)
+                        trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
+                        cluster_prefix=a.cluster_prefix, pin_dir=a.pin_dir, fail_open=a.fail_open)
     import uvloop
     uvloop.install()
 
     async def run() -> None:
-        zt = Ztunnel(cfg, clock=SystemClock(), rng=random.Random())
+        capture = None
+        if cfg.pin_dir:
+            from ebpf import cgroup
+            from ebpf.capture import Capture
+            capture = Capture(cfg.pin_dir, ztunnel_cgroup=cgroup.abspath(cgroup.cgroup_of(os.getpid()) or ""),
+                              fail_open=cfg.fail_open)
+            capture.start()
+        zt = Ztunnel(cfg, clock=SystemClock(), rng=random.Random(), capture=capture)
         task = asyncio.ensure_future(zt.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,31 +1,44 @@
-"""ztunnel wiring: control-plane subscription, per-node certificates, admin and readiness.
+"""ztunnel wiring: control-plane subscription, certificates, enrollment of pods, admin.
 
-The L4 data path (capture, HBONE, authorization) plugs in here in later issues; this module
-only creates components and connects them, it makes no decisions of its own.
+The decisions live elsewhere (outbound/plan.py, inbound/validate.py, eBPF capture rules);
+this module connects the parts and keeps the set of enrolled pods equal to what the state says:
+every workload on this node with tunnel protocol HBONE gets in-pod listeners (PodProxy) and
+eBPF capture; a workload that leaves the mesh is released (its open connections carry on).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
 import os
 import random
+import ssl
+from typing import Any
 
+from ebpf import cgroup as cgroups
 from mesh import tls
 from mesh.admin_http import AdminServer, Response
 from mesh.ca import SecretManager, WorkloadCert
 from mesh.clock import Clock
+from mesh.cluster.network import ClusterNetwork
 from mesh.control.client import ControlPlaneClient
 from mesh.control.server import ALPN
+from mesh.hbone import HbonePool
 from mesh.identity import SpiffeId
-from mesh.model import TunnelProtocol
+from mesh.model import TunnelProtocol, Workload
 from mesh.model.wire import to_wire
 from mesh.state import ProxyState
 
 from .config import ZtunnelConfig
+from .inpod import PodProxy
+from .metrics import TcpMetrics
 
 __all__ = ["Ztunnel", "load_bootstrap"]
 
 log = logging.getLogger("ambient.ztunnel")
+access = logging.getLogger("ambient.access")
+_SYNC_INTERVAL = 0.5
 
 
 def load_bootstrap(directory: str) -> tuple[WorkloadCert, bytes]:
@@ -37,12 +50,68 @@ def load_bootstrap(directory: str) -> tuple[WorkloadCert, bytes]:
     return cert, read("root-cert.pem")
 
 
+class _ConnLog:
+    """Access log (one line per connection at close, Istio's field names) and a recent-history
+    ring for the admin endpoint."""
+
+    def __init__(self, metrics: TcpMetrics, size: int = 1000) -> None:
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self.total = 0
+        self.metrics = metrics
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.total += 1
+        self.metrics.record(entry)
+        self.recent.append(entry)
+        if access.isEnabledFor(logging.INFO):
+            level = logging.WARNING if entry.get("error") else logging.INFO
+            access.log(level, "connection complete %s", json.dumps(entry, separators=(",", ":")))
+
+
+class _Tls:
+    """TLS contexts per workload identity, rebuilt or reloaded when the certificate rotates."""
+
+    def __init__(self, secrets: SecretManager, roots: bytes) -> None:
+        self.secrets = secrets
+        self.roots = roots
+        self._client: dict[SpiffeId, tuple[WorkloadCert, ssl.SSLContext]] = {}
+        self._server: dict[SpiffeId, tuple[WorkloadCert, ssl.SSLContext]] = {}
+
+    async def server(self, ident: SpiffeId) -> ssl.SSLContext:
+        cert = await self.secrets.get(ident)
+        have = self._server.get(ident)
+        if have is None:
+            ctx = tls.server_context(cert, self.roots, alpn=("h2",))
+        else:
+            ctx = have[1]
+            if have[0] is not cert:
+                tls.load_cert(ctx, cert)  # listeners keep the context: load into it
+        self._server[ident] = (cert, ctx)
+        return ctx
+
+    async def refresh(self, ident: SpiffeId) -> None:
+        cert = await self.secrets.get(ident)
+        if ident in self._server:
+            await self.server(ident)
+        have = self._client.get(ident)
+        if have is None or have[0] is not cert:
+            self._client[ident] = (cert, tls.client_context(cert, self.roots, alpn=("h2",)))
+
+    def client(self, ident: SpiffeId) -> ssl.SSLContext:
+        return self._client[ident][1]
+
+    def forget(self, ident: SpiffeId) -> None:
+        self._client.pop(ident, None)
+        self._server.pop(ident, None)
+
+
 class Ztunnel:
     """One node's ztunnel."""
 
-    def __init__(self, cfg: ZtunnelConfig, *, clock: Clock, rng: random.Random) -> None:
+    def __init__(self, cfg: ZtunnelConfig, *, clock: Clock, rng: random.Random, capture: Any = None) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.rng = rng
         self.state = ProxyState()
         self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
         self.client = ControlPlaneClient(
@@ -50,14 +119,26 @@ class Ztunnel:
             trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng,
             on_update=self._on_update)
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
+        self.tls = _Tls(self.secrets, self._roots)
+        self.pool = HbonePool()
+        self.metrics = TcpMetrics()
+        self.conn_log = _ConnLog(self.metrics)
+        self.capture = capture
+        self.net = ClusterNetwork(cfg.cluster_prefix) if cfg.cluster_prefix else None
+        self.pods: dict[str, PodProxy] = {}
+        self.enroll_errors: dict[str, str] = {}
+        self._wanted: set[SpiffeId] = set()
+        self._kick = asyncio.Event()
         self.admin = AdminServer({
             "/healthz/ready": self._ready,
             "/config_dump": self._config_dump,
-            "/": lambda _: Response(200, "ztunnel admin: /config_dump /healthz/ready\n"),
+            "/connections": lambda _: Response(200, list(self.conn_log.recent)),
+            "/metrics": lambda _: Response(200, self.metrics.exposition(), "text/plain; version=0.0.4"),
+            "/stats/prometheus": lambda _: Response(200, self.metrics.exposition(), "text/plain; version=0.0.4"),
+            "/": lambda _: Response(200, "ztunnel admin: /config_dump /connections /healthz/ready\n"),
         })
-        self._wanted: set[SpiffeId] = set()
 
-    def _cp_context(self):
+    def _cp_context(self) -> ssl.SSLContext:
         return tls.client_context(self._bootstrap, self._roots, alpn=(ALPN,))
 
     async def _fetch_cert(self, identity, csr_pem):
@@ -66,14 +147,89 @@ class Ztunnel:
     def _on_update(self, state: ProxyState) -> None:
         # Hold a certificate for every enrolled service account on this node (Istio prefetches
         # them too), and let go of identities no longer scheduled here.
-        wanted = {w.identity for w in state.workloads_on_node(self.cfg.node)
-                  if w.protocol is TunnelProtocol.HBONE}
+        wanted = {w.identity for w in self._local(state)}
         for ident in wanted - self._wanted:
             self.secrets.prefetch(ident)
         for ident in self._wanted - wanted:
             self.secrets.forget(ident)
+            self.tls.forget(ident)
         self._wanted = wanted
-        log.debug("state version %d: %d workloads", state.version, len(state.workloads()))
+        for pp in self.pods.values():  # policies may have changed: re-check open connections
+            w = state.workload(pp.workload.uid)
+            if w is not None:
+                pp.workload = w
+            pp.reauthorize()
+        self._kick.set()
+
+    def _local(self, state: ProxyState) -> list[Workload]:
+        return [w for w in state.workloads_on_node(self.cfg.node) if w.protocol is TunnelProtocol.HBONE]
+
+    # -- enrollment --
+
+    async def _sync_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), _SYNC_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+            if self.state.synced:
+                await self._sync_pods()
+
+    async def _sync_pods(self) -> None:
+        want = {w.uid: w for w in self._local(self.state)}
+        for uid, pp in list(self.pods.items()):
+            w = want.get(uid)
+            if w is None or w.ip != pp.workload.ip or w.identity != pp.workload.identity:
+                await self._release(uid)
+            else:
+                pp.workload = w
+        for uid, w in want.items():
+            if uid not in self.pods:
+                try:
+                    await self._enroll(w)
+                    self.enroll_errors.pop(uid, None)
+                except Exception as e:  # retried on the next pass
+                    if self.enroll_errors.get(uid) != str(e):
+                        log.warning("enroll_failed: %s: %s", uid, e)
+                    self.enroll_errors[uid] = str(e)
+        if self.capture is not None:  # pods captured by an earlier ztunnel that are gone now
+            for uid in set(self.capture.enrolled()) - set(want):
+                self.capture.release(uid)
+        for ident in {pp.workload.identity for pp in self.pods.values()}:
+            await self.tls.refresh(ident)
+
+    async def _enroll(self, w: Workload) -> None:
+        assert self.net is not None
+        netns = self.net.pod_netns(w.uid)
+        if not os.path.exists(os.path.join("/var/run/netns", netns)):
+            raise RuntimeError(f"pod netns {netns} not there yet")
+        server_ctx = await asyncio.wait_for(self.tls.server(w.identity), 10)
+        await self.tls.refresh(w.identity)
+        ident = w.identity
+        pp = PodProxy(w, netns=netns, state=self.state, pool=self.pool,
+                      client_tls=lambda: self.tls.client(ident), server_tls=server_ctx,
+                      capture=self.capture, trust_domain=self.cfg.trust_domain, conn_log=self.conn_log,
+                      rng=self.rng)
+        await pp.start()
+        try:
+            if self.capture is not None:
+                self.capture.enroll(w.uid, cgroup=self.net.pod_cgroup(w.uid),
+                                    netns_path=os.path.join("/var/run/netns", netns), pod_ip=str(w.ip),
+                                    outbound=pp.sockets["outbound"], inbound=pp.sockets["inbound"],
+                                    hbone=pp.sockets["hbone"])
+        except BaseException:
+            await pp.close()
+            raise
+        self.pods[w.uid] = pp
+        log.info("enrolled %s (%s, %s)", w.uid, w.ip, w.identity)
+
+    async def _release(self, uid: str) -> None:
+        pp = self.pods.pop(uid)
+        if self.capture is not None:
+            self.capture.release(uid)
+        await pp.close()
+        log.info("released %s", uid)
 
     # -- admin --
 
@@ -91,6 +247,10 @@ class Ztunnel:
             "connected": self.client.connected.is_set(),
             "last_update_at": self.client.last_update_at,
             "client": self.client.stats,
+            "enrolled": sorted(self.pods),
+            "enroll_errors": self.enroll_errors,
+            "capture": self.capture.stats() if self.capture is not None else None,
+            "connections_total": self.conn_log.total,
             "workloads": [to_wire(w) for w in st.workloads()],
             "services": [to_wire(s) for s in st.services()],
             "namespaces": [to_wire(n) for n in st.namespaces()],
@@ -105,9 +265,18 @@ class Ztunnel:
         if self.cfg.listen_tcp:
             await self.admin.listen_tcp("127.0.0.1", self.cfg.admin_port)
             await self.admin.listen_tcp("127.0.0.1", self.cfg.readiness_port)
-        log.info("ztunnel for node %s started; control plane %s", self.cfg.node, self.cfg.control_plane)
+            await self.admin.listen_tcp("127.0.0.1", self.cfg.metrics_port)
+        log.info("ztunnel for node %s started (cgroup %s); control plane %s", self.cfg.node,
+                 cgroups.cgroup_of(os.getpid()), self.cfg.control_plane)
+        sync = asyncio.ensure_future(self._sync_loop())
         try:
             await self.client.run()
         finally:
+            sync.cancel()
+            for uid in list(self.pods):
+                await self.pods.pop(uid).close()
+            if self.capture is not None:
+                self.capture.close()  # pins stay: fail-closed while down, re-opened on restart
+            await self.pool.close()
             await self.secrets.close()
             await self.admin.close()

@@ -18,10 +18,19 @@ class ZtunnelConfig:
     """Unix socket of the control plane."""
     admin_port: int = 15000
     """Admin (config dump) on 127.0.0.1 of the node's network namespace."""
+    metrics_port: int = 15020
+    """Prometheus `/metrics` (and `/stats/prometheus`) on 127.0.0.1 of the node's netns."""
     readiness_port: int = 15021
     """`GET /healthz/ready` on 127.0.0.1 of the node's network namespace."""
     listen_tcp: bool = True
     """Open the node-local TCP admin/readiness ports (off in tests run outside a node netns)."""
+    cluster_prefix: str = ""
+    """Prefix of the local cluster's namespaces and cgroups: how ztunnel finds a pod's netns
+    and cgroup (Istio's CNI agent hands over the netns instead; local mode derives it)."""
+    pin_dir: str = ""
+    """bpffs directory for this node's pinned eBPF maps and links ("" = no eBPF capture)."""
+    fail_open: bool = False
+    """Let a captured pod's traffic through uncaptured while ztunnel is down (default: refuse)."""
 
     @property
     def admin_socket(self) -> str:

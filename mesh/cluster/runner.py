@@ -140,7 +140,7 @@ class Runner:
         self._pods.clear()
         self._ztunnels.clear()
         await asyncio.to_thread(self.net.teardown)
-        shutil.rmtree(self.paths.bpf_pin_dir, ignore_errors=True)
+        remove_pins(self.paths.bpf_pin_dir)
 
     # -- API: apply / delete --
 
@@ -287,7 +287,9 @@ class Runner:
         z = _Proc(
             argv=[sys.executable, "-m", "ztunnel", "--node", name, "--run-dir", ndir,
                   "--control-plane", self.paths.control_plane_socket,
-                  "--trust-domain", self.settings.trust_domain],
+                  "--trust-domain", self.settings.trust_domain,
+                  "--cluster-prefix", self.paths.prefix,
+                  "--pin-dir", os.path.join(self.paths.bpf_pin_dir, name)],
             netns=self.net.node_netns(name), cgroup=self.net.ztunnel_cgroup(name),
             env=_base_env(), cwd=None, log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}.log"))
         z.start()
@@ -309,6 +311,7 @@ class Runner:
         z = self._ztunnels.pop(name)
         z.stop()
         await asyncio.to_thread(self.net.remove_node, name)
+        remove_pins(os.path.join(self.paths.bpf_pin_dir, name))
         shutil.rmtree(self.paths.node_dir(name), ignore_errors=True)
         log.info("node %s removed", name)
 
@@ -447,6 +450,20 @@ class Runner:
         workdir = pod.source_dir if isinstance(pod, Pod) else None
         return {"netns": rt.net.netns, "netns_path": rt.net.netns_path, "cgroup": rt.net.cgroup,
                 "ip": str(rt.ip), "node": rt.node, "workdir": workdir}
+
+
+def remove_pins(pin_root: str) -> None:
+    """Detach and unpin a cluster's (or one node's) eBPF capture: `<pin_root>/<node>/...`."""
+    from ebpf.capture import teardown_pins
+    if not os.path.isdir(pin_root):
+        return
+    nodes = [os.path.join(pin_root, d) for d in os.listdir(pin_root)]
+    for d in nodes if not os.path.isdir(os.path.join(pin_root, "maps")) else [pin_root]:
+        try:
+            teardown_pins(d)
+        except OSError as e:
+            log.warning("pin cleanup of %s: %s", d, e)
+    shutil.rmtree(pin_root, ignore_errors=True)
 
 
 def _base_env() -> dict[str, str]:
