@@ -93,8 +93,11 @@ class Cluster:
 
     def run(self, pod: dict[str, Any], argv: list[str], timeout: float) -> subprocess.CompletedProcess:
         """Run `argv` inside the pod (its netns and cgroup, as `ambient exec` does)."""
-        return subprocess.run(procs.pod_argv(argv, netns=pod["netns"], cgroup=pod["cgroup"]),
-                              capture_output=True, text=True, timeout=timeout)
+        try:
+            return subprocess.run(procs.pod_argv(argv, netns=pod["netns"], cgroup=pod["cgroup"]),
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SetupError(f"{' '.join(argv)} did not finish in {timeout:.0f}s") from None
 
     def spawn(self, pod: dict[str, Any], argv: list[str], log_path: str) -> subprocess.Popen:
         return procs.spawn(argv, netns=pod["netns"], cgroup=pod["cgroup"], env=dict(os.environ),
@@ -252,6 +255,8 @@ def parse_wrk(out: str) -> dict[str, Any]:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     res["errors"] = " ".join(x for x in ((errs.group(1) if errs else ""),
                                         (f"non2xx={non2xx.group(1)}" if non2xx else "")) if x)
+    if not re.search(r"^\s*[1-9]\d* requests in", out, re.M):
+        return res  # nothing completed: no latency percentiles
     for q in ("50", "99"):
         m = re.search(rf"^\s+{q}(?:\.0+)?%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
         if m:
@@ -261,7 +266,7 @@ def parse_wrk(out: str) -> dict[str, Any]:
 
 def wrk(cluster: Cluster, t: Target, conns: int, secs: int, latency: bool = False) -> dict[str, Any]:
     argv = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", *(["--latency"] if latency else []), f"http://{t.http}/"]
-    p = cluster.run(t.client, argv, timeout=secs + 30)
+    p = cluster.run(t.client, argv, timeout=secs + 15)
     if p.returncode != 0:
         raise SetupError(f"{t.name}: wrk failed ({p.returncode}): {p.stdout}{p.stderr}")
     return parse_wrk(p.stdout)
@@ -270,7 +275,7 @@ def wrk(cluster: Cluster, t: Target, conns: int, secs: int, latency: bool = Fals
 def iperf(cluster: Cluster, t: Target, secs: int) -> float:
     host, port = t.iperf
     p = cluster.run(t.client, ["iperf3", "-c", host, "-p", str(port), "-t", str(secs), "-J"],
-                    timeout=secs + 30)
+                    timeout=secs + 15)
     try:
         j = json.loads(p.stdout)
     except json.JSONDecodeError:
@@ -528,15 +533,12 @@ def table(med: dict[str, dict[str, Any]], failed: dict[str, str]) -> str:
 
 
 def _git_rev() -> str:
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return rev.stdout.strip() + ("+dirty" if dirty else "")
+    git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
 
 
 def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return "/".join(f.read().split()[:3])
+    return "/".join(open("/proc/loadavg").read().split()[:3])
 
 
 # ---- main -----------------------------------------------------------------------------------

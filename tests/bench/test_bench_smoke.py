@@ -7,7 +7,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETUPS = ("direct", "envoy")  # + "ambient" once the ztunnel data path carries traffic in the tree
+SETUPS = ("direct", "ambient", "envoy")
 CLUSTER = f"bs{os.getpid() % 100000}"
 
 
