@@ -30,7 +30,7 @@ class RelayResult:
 
 
 class _Side(asyncio.Protocol):
-    __slots__ = ("transport", "peer", "count", "eof", "done", "error")
+    __slots__ = ("transport", "peer", "count", "eof", "done", "error", "pending", "pending_eof")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.transport: asyncio.Transport | None = None
@@ -39,19 +39,37 @@ class _Side(asyncio.Protocol):
         self.eof = False
         self.done = done
         self.error: str | None = None
+        self.pending: list[bytes] = []
+        """Bytes for this side that arrived before its transport existed (set up in order)."""
+        self.pending_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        if self.pending:
+            transport.write(b"".join(self.pending))  # type: ignore[attr-defined]
+            self.pending.clear()
+            peer = self.peer.transport  # type: ignore[union-attr]
+            if peer is not None and not peer.is_closing():
+                peer.resume_reading()
+        if self.pending_eof and transport.can_write_eof():  # type: ignore[attr-defined]
+            transport.write_eof()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
-        self.peer.transport.write(data)  # type: ignore[union-attr]
+        peer = self.peer  # type: ignore[union-attr]
+        if peer.transport is None:  # the other side is still being set up: hold, stop reading
+            peer.pending.append(data)
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        peer.transport.write(data)
 
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer.transport  # type: ignore[union-attr]
-        if peer.can_write_eof() and not peer.is_closing():
+        if peer is None:
+            self.peer.pending_eof = True  # type: ignore[union-attr]
+        elif peer.can_write_eof() and not peer.is_closing():
             peer.write_eof()
         if self.peer.eof:  # type: ignore[union-attr]
             self._finish(None)
@@ -72,7 +90,9 @@ class _Side(asyncio.Protocol):
     def _finish(self, error: str | None) -> None:
         for side in (self, self.peer):
             t = side.transport  # type: ignore[union-attr]
-            if t is not None and not t.is_closing():
+            if t is None:
+                continue
+            if not t.is_closing():
                 if error:
                     t.abort()
                 else:

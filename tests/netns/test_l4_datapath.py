@@ -123,7 +123,7 @@ def wait_for(pred, timeout=5.0, step=0.05):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("l4")
-    for f in ("echo.py", "client.py"):
+    for f in ("echo.py", "client.py", "longconn.py"):
         os.symlink(os.path.join(APPS, f), d / f)
     (d / "cluster.yaml").write_text(cluster_yaml())
     (d / "plain-ns.yaml").write_text(cluster_yaml(ambient=False))
@@ -237,6 +237,39 @@ def test_releasing_the_namespace_restores_direct_traffic(cluster, tmp_path):
         raw = cap.stop()
     assert f"hello from m3 (mesh) local={ip('m3')}:8080 peer={ip('m1')}:" in out
     assert b"hello from m3" in raw and 15008 not in cap.ports()
+
+
+def longconn(src, dst_ip, duration):
+    return subprocess.Popen([sys.executable, "-m", "mesh.cli", "-c", NAME, "exec", "-n", "mesh", src, "--",
+                             "python3", "longconn.py", dst_ip, "8080", "--duration", str(duration)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.root
+def test_enrolling_is_fast_and_keeps_open_connections(cluster):
+    # The namespace is released (previous test); a connection opened now is direct.
+    direct = longconn("m1", ip("m3"), duration=3)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    ambient("apply", "--no-wait", str(cluster / "cluster.yaml"))
+    wait_for(lambda: len(admin("n1", "/config_dump")["enrolled"]) == 2
+             and len(admin("n2", "/config_dump")["enrolled"]) == 1, timeout=3, step=0.01)
+    enroll_s = time.monotonic() - t0
+    print(f"enrolled 3 pods on 2 nodes in {enroll_s * 1000:.0f} ms")
+    assert enroll_s < 1.0
+    before = admin("n2", "/config_dump")["connections_total"]
+    out = echo(None, "m1", ip("m3")).stdout  # a new connection is meshed
+    assert "echo ok" in out
+    wait_for(lambda: admin("n2", "/config_dump")["connections_total"] > before)
+    meshed = longconn("m1", ip("m3"), duration=3)  # open through the mesh...
+    time.sleep(0.5)
+    ambient("apply", "--no-wait", str(cluster / "plain-ns.yaml"))  # ...then released
+    out_direct, _ = direct.communicate(timeout=15)
+    out_meshed, _ = meshed.communicate(timeout=15)
+    assert direct.returncode == 0 and out_direct.strip().splitlines()[-1].startswith("ok"), out_direct
+    assert f"peer={ip('m1')}:" in out_direct  # it really was the direct connection
+    assert meshed.returncode == 0 and out_meshed.strip().splitlines()[-1].startswith("ok"), out_meshed
+    assert f"peer={ip('m3')}:" in out_meshed  # ztunnel delivered it (from the pod's own IP)
 
 
 def our_bpf():
