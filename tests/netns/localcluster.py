@@ -1,0 +1,93 @@
+"""Test helper: drive a local cluster through the `ambient` CLI and ztunnel admin sockets."""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from mesh.admin_http import get_unix
+from mesh.cluster.paths import ClusterPaths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+APPS = os.path.join(ROOT, "deploy", "local", "apps")
+
+
+def wait_for(pred, timeout=5.0, step=0.02):
+    """Poll `pred` until truthy; returns the seconds it took, fails after `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return time.monotonic() - t0
+        time.sleep(step)
+    raise AssertionError(f"condition not reached in {timeout:.1f}s")
+
+
+def pod_yaml(name, ns, node, app, sa="default", port=8080):
+    return textwrap.dedent(f"""
+        ---
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}
+        spec:
+          nodeName: {node}
+          serviceAccountName: {sa}
+          containers:
+          - name: echo
+            command: [python3, echo.py, --port, "{port}"]
+        """)
+
+
+class LocalCluster:
+    """One named cluster; files (YAML, app symlinks) live in `workdir`."""
+
+    def __init__(self, name, workdir):
+        self.name = name
+        self.paths = ClusterPaths(name)
+        self.dir = workdir
+        for f in ("echo.py", "client.py", "longconn.py"):
+            if not os.path.exists(workdir / f):
+                os.symlink(os.path.join(APPS, f), workdir / f)
+
+    def ambient(self, *args, check=True, timeout=120):
+        p = subprocess.run([sys.executable, "-m", "mesh.cli", "-c", self.name, *args], capture_output=True,
+                           text=True, cwd=ROOT, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"ambient {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def write(self, name, text):
+        path = self.dir / name
+        path.write_text(textwrap.dedent(text))
+        return str(path)
+
+    def apply(self, text, name="apply.yaml", wait=True):
+        args = ["apply", self.write(name, text)] + ([] if wait else ["--no-wait"])
+        return self.ambient(*args)
+
+    def delete(self, text, name="delete.yaml"):
+        return self.ambient("delete", self.write(name, text))
+
+    def status(self):
+        return json.loads(self.ambient("status", "--json").stdout)
+
+    def ip(self, pod):
+        return next(p["ip"] for p in self.status()["pods"] if p["name"] == pod)
+
+    def echo(self, ns, src, dst_ip, port=8080, nbytes=1000, check=True):
+        return self.ambient("exec", "-n", ns, src, "--", "python3", "client.py", dst_ip, str(port),
+                            "--bytes", str(nbytes), "--timeout", "5", check=check)
+
+    def longconn(self, ns, src, dst_ip, duration, port=8080):
+        return subprocess.Popen([sys.executable, "-m", "mesh.cli", "-c", self.name, "exec", "-n", ns, src, "--",
+                                 "python3", "longconn.py", dst_ip, str(port), "--duration", str(duration)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def admin(self, node, path="/config_dump"):
+        status, body = asyncio.run(get_unix(os.path.join(self.paths.node_dir(node), "admin.sock"), path))
+        assert status == 200, body
+        return body.decode() if path == "/metrics" else json.loads(body)
+
+    def enrolled(self, node):
+        return self.admin(node)["enrolled"]
