@@ -49,6 +49,8 @@ def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
             "--trust-domain", a.trust_domain, "--cert-ttl", str(a.cert_ttl)]
     if a.ca_dir:
         argv += ["--ca-dir", os.path.abspath(a.ca_dir)]
+    if a.fail_open:
+        argv += ["--fail-open"]
     with open(paths.runner_log, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -224,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--trust-domain", default="cluster.local")
     up.add_argument("--cert-ttl", type=_duration, default=24 * 3600.0, help="workload cert TTL (24h)")
     up.add_argument("--ca-dir", help="load the root CA from DIR (root-cert.pem, root-key.pem)")
+    up.add_argument("--fail-open", action="store_true",
+                    help="while a node's ztunnel is down, its captured pods connect directly (default: refused)")
     up.set_defaults(fn=cmd_up)
 
     ap = sub.add_parser("apply", help="create or update objects from YAML files")

@@ -59,6 +59,8 @@ class ClusterSettings:
     """Load the CA from here (root-cert.pem, root-key.pem[, cert-chain.pem]); default: the
     cluster's state directory, where one is generated on first start."""
     plan: AddressPlan = field(default_factory=AddressPlan)
+    fail_open: bool = False
+    """Captured pods' traffic passes uncaptured while their ztunnel is down (default: refused)."""
 
 
 @dataclass(slots=True)
@@ -289,7 +291,8 @@ class Runner:
                   "--control-plane", self.paths.control_plane_socket,
                   "--trust-domain", self.settings.trust_domain,
                   "--cluster-prefix", self.paths.prefix,
-                  "--pin-dir", os.path.join(self.paths.bpf_pin_dir, name)],
+                  "--pin-dir", os.path.join(self.paths.bpf_pin_dir, name),
+                  *(["--fail-open"] if self.settings.fail_open else [])],
             netns=self.net.node_netns(name), cgroup=self.net.ztunnel_cgroup(name),
             env=_base_env(), cwd=None, log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}.log"))
         z.start()
@@ -407,6 +410,7 @@ class Runner:
                 "name": na.name, "ip": str(na.ip), "pod_cidr": str(na.pod_cidr),
                 "netns": self.net.node_netns(na.name),
                 "ztunnel": {"running": bool(z and z.running), "restarts": z.restarts if z else 0,
+                            "pid": z.popen.pid if z and z.popen else None,
                             "ready": bool(dump and dump.get("synced")),
                             "connected": bool(dump and dump.get("connected")),
                             "version": dump.get("version") if dump else None,

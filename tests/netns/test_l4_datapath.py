@@ -224,6 +224,23 @@ def test_meshed_payload_never_crosses_nodes_in_plaintext(cluster, tmp_path):
 
 
 @pytest.mark.root
+def test_ztunnel_crash_fails_closed_and_restart_reattaches_nothing_twice(cluster):
+    node = next(n for n in status()["nodes"] if n["name"] == "n1")
+    os.kill(node["ztunnel"]["pid"], signal.SIGKILL)
+    time.sleep(0.2)
+    p = echo(None, "m1", ip("m3"), check=False)  # captured, but nobody to carry it: refused
+    assert p.returncode != 0 and "echo ok" not in p.stdout
+    # The runner restarts ztunnel; it re-opens the pinned maps and links and re-enrolls.
+    wait_for(lambda: (lambda n: n["ztunnel"]["ready"] and n["ztunnel"]["restarts"] == 1)(
+        next(n for n in status()["nodes"] if n["name"] == "n1")), timeout=10, step=0.2)
+    wait_for(lambda: len(admin("n1", "/config_dump")["enrolled"]) == 2, timeout=5)
+    assert "echo ok" in echo(None, "m1", ip("m3")).stdout
+    m1 = next(p for p in status()["pods"] if p["name"] == "m1")
+    progs = subprocess.run(["bpftool", "cgroup", "show", m1["cgroup"]], capture_output=True, text=True).stdout
+    assert progs.count("capture_connect4") == 1 and progs.count("capture_sockops") == 1, progs
+
+
+@pytest.mark.root
 def test_releasing_the_namespace_restores_direct_traffic(cluster, tmp_path):
     t0 = time.monotonic()
     ambient("apply", str(cluster / "plain-ns.yaml"))
