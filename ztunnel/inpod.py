@@ -204,6 +204,10 @@ class PodProxy:
         entry["duration_ms"] = round((time.monotonic() - t0) * 1000, 1)
         self.conn_log.record(entry)
 
+    def _workload_at(self, ip: str) -> str | None:
+        w = self.state.workload_by_ip(_ip(ip))
+        return w.uid if w is not None else None
+
     # -- authorization --
 
     def authorize(self, conn: Connection) -> Decision:
@@ -238,6 +242,7 @@ class PodProxy:
         local = down.get_extra_info("sockname")
         entry: dict[str, Any] = {"direction": "inbound", "dst.workload": self.workload.uid,
                                  "dst.addr": _addr(local), "src.addr": _addr(down.get_extra_info("peername")),
+                                 "src.workload": self._workload_at(down.get_extra_info("peername")[0]),
                                  "src.identity": None, "security": "plaintext"}
         peer = down.get_extra_info("peername")
         conn = Connection(src_identity=None, src_ip=_ip(peer[0]), dst_ip=self.workload.ip, dst_port=local[1])
@@ -284,8 +289,8 @@ class PodProxy:
         self.active.pop(id(req), None)
         entry = {"direction": "inbound", "dst.workload": self.workload.uid,
                  "dst.identity": str(self.workload.identity), "dst.addr": req.authority,
-                 "src.addr": _addr(req.peer_addr), "src.identity": str(req.peer_identity),
-                 "security": "mutual_tls", **_result(res)}
+                 "src.addr": _addr(req.peer_addr), "src.workload": self._workload_at(req.peer_addr[0]),
+                 "src.identity": str(req.peer_identity), "security": "mutual_tls", **_result(res)}
         self.conn_log.record(entry)
 
 
