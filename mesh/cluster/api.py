@@ -65,8 +65,6 @@ class ApiServer:
                 else:  # a bug in a handler: report it, keep serving
                     log.exception("api method failed")
                     reply = {"ok": False, "error": f"internal error: {e!r}", "reason": "internal"}
-                log.exception("api method failed")
-                reply = {"ok": False, "error": f"internal error: {e!r}", "reason": "internal"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except ConnectionError:

@@ -296,6 +296,7 @@ def test_bad_input_is_refused_and_changes_nothing(cluster, fname, text, words):
     path = write(cluster, fname, text)
     p = ambient("apply", path, check=False)
     assert p.returncode == 1, p.stdout
+    assert "internal error" not in p.stderr and "nothing was applied" in p.stderr, p.stderr
     for w in words:
         assert w in p.stderr, f"{w!r} not in {p.stderr!r}"
     after = status()
