@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["ZtunnelConfig"]
+__all__ = ["ZtunnelConfig", "InboundLimits"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,3 +39,30 @@ class ZtunnelConfig:
     @property
     def bootstrap_dir(self) -> str:
         return os.path.join(self.run_dir, "bootstrap")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundLimits:
+    """Bounds on what a peer may cost an in-pod HBONE listener before it is authenticated.
+
+    Istio's ztunnel is configured by environment variables; so are these (the local runner
+    passes `ZTUNNEL_*` variables from `ambient up`'s environment to every ztunnel):
+    `ZTUNNEL_HANDSHAKE_TIMEOUT` (seconds) and `ZTUNNEL_MAX_PENDING_HANDSHAKES`.
+    """
+
+    handshake_timeout: float = 10.0
+    """Seconds for the TLS handshake, then again for the HTTP/2 preface + SETTINGS, and the
+    longest a header block (HEADERS + CONTINUATION) may stay unfinished."""
+    max_pending_handshakes: int = 256
+    """Connections per listener between accept and a complete handshake; beyond this the
+    oldest pending one is closed (reason too_many_pending_handshakes)."""
+
+    @classmethod
+    def from_env(cls, env: "os._Environ[str] | dict[str, str] | None" = None) -> "InboundLimits":
+        env = os.environ if env is None else env
+        d = cls()
+        timeout = float(env.get("ZTUNNEL_HANDSHAKE_TIMEOUT", d.handshake_timeout))
+        pending = int(env.get("ZTUNNEL_MAX_PENDING_HANDSHAKES", d.max_pending_handshakes))
+        if not 0 < timeout <= 3600 or pending < 1:
+            raise ValueError(f"bad ztunnel limits: handshake timeout {timeout}s, max pending {pending}")
+        return cls(handshake_timeout=timeout, max_pending_handshakes=pending)

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ebpf.netns import socket_in_netns
-from mesh.hbone import (ConnectRequest, HbonePool, HboneServer, HoldingProtocol, PoolKey, Reject, TunnelError,
-                        TunnelResult)
+from mesh.hbone import (ConnectRequest, HbonePool, HboneServer, HoldingProtocol, PoolKey, Reject, Rejection,
+                        TunnelError, TunnelResult)
 from mesh.model import Workload
 from mesh.state import ProxyState
 
 from .authz import Connection, Decision, evaluate
+from .config import InboundLimits
 from .inbound.validate import BadAuthority, target_of
 from .outbound.plan import PlanError, Route, plan_outbound
 from .relay import relay
@@ -42,6 +43,9 @@ access = logging.getLogger("ambient.access")
 ZTUNNEL_MARK = 0x539
 """SO_MARK on every ztunnel socket (Istio's 1337): capture lets these through."""
 _CONNECT_TIMEOUT = 5.0
+_REJECT_LOG_WINDOW = 1.0
+"""Connection-level rejections are logged at most once per reason and pod per window; the
+ones in between are summed into the next entry's `count` (metrics count every one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +82,7 @@ class PodProxy:
     def __init__(self, workload: Workload, *, netns: str, state: ProxyState, pool: HbonePool,
                  client_tls: Callable[[], ssl.SSLContext], server_tls: ssl.SSLContext,
                  capture: OriginalDst, trust_domain: str, conn_log: ConnectionLog,
-                 rng: random.Random, ports: Ports = Ports()) -> None:
+                 rng: random.Random, ports: Ports = Ports(), limits: InboundLimits | None = None) -> None:
         self.workload = workload
         self.netns = netns
         self.state = state
@@ -90,6 +94,8 @@ class PodProxy:
         self.conn_log = conn_log
         self.rng = rng
         self.ports = ports
+        self.limits = limits or InboundLimits.from_env()
+        self._reject_windows: dict[str, list[Any]] = {}
         self.sockets: dict[str, socket.socket] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._hbone: HboneServer | None = None
@@ -143,7 +149,10 @@ class PodProxy:
             self._servers.append(await loop.create_server(lambda: _Accept(self._outbound), sock=out))
             self._servers.append(await loop.create_server(lambda: _Accept(self._inbound_plain), sock=inb))
             self._hbone = await HboneServer.start(hb, self.server_tls, self._inbound_hbone,
-                                                  trust_domain=self.trust_domain, on_result=self._hbone_done)
+                                                  trust_domain=self.trust_domain, on_result=self._hbone_done,
+                                                  handshake_timeout=self.limits.handshake_timeout,
+                                                  max_pending_handshakes=self.limits.max_pending_handshakes,
+                                                  on_reject=self._hbone_rejected)
         except BaseException:
             await self.close()
             raise
@@ -246,7 +255,13 @@ class PodProxy:
                                  "src.identity": None, "security": "plaintext"}
         peer = down.get_extra_info("peername")
         conn = Connection(src_identity=None, src_ip=_ip(peer[0]), dst_ip=self.workload.ip, dst_port=local[1])
-        d = self.authorize(conn)
+        d = self.authorize(conn) if local[1] not in self._own_ports else None
+        if d is None:  # addressed to 15006/15008 itself: relaying would connect to our own listener
+            entry["error"] = "ztunnel_port"
+            _reset(down)
+            entry["duration_ms"] = round((time.monotonic() - t0) * 1000, 1)
+            self.conn_log.record(entry)
+            return
         if not d.allowed:
             entry["error"], entry["policy"] = d.reason, d.policy
             _reset(down)  # denied plaintext: a TCP reset, as ztunnel does
@@ -273,6 +288,8 @@ class PodProxy:
             target = target_of(req.authority, self.ip)
         except BadAuthority as e:
             raise Reject(400, e.reason, str(e)) from None
+        if target[1] in self._own_ports:
+            raise Reject(400, "ztunnel_port", f"{req.authority} is a ztunnel port, not the application's")
         conn = Connection(src_identity=req.peer_identity, src_ip=_ip(req.peer_addr[0]),
                           dst_ip=self.workload.ip, dst_port=target[1])
         d = self.authorize(conn)
@@ -284,6 +301,40 @@ class PodProxy:
             raise Reject(503, "upstream_connect_failed", f"cannot connect to {req.authority}") from None
         self.active[id(req)] = (conn, lambda: _shutdown(sock))
         return sock
+
+    @property
+    def _own_ports(self) -> tuple[int, ...]:
+        return (self.ports.outbound, self.ports.inbound, self.ports.hbone)
+
+    def _hbone_rejected(self, r: Rejection) -> None:
+        """A connection or CONNECT the HBONE server refused before any handler: one access-log
+        entry (WARNING, `error` = the stable reason) per reason and window, metrics for all."""
+        now = time.monotonic()
+        win = self._reject_windows.get(r.reason)
+        if win is not None and now - win[0] < _REJECT_LOG_WINDOW:
+            win[1] += 1
+            win[2] = r
+            if win[3] is None:
+                win[3] = asyncio.get_running_loop().call_later(
+                    win[0] + _REJECT_LOG_WINDOW - now, self._flush_rejections, r.reason)
+            return
+        self._reject_windows[r.reason] = [now, 0, None, None]
+        self._record_rejection(r, 1)
+
+    def _flush_rejections(self, reason: str) -> None:
+        win = self._reject_windows.pop(reason, None)
+        if win is not None and win[1]:
+            self._reject_windows[reason] = [time.monotonic(), 0, None, None]
+            self._record_rejection(win[2], win[1])
+
+    def _record_rejection(self, r: Rejection, count: int) -> None:
+        self.conn_log.record({
+            "direction": "inbound", "event": "rejected", "listener": "hbone", "stage": r.stage,
+            "dst.workload": self.workload.uid, "dst.identity": str(self.workload.identity),
+            "dst.addr": _addr(r.local_addr), "src.addr": _addr(r.peer_addr) if r.peer_addr[0] else None,
+            "src.workload": self._workload_at(r.peer_addr[0]) if r.peer_addr[0] else None,
+            "src.identity": str(r.peer_identity) if r.peer_identity else None,
+            "error": r.reason, "status": r.status, "detail": r.detail[:200], "count": count})
 
     def _hbone_done(self, req: ConnectRequest, res: TunnelResult) -> None:
         self.active.pop(id(req), None)

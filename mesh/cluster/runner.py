@@ -294,7 +294,8 @@ class Runner:
                   "--pin-dir", os.path.join(self.paths.bpf_pin_dir, name),
                   *(["--fail-open"] if self.settings.fail_open else [])],
             netns=self.net.node_netns(name), cgroup=self.net.ztunnel_cgroup(name),
-            env=_base_env(), cwd=None, log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}.log"))
+            env=_base_env() | _ztunnel_env(), cwd=None,
+            log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}.log"))
         z.start()
         self._ztunnels[name] = z
         log.info("node %s up: ip %s pods %s", name, na.ip, na.pod_cidr)
@@ -468,6 +469,11 @@ def remove_pins(pin_root: str) -> None:
         except OSError as e:
             log.warning("pin cleanup of %s: %s", d, e)
     shutil.rmtree(pin_root, ignore_errors=True)
+
+
+def _ztunnel_env() -> dict[str, str]:
+    """ZTUNNEL_* settings (e.g. ZTUNNEL_HANDSHAKE_TIMEOUT) from `ambient up`'s environment."""
+    return {k: v for k, v in os.environ.items() if k.startswith("ZTUNNEL_")}
 
 
 def _base_env() -> dict[str, str]:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from mesh.identity import SpiffeId
 
-__all__ = ["PoolKey", "ConnectRequest", "TunnelResult", "TunnelError", "Reject"]
+__all__ = ["PoolKey", "ConnectRequest", "TunnelResult", "TunnelError", "Reject", "Rejection"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,3 +79,30 @@ class Reject(Exception):
         super().__init__(message or reason)
         self.status = status
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejection:
+    """Something an HboneServer refused *before* its handler saw a request: a connection
+    (not TLS, no/bad client certificate, TLS < 1.3, no HTTP/2, handshake timeout, protocol
+    error, too many pending handshakes...) or a CONNECT the HTTP/2 layer refused itself
+    (malformed or not a CONNECT -> 400, refused stream -> RST). Requests the handler refuses
+    (`Reject`) are reported through `on_result` instead, so each refusal is reported once."""
+
+    reason: str
+    """Stable label, e.g. not_tls, http1_request, no_client_cert, wrong_tls_version,
+    cert_expired, cert_not_yet_valid, untrusted_cert, tls_failed, tls_aborted,
+    handshake_timeout, h2_handshake_timeout, h2_handshake_failed, wrong_trust_domain,
+    bad_preface, header_list_too_large, too_many_continuations, header_block_timeout,
+    too_many_pending_handshakes, accept_failed, not_connect, scheme_or_path_present, ..."""
+    stage: str
+    """Where it happened: "accept" (before TLS), "tls", "h2" (after TLS, connection
+    closed), "stream" (one CONNECT refused, the connection lives on)."""
+    peer_addr: tuple[str, int]
+    local_addr: tuple[str, int]
+    peer_identity: SpiffeId | None = None
+    """The client's identity when TLS had completed."""
+    status: int | None = None
+    """Stream stage: the :status answered (400), or 0 when the stream was reset."""
+    detail: str = ""
+    """Human-readable detail (the TLS error text, ...)."""

@@ -314,6 +314,11 @@ class H2Connection:
     # -- queries ------------------------------------------------------------------------
 
     @property
+    def header_block_open(self) -> bool:
+        """The peer started a header block (HEADERS without END_HEADERS) not finished yet."""
+        return self._parser.header_block_open
+
+    @property
     def open_streams(self) -> int:
         return len(self._streams)
 

@@ -277,6 +277,10 @@ def encode_status_block(status: int, headers=()) -> bytes:
 
 # -- parser -------------------------------------------------------------------------------
 
+MAX_CONTINUATIONS = 64
+"""CONTINUATION frames allowed in one header block: zero-length ones cost nothing towards the
+size bound, so without a count a peer could send them forever (the "CONTINUATION flood")."""
+
 _STREAM_REQUIRED = frozenset((DATA, HEADERS, PRIORITY, RST_STREAM, CONTINUATION, PUSH_PROMISE))
 _STREAM_FORBIDDEN = frozenset((SETTINGS, PING, GOAWAY))
 
@@ -305,6 +309,11 @@ class FrameParser:
         self._block_frags: list[bytes] = []
         self._block_size = 0
         self.frames_seen = 0
+
+    @property
+    def header_block_open(self) -> bool:
+        """A HEADERS frame arrived and its block is not complete yet (END_HEADERS pending)."""
+        return self._block_sid != 0
 
     @property
     def buffered(self) -> int:
@@ -404,6 +413,9 @@ class FrameParser:
                                     "CONTINUATION without a preceding HEADERS")
             self._block_frags.append(p)
             self._block_size += len(p)
+            if len(self._block_frags) > MAX_CONTINUATIONS + 1:
+                raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "too_many_continuations",
+                                    f"header block spread over more than {MAX_CONTINUATIONS} CONTINUATION frames")
             return self._maybe_end_block(flags)
         if ftype == SETTINGS:
             if flags & FLAG_ACK:

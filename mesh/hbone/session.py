@@ -68,6 +68,9 @@ class Session(asyncio.Protocol):
     def on_closed(self) -> None:
         pass
 
+    def on_protocol_error(self, error: ProtocolError) -> None:
+        """The peer broke HTTP/2: GOAWAY is queued and the connection is being closed."""
+
     def tunnel_done(self, tunnel: Tunnel) -> None:
         self.tunnels.pop(tunnel.sid, None)
 
@@ -93,6 +96,7 @@ class Session(asyncio.Protocol):
             log.info("hbone: closing connection from %s: protocol error %s (%s)",
                      self._peername(), e.reason, e)
             self.close_reason = e.reason
+            self.on_protocol_error(e)
             self.flush()
             if self.transport is not None:
                 self.transport.close()
