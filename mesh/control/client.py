@@ -20,7 +20,6 @@ from ..identity import CONTROL_PLANE_ID, SpiffeId
 from ..state import ProxyState, StateVersionError
 from .protocol import (CertificateRequest, CertificateResponse, Delta, FrameDecoder, ProtocolError,
                        Snapshot, Subscribe, decode, encode)
-from .server import ALPN
 
 __all__ = ["ControlPlaneClient", "CertificateRefused", "NotConnected"]
 

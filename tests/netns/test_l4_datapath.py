@@ -3,41 +3,23 @@
 One cluster for the module: namespace `mesh` (ambient) and `plain`, pods on both nodes, a
 Service. Tests run in file order; the last one releases the namespace and takes it all down.
 """
-import asyncio
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 
-from mesh.admin_http import get_unix
 from mesh.cluster.paths import ClusterPaths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .localcluster import LocalCluster, pod_yaml, wait_for
+
 NAME = f"l4{os.getpid() % 100000}"
 PATHS = ClusterPaths(NAME)
-APPS = os.path.join(ROOT, "deploy", "local", "apps")
 MB10 = 10 * 1024 * 1024
-
-
-def pod_yaml(name, ns, node, app, sa="default", port=8080):
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}
-        spec:
-          nodeName: {node}
-          serviceAccountName: {sa}
-          containers:
-          - name: echo
-            command: [python3, echo.py, --port, "{port}"]
-        """)
 
 
 def cluster_yaml(ambient=True):
@@ -82,49 +64,35 @@ def cluster_yaml(ambient=True):
     ])
 
 
-def ambient(*args, check=True, timeout=120):
-    p = subprocess.run([sys.executable, "-m", "mesh.cli", "-c", NAME, *args], capture_output=True,
-                       text=True, cwd=ROOT, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"ambient {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+C: LocalCluster = None  # set by the module fixture
+
+
+def ambient(*args, check=True):
+    return C.ambient(*args, check=check)
 
 
 def status():
-    return json.loads(ambient("status", "--json").stdout)
+    return C.status()
 
 
 def ip(name):
-    return next(p["ip"] for p in status()["pods"] if p["name"] == name)
+    return C.ip(name)
 
 
 def echo(src_ns, src, dst_ip, port=8080, nbytes=100_000, check=True):
     ns = {"m": "mesh", "p": "plain"}[src[0]] if src_ns is None else src_ns
-    return ambient("exec", "-n", ns, src, "--", "python3", "client.py", dst_ip, str(port),
-                   "--bytes", str(nbytes), check=check)
+    return C.echo(ns, src, dst_ip, port, nbytes, check)
 
 
 def admin(node, path):
-    status, body = asyncio.run(get_unix(os.path.join(PATHS.node_dir(node), "admin.sock"), path))
-    assert status == 200
-    return json.loads(body)
-
-
-def wait_for(pred, timeout=5.0, step=0.05):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = pred()
-        if v:
-            return time.monotonic() - t0
-        time.sleep(step)
-    raise AssertionError("condition not reached in %.1fs" % timeout)
+    return C.admin(node, path)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    global C
     d = tmp_path_factory.mktemp("l4")
-    for f in ("echo.py", "client.py", "longconn.py"):
-        os.symlink(os.path.join(APPS, f), d / f)
+    C = LocalCluster(NAME, d)
     (d / "cluster.yaml").write_text(cluster_yaml())
     (d / "plain-ns.yaml").write_text(cluster_yaml(ambient=False))
     ambient("down", check=False)
@@ -257,9 +225,7 @@ def test_releasing_the_namespace_restores_direct_traffic(cluster, tmp_path):
 
 
 def longconn(src, dst_ip, duration):
-    return subprocess.Popen([sys.executable, "-m", "mesh.cli", "-c", NAME, "exec", "-n", "mesh", src, "--",
-                             "python3", "longconn.py", dst_ip, "8080", "--duration", str(duration)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return C.longconn("mesh", src, dst_ip, duration)
 
 
 @pytest.mark.root

@@ -23,26 +23,26 @@ NAME = f"it{os.getpid() % 100000}"
 PATHS = ClusterPaths(NAME)
 APPS = os.path.join(ROOT, "deploy", "local", "apps")
 
-CLUSTER_YAML = textwrap.dedent(f"""
+CLUSTER_YAML = textwrap.dedent("""
     apiVersion: v1
     kind: Node
-    metadata: {{name: n1}}
+    metadata: {name: n1}
     ---
     apiVersion: v1
     kind: Node
-    metadata: {{name: n2}}
+    metadata: {name: n2}
     ---
     apiVersion: v1
     kind: Namespace
-    metadata: {{name: shop}}
+    metadata: {name: shop}
     ---
     apiVersion: v1
     kind: ServiceAccount
-    metadata: {{name: front, namespace: shop}}
+    metadata: {name: front, namespace: shop}
     ---
     apiVersion: v1
     kind: ServiceAccount
-    metadata: {{name: back, namespace: shop}}
+    metadata: {name: back, namespace: shop}
     """) + "".join(textwrap.dedent(f"""
     ---
     apiVersion: v1
