@@ -25,8 +25,12 @@ import pytest
 
 from ebpf.netns import socket_in_netns
 from mesh import tls
-from mesh.ca import CertificateAuthority
+from mesh.ca import CertificateAuthority, build_csr, generate_key
 from mesh.clock import SystemClock
+from mesh.control.client import CertificateRefused, ControlPlaneClient
+from mesh.control.server import ALPN
+from mesh.state import ProxyState
+from ztunnel.app import load_bootstrap
 from mesh.hbone import frames as f
 from mesh.identity import SpiffeId
 from tests.netns.localcluster import LocalCluster, pod_yaml, wait_for
@@ -62,10 +66,14 @@ def cluster_yaml():
         apiVersion: v1
         kind: ServiceAccount
         metadata: {name: server, namespace: mesh}
+        ---
+        apiVersion: v1
+        kind: ServiceAccount
+        metadata: {name: backend, namespace: mesh}
         """) + "".join([
         pod_yaml("m1", "mesh", "n1", "client", "client"),
         pod_yaml("m2", "mesh", "n1", "echo2", "server"),
-        pod_yaml("m3", "mesh", "n2", "echo3", "server"),
+        pod_yaml("m3", "mesh", "n2", "echo3", "backend"),
         pod_yaml("a1", "plain", "n1", "attacker"),
     ])
 
@@ -601,3 +609,31 @@ def test_deny_policy_resets_plaintext(cluster):
         assert e["policy"] and e["src.addr"].startswith(a1 + ":")
     finally:
         C.delete(policy, "deny-del.yaml")
+
+
+# -- certificates: a node cannot get another node's identities --------------------------------
+
+@pytest.mark.root
+def test_node_bootstrap_cannot_get_certificate_for_a_pod_on_another_node(cluster):
+    import asyncio
+    import random
+    boot, roots = load_bootstrap(os.path.join(C.paths.node_dir("n1"), "bootstrap"))
+    mesh_id = lambda sa: SpiffeId(trust_domain="cluster.local", namespace="mesh", service_account=sa)  # noqa: E731
+
+    async def main():
+        c = ControlPlaneClient(socket_path=C.paths.control_plane_socket, trust_domain="cluster.local",
+                               state=ProxyState(), clock=SystemClock(), rng=random.Random(1),
+                               ssl_context=lambda: tls.client_context(boot, roots, alpn=(ALPN,)))
+        task = asyncio.ensure_future(c.run())
+        try:
+            own = mesh_id("client")                   # m1 runs on n1: allowed
+            assert await c.request_certificate(own, build_csr(own, generate_key()))
+            other = mesh_id("backend")                # only m3, on n2: refused
+            with pytest.raises(CertificateRefused) as e:
+                await c.request_certificate(other, build_csr(other, generate_key()))
+            return e.value.reason
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) == "identity_not_on_node"
