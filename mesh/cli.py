@@ -51,6 +51,7 @@ def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
         argv += ["--ca-dir", os.path.abspath(a.ca_dir)]
     if a.fail_open:
         argv += ["--fail-open"]
+    argv += ["--ztunnel-workers", str(a.ztunnel_workers)]
     with open(paths.runner_log, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -228,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--ca-dir", help="load the root CA from DIR (root-cert.pem, root-key.pem)")
     up.add_argument("--fail-open", action="store_true",
                     help="while a node's ztunnel is down, its captured pods connect directly (default: refused)")
+    up.add_argument("--ztunnel-workers", type=int, default=1, metavar="N",
+                    help="ztunnel processes per node sharing the ports with SO_REUSEPORT (default 1)")
     up.set_defaults(fn=cmd_up)
 
     ap = sub.add_parser("apply", help="create or update objects from YAML files")

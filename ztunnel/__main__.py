@@ -25,13 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster-prefix", default="", help="local cluster object prefix (amb-<cluster>)")
     p.add_argument("--pin-dir", default="", help="bpffs dir for pinned capture maps/links; empty: no capture")
     p.add_argument("--fail-open", action="store_true", help="uncaptured traffic passes while ztunnel is down")
+    p.add_argument("--worker", type=int, default=0,
+                   help="worker index; workers > 0 share the in-pod ports and leave capture to worker 0")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = ZtunnelConfig(node=a.node, run_dir=a.run_dir, control_plane=a.control_plane,
                         trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
-                        cluster_prefix=a.cluster_prefix, pin_dir=a.pin_dir, fail_open=a.fail_open)
+                        cluster_prefix=a.cluster_prefix, pin_dir=a.pin_dir if a.worker == 0 else "",
+                        fail_open=a.fail_open, worker=a.worker)
     import uvloop
     uvloop.install()
 

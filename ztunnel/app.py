@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import socket
 import ssl
 from typing import Any
 
@@ -66,6 +67,20 @@ class _ConnLog:
         if access.isEnabledFor(logging.INFO):
             level = logging.WARNING if entry.get("error") else logging.INFO
             access.log(level, "connection complete %s", json.dumps(entry, separators=(",", ":")))
+
+
+class _SockoptOriginalDst:
+    """SO_ORIGINAL_DST for workers that do not own the capture: the getsockopt program is
+    attached to the ztunnel cgroup, so any worker in it gets the answer."""
+
+    @staticmethod
+    def original_dst(sock):
+        from ebpf.capture import SO_ORIGINAL_DST
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+
+
+_SOCKOPT = _SockoptOriginalDst()
 
 
 class _Tls:
@@ -209,7 +224,7 @@ class Ztunnel:
         ident = w.identity
         pp = PodProxy(w, netns=netns, state=self.state, pool=self.pool,
                       client_tls=lambda: self.tls.client(ident), server_tls=server_ctx,
-                      capture=self.capture, trust_domain=self.cfg.trust_domain, conn_log=self.conn_log,
+                      capture=self.capture or _SOCKOPT, trust_domain=self.cfg.trust_domain, conn_log=self.conn_log,
                       rng=self.rng)
         await pp.start()
         try:
@@ -262,7 +277,7 @@ class Ztunnel:
 
     async def run(self) -> None:
         await self.admin.listen_unix(self.cfg.admin_socket)
-        if self.cfg.listen_tcp:
+        if self.cfg.listen_tcp and self.cfg.worker == 0:
             await self.admin.listen_tcp("127.0.0.1", self.cfg.admin_port)
             await self.admin.listen_tcp("127.0.0.1", self.cfg.readiness_port)
             await self.admin.listen_tcp("127.0.0.1", self.cfg.metrics_port)

@@ -31,10 +31,15 @@ class ZtunnelConfig:
     """bpffs directory for this node's pinned eBPF maps and links ("" = no eBPF capture)."""
     fail_open: bool = False
     """Let a captured pod's traffic through uncaptured while ztunnel is down (default: refuse)."""
+    worker: int = 0
+    """This process's index among the node's ztunnel workers. Every worker opens the in-pod
+    listeners with SO_REUSEPORT, so the kernel spreads connections over them; worker 0 alone
+    owns eBPF capture and the node-local TCP admin ports."""
 
     @property
     def admin_socket(self) -> str:
-        return os.path.join(self.run_dir, "admin.sock")
+        name = "admin.sock" if self.worker == 0 else f"admin-{self.worker}.sock"
+        return os.path.join(self.run_dir, name)
 
     @property
     def bootstrap_dir(self) -> str:

@@ -119,6 +119,9 @@ class PodProxy:
         s = self._socket()
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Workers of a node share each port: the kernel spreads connections over them
+            # (sk_lookup's bpf_sk_assign also honours the reuseport group).
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             s.bind(addr)
             s.listen(4096)
         except OSError:

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cert-ttl", type=float, default=24 * 3600.0)
     p.add_argument("--ca-dir", default=None)
     p.add_argument("--fail-open", action="store_true")
+    p.add_argument("--ztunnel-workers", type=int, default=1)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     paths = ClusterPaths(a.cluster)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = ClusterSettings(trust_domain=a.trust_domain, cert_ttl=a.cert_ttl, ca_dir=a.ca_dir,
-                               fail_open=a.fail_open)
+                               fail_open=a.fail_open, ztunnel_workers=max(1, a.ztunnel_workers))
     import uvloop
     uvloop.install()
     asyncio.run(serve(paths, settings))

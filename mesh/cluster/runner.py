@@ -61,6 +61,8 @@ class ClusterSettings:
     plan: AddressPlan = field(default_factory=AddressPlan)
     fail_open: bool = False
     """Captured pods' traffic passes uncaptured while their ztunnel is down (default: refused)."""
+    ztunnel_workers: int = 1
+    """ztunnel processes per node, sharing the in-pod ports with SO_REUSEPORT (one per core)."""
 
 
 @dataclass(slots=True)
@@ -116,6 +118,9 @@ class Runner:
                                cert_ttl=settings.cert_ttl)
         self.store.watch(self.cp.resources_changed)
         self._ztunnels: dict[str, _Proc] = {}
+        """Worker 0 of each node's ztunnel (it owns capture and the admin socket)."""
+        self._workers: dict[str, list[_Proc]] = {}
+        """Further ztunnel workers per node (settings.ztunnel_workers - 1)."""
         self._pods: dict[str, _PodRt] = {}
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
@@ -137,8 +142,9 @@ class Runner:
         for rt in self._pods.values():
             for c in rt.containers.values():
                 c.stop()
-        for z in self._ztunnels.values():
+        for z in [*self._ztunnels.values(), *(w for ws in self._workers.values() for w in ws)]:
             z.stop()
+        self._workers.clear()
         self._pods.clear()
         self._ztunnels.clear()
         await asyncio.to_thread(self.net.teardown)
@@ -286,18 +292,22 @@ class Runner:
         await asyncio.to_thread(self.net.add_node, name, na.ip, na.pod_cidr, self._routes(name))
         ndir = self.paths.node_dir(name)
         self._write_bootstrap(name, os.path.join(ndir, "bootstrap"))
-        z = _Proc(
-            argv=[sys.executable, "-m", "ztunnel", "--node", name, "--run-dir", ndir,
-                  "--control-plane", self.paths.control_plane_socket,
-                  "--trust-domain", self.settings.trust_domain,
-                  "--cluster-prefix", self.paths.prefix,
-                  "--pin-dir", os.path.join(self.paths.bpf_pin_dir, name),
-                  *(["--fail-open"] if self.settings.fail_open else [])],
-            netns=self.net.node_netns(name), cgroup=self.net.ztunnel_cgroup(name),
-            env=_base_env() | _ztunnel_env(), cwd=None,
-            log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}.log"))
-        z.start()
-        self._ztunnels[name] = z
+        argv = [sys.executable, "-m", "ztunnel", "--node", name, "--run-dir", ndir,
+                "--control-plane", self.paths.control_plane_socket,
+                "--trust-domain", self.settings.trust_domain, "--cluster-prefix", self.paths.prefix]
+        procs_ = []
+        for i in range(self.settings.ztunnel_workers):
+            extra = (["--pin-dir", os.path.join(self.paths.bpf_pin_dir, name),
+                      *(["--fail-open"] if self.settings.fail_open else [])] if i == 0
+                     else ["--worker", str(i)])
+            suffix = "" if i == 0 else f"-{i}"
+            z = _Proc(argv=argv + extra, netns=self.net.node_netns(name), cgroup=self.net.ztunnel_cgroup(name),
+                      env=_base_env() | _ztunnel_env(), cwd=None,
+                      log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}{suffix}.log"))
+            z.start()
+            procs_.append(z)
+        self._ztunnels[name] = procs_[0]
+        self._workers[name] = procs_[1:]
         log.info("node %s up: ip %s pods %s", name, na.ip, na.pod_cidr)
 
     def _write_bootstrap(self, node: str, directory: str) -> None:
@@ -312,8 +322,8 @@ class Runner:
                 f.write(data)
 
     async def _remove_node(self, name: str) -> None:
-        z = self._ztunnels.pop(name)
-        z.stop()
+        for z in [self._ztunnels.pop(name), *self._workers.pop(name, [])]:
+            z.stop()
         await asyncio.to_thread(self.net.remove_node, name)
         remove_pins(os.path.join(self.paths.bpf_pin_dir, name))
         shutil.rmtree(self.paths.node_dir(name), ignore_errors=True)
@@ -354,7 +364,8 @@ class Runner:
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
-            procs_ = [*self._ztunnels.values(), *(c for rt in self._pods.values() for c in rt.containers.values())]
+            procs_ = [*self._ztunnels.values(), *(w for ws in self._workers.values() for w in ws),
+                      *(c for rt in self._pods.values() for c in rt.containers.values())]
             for p in procs_:
                 if p.popen is not None and p.popen.poll() is not None and p.next_start == 0.0:
                     p.last_exit = p.popen.returncode
@@ -372,9 +383,10 @@ class Runner:
 
     # -- readiness and status --
 
-    async def _ztunnel_dump(self, node: str) -> dict[str, Any] | None:
+    async def _ztunnel_dump(self, node: str, worker: int = 0) -> dict[str, Any] | None:
+        sock = "admin.sock" if worker == 0 else f"admin-{worker}.sock"
         try:
-            status, body = await get_unix(os.path.join(self.paths.node_dir(node), "admin.sock"),
+            status, body = await get_unix(os.path.join(self.paths.node_dir(node), sock),
                                           "/config_dump", timeout=2)
         except (OSError, asyncio.TimeoutError):
             return None
@@ -387,9 +399,10 @@ class Runner:
         while True:
             pending = []
             for node in list(self._ztunnels):
-                d = await self._ztunnel_dump(node)
-                if d is None or d.get("version", 0) < self.cp.version:
-                    pending.append(f"ztunnel on {node}")
+                for w in range(1 + len(self._workers.get(node, []))):
+                    d = await self._ztunnel_dump(node, w)
+                    if d is None or d.get("version", 0) < self.cp.version:
+                        pending.append(f"ztunnel on {node}" + (f" (worker {w})" if w else ""))
             for rt in self._pods.values():
                 for name, c in rt.containers.items():
                     if not c.running:
@@ -412,6 +425,7 @@ class Runner:
                 "netns": self.net.node_netns(na.name),
                 "ztunnel": {"running": bool(z and z.running), "restarts": z.restarts if z else 0,
                             "pid": z.popen.pid if z and z.popen else None,
+                            "workers": 1 + len(self._workers.get(na.name, [])),
                             "ready": bool(dump and dump.get("synced")),
                             "connected": bool(dump and dump.get("connected")),
                             "version": dump.get("version") if dump else None,
