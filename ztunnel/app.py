@@ -61,12 +61,24 @@ class _ConnLog:
         self.metrics = metrics
 
     def record(self, entry: dict[str, Any]) -> None:
+        entry = istio_fields(entry)
         self.total += 1
         self.metrics.record(entry)
         self.recent.append(entry)
         if access.isEnabledFor(logging.INFO):
             level = logging.WARNING if entry.get("error") else logging.INFO
             access.log(level, "connection complete %s", json.dumps(entry, separators=(",", ":")))
+
+
+def istio_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    """Internal entries name workloads by uid (`ns/name`); Istio's access log and metrics have
+    `src.workload` + `src.namespace` (and the same for dst)."""
+    out = dict(entry)
+    for side in ("src", "dst"):
+        uid = out.get(f"{side}.workload")
+        if uid and "/" in uid:
+            out[f"{side}.namespace"], _, out[f"{side}.workload"] = uid.partition("/")
+    return out
 
 
 class _SockoptOriginalDst:

@@ -382,4 +382,6 @@ def _result(res: Any) -> dict[str, Any]:
     err = getattr(res, "error", None)
     if err:
         out["error"] = err
+    if getattr(res, "duration", None) is not None:
+        out["duration_ms"] = round(res.duration * 1000, 1)
     return out

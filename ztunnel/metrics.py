@@ -49,13 +49,6 @@ _FLAGS.update(dict.fromkeys(BAD_REQUEST_REASONS, "DPE"))
 _REJECTED_LABELS = ("listener", "reason", "destination_workload", "destination_workload_namespace")
 
 
-def _split(uid: str | None) -> tuple[str, str]:
-    if not uid:
-        return "unknown", "unknown"
-    ns, _, name = uid.partition("/")
-    return name, ns
-
-
 def _principal(identity: str | None) -> str:
     return identity or "unknown"
 
@@ -74,8 +67,8 @@ class TcpMetrics:
                                 _REJECTED_LABELS, registry=self.registry)
 
     def record(self, e: dict[str, Any]) -> None:
-        src_name, src_ns = _split(e.get("src.workload"))
-        dst_name, dst_ns = _split(e.get("dst.workload"))
+        src_name, src_ns = e.get("src.workload") or "unknown", e.get("src.namespace") or "unknown"
+        dst_name, dst_ns = e.get("dst.workload") or "unknown", e.get("dst.namespace") or "unknown"
         err = e.get("error")
         if e.get("event") == "rejected":
             self.rejected.labels(e.get("listener") or "hbone", err or "unknown", dst_name,

@@ -109,9 +109,14 @@ class Capture:
     def __init__(self, path):
         self.path = path
         fabric = f"/var/run/netns/{PATHS.prefix}-fabric"
-        self.p = subprocess.Popen(["nsenter", f"--net={fabric}", "tcpdump", "-i", "br0", "-U", "-s", "0",
-                                   "-w", str(path), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)  # let tcpdump attach
+        self.p = subprocess.Popen(["nsenter", f"--net={fabric}", "tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0",
+                                   "-w", str(path), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+        # tcpdump says "listening on br0" once its capture is attached; traffic before is lost.
+        # --immediate-mode: without it packets wait in a ring block (up to 1 s) and a quick
+        # SIGINT drops them.
+        line = self.p.stderr.readline()
+        assert "listening on" in line, line
 
     def stop(self):
         time.sleep(0.3)
@@ -161,12 +166,14 @@ def test_destination_ztunnel_records_the_client_identity(cluster):
     echo(None, "m1", ip("m3"))
     wait_for(lambda: admin("n2", "/config_dump")["connections_total"] > before)
     conns = [c for c in admin("n2", "/connections") if c.get("direction") == "inbound"
-             and c.get("dst.workload") == "mesh/m3"]
+             and c.get("dst.workload") == "m3" and c.get("dst.namespace") == "mesh"]
     last = conns[-1]
     assert last["src.identity"] == "spiffe://cluster.local/ns/mesh/sa/client"
     assert last["dst.identity"] == "spiffe://cluster.local/ns/mesh/sa/server"
     assert last["security"] == "mutual_tls"
     assert last["src.addr"].startswith(ip("m1") + ":")
+    assert (last["src.workload"], last["src.namespace"]) == ("m1", "mesh")
+    assert last["bytes_sent"] > 0 and last["bytes_recv"] > 0 and "duration_ms" in last
 
 
 @pytest.mark.root
