@@ -28,8 +28,9 @@ sockets also carry ``SO_MARK`` ``mark``, which connect4 skips.  Connects to 127/
 redirected.  sk_lookup passes connections whose remote is the pod IP itself or 127/8 (it
 cannot use the ingress interface: see the sk_lookup program).
 
-Lifetimes.  Every link is a BPF link pinned on bpffs, so it survives ztunnel::
+Lifetimes.  Every program, map and link is pinned on bpffs, so it survives ztunnel::
 
+    <pin_dir>/progs/{connect4,sockops,getsockopt,sk_lookup}   + knobs (symlink: build knobs)
     <pin_dir>/maps/{pending,orig_dst,inbound_listeners,outbound_listeners,pods,counters}
     <pin_dir>/ztunnel/getsockopt-<cgroup id>
     <pin_dir>/pods/<sha256(uid)[:16]>/{connect4-<cgroup id>,sockops-<cgroup id>,
@@ -45,10 +46,14 @@ A restarted ztunnel builds ``Capture`` on the same ``pin_dir``: :meth:`Capture.s
 the pinned maps and links (nothing is attached twice) and :meth:`Capture.enroll` with the new
 listeners only refreshes the SOCKHASH entries.  The pins' names carry the target's cgroup id or
 netns inode, so a pod recreated under the same uid gets fresh links and the stale ones go.
-Programs are compiled per process; links made earlier keep the program they were made with
-(a changed ``fail_open``/ports needs :meth:`teardown` first).  ``pods`` records what is
-enrolled (uid, IP, netns cookie), so a restarted ztunnel can list and release pods it no
-longer knows about.
+bcc never runs in ztunnel: :meth:`Capture.start` reuses the pinned programs when they were
+built with the same knobs (``-D`` flags and sources, recorded in ``progs/knobs``), and
+otherwise runs the short-lived build child ``python -m ebpf.build`` (bcc + LLVM) to compile,
+load and pin them; ztunnel itself only makes raw ``bpf(2)`` calls (:mod:`ebpf.loader`).
+After a rebuild (say ``fail_open`` changed) every pinned link is moved to the new program
+with ``BPF_LINK_UPDATE``, atomically: no window without capture, nothing attached twice.
+``pods`` records what is enrolled (uid, IP, netns cookie), so a restarted ztunnel can list and
+release pods it no longer knows about.
 """
 from __future__ import annotations
 
@@ -117,8 +122,8 @@ def _check_listener(sock: socket.socket, *, port: int, loopback: bool, netns_ino
 class Capture:
     """Attach, pin and feed the capture programs for one node's ztunnel (see module doc).
 
-    Thread-safe; every method is blocking (a few bpf() syscalls; :meth:`start` also compiles,
-    well under a second each program), so async callers use ``asyncio.to_thread``.
+    Thread-safe; every method is blocking (a few bpf() syscalls; :meth:`start` may also run
+    the build child, a few seconds), so async callers use ``asyncio.to_thread``.
     """
 
     def __init__(self, pin_dir: str, *, ztunnel_cgroup: str, mark: int = 0x539,
@@ -140,11 +145,15 @@ class Capture:
         self._links: dict[str, int] = {}   # pin path -> link fd (owned by self._progs)
         self.restarted = False
         """True if start() found the pins of a previous ztunnel and reused them."""
+        self.built = False
+        """True if start() had to build the programs (none pinned, or other knobs)."""
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Compile and load the programs, open (or create) the pinned maps, reopen pinned pod
-        links, and attach getsockopt to ztunnel's cgroup unless a pinned link already is."""
+        """Open the pinned programs (building them in the child process first if they are
+        missing or were built with other knobs), open the pinned maps, reopen pinned pod links
+        (moving them to the current programs if needed), and attach getsockopt to ztunnel's
+        cgroup unless a pinned link already is."""
         with self._lock:
             if self._progs is not None:
                 return
@@ -152,9 +161,10 @@ class Capture:
             for sub in ("maps", *_LINK_DIRS):
                 os.makedirs(f"{self.pin_dir}/{sub}", exist_ok=True)
             self.restarted = os.path.exists(f"{self.pin_dir}/maps/pods")
-            progs = Programs(self._cflags)
+            progs = Programs(self.pin_dir, self._cflags)
             try:
                 progs.load_all()
+                self.built = progs.built
                 self._progs, self._maps = progs, CaptureMaps(progs)
                 for d in self._pod_dirs():
                     for name in sorted(os.listdir(d)):
@@ -312,8 +322,12 @@ class Capture:
         return sorted(f"{base}/{n}" for n in os.listdir(base) if os.path.isdir(f"{base}/{n}"))
 
     def _reopen(self, path: str) -> None:
+        """Take over a pinned link; if an earlier build's program runs in it, swap in ours."""
         assert self._progs is not None
-        self._links[path] = self._progs.adopt(loader.obj_get(path))
+        fd = self._links[path] = self._progs.adopt(loader.obj_get(path))
+        name = os.path.basename(path).rpartition("-")[0]   # "<program>-<cgroup id|netns ino>"
+        if name in loader.PROGRAMS:
+            self._progs.sync_link(fd, name, path)
 
     def _ensure_link(self, path: str, make) -> None:
         """Reuse the link pinned at `path`, or attach a new one and pin it there."""
@@ -410,8 +424,9 @@ def teardown_pins(pin_dir: str) -> None:
     for root, dirs, files in _bounded_walk(pin_dir, topdown=False):
         for name in files:
             os.unlink(f"{root}/{name}")
-        for name in dirs:
-            os.rmdir(f"{root}/{name}")
+        for name in dirs:        # (a symlink, e.g. progs/knobs, is never a directory here)
+            path = f"{root}/{name}"
+            os.unlink(path) if os.path.islink(path) else os.rmdir(path)
     os.rmdir(pin_dir)
 
 

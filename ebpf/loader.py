@@ -1,35 +1,51 @@
-"""Compile and load the capture programs with bcc; attach, pin and detach them through libbpf.
+"""Talk to the kernel's bpf(2) for the capture programs, without bcc in this process.
 
-bcc compiles and loads; it has no attach call for BPF links and none at all for sk_lookup, so
-links are made with libbpf's ``bpf_link_create``, reached through the libbcc shared object
-(dlsym also searches its libbpf dependency).  A private ``CDLL`` handle declares the libbpf
-prototypes used here, leaving bcc's own ``libbcc.lib`` declarations untouched.  libbpf >= 1.0
-returns ``-errno`` from these calls.
+ztunnel is long-running; bcc (libbcc, libLLVM, libclang: ~100 MB mapped plus LLVM's heap)
+must not live in it.  So the work is split:
 
-Every program is its own bcc module (one ``.c`` per attach point).  They share their maps
-because ``maps.h`` declares each one pinned under ``MAPS_PIN_DIR``: the first module creates
-and pins it, the others (and later processes) reopen the pin.
+* :mod:`ebpf.build` is a short-lived child (``python -m ebpf.build``) that compiles and loads
+  the four programs with bcc, pins each one at ``<pin_dir>/progs/<name>`` (the maps pin
+  themselves at ``<pin_dir>/maps/*``, declared in ``maps.h``), records the knobs it was built
+  with, and exits.
+* This module is what the ztunnel process uses: raw ``bpf(2)`` syscalls through ctypes
+  (``BPF_OBJ_GET``/``BPF_OBJ_PIN``, ``BPF_LINK_CREATE``/``UPDATE``/``DETACH``, the map element
+  commands, ``BPF_OBJ_GET_INFO_BY_FD``), with ``union bpf_attr`` members mirrored from the
+  kernel UAPI (``include/uapi/linux/bpf.h``; tests/ebpf/test_layout.py has the compiler check
+  every offset and command number).  :class:`Programs` opens the pinned programs, running the
+  build child first only if they are missing or were built with other knobs.
+
+Knobs record.  bpffs holds no regular files, so the knobs are the *target* of a symlink,
+``<pin_dir>/progs/knobs -> {"cflags": [...], "sources": "<sha256 of ebpf/bpf/**>"}``, written
+last by the build child (a build that died half-way leaves none, so the next start rebuilds).
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
+import platform
 import re
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "BPF_DIR", "CaptureError", "ProgSpec", "PROGRAMS", "Programs", "cflags_for", "is_bpffs",
-    "check_pin_path", "obj_pin", "obj_get", "link_create", "link_detach", "close_fd",
-    "map_update", "map_delete", "map_lookup", "map_keys",
+    "check_pin_path", "obj_pin", "obj_get", "link_create", "link_update", "link_detach",
+    "close_fd", "map_update", "map_delete", "map_lookup", "map_keys", "map_info", "link_prog_id",
+    "prog_id", "knobs_for", "read_knobs", "KNOBS_LINK", "PROGS_DIR",
 ]
 
 BPF_DIR = Path(__file__).with_name("bpf")
+PROGS_DIR = "progs"        # <pin_dir>/progs/<name>: the pinned programs
+KNOBS_LINK = "knobs"       # <pin_dir>/progs/knobs: symlink whose target is the knobs JSON
+BUILD_TIMEOUT_S = 120.0
 
-# Kernel UAPI numbers bcc 0.26 lacks or names differently (include/uapi/linux/bpf.h).
+# Kernel UAPI numbers (include/uapi/linux/bpf.h); checked by tests/ebpf/test_layout.py.
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_CGROUP_SOCKOPT = 25
@@ -41,6 +57,22 @@ ATTACH_SK_LOOKUP = 36
 BPF_ANY = 0
 BPF_FS_MAGIC = 0xCAFE4A11
 _PIN_PATH_RE = re.compile(r"^/[A-Za-z0-9_/-]+$")  # embedded in a -D string; bpffs forbids "."
+
+# enum bpf_cmd
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
+BPF_LINK_DETACH = 34
+
+# __NR_bpf per architecture (arch/*/entry/syscalls, include/uapi/asm-generic/unistd.h)
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280, "riscv64": 280, "ppc64le": 361,
+           "s390x": 351, "i686": 357, "i386": 357}
 
 
 class CaptureError(OSError):
@@ -76,65 +108,146 @@ PROGRAMS: Mapping[str, ProgSpec] = {
 }
 
 
-# ---- libbpf through libbcc ---------------------------------------------------------------------
+# ---- bpf(2) ------------------------------------------------------------------------------------
+# Members of union bpf_attr, one ctypes struct per command group; fields not declared here are
+# passed as zero (the kernel requires that of everything past what it reads).
 
-def _load_lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libbcc.so.0", use_errno=True)
-    c_int, c_char_p, c_void_p = ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p
-    for name, res, args in (
-        ("bpf_obj_pin", c_int, [c_int, c_char_p]),
-        ("bpf_obj_get", c_int, [c_char_p]),
-        ("bpf_link_create", c_int, [c_int, c_int, c_int, c_void_p]),
-        ("bpf_link_detach", c_int, [c_int]),
-        ("bpf_map_update_elem", c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
-        ("bpf_map_delete_elem", c_int, [c_int, c_void_p]),
-        ("bpf_map_lookup_elem", c_int, [c_int, c_void_p, c_void_p]),
-        ("bpf_map_get_next_key", c_int, [c_int, c_void_p, c_void_p]),
-    ):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    return lib
+class AttrMapElem(ctypes.Structure):      # BPF_MAP_*_ELEM, BPF_MAP_GET_NEXT_KEY
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad0", ctypes.c_uint32),
+                ("key", ctypes.c_uint64), ("value", ctypes.c_uint64),  # value / next_key
+                ("flags", ctypes.c_uint64)]
 
 
-_lib = _load_lib()
+class AttrObj(ctypes.Structure):          # BPF_OBJ_PIN, BPF_OBJ_GET
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
+                ("file_flags", ctypes.c_uint32)]
 
 
-def _err(rc: int) -> int:
-    return -rc if rc < 0 else (ctypes.get_errno() or errno.EIO)
+class AttrInfo(ctypes.Structure):         # BPF_OBJ_GET_INFO_BY_FD
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class AttrLinkCreate(ctypes.Structure):   # BPF_LINK_CREATE (cgroup and netns targets)
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class AttrLinkUpdate(ctypes.Structure):   # BPF_LINK_UPDATE
+    _fields_ = [("link_fd", ctypes.c_uint32), ("new_prog_fd", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("old_prog_fd", ctypes.c_uint32)]
+
+
+class AttrLinkDetach(ctypes.Structure):   # BPF_LINK_DETACH
+    _fields_ = [("link_fd", ctypes.c_uint32)]
+
+
+class MapInfo(ctypes.Structure):          # struct bpf_map_info (leading part)
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+
+
+class LinkInfo(ctypes.Structure):         # struct bpf_link_info (leading part)
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32)]
+
+
+class ProgInfo(ctypes.Structure):         # struct bpf_prog_info (leading part)
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _nr_bpf() -> int:
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise CaptureError("unsupported_arch", f"no bpf(2) syscall number known for "
+                          f"{platform.machine()!r}", errno.ENOSYS)
+    return nr
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
+    """bpf(cmd, &attr, sizeof attr) -> (result, errno); result < 0 on failure."""
+    rc = _libc.syscall(ctypes.c_long(_nr_bpf()), ctypes.c_int(cmd), ctypes.byref(attr),
+                       ctypes.c_uint(ctypes.sizeof(attr)))
+    return (rc, 0) if rc >= 0 else (-1, ctypes.get_errno() or errno.EIO)
+
+
+def _addr(obj) -> int:
+    return ctypes.addressof(obj) if obj is not None else 0
 
 
 def obj_pin(fd: int, path: str) -> None:
     """Pin a map, program or link fd at `path` on bpffs."""
-    rc = _lib.bpf_obj_pin(fd, os.fsencode(path))
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    rc, e = _bpf(BPF_OBJ_PIN, AttrObj(pathname=ctypes.addressof(raw), bpf_fd=fd))
     if rc < 0:
-        e = _err(rc)
-        raise CaptureError("pin_failed", f"bpf_obj_pin({path}): {os.strerror(e)}", e)
+        raise CaptureError("pin_failed", f"BPF_OBJ_PIN({path}): {os.strerror(e)}", e)
 
 
 def obj_get(path: str) -> int:
     """Open a pinned object; returns a new fd (the caller closes it)."""
-    fd = _lib.bpf_obj_get(os.fsencode(path))
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    fd, e = _bpf(BPF_OBJ_GET, AttrObj(pathname=ctypes.addressof(raw)))
     if fd < 0:
-        e = _err(fd)
-        raise CaptureError("pin_open_failed", f"bpf_obj_get({path}): {os.strerror(e)}", e)
+        raise CaptureError("pin_open_failed", f"BPF_OBJ_GET({path}): {os.strerror(e)}", e)
     return fd
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
     """BPF_LINK_CREATE: a cgroup fd (cgroup hooks) or a netns fd (sk_lookup) as target."""
-    fd = _lib.bpf_link_create(prog_fd, target_fd, attach_type, None)
+    fd, e = _bpf(BPF_LINK_CREATE, AttrLinkCreate(prog_fd=prog_fd, target_fd=target_fd,
+                                                 attach_type=attach_type))
     if fd < 0:
-        e = _err(fd)
-        raise CaptureError("attach_failed", f"bpf_link_create({what}): {os.strerror(e)}", e)
+        raise CaptureError("attach_failed", f"BPF_LINK_CREATE({what}): {os.strerror(e)}", e)
     return fd
+
+
+def link_update(link_fd: int, prog_fd: int, what: str) -> bool:
+    """BPF_LINK_UPDATE: atomically swap the link's program (no window without one).  False if
+    the link is defunct (its cgroup or netns is gone): nothing to update."""
+    rc, e = _bpf(BPF_LINK_UPDATE, AttrLinkUpdate(link_fd=link_fd, new_prog_fd=prog_fd))
+    if rc < 0:
+        if e in (errno.ENOLINK, errno.ENOENT):
+            return False
+        raise CaptureError("attach_failed", f"BPF_LINK_UPDATE({what}): {os.strerror(e)}", e)
+    return True
 
 
 def link_detach(fd: int) -> None:
     """Detach a link now, whoever else still holds it (pins, other processes)."""
-    rc = _lib.bpf_link_detach(fd)
-    if rc < 0 and _err(rc) not in (errno.ENOLINK, errno.ENOENT):  # already defunct
-        e = _err(rc)
-        raise CaptureError("detach_failed", f"bpf_link_detach: {os.strerror(e)}", e)
+    rc, e = _bpf(BPF_LINK_DETACH, AttrLinkDetach(link_fd=fd))
+    if rc < 0 and e not in (errno.ENOLINK, errno.ENOENT):  # already defunct
+        raise CaptureError("detach_failed", f"BPF_LINK_DETACH: {os.strerror(e)}", e)
+
+
+def _info(fd: int, info: ctypes.Structure, what: str) -> None:
+    rc, e = _bpf(BPF_OBJ_GET_INFO_BY_FD, AttrInfo(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                                  info=ctypes.addressof(info)))
+    if rc < 0:
+        raise CaptureError("bad_object", f"BPF_OBJ_GET_INFO_BY_FD({what}): {os.strerror(e)}", e)
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    _info(fd, info, "map")
+    return info
+
+
+def link_prog_id(fd: int) -> int:
+    """The id of the program a link runs (0 if it is not a link)."""
+    info = LinkInfo()
+    _info(fd, info, "link")
+    return info.prog_id
+
+
+def prog_id(fd: int) -> int:
+    info = ProgInfo()
+    _info(fd, info, "program")
+    return info.id
 
 
 def close_fd(fd: int) -> None:
@@ -145,17 +258,16 @@ def close_fd(fd: int) -> None:
 
 
 def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, what: str) -> None:
-    rc = _lib.bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), BPF_ANY)
+    rc, e = _bpf(BPF_MAP_UPDATE_ELEM, AttrMapElem(map_fd=fd, key=_addr(key), value=_addr(value),
+                                                  flags=BPF_ANY))
     if rc < 0:
-        e = _err(rc)
         raise CaptureError("map_update_failed", f"update {what}: {os.strerror(e)}", e)
 
 
 def map_delete(fd: int, key: ctypes._CData) -> bool:
     """Delete `key`; False if it was not there."""
-    rc = _lib.bpf_map_delete_elem(fd, ctypes.byref(key))
+    rc, e = _bpf(BPF_MAP_DELETE_ELEM, AttrMapElem(map_fd=fd, key=_addr(key)))
     if rc < 0:
-        e = _err(rc)
         if e == errno.ENOENT:
             return False
         raise CaptureError("map_delete_failed", f"map delete: {os.strerror(e)}", e)
@@ -164,7 +276,8 @@ def map_delete(fd: int, key: ctypes._CData) -> bool:
 
 def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData) -> bool:
     """Fill `value` for `key`; False if absent."""
-    return _lib.bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value)) == 0
+    return _bpf(BPF_MAP_LOOKUP_ELEM, AttrMapElem(map_fd=fd, key=_addr(key),
+                                                 value=_addr(value)))[0] == 0
 
 
 def map_keys(fd: int, key_type: type, limit: int) -> list:
@@ -173,9 +286,8 @@ def map_keys(fd: int, key_type: type, limit: int) -> list:
     prev = None
     while len(keys) < limit:
         nxt = key_type()
-        rc = _lib.bpf_map_get_next_key(fd, ctypes.byref(prev) if prev is not None else None,
-                                       ctypes.byref(nxt))
-        if rc < 0:
+        if _bpf(BPF_MAP_GET_NEXT_KEY, AttrMapElem(map_fd=fd, key=_addr(prev),
+                                                  value=_addr(nxt)))[0] < 0:
             break
         keys.append(nxt)
         prev = nxt
@@ -186,9 +298,6 @@ def map_keys(fd: int, key_type: type, limit: int) -> list:
 
 class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def is_bpffs(path: str) -> bool:
@@ -232,19 +341,67 @@ def cflags_for(*, maps_pin_dir: str, ports: tuple[int, int, int], mark: int,
             f"-DFAIL_OPEN={1 if fail_open else 0}"]
 
 
-class Programs:
-    """Owns the bcc modules of the capture programs and every fd handed to it.
+def knobs_for(cflags: Sequence[str]) -> dict:
+    """What pinned programs must have been built with to be reused: the exact cflags and a
+    digest of every source under ebpf/bpf/ (an upgraded ztunnel rebuilds changed programs)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in BPF_DIR.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(BPF_DIR)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return {"cflags": list(cflags), "sources": h.hexdigest()}
 
-    ``with Programs(cflags) as p: fd = p.prog_fd("connect4")``.  :meth:`close` closes all
-    program, map and link fds it owns; it detaches nothing by itself, so pinned links stay
-    attached (unpinned ones go away with their last fd, as the kernel does for links).
+
+def read_knobs(pin_dir: str) -> dict | None:
+    """The knobs the pinned programs were built with; None if not recorded (or unreadable)."""
+    try:
+        return json.loads(os.readlink(f"{pin_dir}/{PROGS_DIR}/{KNOBS_LINK}"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_build(pin_dir: str, cflags: Sequence[str]) -> dict:
+    """Run the build child (:mod:`ebpf.build`) with this interpreter; returns its report.
+    Its stderr (compiler and verifier output) goes to ours."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    argv = [sys.executable, "-m", "ebpf.build", "--pin-dir", pin_dir,
+            "--cflags", json.dumps(list(cflags))]
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
+                           cwd=root, timeout=BUILD_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise CaptureError("build_failed", f"ebpf.build did not finish in {BUILD_TIMEOUT_S:.0f}s",
+                           errno.ETIMEDOUT) from None
+    except OSError as e:
+        raise CaptureError("build_failed", f"cannot run ebpf.build: {e}", e.errno or 0) from None
+    try:
+        report = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = {}
+    if p.returncode != 0 or not report.get("ok"):
+        raise CaptureError(report.get("reason", "build_failed"),
+                           report.get("error", f"ebpf.build exited with {p.returncode}"),
+                           int(report.get("errno", 0)))
+    return report
+
+
+class Programs:
+    """The pinned capture programs opened in this process, and every fd handed to it.
+
+    :meth:`load_all` builds them first (in the :mod:`ebpf.build` child) when the pins are
+    missing or the recorded knobs differ, then opens them.  :meth:`close` closes all program,
+    map and link fds it owns; it detaches nothing by itself, so pinned links stay attached
+    (unpinned ones go away with their last fd, as the kernel does for links).
     """
 
-    def __init__(self, cflags: Sequence[str]):
+    def __init__(self, pin_dir: str, cflags: Sequence[str]):
+        self.pin_dir = pin_dir
         self._cflags = list(cflags)
-        self._modules: dict[str, object] = {}   # source file -> bcc.BPF
         self._progs: dict[str, int] = {}
+        self._prog_ids: dict[str, int] = {}
         self._fds: set[int] = set()
+        self.built = False
+        """True if :meth:`load_all` ran the build child (no reusable pinned programs)."""
 
     def __enter__(self) -> "Programs":
         return self
@@ -252,65 +409,47 @@ class Programs:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _module(self, source: str):
-        mod = self._modules.get(source)
-        if mod is None:
-            from bcc import BPF  # local import: the rest of ebpf/ works without bcc
-            try:
-                mod = BPF(src_file=str(BPF_DIR / source).encode(), cflags=self._cflags)
-            except Exception as e:  # bcc raises bare Exception, details on stderr
-                raise CaptureError("compile_failed", f"bcc could not compile {source}: {e} "
-                                  "(compiler output above)") from e
-            self._modules[source] = mod
-        return mod
+    def prog_pin(self, name: str) -> str:
+        return f"{self.pin_dir}/{PROGS_DIR}/{name}"
 
     def load_all(self) -> None:
-        for name in PROGRAMS:
-            self.prog_fd(name)
+        if self._progs:
+            return
+        if (read_knobs(self.pin_dir) != knobs_for(self._cflags)
+                or not all(os.path.exists(self.prog_pin(n)) for n in PROGRAMS)):
+            run_build(self.pin_dir, self._cflags)
+            self.built = True
+        for name, spec in PROGRAMS.items():
+            fd = obj_get(self.prog_pin(name))
+            self._progs[name] = fd
+            info = ProgInfo()
+            _info(fd, info, self.prog_pin(name))
+            if info.type != spec.prog_type:
+                raise CaptureError("bad_object", f"{self.prog_pin(name)} is not a program of type "
+                                   f"{spec.prog_type} (got {info.type})", errno.EINVAL)
+            self._prog_ids[name] = info.id
 
     def prog_fd(self, name: str) -> int:
-        """Load (once) and return the fd of program `name` (a key of PROGRAMS)."""
+        """The fd of program `name` (a key of PROGRAMS); :meth:`load_all` first."""
         fd = self._progs.get(name)
         if fd is None:
-            spec = PROGRAMS[name]
-            try:
-                fn = self._module(spec.source).load_func(spec.function.encode(), spec.prog_type,
-                                                         attach_type=spec.attach_type)
-            except CaptureError:
-                raise
-            except Exception as e:
-                raise CaptureError("load_failed", f"the kernel refused {spec.function}: {e} "
-                                  "(verifier log above)") from e
-            fd = self._progs[name] = fn.fd
+            raise CaptureError("not_loaded", f"program {name!r} is not loaded")
         return fd
 
-    def _any_module(self):
-        if not self._modules:
-            self.prog_fd("connect4")
-        return next(iter(self._modules.values()))
+    def map_fd(self, name: str) -> int:
+        """An owned fd of the pinned map ``<pin_dir>/maps/<name>``."""
+        try:
+            return self.adopt(obj_get(f"{self.pin_dir}/maps/{name}"))
+        except CaptureError as e:
+            raise CaptureError("no_such_map", f"no pinned map {name!r}: {e.strerror}",
+                               e.errno) from None
 
-    def table(self, name: str):
-        """bcc's table object for a map bcc has a class for (hash, lru_hash, array)."""
-        return self._any_module()[name.encode()]
-
-    def table_fd(self, name: str) -> int:
-        from bcc import libbcc
-        fd = libbcc.lib.bpf_table_fd(self._any_module().module, name.encode())
-        if fd < 0:
-            raise CaptureError("no_such_map", f"no map {name!r} in the capture programs")
-        return fd
-
-    def key_type(self, name: str) -> type:
-        """The ctypes key type of map `name` from bcc's metadata of the compiled object (also
-        for SOCKHASH, which bcc 0.26 has no table class for)."""
-        from bcc import BPF, libbcc
-        desc = libbcc.lib.bpf_table_key_desc(self._any_module().module, name.encode())
-        return BPF._decode_table_type(json.loads(desc))
-
-    def leaf_type(self, name: str) -> type:
-        from bcc import BPF, libbcc
-        desc = libbcc.lib.bpf_table_leaf_desc(self._any_module().module, name.encode())
-        return BPF._decode_table_type(json.loads(desc))
+    def sync_link(self, link_fd: int, name: str, what: str) -> bool:
+        """Make a (reopened) link run the current program `name`: a link made by an earlier
+        build keeps its program until updated.  True if it was updated."""
+        if link_prog_id(link_fd) == self._prog_ids[name]:
+            return False
+        return link_update(link_fd, self.prog_fd(name), what)
 
     # -- fds owned on the caller's behalf --
     def adopt(self, fd: int) -> int:
@@ -352,14 +491,9 @@ class Programs:
             os.close(ns)
 
     def close(self) -> None:
-        """Close every owned fd and the bcc modules (programs and map fds). Idempotent."""
-        for fd in list(self._fds):
+        """Close every owned fd and the program fds (pins keep them alive). Idempotent."""
+        for fd in [*self._fds, *self._progs.values()]:
             close_fd(fd)
         self._fds.clear()
-        for mod in self._modules.values():
-            try:
-                mod.cleanup()
-            except Exception:  # noqa: BLE001 - closing: nothing useful to do with it
-                pass
-        self._modules.clear()
         self._progs.clear()
+        self._prog_ids.clear()

@@ -1,4 +1,12 @@
-"""Typed façades over the capture maps; layouts come from bcc's metadata and enums from types.h."""
+"""Typed façades over the capture maps, through raw bpf(2) (no bcc in this process).
+
+Key and value types are ctypes mirrors of ``bpf/include/types.h``: a hand-written copy, which
+design rule 14 allows only with a check against the compiled object.  That check is
+tests/ebpf/test_layout.py (bcc's own decoding of the compiled maps, reported by the build
+child, must match these field by field, and the C compiler asserts every size and offset);
+at run time :class:`CaptureMaps` also refuses pinned maps whose key/value sizes differ.
+Enum values and ``POD_UID_MAX`` are read from types.h itself.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -8,10 +16,12 @@ import re
 import socket
 from dataclasses import dataclass
 
-from .loader import BPF_DIR, CaptureError, Programs, map_delete, map_keys, map_lookup, map_update
+from .loader import (BPF_DIR, CaptureError, Programs, map_delete, map_info, map_keys, map_lookup,
+                     map_update)
 
-__all__ = ["header_enum", "counter_names", "listener_kinds", "ip_to_be32", "be32_to_ip",
-           "PodRecord", "CaptureMaps"]
+__all__ = ["header_enum", "header_define", "counter_names", "listener_kinds", "ip_to_be32",
+           "be32_to_ip", "PodRecord", "CaptureMaps", "OrigDst", "ConnKey", "ListenerKey",
+           "PodInfo", "MAP_TYPES"]
 
 TYPES_H = BPF_DIR / "include" / "types.h"
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
@@ -34,6 +44,49 @@ def header_enum(enum_name: str) -> dict[str, int]:
         value = int(expr, 0) if expr else value + 1
         out[name] = value
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def header_define(name: str) -> int:
+    """The integer value of ``#define <name> N`` in types.h."""
+    text = _COMMENT.sub("", TYPES_H.read_text())
+    m = re.search(r"^\s*#\s*define\s+" + re.escape(name) + r"\s+(\w+)\s*$", text, re.M)
+    if m is None:
+        raise CaptureError("bad_layout", f"#define {name} not found in {TYPES_H}")
+    return int(m.group(1), 0)
+
+
+# ---- ctypes mirrors of types.h (checked against the compiled object: see module doc) ----------
+
+class OrigDst(ctypes.Structure):        # struct orig_dst
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("_pad", ctypes.c_uint16)]
+
+
+class ConnKey(ctypes.Structure):        # struct conn_key
+    _fields_ = [("netns_cookie", ctypes.c_uint64), ("ip", ctypes.c_uint32),
+                ("port", ctypes.c_uint32)]
+
+
+class ListenerKey(ctypes.Structure):    # struct listener_key
+    _fields_ = [("pod_ip", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+
+
+class PodInfo(ctypes.Structure):        # struct pod_info
+    _fields_ = [("netns_cookie", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
+                ("cgroup_id", ctypes.c_uint64),
+                ("uid", ctypes.c_char * header_define("POD_UID_MAX"))]
+
+
+# map -> (key type, value type), as declared in maps.h.  SOCKHASH values are socket fds on
+# update (the kernel stores a socket; a lookup from user space is refused for 4-byte values).
+MAP_TYPES: dict[str, tuple[type, type]] = {
+    "pending": (ctypes.c_uint64, OrigDst),
+    "orig_dst": (ConnKey, OrigDst),
+    "inbound_listeners": (ListenerKey, ctypes.c_int),
+    "outbound_listeners": (ctypes.c_uint64, ctypes.c_int),
+    "pods": (ctypes.c_uint32, PodInfo),
+    "counters": (ctypes.c_uint32, ctypes.c_uint64),
+}
 
 
 def counter_names() -> list[str]:
@@ -73,27 +126,38 @@ class PodRecord:
 
 
 class CaptureMaps:
-    """The maps Python writes or reads, opened through the compiled programs' fds.
+    """The maps Python writes or reads, opened from their pins (``<pin_dir>/maps/<name>``).
 
-    Key and value types are bcc's decoding of the compiled object's BTF-free type
-    descriptions, never hand-written ctypes structs (design rule 14).
+    Key and value types are the ctypes mirrors above; every map opened here is checked to
+    have the key and value sizes they say (a stale pin from another layout is refused).
     """
+
+    ListenerKey = ListenerKey
+    OutboundKey = ctypes.c_uint64
+    PodKey = ctypes.c_uint32
+    PodInfo = PodInfo
 
     def __init__(self, progs: Programs, *, max_pods: int = 1024):
         self._max_pods = max_pods
         self._kinds = listener_kinds()
-        self._inbound_fd = progs.table_fd("inbound_listeners")
-        self._outbound_fd = progs.table_fd("outbound_listeners")
-        self._pods_fd = progs.table_fd("pods")
-        self.ListenerKey = progs.key_type("inbound_listeners")
-        self.OutboundKey = progs.key_type("outbound_listeners")
-        self.PodKey = progs.key_type("pods")
-        self.PodInfo = progs.leaf_type("pods")
-        self.ConnKey = progs.key_type("orig_dst")
-        self.OrigDst = progs.leaf_type("orig_dst")
-        self._counters = progs.table("counters")
-        self._uid_field = self.PodInfo.uid     # ctypes field descriptor of char uid[]
+        self._inbound_fd = self._open(progs, "inbound_listeners")
+        self._outbound_fd = self._open(progs, "outbound_listeners")
+        self._pods_fd = self._open(progs, "pods")
+        self._counters_fd = self._open(progs, "counters")
+        self._uid_field = PodInfo.uid           # ctypes field descriptor of char uid[]
         self.uid_max = self._uid_field.size
+
+    @staticmethod
+    def _open(progs: Programs, name: str) -> int:
+        fd = progs.map_fd(name)
+        key, value = MAP_TYPES[name]
+        info = map_info(fd)
+        if (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            raise CaptureError("bad_layout", f"pinned map {name!r} has key/value sizes "
+                               f"{info.key_size}/{info.value_size}, this ztunnel expects "
+                               f"{ctypes.sizeof(key)}/{ctypes.sizeof(value)} (teardown the "
+                               "pins of an incompatible version first)")
+        return fd
 
     # -- listeners (SOCKHASH) --
     def _listener_key(self, pod_ip: str, kind: str):
@@ -112,11 +176,6 @@ class CaptureMaps:
 
     def del_outbound(self, netns_cookie: int) -> bool:
         return map_delete(self._outbound_fd, self.OutboundKey(netns_cookie))
-
-    def has_listener(self, pod_ip: str, kind: str) -> bool:
-        """Whether the SOCKHASH holds a socket (a lookup from user space yields its cookie)."""
-        cookie = ctypes.c_uint64()
-        return map_lookup(self._inbound_fd, self._listener_key(pod_ip, kind), cookie)
 
     # -- pods (hash) --
     def put_pod(self, rec: PodRecord) -> None:
@@ -151,5 +210,9 @@ class CaptureMaps:
 
     # -- counters (array) --
     def counters(self) -> dict[str, int]:
-        names = counter_names()
-        return {names[i]: int(self._counters[ctypes.c_uint32(i)].value) for i in range(len(names))}
+        out = {}
+        for i, name in enumerate(counter_names()):
+            v = ctypes.c_uint64()
+            map_lookup(self._counters_fd, ctypes.c_uint32(i), v)
+            out[name] = int(v.value)
+        return out

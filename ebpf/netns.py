@@ -21,7 +21,6 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pyroute2 import netns as _pr_netns
 
 __all__ = [
     "NETNS_DIR", "NetnsError", "netns_path", "exists", "create", "remove", "list_netns",
@@ -32,6 +31,14 @@ NETNS_DIR = "/var/run/netns"
 CLONE_NEWNET = 0x40000000
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _pr_netns():
+    """pyroute2's netns module, imported on first use: only the cluster runner creates and
+    removes namespaces, and ztunnel (which imports this module for socket_in_netns) should not
+    carry pyroute2 (~20 MB RSS) for it."""
+    from pyroute2 import netns
+    return netns
 
 
 class NetnsError(OSError):
@@ -59,7 +66,7 @@ def create(name: str) -> str:
     path = netns_path(name)
     if os.path.exists(path):
         raise NetnsError(errno.EEXIST, f"netns {name!r} already exists", path)
-    _pr_netns.create(name)
+    _pr_netns().create(name)
     if not os.path.exists(path):  # pyroute2 reports child failures loosely; check the outcome
         raise NetnsError(errno.EIO, f"netns {name!r} was not created", path)
     return path
@@ -75,7 +82,7 @@ def remove(name: str) -> bool:
     if not os.path.exists(path):
         return False
     try:
-        _pr_netns.remove(name)
+        _pr_netns().remove(name)
     except FileNotFoundError:  # raced with another remover
         return False
     return True

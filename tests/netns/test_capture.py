@@ -405,6 +405,62 @@ def test_restart_reuses_pins_without_double_attachment(env, pin_dir):
     assert_direct(env, "p1", "p2")
 
 
+def _pinned_prog_ids(pin_dir: str) -> dict[str, int]:
+    return {name: bpftool("prog", "show", "pinned", f"{pin_dir}/progs/{name}")["id"]
+            for name in ("connect4", "sockops", "getsockopt", "sk_lookup")}
+
+
+def test_changed_knobs_rebuild_and_move_every_link(env, pin_dir):
+    """A restart with another fail_open builds new programs (in the build child) and moves
+    each pinned link to them with BPF_LINK_UPDATE: same links, new programs, none doubled."""
+    ip2 = env.ip("p2")
+    a = env.ztunnel(pin_dir)
+    a.ok("start")
+    env.enroll(a, "p1")
+    env.enroll(a, "p2")
+    old_ids = _pinned_prog_ids(pin_dir)
+    links = {lk["id"]: lk for lk in our_links(env)}
+    assert len(links) == 7 and {lk["prog_id"] for lk in links.values()} == set(old_ids.values())
+    assert "-DFAIL_OPEN=0" in os.readlink(f"{pin_dir}/progs/knobs")
+    a.ok("close")
+    a.popen.wait(timeout=5)
+
+    b = env.ztunnel(pin_dir, fail_open=True)
+    assert b.ok("start")["restarted"] is True
+    assert "-DFAIL_OPEN=1" in os.readlink(f"{pin_dir}/progs/knobs")
+    new_ids = _pinned_prog_ids(pin_dir)
+    assert not set(new_ids.values()) & set(old_ids.values())
+    after = {lk["id"]: lk for lk in our_links(env)}
+    assert set(after) == set(links)                       # the same links, updated in place
+    for lk_id, lk in after.items():
+        name = {v: k for k, v in old_ids.items()}[links[lk_id]["prog_id"]]
+        assert lk["prog_id"] == new_ids[name], (lk, name)
+    for name in ("p1", "p2"):
+        assert cgroup_progs(env.pods[name].cgroup) == ["cgroup_inet4_connect", "cgroup_sock_ops"]
+    assert cgroup_progs(env.ztunnel_cg) == ["cgroup_getsockopt"]
+    env.enroll(b, "p1")
+    env.enroll(b, "p2")
+    assert env.request("p1", ip2)["peer"] == ["127.0.0.1", 15001]
+    os.kill(b.popen.pid, signal.SIGKILL)                  # the links now run FAIL_OPEN programs
+    b.popen.wait(timeout=5)
+    r = env.request("p1", ip2)
+    assert r["connected"] and r["peer"] == [ip2, APP_PORT], r
+
+
+def test_ztunnel_process_maps_no_bcc_or_llvm(env, pin_dir):
+    """bcc/LLVM run only in the short-lived build child, never in the process using Capture."""
+    z = env.ztunnel(pin_dir)
+    z.ok("start")
+    env.enroll(z, "p1")
+    assert env.request("p1", env.ip("p2"))["peer"] == ["127.0.0.1", 15001]
+    with open(f"/proc/{z.popen.pid}/maps") as f:
+        libs = {line.split()[-1] for line in f if "/" in line}
+    assert any("python" in lib for lib in libs), libs      # it is the python process
+    assert not [lib for lib in libs
+                if any(x in lib.lower() for x in ("libbcc", "libllvm", "libclang"))], libs
+    z.ok("teardown")
+
+
 def test_enroll_validation_and_errors(env, pin_dir):
     p1 = env.pods["p1"]
     cap = Capture(pin_dir, ztunnel_cgroup=env.ztunnel_cg)

@@ -1,7 +1,8 @@
 /* The single source of truth for every layout shared by the capture programs and Python.
- * Python never re-declares these: ebpf/maps.py takes key/value types from bcc's table
- * metadata of the compiled object, and reads the enums below from this file
- * (ebpf/maps.py); tests/ebpf/test_layout.py has the compiler check both. */
+ * ebpf/maps.py mirrors the structs in ctypes (ztunnel runs without bcc) and reads the enums
+ * and POD_UID_MAX from this file; tests/ebpf/test_layout.py checks the mirrors against bcc's
+ * view of the compiled maps and has the C compiler assert every size, offset and value.
+ * Change a struct here and in ebpf/maps.py together. */
 #ifndef CAPTURE_TYPES_H
 #define CAPTURE_TYPES_H
 
