@@ -15,6 +15,19 @@ from .app import Ztunnel
 from .config import ZtunnelConfig
 
 
+def _tune_malloc() -> None:
+    """Keep glibc from mmapping (and page-faulting in) every large relay buffer: a fixed
+    32 MiB mmap threshold (glibc's dynamic maximum, fixed from the start) serves TLS records
+    and DATA payloads from the reused heap; measured: more bulk throughput, same RSS."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, int(os.environ.get("ZTUNNEL_MMAP_THRESHOLD", 32 << 20)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ztunnel", description="ambient node L4 proxy")
     p.add_argument("--node", required=True)
@@ -35,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                         trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
                         cluster_prefix=a.cluster_prefix, pin_dir=a.pin_dir if a.worker == 0 else "",
                         fail_open=a.fail_open, worker=a.worker)
+    _tune_malloc()
     import uvloop
     uvloop.install()
 

@@ -55,6 +55,8 @@ bind mounts are removed.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import errno
 import functools
@@ -69,10 +71,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from ebpf import cgroup, netns
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 from .addressing import check_pod_ip, gateway_of
 
@@ -134,7 +137,7 @@ class PodNet:
 
 
 @contextmanager
-def _rtnl(ns: str | None) -> Iterator[IPRoute]:
+def _rtnl(ns: str | None) -> Iterator["IPRoute"]:
     """A netlink handle inside netns `ns` (None: the host netns) for one block.
 
     * ``flags=0``: never create a missing netns as a side effect (pyroute2's default is
@@ -149,6 +152,7 @@ def _rtnl(ns: str | None) -> Iterator[IPRoute]:
     loop = asyncio.SelectorEventLoop()
     try:
         kw = {"netns": ns, "flags": 0} if ns is not None else {}
+        from pyroute2 import IPRoute  # here: ztunnel imports this module for names only
         with IPRoute(use_event_loop=loop, **kw) as ipr:
             yield ipr
     finally:
@@ -174,14 +178,19 @@ def _blocking(fn: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
-def _index(ipr: IPRoute, ifname: str) -> int:
+def _netlink_error() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+    return NetlinkError
+
+
+def _index(ipr: "IPRoute", ifname: str) -> int:
     found = ipr.link_lookup(ifname=ifname)
     if not found:
         raise NetworkError(f"no interface {ifname!r}")
     return found[0]
 
 
-def _links(ipr: IPRoute) -> list[tuple[int, str, str | None]]:
+def _links(ipr: "IPRoute") -> list[tuple[int, str, str | None]]:
     """(index, ifname, kind) of every link in the namespace."""
     out = []
     for msg in ipr.get_links():
@@ -345,7 +354,7 @@ class ClusterNetwork:
         return out
 
     @staticmethod
-    def _sync_routes(ipr: IPRoute, want: dict[IPv4Network, IPv4Address]) -> None:
+    def _sync_routes(ipr: "IPRoute", want: dict[IPv4Network, IPv4Address]) -> None:
         have: dict[IPv4Network, IPv4Address | None] = {}
         for r in ipr.get_routes(family=2, table=254, proto=RTPROT_STATIC):
             if r["proto"] != RTPROT_STATIC:
@@ -502,9 +511,9 @@ class ClusterNetwork:
             netns.remove(ns)  # even if the links could not be listed: never leave the name
 
     @staticmethod
-    def _del_link(ipr: IPRoute, index: int) -> None:
+    def _del_link(ipr: "IPRoute", index: int) -> None:
         try:
             ipr.link("del", index=index)
-        except NetlinkError as e:
+        except _netlink_error() as e:
             if e.code != errno.ENODEV:  # already gone with its veth peer
                 raise

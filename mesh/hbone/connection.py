@@ -89,8 +89,9 @@ class LocalProtocolError(Exception):
 class ConnectionConfig:
     """What we advertise and accept; defaults follow ztunnel (windows, 1 MiB frames)."""
 
-    initial_window_size: int = 16 * MIB
-    """Per-stream receive window (bytes) advertised in SETTINGS_INITIAL_WINDOW_SIZE."""
+    initial_window_size: int = 4 * MIB
+    """Per-stream receive window (bytes) advertised in SETTINGS_INITIAL_WINDOW_SIZE (ztunnel's
+    4 MiB: enough for a loopback/datacenter bandwidth-delay product, bounded memory per stream)."""
     connection_window_size: int = 16 * MIB
     """Connection receive window (bytes), opened by a WINDOW_UPDATE right after SETTINGS."""
     max_frame_size: int = 1 * MIB
@@ -306,6 +307,32 @@ class H2Connection:
         data = b"".join(out)
         out.clear()
         return data
+
+    def chunks_to_send(self, limit: int = 64 * 1024) -> list[bytes | memoryview]:
+        """What data_to_send() gives, as pieces of about `limit` bytes: small frames are
+        coalesced, large payloads pass through uncopied. Joining megabytes of DATA into one
+        buffer (and encrypting it in one go) costs fresh mmapped memory and page faults."""
+        out = self._out
+        chunks: list[bytes | memoryview] = []
+        cur: list[bytes | memoryview] = []
+        size = 0
+        for b in out:
+            n = len(b)
+            if n >= limit:
+                if cur:
+                    chunks.append(b"".join(cur) if len(cur) > 1 else cur[0])
+                    cur, size = [], 0
+                chunks.append(b)
+                continue
+            cur.append(b)
+            size += n
+            if size >= limit:
+                chunks.append(b"".join(cur))
+                cur, size = [], 0
+        if cur:
+            chunks.append(b"".join(cur) if len(cur) > 1 else cur[0])
+        out.clear()
+        return chunks
 
     @property
     def has_data_to_send(self) -> bool:

@@ -174,7 +174,9 @@ class Session(asyncio.Protocol):
         self._flush_scheduled = False
         conn = self.conn
         if conn.has_data_to_send and self.transport is not None:
-            self.transport.write(conn.data_to_send())
+            write = self.transport.write
+            for chunk in conn.chunks_to_send():
+                write(chunk)
 
     # -- lifecycle ------------------------------------------------------------------------
 

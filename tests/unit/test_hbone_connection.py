@@ -148,7 +148,7 @@ def test_initial_window_change_applies_to_open_streams():
     before = p.client.send_windows(sid)[1]
     p.server._out.append(f.settings_frame({f.Setting.INITIAL_WINDOW_SIZE: 1000}))
     p.to_client()
-    assert p.client.send_windows(sid)[1] == before - (16 * 1024 * 1024 - 1000)
+    assert p.client.send_windows(sid)[1] == before - (ConnectionConfig().initial_window_size - 1000)
 
 
 def test_rst_stream_both_ways():
@@ -313,7 +313,10 @@ def test_stream_flow_control_violation_resets_stream():
 
 
 def test_connection_flow_control_violation():
-    s = server_after_preface()
+    # A stream window larger than the connection's, so the connection window is what overflows.
+    s = H2Connection(Role.SERVER, ConnectionConfig(initial_window_size=64 << 20))
+    s.initiate()
+    s.receive_data(f.PREFACE + f.settings_frame({}))
     s.receive_data(raw_request([(":method", "CONNECT"), (":authority", "a:1")]))
     with pytest.raises(ProtocolError) as e:
         for _ in range(20):                                      # 20 MiB > 16 MiB window
@@ -374,3 +377,19 @@ def test_fuzz_server_with_well_framed_random_frames(frames_):
             s.receive_data(f.frame(ftype, flags, sid, payload))
     except ProtocolError:
         return
+
+
+def test_chunks_to_send_bounds_copies_and_keeps_bytes():
+    p = Pair()
+    p.handshake()
+    sid = p.open()
+    payloads = [b"a" * 10, b"b" * 300_000, b"c" * 20, b"d" * 5]
+    for d in payloads:
+        p.client.send_data(sid, d)
+    conn = p.client
+    frames_whole = b"".join(conn._out)
+    chunks = conn.chunks_to_send(limit=64 * 1024)
+    assert b"".join(bytes(c) for c in chunks) == frames_whole and not conn.has_data_to_send
+    # small frames are coalesced; nothing joined beyond the limit unless it is one big payload
+    assert all(len(c) < 64 * 1024 + 16 * 1024 or len(c) == 300_000 for c in chunks)
+    assert len(chunks) < 2 * len(payloads) + 2
