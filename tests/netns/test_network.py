@@ -229,10 +229,12 @@ def test_processes_land_in_their_cgroup_and_netns(cluster):
                        log="zt.log")
     _wait_for(lambda: cgroup.cgroup_of(zt.pid) == f"{cluster.prefix}/ztunnel/node-b",
               what="ztunnel stand-in in its cgroup")
+    # an exec'd program keeps the wrapper's PID: the Popen pid *is* the program; once it runs,
+    # nsenter has switched the netns (the shell joins the cgroup before exec'ing nsenter)
+    _wait_for(lambda: Path(f"/proc/{zt.pid}/comm").read_text().strip() == "sleep",
+              what="the wrapper exec'd the program")
     assert os.stat(f"/proc/{zt.pid}/ns/net").st_ino == \
         os.stat(netns.netns_path(f"{cluster.prefix}-n-node-b")).st_ino
-    # an exec'd program keeps the wrapper's PID: the Popen pid *is* the program
-    assert Path(f"/proc/{zt.pid}/comm").read_text().strip() == "sleep"
     assert procs.stop(zt, timeout=2) == -signal.SIGTERM
 
 
