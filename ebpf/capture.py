@@ -70,7 +70,7 @@ from . import loader
 from .loader import CaptureError, Programs
 from .maps import CaptureMaps, PodRecord
 
-__all__ = ["Capture", "CaptureError", "teardown_pins", "SO_ORIGINAL_DST", "netns_cookie"]
+__all__ = ["Capture", "CaptureError", "teardown_pins", "original_dst", "SO_ORIGINAL_DST", "netns_cookie"]
 
 SO_ORIGINAL_DST = 80      # linux/netfilter_ipv4.h
 SO_NETNS_COOKIE = 71      # asm-generic/socket.h (Linux >= 5.14)
@@ -287,28 +287,8 @@ class Capture:
             return maps.counters()
 
     def original_dst(self, sock: socket.socket) -> tuple[str, int]:
-        """The destination the app connected to, for a socket ztunnel accepted on a pod's
-        outbound listener.  Answered by the getsockopt program, which runs only for callers in
-        ``ztunnel_cgroup``."""
-        if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
-            raise CaptureError("no_original_dst", f"only IPv4 TCP sockets are captured, got "
-                               f"{sock.family!r}/{sock.type!r}", errno.EAFNOSUPPORT)
-        try:
-            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        except OSError as e:
-            raise CaptureError(
-                "no_original_dst",
-                f"no original destination for {_peer(sock)}: {e.strerror}; the socket was not "
-                "accepted on a pod's outbound listener, or this process is not in the ztunnel "
-                f"cgroup {self.ztunnel_cgroup!r} (it is in {_own_cgroup()!r})",
-                e.errno or errno.ENOENT) from None
-        # struct sockaddr_in: sin_family in host order, then port and address in network order
-        family = struct.unpack("=H", raw[:2])[0] if len(raw) >= 8 else -1
-        port, addr = struct.unpack("!H", raw[2:4])[0] if len(raw) >= 8 else 0, raw[4:8]
-        if family != socket.AF_INET:
-            raise CaptureError("no_original_dst", f"SO_ORIGINAL_DST for {_peer(sock)} returned "
-                               f"family {family}, expected AF_INET")
-        return socket.inet_ntoa(addr), port
+        """The destination the app connected to (see :func:`original_dst`)."""
+        return original_dst(sock, ztunnel_cgroup=self.ztunnel_cgroup)
 
     # ---- internals ---------------------------------------------------------------------------
     def _started(self) -> tuple[CaptureMaps, Programs]:
@@ -379,6 +359,31 @@ class Capture:
         rec = self._maps.pods().get(uid)
         if rec is not None:
             self._forget(rec)
+
+
+def original_dst(sock: socket.socket, *, ztunnel_cgroup: str = "") -> tuple[str, int]:
+    """The destination the app connected to, for a socket ztunnel accepted on a pod's outbound
+    listener.  Answered by the getsockopt program, which runs only for callers in the ztunnel
+    cgroup; needs no loaded Capture, so every ztunnel worker of the node can ask."""
+    if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+        raise CaptureError("no_original_dst", f"only IPv4 TCP sockets are captured, got "
+                           f"{sock.family!r}/{sock.type!r}", errno.EAFNOSUPPORT)
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError as e:
+        raise CaptureError(
+            "no_original_dst",
+            f"no original destination for {_peer(sock)}: {e.strerror}; the socket was not "
+            "accepted on a pod's outbound listener, or this process is not in the ztunnel "
+            f"cgroup {ztunnel_cgroup or '(not given)'!r} (it is in {_own_cgroup()!r})",
+            e.errno or errno.ENOENT) from None
+    # struct sockaddr_in: sin_family in host order, then port and address in network order
+    family = struct.unpack("=H", raw[:2])[0] if len(raw) >= 8 else -1
+    port, addr = struct.unpack("!H", raw[2:4])[0] if len(raw) >= 8 else 0, raw[4:8]
+    if family != socket.AF_INET:
+        raise CaptureError("no_original_dst", f"SO_ORIGINAL_DST for {_peer(sock)} returned "
+                           f"family {family}, expected AF_INET")
+    return socket.inet_ntoa(addr), port
 
 
 def _peer(sock: socket.socket) -> str:

@@ -86,10 +86,9 @@ class _SockoptOriginalDst:
     attached to the ztunnel cgroup, so any worker in it gets the answer."""
 
     @staticmethod
-    def original_dst(sock):
-        from ebpf.capture import SO_ORIGINAL_DST
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        return socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+    def original_dst(sock: socket.socket) -> tuple[str, int]:
+        from ebpf.capture import original_dst
+        return original_dst(sock)
 
 
 _SOCKOPT = _SockoptOriginalDst()

@@ -207,7 +207,9 @@ class PodProxy:
             entry["error"] = e.reason
             down.abort()
         except (OSError, asyncio.TimeoutError) as e:
-            entry["error"] = "connect_failed" if not isinstance(e, asyncio.TimeoutError) else "connect_timeout"
+            # A capture error (no original destination) carries its own reason.
+            entry["error"] = ("connect_timeout" if isinstance(e, asyncio.TimeoutError)
+                              else getattr(e, "reason", None) or "connect_failed")
             down.abort()
         except Exception as e:  # an unexpected failure must not kill the listener
             log.exception("outbound connection failed")
