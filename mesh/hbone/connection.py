@@ -14,8 +14,8 @@ Closed streams leave the table at once; frames that race with the close are tole
 (their flow-control cost is credited back) while frames for streams never opened ("idle")
 are connection errors.
 
-Flow control (§6.9). Receive: windows are large (16 MiB stream and connection by default,
-like ztunnel's 4/16 MiB) and credit is returned *only* when the consumer calls
+Flow control (§6.9). Receive: windows are large (4 MiB per stream and 16 MiB per connection
+by default, ztunnel's values) and credit is returned *only* when the consumer calls
 `acknowledge_received_data` -- the I/O layer does that after the bytes were written to the
 TCP side and that socket is below its high-water mark, so a slow reader stops the sender
 (ack-on-consume). A WINDOW_UPDATE is sent once half a window has been consumed. Send:
@@ -35,10 +35,12 @@ surface as `StreamReset(remote=False)`.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 from . import frames as f
+from .connect_rules import regular_headers, validate_connect
+from .events import (GoAway, HandshakeCompleted, RequestReceived, RequestRejected, ResponseReceived,
+                     SendUnblocked, StreamEnded, StreamReset)
 from .frames import ErrorCode, ProtocolError, Setting
 
 __all__ = [
@@ -102,74 +104,6 @@ class ConnectionConfig:
     """Decoded header list bound (SETTINGS_MAX_HEADER_LIST_SIZE)."""
 
 
-# -- events (frame-level DataReceived is passed through unchanged) --------------------------
-
-@dataclass(frozen=True, slots=True)
-class HandshakeCompleted:
-    """The peer's first SETTINGS arrived: the connection is usable."""
-
-
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
-    """Server: a valid CONNECT opened `stream_id`."""
-
-    stream_id: int
-    authority: str
-    headers: tuple[tuple[str, str], ...]
-    end_stream: bool
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRejected:
-    """Server: a CONNECT was refused by the connection itself (status 400, or 0 when the
-    stream was refused with RST_STREAM because of MAX_CONCURRENT_STREAMS / GOAWAY)."""
-
-    stream_id: int
-    status: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseReceived:
-    """Client: the final response to our CONNECT."""
-
-    stream_id: int
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    end_stream: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
-    """The peer ended its side of the stream with trailers (END_STREAM on HEADERS)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The stream is gone: reset by the peer (`remote`) or by us after a stream error."""
-
-    stream_id: int
-    error_code: int
-    remote: bool
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SendUnblocked:
-    """Window reopened and all data held back for `stream_id` was framed."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class GoAway:
-    last_stream_id: int
-    error_code: int
-    debug_data: bytes
-
-
 class _Stream:
     __slots__ = ("sid", "state", "send_window", "recv_window", "pending", "end_pending",
                  "unacked", "response_seen")
@@ -191,66 +125,6 @@ class _Stream:
     @property
     def local_closed(self) -> bool:
         return self.state is StreamState.HALF_CLOSED_LOCAL or self.state is StreamState.CLOSED
-
-
-# RFC 9113 §8.2.2 connection-specific fields are malformed in HTTP/2.
-_CONNECTION_SPECIFIC = frozenset((b"connection", b"proxy-connection", b"keep-alive",
-                                  b"transfer-encoding", b"upgrade"))
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
-_BAD_VALUE = re.compile(rb"[\r\n\x00]")
-_AUTHORITY = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+):([0-9]{1,5})$")
-
-
-def _regular_headers(headers, start: int) -> tuple[tuple[tuple[str, str], ...], str | None]:
-    out = []
-    for name, value in headers[start:]:
-        if name[:1] == b":":
-            return (), "pseudo_header_after_regular"
-        if not _TOKEN.match(name):
-            return (), "invalid_header_name"
-        if _BAD_VALUE.search(value):
-            return (), "invalid_header_value"
-        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-            return (), "connection_specific_header"
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
-    return tuple(out), None
-
-
-def validate_connect(headers) -> tuple[str, tuple[tuple[str, str], ...]] | str:
-    """(authority, regular headers) of a valid HBONE CONNECT, else a rejection reason."""
-    method = authority = None
-    i = 0
-    for i, (name, value) in enumerate(headers):
-        if name[:1] != b":":
-            break
-        if name == b":method":
-            if method is not None:
-                return "duplicate_pseudo_header"
-            method = value
-        elif name == b":authority":
-            if authority is not None:
-                return "duplicate_pseudo_header"
-            authority = value
-        elif name in (b":scheme", b":path"):
-            return "scheme_or_path_present"      # §8.5: a plain CONNECT carries neither
-        else:
-            return "unknown_pseudo_header"
-    else:
-        i = len(headers)
-    regular, bad = _regular_headers(headers, i)
-    if bad:
-        return bad
-    if method is None:
-        return "missing_method"
-    if method != b"CONNECT":
-        return "not_connect"
-    if not authority:
-        return "missing_authority"
-    auth = authority.decode("latin-1")
-    m = _AUTHORITY.match(auth)
-    if m is None or not 0 < int(m.group(2)) <= 65535:
-        return "bad_authority"
-    return auth, regular
 
 
 class H2Connection:
@@ -687,7 +561,7 @@ class H2Connection:
             raw = headers[0][1]
             if len(raw) == 3 and raw.isdigit():
                 status = int(raw)
-        regular, bad = _regular_headers(headers, 1)
+        regular, bad = regular_headers(headers, 1)
         if status is None or bad:
             self._stream_error(s, ErrorCode.PROTOCOL_ERROR, bad or "bad_status", events)
             return
