@@ -533,8 +533,12 @@ def table(med: dict[str, dict[str, Any]], failed: dict[str, str]) -> str:
 
 
 def _git_rev() -> str:
+    """The commit measured; "unknown" where git is not installed (a fresh machine needs none)."""
     git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+    except FileNotFoundError:
+        return "unknown"
 
 
 def _loadavg() -> str:

@@ -24,6 +24,20 @@ def wait_for(pred, timeout=5.0, step=0.02):
     raise AssertionError(f"condition not reached in {timeout:.1f}s")
 
 
+def nodes_yaml(*names):
+    return "".join(f"---\napiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n" for n in names)
+
+
+def namespace_yaml(name, ambient=False):
+    labels = "{istio.io/dataplane-mode: ambient}" if ambient else "{}"
+    return f"---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {labels}}}\n"
+
+
+def service_accounts_yaml(*pairs):
+    return "".join(f"---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {ns}}}\n"
+                   for ns, sa in pairs)
+
+
 def pod_yaml(name, ns, node, app, sa="default", port=8080):
     return textwrap.dedent(f"""
         ---
@@ -57,6 +71,12 @@ class LocalCluster:
             raise AssertionError(f"ambient {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
         return p
 
+    def destroy(self):
+        """`ambient down`, then also the cluster's persistent CA directory (tests make many)."""
+        import shutil
+        self.ambient("down", check=False)
+        shutil.rmtree(self.paths.state_dir, ignore_errors=True)
+
     def write(self, name, text):
         path = self.dir / name
         path.write_text(textwrap.dedent(text))
@@ -84,8 +104,9 @@ class LocalCluster:
                                  "python3", "longconn.py", dst_ip, str(port), "--duration", str(duration)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def admin(self, node, path="/config_dump"):
-        status, body = asyncio.run(get_unix(os.path.join(self.paths.node_dir(node), "admin.sock"), path))
+    def admin(self, node, path="/config_dump", worker=0):
+        sock = "admin.sock" if worker == 0 else f"admin-{worker}.sock"
+        status, body = asyncio.run(get_unix(os.path.join(self.paths.node_dir(node), sock), path))
         assert status == 200, body
         return body.decode() if path == "/metrics" else json.loads(body)
 

@@ -100,7 +100,7 @@ def cluster(tmp_path_factory):
     wait_for(lambda: all(len(admin(n, "/config_dump")["enrolled"]) == want
                          for n, want in (("n1", 2), ("n2", 1))), timeout=10)
     yield d
-    ambient("down", check=False)
+    C.destroy()
 
 
 class Capture:

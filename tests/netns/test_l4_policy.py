@@ -5,48 +5,21 @@ n1) and legacy/old (not meshed: plaintext into web's 15006).
 """
 import asyncio
 import os
-import textwrap
 import time
 
 import pytest
 
 from mesh.cluster import api
 
-from .localcluster import LocalCluster, pod_yaml, wait_for
+from .localcluster import (LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml,
+                           wait_for)
 
 NAME = f"po{os.getpid() % 100000}"
 
-CLUSTER = textwrap.dedent("""
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n1}
-    ---
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n2}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: foo, labels: {istio.io/dataplane-mode: ambient}}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: bar, labels: {istio.io/dataplane-mode: ambient}}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: legacy}
-    """) + "".join(textwrap.dedent(f"""
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {{name: {sa}, namespace: {ns}}}
-    """) for ns, sa in [("foo", "web"), ("foo", "sleep"), ("bar", "client")]) + "".join([
-    pod_yaml("web", "foo", "n2", "web", "web"),
-    pod_yaml("sleep", "foo", "n1", "sleep", "sleep"),
-    pod_yaml("client", "bar", "n1", "client", "client"),
-    pod_yaml("old", "legacy", "n1", "old"),
-])
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("foo", ambient=True) + namespace_yaml("bar", ambient=True)
+           + namespace_yaml("legacy") + service_accounts_yaml(("foo", "web"), ("foo", "sleep"), ("bar", "client"))
+           + "".join([pod_yaml("web", "foo", "n2", "web", "web"), pod_yaml("sleep", "foo", "n1", "sleep", "sleep"),
+                      pod_yaml("client", "bar", "n1", "client", "client"), pod_yaml("old", "legacy", "n1", "old")]))
 
 # The Istio documentation's examples, as users have them.
 DENY_ALL = """
@@ -128,7 +101,7 @@ def cluster(tmp_path_factory):
     wait_for(lambda: c.enrolled("n2") == ["foo/web"], timeout=10)
     c.web = c.ip("web")
     yield c
-    c.ambient("down", check=False)
+    c.destroy()
 
 
 def reachable(c, ns, src):

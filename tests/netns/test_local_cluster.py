@@ -124,6 +124,8 @@ def cluster(tmp_path_factory):
     print(f"ambient up took {time.monotonic() - t0:.1f}s")
     yield d
     ambient("down", check=False)
+    import shutil
+    shutil.rmtree(PATHS.state_dir, ignore_errors=True)
 
 
 @pytest.mark.root

@@ -1,30 +1,14 @@
 """End to end (root): several ztunnel workers per node share the in-pod ports (SO_REUSEPORT)."""
 import os
-import textwrap
 
 import pytest
 
-from .localcluster import LocalCluster, pod_yaml, wait_for
+from .localcluster import LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, wait_for
 
 NAME = f"wk{os.getpid() % 100000}"
-CLUSTER = textwrap.dedent("""
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n1}
-    ---
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n2}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: plain}
-    """) + "".join([pod_yaml("m1", "mesh", "n1", "a"), pod_yaml("m3", "mesh", "n2", "b"),
-                    pod_yaml("p1", "plain", "n1", "c"), pod_yaml("p2", "plain", "n2", "d")])
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("mesh", ambient=True) + namespace_yaml("plain")
+           + "".join([pod_yaml("m1", "mesh", "n1", "a"), pod_yaml("m3", "mesh", "n2", "b"),
+                      pod_yaml("p1", "plain", "n1", "c"), pod_yaml("p2", "plain", "n2", "d")]))
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +17,11 @@ def cluster(tmp_path_factory):
     c.ambient("down", check=False)
     c.ambient("up", "--ztunnel-workers", "2", c.write("cluster.yaml", CLUSTER))
     yield c
-    c.ambient("down", check=False)
+    c.destroy()
 
 
 def worker_dump(c, node, worker):
-    sock = "admin.sock" if worker == 0 else f"admin-{worker}.sock"
-    import asyncio
-    import json
-    from mesh.admin_http import get_unix
-    status, body = asyncio.run(get_unix(os.path.join(c.paths.node_dir(node), sock), "/config_dump"))
-    assert status == 200
-    return json.loads(body)
+    return c.admin(node, worker=worker)
 
 
 @pytest.mark.root
