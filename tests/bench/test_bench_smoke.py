@@ -1,6 +1,7 @@
 """Smoke test (root): bench_l4.py --quick on its own cluster gives positive numbers and leaves nothing behind."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,9 +14,12 @@ CLUSTER = f"bs{os.getpid() % 100000}"
 
 @pytest.mark.root
 def test_quick_bench_has_numbers_and_cleans_up(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench_l4.py"), "--quick", "--secs", "2",
-                        "--cluster", CLUSTER, "--setups", ",".join(SETUPS), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=150)
+    try:
+        p = subprocess.run([sys.executable, os.path.join(HERE, "bench_l4.py"), "--quick", "--secs", "2",
+                            "--cluster", CLUSTER, "--setups", ",".join(SETUPS), "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=150)
+    finally:  # the throwaway cluster's CA (ambient down keeps CAs, as it should for users)
+        shutil.rmtree(f"/var/lib/ambient/{CLUSTER}", ignore_errors=True)
     assert p.returncode == 0, p.stdout + p.stderr
     [result] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     with open(tmp_path / result) as f:
