@@ -12,6 +12,7 @@ from typing import Any, Iterable
 from .control.protocol import Delta, Snapshot, resource_ref
 from .model import Namespace, PolicyObject, ServiceInfo, Workload
 from .model.policy import AuthorizationPolicy, PeerAuthentication
+from .model.route import DestinationRule, HTTPRoute, VirtualService
 
 __all__ = ["ProxyState", "StateVersionError"]
 
@@ -84,6 +85,16 @@ class ProxyState:
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return sorted(self._of("PeerAuthentication"), key=lambda p: (p.namespace, p.name))
+
+    def http_routes(self) -> list[HTTPRoute]:
+        """Sorted by namespace/name: the tie-break Gateway API precedence falls back to."""
+        return sorted(self._of("HTTPRoute"), key=lambda r: (r.namespace, r.name))
+
+    def virtual_services(self) -> list[VirtualService]:
+        return sorted(self._of("VirtualService"), key=lambda v: (v.namespace, v.name))
+
+    def destination_rules(self) -> list[DestinationRule]:
+        return sorted(self._of("DestinationRule"), key=lambda d: (d.namespace, d.name))
 
     def workload(self, uid: str) -> Workload | None:
         return self._objects.get(("Workload", uid))

@@ -16,6 +16,7 @@ REASONS: frozenset[str] = frozenset({
     "bad_api_version",   # apiVersion not accepted for the kind
     "missing_field",     # a required field is absent or empty
     "bad_value",         # a field has the wrong type or an invalid value
+    "unknown_field",     # a field the kind does not define (policy and route kinds only)
     "unsupported",       # valid Kubernetes, but not supported by this mesh (UDP, valueFrom, ...)
     "duplicate",         # same key twice: YAML mapping key, container/port name, object in a batch
     "unknown_reference",  # names a namespace, service account or node that does not exist

@@ -15,6 +15,7 @@ from ..model import (CORE_KINDS, POLICY_KINDS, Container, FrozenMap, Namespace, 
                      freeze)
 from .errors import ConfigError, ConfigErrors, Origin
 from .policy import authorization_policy, peer_authentication
+from .route import destination_rule, http_route, virtual_service
 from .source import (Ctx, Document, Invalid, Path, describe, format_path, get_ipv4, get_ipv4_net,
                      get_list, get_map, get_port, get_str, get_str_list, quote_hint, read_documents)
 
@@ -294,7 +295,9 @@ def _policy(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta, kind: str,
 
 
 # Policy kinds with a typed model; the others stay PolicyObject until an issue enforces them.
-_TYPED_POLICIES = {"AuthorizationPolicy": authorization_policy, "PeerAuthentication": peer_authentication}
+_TYPED_POLICIES = {"AuthorizationPolicy": authorization_policy, "PeerAuthentication": peer_authentication,
+                   "HTTPRoute": http_route, "VirtualService": virtual_service,
+                   "DestinationRule": destination_rule}
 
 
 def _parse_object(ctx: Ctx, obj: Any, base_dir: str) -> Resource | None:

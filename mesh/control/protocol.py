@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from ..identity import SpiffeId
 from ..model import Namespace, PolicyObject, ServiceInfo, Workload
 from ..model.policy import AuthorizationPolicy, PeerAuthentication
+from ..model.route import DestinationRule, HTTPRoute, VirtualService
 from ..model.wire import WireError, from_wire, to_wire
 
 __all__ = [
@@ -42,6 +43,9 @@ RESOURCE_TYPES: dict[str, type] = {
     "Policy": PolicyObject,
     "AuthorizationPolicy": AuthorizationPolicy,
     "PeerAuthentication": PeerAuthentication,
+    "HTTPRoute": HTTPRoute,
+    "VirtualService": VirtualService,
+    "DestinationRule": DestinationRule,
 }
 
 
@@ -93,7 +97,8 @@ def resource_ref(obj: Any) -> tuple[str, str]:
         return ("Service", obj.uid)
     if isinstance(obj, Namespace):
         return ("Namespace", obj.name)
-    if isinstance(obj, (AuthorizationPolicy, PeerAuthentication)):
+    if isinstance(obj, (AuthorizationPolicy, PeerAuthentication, HTTPRoute, VirtualService,
+                        DestinationRule)):
         return (obj.kind, f"{obj.namespace}/{obj.name}")
     if isinstance(obj, PolicyObject):
         return ("Policy", f"{obj.key.kind}/{obj.namespace}/{obj.name}")

@@ -13,6 +13,7 @@ from ..identity import SpiffeId
 from ..model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, Resource,
                      Service, ServiceInfo, TunnelProtocol, Workload)
 from ..model.policy import AuthorizationPolicy, PeerAuthentication
+from ..model.route import DestinationRule, HTTPRoute, VirtualService
 from .protocol import resource_ref
 
 __all__ = ["translate", "diff", "enrolled"]
@@ -41,7 +42,8 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
             pods.append(r)
         elif isinstance(r, Service):
             services.append(r)
-        elif isinstance(r, (PolicyObject, AuthorizationPolicy, PeerAuthentication)):
+        elif isinstance(r, (PolicyObject, AuthorizationPolicy, PeerAuthentication, HTTPRoute,
+                            VirtualService, DestinationRule)):
             policies.append(r)
 
     live = [p for p in pods if p.pod_ip is not None and p.node_name]

@@ -13,6 +13,8 @@ from mesh.config import (REASONS, ConfigError, ConfigErrors, Origin, load_paths,
                          parse_paths, parse_text)
 from mesh.model import (POLICY_KINDS, Container, FrozenMap, Namespace, Node, ObjectMeta,
                         PolicyObject, Pod, ResourceKey, Service, ServiceAccount, ServicePort)
+from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
+from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
 
 SRC = "deploy/app.yaml"
 SRC_DIR = os.path.abspath("deploy")
@@ -143,18 +145,18 @@ VALID = [
                      ports=(ServicePort(port=5432, target_port=5432),), cluster_ip=None),
          id="service-defaults-loadbalancer-as-clusterip"),
     pytest.param("""
-        apiVersion: networking.istio.io/v1
-        kind: VirtualService
-        metadata: {name: web, namespace: demo}
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: Gateway
+        metadata: {name: waypoint, namespace: demo}
         spec:
-          hosts: [web]
-          http:
-          - route: [{destination: {host: web}}]
+          gatewayClassName: istio-waypoint
+          listeners:
+          - {name: mesh, port: 15008, protocol: HBONE}
           expires: 2024-01-01
-        """, PolicyObject(meta=ObjectMeta(name="web", namespace="demo"),
-                          policy_kind="VirtualService", api_version="networking.istio.io/v1",
-                          spec=FrozenMap({"hosts": ("web",), "http": (FrozenMap({"route": (
-                              FrozenMap({"destination": FrozenMap({"host": "web"})}),)}),),
+        """, PolicyObject(meta=ObjectMeta(name="waypoint", namespace="demo"),
+                          policy_kind="Gateway", api_version="gateway.networking.k8s.io/v1",
+                          spec=FrozenMap({"gatewayClassName": "istio-waypoint", "listeners": (
+                              FrozenMap({"name": "mesh", "port": 15008, "protocol": "HBONE"}),),
                               "expires": "2024-01-01"})), id="policy-spec-frozen-dates-kept"),
 ]
 
@@ -168,12 +170,23 @@ def test_valid_object_converts_field_by_field(text: str, expected: object) -> No
     assert got == expected
 
 
+# The smallest valid spec of each policy kind (most accept none at all).
+_MINIMAL_SPEC = {"VirtualService": "spec: {hosts: [web]}\n", "DestinationRule": "spec: {host: web}\n"}
+_TYPED = {"AuthorizationPolicy": AuthorizationPolicy, "PeerAuthentication": PeerAuthentication,
+          "HTTPRoute": HTTPRoute, "VirtualService": VirtualService,
+          "DestinationRule": DestinationRule}
+
+
+def test_every_policy_kind_but_gateway_is_typed() -> None:
+    assert set(POLICY_KINDS) - set(_TYPED) == {"Gateway"}
+
+
 @pytest.mark.parametrize("kind, api", [(k, a) for k, apis in POLICY_KINDS.items() for a in apis])
 def test_every_policy_kind_and_api_version(kind: str, api: str) -> None:
-    [got] = load_text(f"apiVersion: {api}\nkind: {kind}\nmetadata: {{name: p1, namespace: ns1}}\n",
-                      SRC)
-    if kind in ("AuthorizationPolicy", "PeerAuthentication"):  # typed (mesh.model.policy)
-        assert type(got).__name__ == kind
+    [got] = load_text(f"apiVersion: {api}\nkind: {kind}\nmetadata: {{name: p1, namespace: ns1}}\n"
+                      + _MINIMAL_SPEC.get(kind, ""), SRC)
+    if kind in _TYPED:  # typed (mesh.model.policy, mesh.model.route)
+        assert type(got) is _TYPED[kind]
     else:
         assert isinstance(got, PolicyObject)
         assert (got.policy_kind, got.api_version, got.spec) == (kind, api, FrozenMap())
