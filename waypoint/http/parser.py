@@ -1,0 +1,379 @@
+"""llhttp (httptools) callbacks turned into codec events, with a proxy's validation and limits.
+
+httptools drives callbacks while `feed_data` runs; each parser below appends events to a list
+that `feed` returns. Validation that llhttp already does (CL+TE together, duplicate or invalid
+Content-Length, bad chunk sizes, obs-fold, bad tokens) is mapped from its error text to a
+stable reason; validation it does not do (HTTP version, Host, Expect, request-target form,
+transfer codings other than chunked, sizes) happens in `on_headers_complete`. Exceptions
+raised in a callback stop llhttp and come back wrapped in HttpParserCallbackError: an
+HttpError is unwrapped, `_Stop` means "halt on purpose" (HEAD response, connection closing).
+
+Memory bound: httptools buffers a header line until it is complete, so besides exact
+accounting in the callbacks a *stall* counter adds up the bytes of consecutive feeds that
+completed nothing; past `max_head_size` that is a 431 (one transport read of slack)."""
+from __future__ import annotations
+
+import httptools
+
+from .errors import HttpError
+from .events import Body, ConnectionClosed, EndOfMessage, InformationalResponse, RequestHead, ResponseHead
+from .framing import FramingFields, Limits, filter_trailers, split_fields
+
+__all__ = ["RequestParser", "ResponseParser"]
+
+
+class _Stop(Exception):
+    """Raised inside a callback to halt llhttp deliberately."""
+
+
+# llhttp error text -> stable reason (first match wins); anything else is "malformed".
+_LLHTTP_REASONS = (
+    ("can't be present with", "content_length_with_transfer_encoding"),
+    ("Duplicate Content-Length", "duplicate_content_length"),
+    ("Content-Length", "bad_content_length"),
+    ("Transfer-Encoding", "bad_transfer_encoding"),
+    ("chunk", "bad_chunk"),
+    ("Chunk", "bad_chunk"),
+    ("whitespace after header value", "obs_fold"),
+    ("header", "bad_header"),
+    ("HTTP version", "bad_version"),
+    ("Expected HTTP/", "bad_request_line"),
+    ("Expected CRLF", "bad_request_line"),
+    ("Expected LF", "bad_request_line"),
+    ("Data after `Connection: close`", "data_after_close"),
+)
+
+
+def _classify(exc: httptools.HttpParserError) -> str:
+    if isinstance(exc, httptools.HttpParserInvalidMethodError):
+        return "bad_method"
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return "bad_target"
+    if isinstance(exc, httptools.HttpParserInvalidStatusError):
+        return "bad_status"
+    text = str(exc)
+    for needle, reason in _LLHTTP_REASONS:
+        if needle in text:
+            return reason
+    return "malformed"
+
+
+class _MessageParser:
+    """Shared callback plumbing; subclasses build heads. Not thread-safe, one per connection."""
+
+    _error_status = 400
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._events: list = []
+        self._error: HttpError | None = None
+        self._stopped = False
+        self._reset_message()
+        self._in_message = False
+        self._stall = 0
+        self._progress = False
+        self._parser = self._new_parser()
+
+    def _new_parser(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _reset_message(self) -> None:
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._headers_done = False
+        self._body_size = 0
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list:
+        if self._error is not None:
+            raise self._error
+        if self._stopped or not data:
+            return []
+        events = self._events = []
+        self._progress = False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, HttpError):
+                self._fail(ctx)
+            if not isinstance(ctx, _Stop):
+                raise ctx if ctx is not None else e
+            self._on_stop(data)
+        except httptools.HttpParserUpgrade as e:
+            self._on_upgrade(data, int(e.args[0]) if e.args else len(data))
+        except httptools.HttpParserError as e:
+            self._fail(HttpError(self._error_status, _classify(e), str(e)))
+        if self._progress:
+            self._stall = 0
+        else:
+            self._stall += len(data)
+            if self._stall > self._limits.max_head_size:
+                self._fail(HttpError(431, "head_too_large", "a header line exceeds the head size limit"))
+        return events
+
+    def _fail(self, err: HttpError) -> None:
+        self._error = err
+        raise err
+
+    def _on_stop(self, data: bytes) -> None:
+        self._stopped = True
+
+    def _on_upgrade(self, data: bytes, offset: int) -> None:
+        self._fail(HttpError(self._error_status, "unexpected_upgrade"))
+
+    # -- callbacks shared by both directions ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_message()
+        self._in_message = True
+        self._progress = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._progress = True
+        self._raw.append((name.lower(), value))
+        self._head_size += len(name) + len(value) + 4
+        lim = self._limits
+        if self._head_size > lim.max_head_size:
+            raise HttpError(431, "head_too_large" if not self._headers_done else "trailers_too_large")
+        if len(self._raw) > lim.max_headers:
+            raise HttpError(431, "too_many_headers" if not self._headers_done else "too_many_trailers")
+
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        self._body_size += len(body)
+        self._events.append(Body(body))
+
+    def _start_trailers(self) -> None:
+        self._headers_done = True
+        self._raw = []
+        self._head_size = 0
+
+    def _end(self) -> None:
+        self._progress = True
+        self._in_message = False
+        self._events.append(EndOfMessage(filter_trailers(self._raw) if self._raw else ()))
+
+    def _framing(self, framing: FramingFields, version: str) -> tuple[bool, int | None]:
+        """(chunked, content_length) after the checks llhttp leaves to us."""
+        st = self._error_status
+        te = framing.transfer_encoding
+        if te is not None:
+            if framing.content_length is not None:
+                raise HttpError(st, "content_length_with_transfer_encoding")
+            if version == "1.0" and st == 400:
+                raise HttpError(400, "transfer_encoding_in_http10")
+            if te.strip().lower() != b"chunked":
+                raise HttpError(501 if st == 400 else st, "unsupported_transfer_coding")
+            return True, None
+        cl = framing.content_length
+        if cl is None:
+            return False, None
+        cl = cl.strip()
+        if not cl.isdigit():
+            raise HttpError(st, "bad_content_length")
+        return False, int(cl)
+
+
+def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:
+    """(path, query) of an origin-form, absolute-form or asterisk-form request-target."""
+    if target[:1] == b"/":
+        path, sep, query = target.partition(b"?")
+        return path, query
+    if target == b"*" and method == b"OPTIONS":
+        return b"*", b""
+    low = target[:8].lower()
+    if low.startswith(b"http://") or low.startswith(b"https://"):
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise HttpError(400, "bad_target") from None
+        return url.path or b"/", url.query or b""
+    raise HttpError(400, "bad_target", "request-target is not origin-, absolute- or asterisk-form")
+
+
+class RequestParser(_MessageParser):
+    """Downstream side: bytes from the client -> RequestHead, Body*, EndOfMessage, ..."""
+
+    _error_status = 400
+
+    def _new_parser(self):
+        return httptools.HttpRequestParser(self)
+
+    def _reset_message(self) -> None:
+        super()._reset_message()
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._progress = True
+        self._url += url
+        if len(self._url) > self._limits.max_head_size:
+            raise HttpError(431, "head_too_large")
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise HttpError(400, "bad_version", f"HTTP/{version} is not HTTP/1.x")
+        method = p.get_method()
+        if method == b"CONNECT":
+            raise HttpError(501, "connect_unsupported")
+        framing = FramingFields()
+        headers = split_fields(self._raw, framing)
+        target = self._url
+        path, query = _split_target(method, target)
+        chunked, cl = self._framing(framing, version)
+        if framing.host_count > 1:
+            raise HttpError(400, "duplicate_host")
+        if framing.host_count == 0 and version == "1.1":
+            raise HttpError(400, "missing_host")
+        expect = False
+        if framing.expect is not None and version == "1.1":
+            if framing.expect.strip().lower() != b"100-continue":
+                raise HttpError(417, "unsupported_expectation")
+            expect = True
+        limit = self._limits.max_body_size
+        if limit is not None and cl is not None and cl > limit:
+            raise HttpError(413, "body_too_large")
+        if p.should_upgrade() and (chunked or cl):
+            raise HttpError(501, "upgrade_with_body")
+        self._events.append(RequestHead(
+            method=method, target=target, path=path, query=query, headers=headers,
+            http_version=version, keep_alive=p.should_keep_alive(), content_length=cl,
+            chunked=chunked, expect_continue=expect))
+        self._start_trailers()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        limit = self._limits.max_body_size
+        if limit is not None and self._body_size > limit:
+            raise HttpError(413, "body_too_large")
+
+    def on_message_complete(self) -> None:
+        self._end()
+        if not self._parser.should_keep_alive():
+            raise _Stop  # the client will send nothing we may answer after this request
+
+    def _on_upgrade(self, data: bytes, offset: int) -> None:
+        # Upgrade is hop-by-hop and stripped: the request was an ordinary one. llhttp stops at
+        # its end, so continue with a fresh parser on the rest of this read.
+        events = self._events
+        self._parser = self._new_parser()
+        rest = data[offset:]
+        if rest:
+            events.extend(self.feed(rest))
+            self._events = events
+
+    @property
+    def in_message(self) -> bool:
+        return self._in_message
+
+    def feed_eof(self) -> list:
+        if self._error is not None:
+            raise self._error
+        if self._in_message and not self._stopped:
+            self._fail(HttpError(400, "truncated_request", "client closed in the middle of a request"))
+        self._stopped = True
+        return [ConnectionClosed()]
+
+
+class ResponseParser(_MessageParser):
+    """Upstream side: bytes from the server -> InformationalResponse*, ResponseHead, Body*, EndOfMessage.
+
+    The codec sets `request_method` before the response may arrive (HEAD has no body)."""
+
+    _error_status = 502
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(limits)
+        self.request_method: bytes | None = None
+        self._interim = False
+        self._close_delimited = False
+        self.tainted = False
+        """Bytes of unknown meaning followed a response: do not reuse the connection."""
+
+    def _new_parser(self):
+        return httptools.HttpResponseParser(self)
+
+    def _reset_message(self) -> None:
+        super()._reset_message()
+        self._reason = b""
+
+    def on_message_begin(self) -> None:
+        if self.request_method is None:
+            raise HttpError(502, "unsolicited_response", "upstream sent bytes with no request in flight")
+        super().on_message_begin()
+
+    def on_status(self, reason: bytes) -> None:
+        self._progress = True
+        self._reason += reason
+        if len(self._reason) > self._limits.max_head_size:
+            raise HttpError(431, "head_too_large")
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        status = p.get_status_code()
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise HttpError(502, "bad_version")
+        framing = FramingFields()
+        headers = split_fields(self._raw, framing)
+        if status < 200:
+            if status == 101:
+                raise HttpError(502, "unexpected_upgrade", "upstream switched protocols unasked")
+            self._interim = True
+            self._events.append(InformationalResponse(status=status, reason=self._reason, headers=headers))
+            return
+        method = self.request_method
+        chunked, cl = self._framing(framing, version)
+        bodyless = method == b"HEAD" or status == 204 or status == 304
+        if bodyless:
+            chunked = False
+        self._close_delimited = not bodyless and not chunked and cl is None
+        self._events.append(ResponseHead(
+            status=status, reason=self._reason, headers=headers, http_version=version,
+            keep_alive=p.should_keep_alive() and not self._close_delimited,
+            content_length=None if status == 204 else cl, chunked=chunked))
+        self._start_trailers()
+        if method == b"HEAD":
+            self._end()
+            raise _Stop  # llhttp cannot be told the request was HEAD: halt and start over
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            self._in_message = False
+            return
+        self._end()
+        self.request_method = None
+        self._close_delimited = False
+
+    def _on_stop(self, data: bytes) -> None:
+        # After a HEAD response only more responses may follow, and none is due: bytes after
+        # the head (we cannot see where llhttp stopped) make the connection unsafe to reuse.
+        self.request_method = None
+        if not data.endswith(b"\r\n\r\n"):
+            self.tainted = True
+        self._parser = self._new_parser()
+
+    @property
+    def in_message(self) -> bool:
+        return self._in_message or self.request_method is not None
+
+    def feed_eof(self) -> list:
+        if self._error is not None:
+            raise self._error
+        if self._close_delimited and self._in_message:
+            self._events = []
+            self._end()
+            self._close_delimited = False
+            self.request_method = None
+            self._stopped = True
+            return [self._events[-1], ConnectionClosed()]
+        if self._in_message:
+            self._fail(HttpError(502, "upstream_truncated", "upstream closed in the middle of a response"))
+        if self.request_method is not None:
+            self._fail(HttpError(502, "upstream_closed", "upstream closed before responding"))
+        self._stopped = True
+        return [ConnectionClosed()]
