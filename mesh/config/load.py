@@ -15,7 +15,8 @@ from ..model import (CORE_KINDS, POLICY_KINDS, Container, FrozenMap, Namespace, 
                      freeze)
 from .errors import ConfigError, ConfigErrors, Origin
 from .policy import authorization_policy, peer_authentication
-from .route import destination_rule, http_route, virtual_service
+from .istio_route import destination_rule, virtual_service
+from .route import http_route
 from .source import (Ctx, Document, Invalid, Path, describe, format_path, get_ipv4, get_ipv4_net,
                      get_list, get_map, get_port, get_str, get_str_list, quote_hint, read_documents)
 
