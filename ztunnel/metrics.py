@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from mesh.metrics import Registry
 
 __all__ = ["TcpMetrics", "BAD_REQUEST_REASONS"]
 
@@ -55,16 +55,16 @@ def _principal(identity: str | None) -> str:
 
 class TcpMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        c = lambda name, doc: Counter(name, doc, _LABELS, registry=self.registry)  # noqa: E731
+        self.registry = Registry()
+        c = lambda name, doc: self.registry.counter(name, doc, _LABELS)  # noqa: E731
         self.opened = c("istio_tcp_connections_opened", "Total TCP connections opened")
         self.closed = c("istio_tcp_connections_closed", "Total TCP connections closed")
         self.failed = c("istio_tcp_connections_failed", "Total TCP connections that failed")
         self.received = c("istio_tcp_received_bytes", "Bytes received by the destination")
         self.sent = c("istio_tcp_sent_bytes", "Bytes sent back by the destination")
-        self.rejected = Counter("ztunnel_inbound_rejected", "Inbound connections or CONNECTs refused for what "
-                                "the peer sent (hostile/malformed input, limits), by stable reason",
-                                _REJECTED_LABELS, registry=self.registry)
+        self.rejected = self.registry.counter(
+            "ztunnel_inbound_rejected", "Inbound connections or CONNECTs refused for what the peer sent "
+            "(hostile/malformed input, limits), by stable reason", _REJECTED_LABELS)
 
     def record(self, e: dict[str, Any]) -> None:
         src_name, src_ns = e.get("src.workload") or "unknown", e.get("src.namespace") or "unknown"
@@ -94,4 +94,4 @@ class TcpMetrics:
         self.sent.labels(*labels).inc(e.get("bytes_recv") or 0)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.registry.exposition()
