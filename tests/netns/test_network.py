@@ -259,7 +259,7 @@ def test_remove_pod_node_and_update_routes(cluster):
     with pytest.raises(NetworkError, match="default route"):
         cluster.net.update_routes("node-a", {"0.0.0.0/0": b.ip})
     with pytest.raises(NetworkError, match="not on the node network"):
-        cluster.net.update_routes("node-a", {b.pod_cidr: "192.168.77.1"})
+        cluster.net.update_routes("node-a", {b.pod_cidr: "172.29.77.1"})
 
     b1 = cluster.pods["b1"]
     cluster.start_echo("b1")

@@ -65,9 +65,9 @@ def test_bad_plans(kwargs, match):
 
 
 def test_plan_accepts_strings():
-    plan = AddressPlan(node_network="192.168.50.0/24", pod_network="10.8.0.0/16",
+    plan = AddressPlan(node_network="172.29.50.0/24", pod_network="10.8.0.0/16",
                        node_pod_prefixlen=26, service_network="10.9.0.0/24")
-    assert plan.node_network == N("192.168.50.0/24")
+    assert plan.node_network == N("172.29.50.0/24")
     assert plan.pod_subnet(1) == N("10.8.0.64/26") and plan.pod_subnet_count == 1024
 
 
