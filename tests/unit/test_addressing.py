@@ -250,17 +250,17 @@ def test_service_vips_sequence_and_conflicts():
 # ---- the generic pool -------------------------------------------------------------------------
 
 def test_pool_lowest_free_mode_and_owner_lookup():
-    pool = AddressPool(N("192.168.9.0/29"), 2, 6, next_fit=False)
+    pool = AddressPool(N("172.29.9.0/29"), 2, 6, next_fit=False)
     assert pool.size == 5
-    assert [str(pool.allocate(k)) for k in "xyz"] == ["192.168.9.2", "192.168.9.3", "192.168.9.4"]
+    assert [str(pool.allocate(k)) for k in "xyz"] == ["172.29.9.2", "172.29.9.3", "172.29.9.4"]
     pool.release("x")
-    assert pool.allocate("w") == A("192.168.9.2")
-    assert pool.owner_of("192.168.9.3") == "y" and "y" in pool and len(pool) == 3
+    assert pool.allocate("w") == A("172.29.9.2")
+    assert pool.owner_of("172.29.9.3") == "y" and "y" in pool and len(pool) == 3
     with pytest.raises(AddressError, match="outside"):
-        pool.allocate("v", "192.168.9.7")
+        pool.allocate("v", "172.29.9.7")
 
 
 @pytest.mark.parametrize("first, last", [(5, 2), (-1, 3), (0, 8)])
 def test_pool_bad_bounds(first, last):
     with pytest.raises(AddressError):
-        AddressPool(N("192.168.9.0/29"), first, last)
+        AddressPool(N("172.29.9.0/29"), first, last)
