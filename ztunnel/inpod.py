@@ -100,6 +100,7 @@ class PodProxy:
         self._servers: list[asyncio.AbstractServer] = []
         self._hbone: HboneServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._warned: set[tuple[str, ...]] = set()
         self.active: dict[int, tuple[Connection, Callable[[], None]]] = {}
         """Open inbound connections: what they were authorized as, and how to cut them."""
 
@@ -227,7 +228,9 @@ class PodProxy:
     def authorize(self, conn: Connection) -> Decision:
         d = evaluate(self.state.authorization_policies(), self.state.peer_authentications(),
                      self.workload, conn)
-        if d.failed_closed:
+        if d.failed_closed and d.failed_closed not in self._warned:
+            # Once per distinct set of rules, not per connection.
+            self._warned.add(d.failed_closed)
             log.warning("l7_policy_failed_closed: %s: ztunnel cannot evaluate %s", self.workload.uid,
                         "; ".join(d.failed_closed))
         if d.dry_run:
