@@ -14,6 +14,7 @@ are pure functions in outbound/plan.py and inbound/validate.py; this module carr
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
@@ -33,7 +34,7 @@ from .authz import Connection, Decision, evaluate
 from .config import InboundLimits
 from .inbound.validate import BadAuthority, target_of
 from .outbound.plan import PlanError, Route, plan_outbound
-from .relay import relay
+from .relay import RelayResult, relay
 
 __all__ = ["PodProxy", "Ports", "ZTUNNEL_MARK", "ConnectionLog"]
 
@@ -349,12 +350,11 @@ class PodProxy:
         entry = {"direction": "inbound", "dst.workload": self.workload.uid,
                  "dst.identity": str(self.workload.identity), "dst.addr": req.authority,
                  "src.addr": _addr(req.peer_addr), "src.workload": self._workload_at(req.peer_addr[0]),
-                 "src.identity": str(req.peer_identity), "security": "mutual_tls", **_result(res)}
+                 "src.identity": str(req.peer_identity), "security": "mutual_tls", **_result(res, client_side=False)}
         self.conn_log.record(entry)
 
 
-def _ip(s: str) -> Any:
-    import ipaddress
+def _ip(s: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(s)
 
 
@@ -380,13 +380,13 @@ def _addr(a: Any) -> str | None:
     return f"{a[0]}:{a[1]}" if a else None
 
 
-def _result(res: Any) -> dict[str, Any]:
-    out = {"bytes_sent": getattr(res, "sent", None), "bytes_recv": getattr(res, "received", None)}
-    if out["bytes_sent"] is None:  # TunnelResult naming
-        out = {"bytes_sent": getattr(res, "bytes_sent", None), "bytes_recv": getattr(res, "bytes_received", None)}
-    err = getattr(res, "error", None)
-    if err:
-        out["error"] = err
-    if getattr(res, "duration", None) is not None:
-        out["duration_ms"] = round(res.duration * 1000, 1)
+def _result(res: RelayResult | TunnelResult, *, client_side: bool = True) -> dict[str, Any]:
+    """Access-log fields of a finished relay or tunnel. `bytes_sent` always counts source ->
+    destination: a result owned by the server side of a tunnel counts the other way round."""
+    sent, recv = res.bytes_sent, res.bytes_received
+    if not client_side:
+        sent, recv = recv, sent
+    out: dict[str, Any] = {"bytes_sent": sent, "bytes_recv": recv, "duration_ms": round(res.duration * 1000, 1)}
+    if res.error:
+        out["error"] = res.error
     return out

@@ -21,9 +21,9 @@ LOW_WATER = 128 * 1024
 
 @dataclass(frozen=True, slots=True)
 class RelayResult:
-    sent: int
+    bytes_sent: int
     """Bytes from the downstream (first) side to the upstream side."""
-    received: int
+    bytes_received: int
     """Bytes from upstream back to downstream."""
     duration: float
     error: str | None = None
@@ -133,4 +133,4 @@ async def relay(downstream: asyncio.Transport, upstream: socket.socket) -> Relay
             if s.transport is not None and not s.transport.is_closing():
                 s.transport.abort()
     error = down.error or up.error
-    return RelayResult(sent=down.count, received=up.count, duration=time.monotonic() - t0, error=error)
+    return RelayResult(bytes_sent=down.count, bytes_received=up.count, duration=time.monotonic() - t0, error=error)

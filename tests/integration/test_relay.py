@@ -56,7 +56,7 @@ def test_relay_greeting_early_bytes_and_half_close(size):
             w.close()
         await asyncio.sleep(0.05)
         assert len(results) == 20
-        assert all(x.sent == size and x.received == size + 6 and x.error is None for x in results)
+        assert all(x.bytes_sent == size and x.bytes_received == size + 6 and x.error is None for x in results)
         proxy.close()
         app.close()
     uvloop.run(main())

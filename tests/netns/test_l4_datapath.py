@@ -173,7 +173,8 @@ def test_destination_ztunnel_records_the_client_identity(cluster):
     assert last["security"] == "mutual_tls"
     assert last["src.addr"].startswith(ip("m1") + ":")
     assert (last["src.workload"], last["src.namespace"]) == ("m1", "mesh")
-    assert last["bytes_sent"] > 0 and last["bytes_recv"] > 0 and "duration_ms" in last
+    # bytes_sent counts source -> destination: the client's 100 000 bytes; back: echo + greeting
+    assert last["bytes_sent"] == 100_000 and last["bytes_recv"] > 100_000 and "duration_ms" in last
 
 
 @pytest.mark.root
