@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import random
-import socket
 import ssl
 from typing import Any
 
+from ebpf import capture as ebpf_capture  # workers > 0: its original_dst() needs no Capture
 from ebpf import cgroup as cgroups
 from mesh import tls
 from mesh.admin_http import AdminServer, Response
@@ -79,19 +79,6 @@ def istio_fields(entry: dict[str, Any]) -> dict[str, Any]:
         if uid and "/" in uid:
             out[f"{side}.namespace"], _, out[f"{side}.workload"] = uid.partition("/")
     return out
-
-
-class _SockoptOriginalDst:
-    """SO_ORIGINAL_DST for workers that do not own the capture: the getsockopt program is
-    attached to the ztunnel cgroup, so any worker in it gets the answer."""
-
-    @staticmethod
-    def original_dst(sock: socket.socket) -> tuple[str, int]:
-        from ebpf.capture import original_dst
-        return original_dst(sock)
-
-
-_SOCKOPT = _SockoptOriginalDst()
 
 
 class _Tls:
@@ -235,7 +222,7 @@ class Ztunnel:
         ident = w.identity
         pp = PodProxy(w, netns=netns, state=self.state, pool=self.pool,
                       client_tls=lambda: self.tls.client(ident), server_tls=server_ctx,
-                      capture=self.capture or _SOCKOPT, trust_domain=self.cfg.trust_domain, conn_log=self.conn_log,
+                      capture=self.capture or ebpf_capture, trust_domain=self.cfg.trust_domain, conn_log=self.conn_log,
                       rng=self.rng)
         await pp.start()
         try:
