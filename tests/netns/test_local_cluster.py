@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -17,11 +16,10 @@ from mesh.admin_http import get_unix
 from mesh.cluster import api
 from mesh.cluster.paths import ClusterPaths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-AMBIENT = [sys.executable, "-m", "mesh.cli"]
+from .localcluster import LocalCluster
+
 NAME = f"it{os.getpid() % 100000}"
 PATHS = ClusterPaths(NAME)
-APPS = os.path.join(ROOT, "deploy", "local", "apps")
 
 CLUSTER_YAML = textwrap.dedent("""
     apiVersion: v1
@@ -67,16 +65,15 @@ CLUSTER_YAML = textwrap.dedent("""
     """)
 
 
-def ambient(*args, check=True, input=None, timeout=120):
-    p = subprocess.run([*AMBIENT, "-c", NAME, *args], capture_output=True, text=True, cwd=ROOT,
-                       input=input, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"ambient {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+C: LocalCluster = None  # set by the module fixture
+
+
+def ambient(*args, check=True):
+    return C.ambient(*args, check=check)
 
 
 def status():
-    return json.loads(ambient("status", "--json").stdout)
+    return C.status()
 
 
 def pod(st, name):
@@ -84,15 +81,11 @@ def pod(st, name):
 
 
 def dump(node):
-    status, body = asyncio.run(get_unix(os.path.join(PATHS.node_dir(node), "admin.sock"), "/config_dump"))
-    assert status == 200
-    return json.loads(body)
+    return C.admin(node)
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return str(path)
+def write(_dir, name, text):
+    return C.write(name, text)
 
 
 def leftovers():
@@ -114,18 +107,16 @@ def leftovers():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    global C
     d = tmp_path_factory.mktemp("cluster")
-    for f in ("echo.py", "client.py"):
-        os.symlink(os.path.join(APPS, f), d / f)
+    C = LocalCluster(NAME, d)
     (d / "cluster.yaml").write_text(CLUSTER_YAML)
     ambient("down", check=False)
     t0 = time.monotonic()
     ambient("up", str(d / "cluster.yaml"))
     print(f"ambient up took {time.monotonic() - t0:.1f}s")
     yield d
-    ambient("down", check=False)
-    import shutil
-    shutil.rmtree(PATHS.state_dir, ignore_errors=True)
+    C.destroy()
 
 
 @pytest.mark.root
