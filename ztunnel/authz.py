@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from mesh.identity import SpiffeId
 from mesh.model import Workload
 from mesh.model.policy import (ROOT_NAMESPACE, Action, AuthorizationPolicy, Condition, MtlsMode,
-                               Operation, PeerAuthentication, Rule, Source, StringMatch)
+                               Operation, PeerAuthentication, Rule, Source, StringMatch, ip_block)
 
 __all__ = ["Connection", "Decision", "applies", "effective_mtls", "evaluate"]
 
@@ -110,11 +110,9 @@ def _operation(o: Operation, c: Connection) -> bool:
 
 def _condition_value_matches(key: str, value: str, c: Connection) -> bool:
     if key == "source.ip":
-        net = ipaddress.IPv4Network(value if "/" in value else f"{value}/32", strict=False)
-        return c.src_ip in net
+        return c.src_ip in ip_block(value)
     if key == "destination.ip":
-        net = ipaddress.IPv4Network(value if "/" in value else f"{value}/32", strict=False)
-        return c.dst_ip in net
+        return c.dst_ip in ip_block(value)
     if key == "destination.port":
         return str(c.dst_port) == value
     if key == "source.namespace":

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..model import FrozenMap, ObjectMeta
 from ..model.policy import (L4_CONDITION_KEYS, Action, AuthorizationPolicy, Condition, MtlsMode,
-                            Operation, PeerAuthentication, Rule, Source, StringMatch, TargetRef)
+                            Operation, PeerAuthentication, Rule, Source, StringMatch, TargetRef, ip_block)
 from .source import Ctx, Path, describe, get_list, get_map, get_str, get_str_list
 
 __all__ = ["authorization_policy", "peer_authentication"]
@@ -44,7 +44,7 @@ def _blocks(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> tuple[ipaddress.IPv4N
     out = []
     for i, s in enumerate(get_str_list(ctx, m, path)):
         try:
-            out.append(ipaddress.IPv4Network(s, strict=False) if "/" in s else ipaddress.IPv4Network(f"{s}/32"))
+            out.append(ip_block(s))
         except ValueError:
             ctx.fail(path + (i,), f"must be an IPv4 address or CIDR, got {describe(s)}")
     if not out:
@@ -113,6 +113,12 @@ def _rule(ctx: Ctx, r: Any, path: Path) -> Rule:
         if key not in L4_CONDITION_KEYS:
             l7.append(f"when[{i}].{key}")
             continue
+        if key in ("source.ip", "destination.ip"):
+            for v in (values or ()) + (not_values or ()):
+                try:
+                    ip_block(v)
+                except ValueError:
+                    ctx.fail(wp, f"{key} values must be IPv4 addresses or CIDRs, got {describe(v)}")
         if key == "destination.port":
             for j, v in enumerate((values or ()) + (not_values or ())):
                 if not v.isdigit() or not 1 <= int(v) <= 65535:

@@ -17,7 +17,7 @@ from .resources import Resource
 
 __all__ = [
     "ROOT_NAMESPACE", "Action", "MatchKind", "StringMatch", "Source", "Operation", "Condition",
-    "Rule", "TargetRef", "AuthorizationPolicy", "MtlsMode", "PeerAuthentication", "L4_CONDITION_KEYS",
+    "Rule", "TargetRef", "ip_block", "AuthorizationPolicy", "MtlsMode", "PeerAuthentication", "L4_CONDITION_KEYS",
 ]
 
 ROOT_NAMESPACE = "istio-system"
@@ -73,6 +73,12 @@ class StringMatch:
 
 
 Networks = tuple[ipaddress.IPv4Network, ...]
+
+
+def ip_block(s: str) -> ipaddress.IPv4Network:
+    """An ipBlocks / source.ip value: an IPv4 address or CIDR (host bits allowed, as Istio's).
+    Raises ValueError."""
+    return ipaddress.IPv4Network(s if "/" in s else f"{s}/32", strict=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

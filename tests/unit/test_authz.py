@@ -206,6 +206,7 @@ def test_effective_mtls_default_is_permissive():
     (ap("x", "rules: [{to: [{operation: {ports: [http]}}]}]"), "spec.rules[0].to[0].operation.ports[0]", "port number"),
     (ap("x", "rules: [{from: [{source: {ipBlocks: [10.0.0.300]}}]}]"), "spec.rules[0].from[0].source.ipBlocks[0]", "IPv4"),
     (ap("x", "rules: [{when: [{key: source.ip}]}]"), "spec.rules[0].when[0]", "values"),
+    (ap("x", "rules: [{when: [{key: source.ip, values: [nope]}]}]"), "spec.rules[0].when[0]", "IPv4"),
     (ap("x", "selector: {matchLabels: {app: a}}\ntargetRefs: [{kind: Service, name: a}]"), "spec.selector", "mutually exclusive"),
     (pa("x", "mtls: {mode: STRICTER}"), "spec.mtls.mode", "STRICT"),
     (pa("x", "portLevelMtls: {8080: {mode: STRICT}}"), "spec.portLevelMtls", "selector"),
