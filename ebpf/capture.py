@@ -116,7 +116,7 @@ def _check_listener(sock: socket.socket, *, port: int, loopback: bool, netns_ino
                            f"{'127.0.0.1' if loopback else '0.0.0.0'}:{port}")
     if _sock_netns_ino(sock) != netns_ino:
         raise CaptureError("listener_wrong_netns", f"{what} listener is not in the pod's network "
-                           "namespace: create it with ebpf.netns.socket_in_netns(<pod netns>)")
+                           "namespace: create it with mesh.linux.netns.socket_in_netns(<pod netns>)")
 
 
 class Capture:

@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass, field
 
 from mesh import tls
-from mesh.ca import CertificateAuthority
+from controlplane.ca import CertificateAuthority
 from mesh.clock import SystemClock
 from mesh.hbone import HbonePool, HoldingProtocol, PoolKey, TunnelError, TunnelResult
 from mesh.identity import SpiffeId

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-plane", required=True, help="control plane Unix socket")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--no-tcp-admin", action="store_true", help="do not open 127.0.0.1:15000/15021")
-    p.add_argument("--cluster-prefix", default="", help="local cluster object prefix (amb-<cluster>)")
+    p.add_argument("--sandbox-dir", default="", help="pod sandbox records from the node agent (default RUN_DIR/pods)")
     p.add_argument("--pin-dir", default="", help="bpffs dir for pinned capture maps/links; empty: no capture")
     p.add_argument("--fail-open", action="store_true", help="uncaptured traffic passes while ztunnel is down")
     p.add_argument("--worker", type=int, default=0,
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = ZtunnelConfig(node=a.node, run_dir=a.run_dir, control_plane=a.control_plane,
                         trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
-                        cluster_prefix=a.cluster_prefix, pin_dir=a.pin_dir if a.worker == 0 else "",
+                        sandbox_dir=a.sandbox_dir, pin_dir=a.pin_dir if a.worker == 0 else "",
                         fail_open=a.fail_open, worker=a.worker)
     _tune_malloc()
     import uvloop
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         capture = None
         if cfg.pin_dir:
-            from ebpf import cgroup
+            from mesh.linux import cgroup
             from ebpf.capture import Capture
             capture = Capture(cfg.pin_dir, ztunnel_cgroup=cgroup.abspath(cgroup.cgroup_of(os.getpid()) or ""),
                               fail_open=cfg.fail_open)

@@ -17,15 +17,16 @@ import ssl
 from typing import Any
 
 from ebpf import capture as ebpf_capture  # workers > 0: its original_dst() needs no Capture
-from ebpf import cgroup as cgroups
+from mesh.linux import cgroup as cgroups
 from mesh import tls
 from mesh.admin_http import AdminServer, Response
 from mesh.ca import SecretManager, WorkloadCert
 from mesh.clock import Clock
-from mesh.cluster.network import ClusterNetwork
-from mesh.control.client import ControlPlaneClient
-from mesh.control.server import ALPN
+from mesh.distribution.client import ControlPlaneClient
+from mesh.distribution.protocol import ALPN
 from mesh.hbone import HbonePool
+from mesh.proxy.bootstrap import TlsContexts, load_bootstrap
+from mesh.sandbox import SandboxDir
 from mesh.identity import SpiffeId
 from mesh.model import TunnelProtocol, Workload
 from mesh.model.wire import to_wire
@@ -35,20 +36,11 @@ from .config import ZtunnelConfig
 from .inpod import PodProxy
 from .metrics import TcpMetrics
 
-__all__ = ["Ztunnel", "load_bootstrap"]
+__all__ = ["Ztunnel"]
 
 log = logging.getLogger("ambient.ztunnel")
 access = logging.getLogger("ambient.access")
 _SYNC_INTERVAL = 0.5
-
-
-def load_bootstrap(directory: str) -> tuple[WorkloadCert, bytes]:
-    """The node's bootstrap credential (key.pem, cert-chain.pem) and trust roots (root-cert.pem)."""
-    def read(name: str) -> bytes:
-        with open(os.path.join(directory, name), "rb") as f:
-            return f.read()
-    cert = WorkloadCert.from_pem(read("key.pem"), read("cert-chain.pem"))
-    return cert, read("root-cert.pem")
 
 
 class _ConnLog:
@@ -81,43 +73,6 @@ def istio_fields(entry: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Tls:
-    """TLS contexts per workload identity, rebuilt or reloaded when the certificate rotates."""
-
-    def __init__(self, secrets: SecretManager, roots: bytes) -> None:
-        self.secrets = secrets
-        self.roots = roots
-        self._client: dict[SpiffeId, tuple[WorkloadCert, ssl.SSLContext]] = {}
-        self._server: dict[SpiffeId, tuple[WorkloadCert, ssl.SSLContext]] = {}
-
-    async def server(self, ident: SpiffeId) -> ssl.SSLContext:
-        cert = await self.secrets.get(ident)
-        have = self._server.get(ident)
-        if have is None:
-            ctx = tls.server_context(cert, self.roots, alpn=("h2",))
-        else:
-            ctx = have[1]
-            if have[0] is not cert:
-                tls.load_cert(ctx, cert)  # listeners keep the context: load into it
-        self._server[ident] = (cert, ctx)
-        return ctx
-
-    async def refresh(self, ident: SpiffeId) -> None:
-        cert = await self.secrets.get(ident)
-        if ident in self._server:
-            await self.server(ident)
-        have = self._client.get(ident)
-        if have is None or have[0] is not cert:
-            self._client[ident] = (cert, tls.client_context(cert, self.roots, alpn=("h2",)))
-
-    def client(self, ident: SpiffeId) -> ssl.SSLContext:
-        return self._client[ident][1]
-
-    def forget(self, ident: SpiffeId) -> None:
-        self._client.pop(ident, None)
-        self._server.pop(ident, None)
-
-
 class Ztunnel:
     """One node's ztunnel."""
 
@@ -132,12 +87,12 @@ class Ztunnel:
             trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng,
             on_update=self._on_update)
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
-        self.tls = _Tls(self.secrets, self._roots)
+        self.tls = TlsContexts(self.secrets, self._roots)
         self.pool = HbonePool()
         self.metrics = TcpMetrics()
         self.conn_log = _ConnLog(self.metrics)
         self.capture = capture
-        self.net = ClusterNetwork(cfg.cluster_prefix) if cfg.cluster_prefix else None
+        self.sandboxes = SandboxDir(cfg.sandbox_dir)
         self.pods: dict[str, PodProxy] = {}
         self.enroll_errors: dict[str, str] = {}
         self._wanted: set[SpiffeId] = set()
@@ -213,10 +168,12 @@ class Ztunnel:
             await self.tls.refresh(ident)
 
     async def _enroll(self, w: Workload) -> None:
-        assert self.net is not None
-        netns = self.net.pod_netns(w.uid)
-        if not os.path.exists(os.path.join("/var/run/netns", netns)):
-            raise RuntimeError(f"pod netns {netns} not there yet")
+        sb = self.sandboxes.get(w.uid)
+        if sb is None:
+            raise RuntimeError(f"no sandbox record for pod {w.uid} yet (the node agent writes it)")
+        if not os.path.exists(sb.netns):
+            raise RuntimeError(f"pod netns {sb.netns} not there yet")
+        netns = sb.netns
         server_ctx = await asyncio.wait_for(self.tls.server(w.identity), 10)
         await self.tls.refresh(w.identity)
         ident = w.identity
@@ -227,8 +184,7 @@ class Ztunnel:
         await pp.start()
         try:
             if self.capture is not None:
-                self.capture.enroll(w.uid, cgroup=self.net.pod_cgroup(w.uid),
-                                    netns_path=os.path.join("/var/run/netns", netns), pod_ip=str(w.ip),
+                self.capture.enroll(w.uid, cgroup=sb.cgroup, netns_path=sb.netns, pod_ip=str(w.ip),
                                     outbound=pp.sockets["outbound"], inbound=pp.sockets["inbound"],
                                     hbone=pp.sockets["hbone"])
         except BaseException:

@@ -24,9 +24,9 @@ class ZtunnelConfig:
     """`GET /healthz/ready` on 127.0.0.1 of the node's network namespace."""
     listen_tcp: bool = True
     """Open the node-local TCP admin/readiness ports (off in tests run outside a node netns)."""
-    cluster_prefix: str = ""
-    """Prefix of the local cluster's namespaces and cgroups: how ztunnel finds a pod's netns
-    and cgroup (Istio's CNI agent hands over the netns instead; local mode derives it)."""
+    sandbox_dir: str = ""
+    """Where the node agent writes each pod's netns and cgroup (mesh/sandbox.py); default
+    `<run_dir>/pods` (Istio's CNI agent hands the netns over a socket instead)."""
     pin_dir: str = ""
     """bpffs directory for this node's pinned eBPF maps and links ("" = no eBPF capture)."""
     fail_open: bool = False
@@ -40,6 +40,10 @@ class ZtunnelConfig:
     def admin_socket(self) -> str:
         name = "admin.sock" if self.worker == 0 else f"admin-{self.worker}.sock"
         return os.path.join(self.run_dir, name)
+
+    def __post_init__(self) -> None:
+        if not self.sandbox_dir:
+            object.__setattr__(self, "sandbox_dir", os.path.join(self.run_dir, "pods"))
 
     @property
     def bootstrap_dir(self) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ebpf.netns import socket_in_netns
+from mesh.linux.netns import socket_in_netns
 from mesh.hbone import (ConnectRequest, HbonePool, HboneServer, HoldingProtocol, PoolKey, Reject, Rejection,
                         TunnelError, TunnelResult)
 from mesh.model import Workload

@@ -25,9 +25,9 @@ sys.path.insert(0, ROOT)  # runnable as a script from a checkout
 
 from mesh.ca import CertificateAuthority  # noqa: E402
 from mesh.clock import SystemClock  # noqa: E402
-from mesh.cluster import api, procs  # noqa: E402
-from mesh.cluster.network import ClusterNetwork  # noqa: E402
-from mesh.cluster.paths import ClusterPaths, check_cluster_name  # noqa: E402
+from localcluster import api, procs  # noqa: E402
+from localcluster.network import ClusterNetwork  # noqa: E402
+from localcluster.paths import ClusterPaths, check_cluster_name  # noqa: E402
 from mesh.identity import SpiffeId  # noqa: E402
 
 SETUPS = ("direct", "ambient", "envoy")
@@ -75,7 +75,7 @@ class Cluster:
         self.name = name
 
     def cli(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-        p = subprocess.run([sys.executable, "-m", "mesh.cli", "-c", self.name, *args], cwd=ROOT,
+        p = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", self.name, *args], cwd=ROOT,
                            capture_output=True, text=True, timeout=timeout)
         if check and p.returncode != 0:
             raise SetupError(f"ambient {' '.join(args)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")

@@ -202,7 +202,7 @@ def test_a_process_using_the_pins_maps_no_bcc_or_llvm(built):
     pin, _ = built
     code = textwrap.dedent(f"""
         import json, sys
-        import ztunnel.__main__, ztunnel.app, ebpf.capture, ebpf.cgroup
+        import ztunnel.__main__, ztunnel.app, ebpf.capture, mesh.linux.cgroup
         from ebpf import loader, maps
         p = loader.Programs({pin!r}, {_cflags(pin)!r})
         p.load_all()

@@ -16,7 +16,7 @@ import uvloop
 from cryptography import x509
 
 from mesh import tls
-from mesh.ca import CertificateAuthority
+from controlplane.ca import CertificateAuthority
 from mesh.hbone import HbonePool, HboneServer, PoolKey, Rejection, TunnelError
 from mesh.hbone.client import establish
 from mesh.hbone.connection import ConnectionConfig

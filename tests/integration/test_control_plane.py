@@ -9,11 +9,13 @@ import time
 import pytest
 
 from mesh import tls
-from mesh.ca import CertificateAuthority, build_csr, generate_key
+from controlplane.ca import CertificateAuthority
+from mesh.ca import build_csr, generate_key
 from mesh.ca.certs import identity_from_cert
 from mesh.clock import SystemClock
-from mesh.control.client import CertificateRefused, ControlPlaneClient, NotConnected
-from mesh.control.server import ALPN, ControlPlane
+from mesh.distribution.client import CertificateRefused, ControlPlaneClient, NotConnected
+from controlplane.server import ControlPlane
+from mesh.distribution.protocol import ALPN
 from mesh.identity import NodeId, SpiffeId
 from mesh.model import Container, FrozenMap, Namespace, ObjectMeta, Pod
 from mesh.state import ProxyState

@@ -63,7 +63,7 @@ class Ztunnel:
         self.pods: dict[str, dict] = {}
 
     def upstream(self, pod: dict, bind_pod_ip: bool) -> socket.socket:
-        from ebpf.netns import socket_in_netns
+        from mesh.linux.netns import socket_in_netns
         s = socket_in_netns(pod["netns"])     # ztunnel dials from inside the pod netns
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
         s.settimeout(5)
@@ -125,7 +125,7 @@ class Ztunnel:
             threading.Thread(target=handler, args=(conn, pod), daemon=True).start()
 
     def enroll(self, uid: str, netns: str, netns_path: str, cgroup: str, ip: str) -> dict:
-        from ebpf.netns import socket_in_netns
+        from mesh.linux.netns import socket_in_netns
         if uid in self.pods:   # enroll again with the same listeners (idempotency check)
             out, inb, hb = self.pods[uid]["listeners"]
             self.cap.enroll(uid, cgroup=cgroup, netns_path=netns_path, pod_ip=ip, outbound=out,

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from ebpf import cgroup, netns
+from mesh.linux import cgroup, netns
 from ebpf.capture import Capture, CaptureError, teardown_pins
-from mesh.cluster import procs
-from mesh.cluster.addressing import ClusterAddressing
-from mesh.cluster.network import ClusterNetwork, PodNet
+from localcluster import procs
+from localcluster.addressing import ClusterAddressing
+from localcluster.network import ClusterNetwork, PodNet
 
 pytestmark = pytest.mark.root
 

@@ -23,17 +23,18 @@ import time
 import hpack
 import pytest
 
-from ebpf.netns import socket_in_netns
+from mesh.linux.netns import socket_in_netns
 from mesh import tls
-from mesh.ca import CertificateAuthority, build_csr, generate_key
+from controlplane.ca import CertificateAuthority
+from mesh.ca import build_csr, generate_key
 from mesh.clock import SystemClock
-from mesh.control.client import CertificateRefused, ControlPlaneClient
-from mesh.control.server import ALPN
+from mesh.distribution.client import CertificateRefused, ControlPlaneClient
+from mesh.distribution.protocol import ALPN
 from mesh.state import ProxyState
-from ztunnel.app import load_bootstrap
+from mesh.proxy.bootstrap import load_bootstrap
 from mesh.hbone import frames as f
 from mesh.identity import SpiffeId
-from tests.netns.localcluster import LocalCluster, pod_yaml, wait_for
+from tests.netns.cluster_helper import LocalCluster, pod_yaml, wait_for
 
 NAME = f"hi{os.getpid() % 100000}"
 TIMEOUT = 1.0          # ZTUNNEL_HANDSHAKE_TIMEOUT for this cluster
@@ -95,7 +96,7 @@ def cluster(tmp_path_factory):
     env = dict(os.environ, ZTUNNEL_HANDSHAKE_TIMEOUT=str(TIMEOUT))
     import subprocess
     import sys
-    p = subprocess.run([sys.executable, "-m", "mesh.cli", "-c", NAME, "up", str(d / "cluster.yaml")],
+    p = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", NAME, "up", str(d / "cluster.yaml")],
                        capture_output=True, text=True, timeout=120, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     try:

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from mesh.cluster.paths import ClusterPaths
+from localcluster.paths import ClusterPaths
 
-from .localcluster import LocalCluster, pod_yaml, wait_for
+from .cluster_helper import LocalCluster, pod_yaml, wait_for
 
 NAME = f"l4{os.getpid() % 100000}"
 PATHS = ClusterPaths(NAME)

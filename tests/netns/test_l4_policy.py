@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from mesh.cluster import api
+from localcluster import api
 
-from .localcluster import (LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml,
+from .cluster_helper import (LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml,
                            wait_for)
 
 NAME = f"po{os.getpid() % 100000}"

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from mesh.admin_http import get_unix
-from mesh.cluster import api
-from mesh.cluster.paths import ClusterPaths
+from localcluster import api
+from localcluster.paths import ClusterPaths
 
-from .localcluster import LocalCluster
+from .cluster_helper import LocalCluster
 
 NAME = f"it{os.getpid() % 100000}"
 PATHS = ClusterPaths(NAME)
@@ -95,7 +95,7 @@ def leftovers():
     out += [l for l in ns.splitlines() if l.split()[0].startswith(PATHS.prefix)]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     out += [l for l in links.splitlines() if PATHS.prefix in l]
-    from ebpf import cgroup
+    from mesh.linux import cgroup
     cg = os.path.join(cgroup.cgroup2_root(), PATHS.prefix)
     if os.path.exists(cg):
         out.append(cg)

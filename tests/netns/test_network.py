@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from ebpf import cgroup, netns
-from mesh.cluster import network as network_mod
-from mesh.cluster import procs
-from mesh.cluster.addressing import ClusterAddressing
-from mesh.cluster.network import ClusterNetwork, NetworkError, PodNet, uid_hash
+from mesh.linux import cgroup, netns
+from localcluster import network as network_mod
+from localcluster import procs
+from localcluster.addressing import ClusterAddressing
+from localcluster.network import ClusterNetwork, NetworkError, PodNet, uid_hash
 
 pytestmark = pytest.mark.root
 
@@ -341,9 +341,9 @@ def test_crash_recovery_from_a_killed_builder(cluster):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parents[2])!r})
-        from mesh.cluster.addressing import ClusterAddressing
-        from mesh.cluster.network import ClusterNetwork
-        from mesh.cluster import procs
+        from localcluster.addressing import ClusterAddressing
+        from localcluster.network import ClusterNetwork
+        from localcluster import procs
         addr, net = ClusterAddressing(), ClusterNetwork({cluster.prefix!r})
         for n in addr.add_nodes([("x", None), ("y", None)]):
             net.add_node(n.name, n.ip, n.pod_cidr, addr.routes_for(n.name))
@@ -385,7 +385,7 @@ def test_prefixes_do_not_claim_each_other():
     assert net.node_netns("Weird_Name") == f"amb-demo-n-{uid_hash('Weird_Name')}"
 
 
-# ---- ebpf.netns / ebpf.cgroup helpers ----------------------------------------------------------
+# ---- mesh.linux.netns / mesh.linux.cgroup helpers ----------------------------------------------------------
 
 @pytest.fixture
 def scratch_netns():

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from .localcluster import LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, wait_for
+from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, wait_for
 
 NAME = f"wk{os.getpid() % 100000}"
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("mesh", ambient=True) + namespace_yaml("plain")

@@ -1,4 +1,4 @@
-"""Table tests of the pure address planning in mesh.cluster.addressing."""
+"""Table tests of the pure address planning in localcluster.addressing."""
 from __future__ import annotations
 
 from ipaddress import IPv4Address as A
@@ -6,7 +6,7 @@ from ipaddress import IPv4Network as N
 
 import pytest
 
-from mesh.cluster.addressing import (AddressError, AddressInUse, AddressPlan, AddressPool,
+from localcluster.addressing import (AddressError, AddressInUse, AddressPlan, AddressPool,
                                      ClusterAddressing, PoolExhausted, check_pod_ip, gateway_of,
                                      pod_ip_bounds)
 

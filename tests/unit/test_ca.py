@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mesh.ca import (DEFAULT_TTL, CAError, CertificateAuthority, WorkloadCert, build_csr,
-                     generate_key, identity_from_der, key_to_pem)
+from controlplane.ca import DEFAULT_TTL, CAError, CertificateAuthority
+from mesh.ca import WorkloadCert, build_csr, generate_key, identity_from_der, key_to_pem
 from mesh.identity import IdentityError, NodeId, SpiffeId
 from tests.fakes import FakeClock, make_intermediate
 

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from mesh.control.protocol import (MAX_FRAME, CertificateRequest, CertificateResponse, Delta,
+from mesh.distribution.protocol import (MAX_FRAME, CertificateRequest, CertificateResponse, Delta,
                                    FrameDecoder, ProtocolError, Snapshot, Subscribe, decode, encode)
 from mesh.identity import SpiffeId
 from mesh.model import (Endpoint, FrozenMap, Namespace, ObjectMeta, PolicyObject, ServiceInfo,

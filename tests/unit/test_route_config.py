@@ -8,8 +8,8 @@ import pytest
 
 from mesh.config import REASONS, ConfigError, ConfigErrors, load_text
 from mesh.config.route import parse_gep2257, parse_go_duration
-from mesh.control.protocol import Snapshot
-from mesh.control.translate import translate
+from mesh.distribution.protocol import Snapshot
+from controlplane.translate import translate
 from mesh.model import FrozenMap, ObjectMeta
 from mesh.model.route import (BackendRef, ConnectionPool, DestinationRule, HeaderMatch,
                               HeaderModifier, HTTPFilters, HTTPRoute, HTTPRouteMatch,

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from mesh.ca import CertificateAuthority, SecretError, SecretManager, build_csr, generate_key
+from controlplane.ca import CertificateAuthority
+from mesh.ca import SecretError, SecretManager, build_csr, generate_key
 from mesh.identity import NodeId, SpiffeId
 from tests.fakes import FakeClock
 

@@ -13,7 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mesh import tls
-from mesh.ca import CertificateAuthority, WorkloadCert, key_to_pem
+from controlplane.ca import CertificateAuthority
+from mesh.ca import WorkloadCert, key_to_pem
 from mesh.clock import SystemClock
 from mesh.identity import NodeId, SpiffeId
 from tests.fakes import make_intermediate

@@ -3,9 +3,9 @@ import ipaddress
 
 import pytest
 
-from mesh.control.csr_authz import CsrDenied, authorize_csr
-from mesh.control.protocol import Delta, Snapshot
-from mesh.control.translate import diff, translate
+from controlplane.csr_authz import CsrDenied, authorize_csr
+from mesh.distribution.protocol import Delta, Snapshot
+from controlplane.translate import diff, translate
 from mesh.identity import NodeId, SpiffeId
 from mesh.model import (Container, FrozenMap, Namespace, ObjectMeta, Pod, Service, ServicePort,
                         TunnelProtocol)

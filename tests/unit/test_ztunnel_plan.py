@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from mesh.control.protocol import Snapshot
-from mesh.control.translate import translate
+from mesh.distribution.protocol import Snapshot
+from controlplane.translate import translate
 from mesh.model import (Container, FrozenMap, Namespace, ObjectMeta, Pod, Service, ServicePort)
 from mesh.state import ProxyState
 from ztunnel.inbound.validate import BadAuthority, target_of

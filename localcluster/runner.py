@@ -18,6 +18,7 @@ import asyncio
 import copy
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -27,26 +28,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..admin_http import get_unix
-from ..ca import CertificateAuthority
-from ..clock import Clock
-from ..config import ConfigError, ConfigErrors, Loaded, parse_text, validate_batch, validate_deletion
-from ..control.server import ControlPlane
-from ..control.translate import enrolled
-from ..identity import NodeId
-from ..model import Namespace, Node, Pod, Resource, ResourceKey, Service
-from . import procs
-from .api import ApiError
-from .addressing import AddressError, AddressPlan, ClusterAddressing
-from .network import ClusterNetwork
-from .paths import ClusterPaths
-from .store import ResourceStore
+from mesh.admin_http import get_unix
+from controlplane.ca import CertificateAuthority
+from mesh.clock import Clock
+from mesh.config import ConfigError, ConfigErrors, Loaded, parse_text, validate_batch, validate_deletion
+from controlplane.server import ControlPlane
+from controlplane.translate import enrolled
+from mesh.identity import NodeId
+from mesh.model import Namespace, Node, Pod, Resource, ResourceKey, Service
+from mesh.sandbox import Sandbox, SandboxDir
+from localcluster.api import ApiError
+from localcluster.addressing import AddressError, AddressPlan, ClusterAddressing
+from localcluster.network import ClusterNetwork
+from localcluster.paths import ClusterPaths
+from controlplane.store import ResourceStore
+from localcluster.system import Proc, ProcSpec, SystemWorkload, restart_delay
 
 __all__ = ["ClusterSettings", "Runner"]
 
 log = logging.getLogger("ambient.runner")
 _BOOTSTRAP_TTL = 30 * 24 * 3600.0
-_RESTART_BACKOFF_MAX = 30.0
 _READY_TIMEOUT = 30.0
 
 
@@ -66,40 +67,12 @@ class ClusterSettings:
 
 
 @dataclass(slots=True)
-class _Proc:
-    """A supervised process: restarted with backoff when it exits."""
-
-    argv: list[str]
-    netns: str | None
-    cgroup: str | None
-    env: dict[str, str]
-    cwd: str | None
-    log_path: str
-    popen: Any = None
-    restarts: int = 0
-    last_exit: int | None = None
-    next_start: float = 0.0
-
-    def start(self) -> None:
-        self.popen = procs.spawn(self.argv, netns=self.netns, cgroup=self.cgroup, env=self.env,
-                                 cwd=self.cwd, log_path=self.log_path)
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.popen is not None:
-            procs.stop(self.popen)
-
-
-@dataclass(slots=True)
 class _PodRt:
     uid: str
     node: str
     ip: ipaddress.IPv4Address
     net: Any
-    containers: dict[str, _Proc]
+    containers: dict[str, Proc]
 
 
 class Runner:
@@ -117,10 +90,9 @@ class Runner:
         self.cp = ControlPlane(ca=self.ca, socket_path=paths.control_plane_socket, clock=clock,
                                cert_ttl=settings.cert_ttl)
         self.store.watch(self.cp.resources_changed)
-        self._ztunnels: dict[str, _Proc] = {}
-        """Worker 0 of each node's ztunnel (it owns capture and the admin socket)."""
-        self._workers: dict[str, list[_Proc]] = {}
-        """Further ztunnel workers per node (settings.ztunnel_workers - 1)."""
+        self._system: dict[tuple[str, str], list[Proc]] = {}
+        """Running system workloads by (kind, target): ztunnel per node (replica 0 owns
+        capture and the node's admin ports, the others are SO_REUSEPORT workers)."""
         self._pods: dict[str, _PodRt] = {}
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
@@ -142,11 +114,11 @@ class Runner:
         for rt in self._pods.values():
             for c in rt.containers.values():
                 c.stop()
-        for z in [*self._ztunnels.values(), *(w for ws in self._workers.values() for w in ws)]:
-            z.stop()
-        self._workers.clear()
+        for replicas in self._system.values():
+            for z in replicas:
+                z.stop()
+        self._system.clear()
         self._pods.clear()
-        self._ztunnels.clear()
         await asyncio.to_thread(self.net.teardown)
         remove_pins(self.paths.bpf_pin_dir)
 
@@ -272,13 +244,13 @@ class Runner:
         pods = {f"{p.namespace}/{p.name}": p for p in self.store.of(Pod)}
         for uid in [u for u in self._pods if u not in pods]:
             await self._remove_pod(uid)
-        for name in [n for n in self._ztunnels if n not in nodes]:
+        for name in [n for n in self._nodes() if n not in nodes]:
             await self._remove_node(name)
-        added = [n for n in nodes if n not in self._ztunnels]
+        added = [n for n in nodes if n not in self._nodes()]
         for name in added:
             await self._add_node(name)
         if added:
-            for name in self._ztunnels:
+            for name in self._nodes():
                 await asyncio.to_thread(self.net.update_routes, name, self._routes(name))
         for uid, p in pods.items():
             if uid not in self._pods:
@@ -292,23 +264,47 @@ class Runner:
         await asyncio.to_thread(self.net.add_node, name, na.ip, na.pod_cidr, self._routes(name))
         ndir = self.paths.node_dir(name)
         self._write_bootstrap(name, os.path.join(ndir, "bootstrap"))
-        argv = [sys.executable, "-m", "ztunnel", "--node", name, "--run-dir", ndir,
-                "--control-plane", self.paths.control_plane_socket,
-                "--trust-domain", self.settings.trust_domain, "--cluster-prefix", self.paths.prefix]
-        procs_ = []
-        for i in range(self.settings.ztunnel_workers):
-            extra = (["--pin-dir", os.path.join(self.paths.bpf_pin_dir, name),
-                      *(["--fail-open"] if self.settings.fail_open else [])] if i == 0
-                     else ["--worker", str(i)])
-            suffix = "" if i == 0 else f"-{i}"
-            z = _Proc(argv=argv + extra, netns=self.net.node_netns(name), cgroup=self.net.ztunnel_cgroup(name),
-                      env=_base_env() | _ztunnel_env(), cwd=None,
-                      log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{name}{suffix}.log"))
-            z.start()
-            procs_.append(z)
-        self._ztunnels[name] = procs_[0]
-        self._workers[name] = procs_[1:]
+        self._start_system(self._ztunnel_workload(name))
         log.info("node %s up: ip %s pods %s", name, na.ip, na.pod_cidr)
+
+    def _nodes(self) -> list[str]:
+        return [target for kind, target in self._system if kind == "ztunnel"]
+
+    def _ztunnel_workload(self, node: str) -> SystemWorkload:
+        """A node's ztunnel (the DaemonSet pod): `ztunnel_workers` replicas in the node netns."""
+        ndir = self.paths.node_dir(node)
+        argv = (sys.executable, "-m", "ztunnel", "--node", node, "--run-dir", ndir,
+                "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain)
+        env = tuple(sorted((_base_env() | _ztunnel_env()).items()))
+        replicas = []
+        for i in range(self.settings.ztunnel_workers):
+            extra = (("--pin-dir", os.path.join(self.paths.bpf_pin_dir, node),
+                      *(("--fail-open",) if self.settings.fail_open else ())) if i == 0
+                     else ("--worker", str(i)))
+            suffix = "" if i == 0 else f"-{i}"
+            replicas.append(ProcSpec(
+                argv=argv + extra, netns=self.net.node_netns(node), cgroup=self.net.ztunnel_cgroup(node),
+                env=env, log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{node}{suffix}.log"),
+                admin_socket=os.path.join(ndir, "admin.sock" if i == 0 else f"admin-{i}.sock"),
+                label=f"ztunnel on {node}" + (f" (worker {i})" if i else "")))
+        return SystemWorkload(kind="ztunnel", target=node, replicas=tuple(replicas))
+
+    def _start_system(self, sw: SystemWorkload) -> None:
+        started = []
+        try:
+            for spec in sw.replicas:
+                p = Proc.of(spec)
+                p.start()
+                started.append(p)
+        except BaseException:
+            for p in started:
+                p.stop()
+            raise
+        self._system[sw.key] = started
+
+    def _stop_system(self, kind: str, target: str) -> None:
+        for p in self._system.pop((kind, target), []):
+            p.stop()
 
     def _write_bootstrap(self, node: str, directory: str) -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -322,8 +318,7 @@ class Runner:
                 f.write(data)
 
     async def _remove_node(self, name: str) -> None:
-        for z in [self._ztunnels.pop(name), *self._workers.pop(name, [])]:
-            z.stop()
+        self._stop_system("ztunnel", name)
         await asyncio.to_thread(self.net.remove_node, name)
         remove_pins(os.path.join(self.paths.bpf_pin_dir, name))
         shutil.rmtree(self.paths.node_dir(name), ignore_errors=True)
@@ -339,7 +334,7 @@ class Runner:
         for c in pod.containers:
             if not c.argv:
                 continue  # no command: the image's entrypoint, which local mode has not got
-            proc = _Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup,
+            proc = Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup,
                          env=env | dict(c.env), cwd=c.working_dir or pod.source_dir or None,
                          log_path=self.paths.container_log(pod.namespace, pod.name, c.name))
             try:
@@ -350,26 +345,32 @@ class Runner:
             containers[c.name] = proc
         self._pods[uid] = _PodRt(uid=uid, node=pod.node_name, ip=pod.pod_ip, net=podnet,
                                  containers=containers)
+        # The CNI's hand-over to the node proxy: where this pod's netns and cgroup are.
+        self._sandboxes(pod.node_name).write(Sandbox(uid=uid, netns=podnet.netns_path, cgroup=podnet.cgroup))
         log.info("pod %s up on %s at %s", uid, pod.node_name, pod.pod_ip)
 
     async def _remove_pod(self, uid: str) -> None:
         rt = self._pods.pop(uid)
+        self._sandboxes(rt.node).remove(uid)
         for c in rt.containers.values():
             c.stop()
         await asyncio.to_thread(self.net.remove_pod, uid)
         log.info("pod %s removed", uid)
+
+    def _sandboxes(self, node: str) -> SandboxDir:
+        return SandboxDir(os.path.join(self.paths.node_dir(node), "pods"))
 
     async def _supervise(self) -> None:
         """Restart exited containers and ztunnels with capped exponential backoff."""
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
-            procs_ = [*self._ztunnels.values(), *(w for ws in self._workers.values() for w in ws),
+            procs_ = [*(p for replicas in self._system.values() for p in replicas),
                       *(c for rt in self._pods.values() for c in rt.containers.values())]
             for p in procs_:
                 if p.popen is not None and p.popen.poll() is not None and p.next_start == 0.0:
                     p.last_exit = p.popen.returncode
-                    p.next_start = now + min(_RESTART_BACKOFF_MAX, 2.0 ** min(p.restarts, 5))
+                    p.next_start = now + restart_delay(p.restarts)
                     log.warning("%s exited with %s; restarting in %.0fs", p.argv[:3], p.last_exit,
                                 p.next_start - now)
                 elif p.next_start and now >= p.next_start:
@@ -379,18 +380,17 @@ class Runner:
                         p.start()
                     except OSError as e:
                         log.warning("restart of %s failed: %s", p.argv[:3], e)
-                        p.next_start = now + _RESTART_BACKOFF_MAX
+                        p.next_start = now + restart_delay(99)
 
     # -- readiness and status --
 
-    async def _ztunnel_dump(self, node: str, worker: int = 0) -> dict[str, Any] | None:
-        sock = "admin.sock" if worker == 0 else f"admin-{worker}.sock"
+    async def _dump(self, admin_socket: str | None) -> dict[str, Any] | None:
+        if admin_socket is None:
+            return None
         try:
-            status, body = await get_unix(os.path.join(self.paths.node_dir(node), sock),
-                                          "/config_dump", timeout=2)
+            status, body = await get_unix(admin_socket, "/config_dump", timeout=2)
         except (OSError, asyncio.TimeoutError):
             return None
-        import json
         return json.loads(body) if status == 200 else None
 
     async def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
@@ -398,11 +398,11 @@ class Runner:
         deadline = time.monotonic() + timeout
         while True:
             pending = []
-            for node in list(self._ztunnels):
-                for w in range(1 + len(self._workers.get(node, []))):
-                    d = await self._ztunnel_dump(node, w)
+            for replicas in list(self._system.values()):
+                for p in replicas:
+                    d = await self._dump(p.admin_socket)
                     if d is None or d.get("version", 0) < self.cp.version:
-                        pending.append(f"ztunnel on {node}" + (f" (worker {w})" if w else ""))
+                        pending.append(p.label)
             for rt in self._pods.values():
                 for name, c in rt.containers.items():
                     if not c.running:
@@ -418,14 +418,15 @@ class Runner:
         nss = {n.name: n for n in self.store.of(Namespace)}
         nodes = []
         for na in self.addr.nodes:
-            z = self._ztunnels.get(na.name)
-            dump = await self._ztunnel_dump(na.name)
+            replicas = self._system.get(("ztunnel", na.name), [])
+            z = replicas[0] if replicas else None
+            dump = await self._dump(z.admin_socket if z else None)
             nodes.append({
                 "name": na.name, "ip": str(na.ip), "pod_cidr": str(na.pod_cidr),
                 "netns": self.net.node_netns(na.name),
                 "ztunnel": {"running": bool(z and z.running), "restarts": z.restarts if z else 0,
                             "pid": z.popen.pid if z and z.popen else None,
-                            "workers": 1 + len(self._workers.get(na.name, [])),
+                            "workers": len(replicas),
                             "ready": bool(dump and dump.get("synced")),
                             "connected": bool(dump and dump.get("connected")),
                             "version": dump.get("version") if dump else None,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..identity import NodeId, SpiffeId
-from ..model import Pod
+from mesh.identity import NodeId, SpiffeId
+from mesh.model import Pod
 
 __all__ = ["CsrDenied", "authorize_csr"]
 

@@ -60,7 +60,7 @@ def pod_argv(argv: Sequence[str], *, netns: str | None, cgroup: str | None) -> l
     for callers that exec it themselves, such as `ambient exec`."""
     ns_path = ""
     if netns is not None:
-        from ebpf.netns import netns_path
+        from mesh.linux.netns import netns_path
         ns_path = netns_path(netns)
     return ["/bin/sh", "-c", _WRAPPER, "mesh-spawn", cgroup or "", ns_path,
             shutil.which("nsenter") or "nsenter", *argv]
@@ -80,7 +80,7 @@ def spawn(argv: Sequence[str], *, netns: str | None, cgroup: str | None,
         raise SpawnError(f"working directory {cwd!r} does not exist")
     ns_path = ""
     if netns is not None:
-        from ebpf.netns import netns_path  # local import: procs is usable without pyroute2
+        from mesh.linux.netns import netns_path  # local import: procs is usable without pyroute2
         ns_path = netns_path(netns)
         if not os.path.exists(ns_path):
             raise SpawnError(f"netns {netns!r} does not exist")

@@ -1,4 +1,4 @@
-"""The runner daemon process: `python -m mesh.cluster.daemon --cluster NAME ...` (started by `ambient up`)."""
+"""The runner daemon process: `python -m localcluster.daemon --cluster NAME ...` (started by `ambient up`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,10 @@ import signal
 import sys
 from typing import Any
 
-from ..clock import SystemClock
-from .api import ApiError, ApiServer
-from .paths import ClusterPaths, check_cluster_name
-from .runner import ClusterSettings, Runner
+from mesh.clock import SystemClock
+from localcluster.api import ApiError, ApiServer
+from localcluster.paths import ClusterPaths, check_cluster_name
+from localcluster.runner import ClusterSettings, Runner
 
 log = logging.getLogger("ambient.runner")
 
@@ -81,7 +81,7 @@ async def serve(paths: ClusterPaths, settings: ClusterSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mesh.cluster.daemon")
+    p = argparse.ArgumentParser(prog="localcluster.daemon")
     p.add_argument("--cluster", required=True, type=check_cluster_name)
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--cert-ttl", type=float, default=24 * 3600.0)

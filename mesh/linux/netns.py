@@ -53,7 +53,10 @@ def _check_name(name: str) -> str:
 
 
 def netns_path(name: str) -> str:
-    """The bind-mount path of the named netns (it need not exist)."""
+    """The bind-mount path of the named netns (it need not exist). An absolute path (a CNI
+    netns path such as /var/run/netns/cni-..., or /proc/<pid>/ns/net) is returned as is."""
+    if isinstance(name, str) and name.startswith("/"):
+        return name
     return os.path.join(NETNS_DIR, _check_name(name))
 
 
@@ -105,7 +108,8 @@ def _setns(fd: int) -> None:
 
 @contextmanager
 def in_netns(name: str) -> Iterator[str]:
-    """Run the block with the calling thread inside the named netns; yields its path.
+    """Run the block with the calling thread inside the named netns (or the netns at an
+    absolute path); yields its path.
 
     The thread's original netns is restored on exit, even if the block raises.  Only this
     thread moves; other threads of the process are unaffected.
@@ -136,7 +140,8 @@ def in_netns(name: str) -> Iterator[str]:
 
 def socket_in_netns(name: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
                     proto: int = 0) -> socket.socket:
-    """A new socket living in the named netns (it stays there after this returns)."""
+    """A new socket living in the named netns, or the one at an absolute path (it stays
+    there after this returns)."""
     with in_netns(name):
         return socket.socket(family, type, proto)
 

@@ -19,20 +19,20 @@ import ssl
 from collections.abc import Iterable
 from typing import Any
 
-from .. import tls
-from ..ca import CAError, CertificateAuthority, WorkloadCert
-from ..clock import Clock
-from ..identity import CONTROL_PLANE_ID, NodeId, SpiffeId
-from ..model import Pod, Resource
-from .csr_authz import CsrDenied, authorize_csr
-from .protocol import (CertificateRequest, CertificateResponse, Delta, FrameDecoder, ProtocolError,
+from mesh import tls
+from controlplane.ca import CAError, CertificateAuthority
+from mesh.ca import WorkloadCert
+from mesh.clock import Clock
+from mesh.identity import CONTROL_PLANE_ID, NodeId, SpiffeId
+from mesh.model import Pod, Resource
+from controlplane.csr_authz import CsrDenied, authorize_csr
+from mesh.distribution.protocol import (ALPN, CertificateRequest, CertificateResponse, Delta, FrameDecoder, ProtocolError,
                        Snapshot, Subscribe, decode, encode)
-from .translate import diff, translate
+from controlplane.translate import diff, translate
 
 __all__ = ["ControlPlane", "ALPN"]
 
 log = logging.getLogger("ambient.control")
-ALPN = "ambient-cp/1"
 _SLOW_SUBSCRIBER_BYTES = 64 * 1024 * 1024
 
 

@@ -14,11 +14,11 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .. import tls
-from ..clock import Clock
-from ..identity import CONTROL_PLANE_ID, SpiffeId
-from ..state import ProxyState, StateVersionError
-from .protocol import (CertificateRequest, CertificateResponse, Delta, FrameDecoder, ProtocolError,
+from mesh import tls
+from mesh.clock import Clock
+from mesh.identity import CONTROL_PLANE_ID, SpiffeId
+from mesh.state import ProxyState, StateVersionError
+from mesh.distribution.protocol import (CertificateRequest, CertificateResponse, Delta, FrameDecoder, ProtocolError,
                        Snapshot, Subscribe, decode, encode)
 
 __all__ = ["ControlPlaneClient", "CertificateRefused", "NotConnected"]

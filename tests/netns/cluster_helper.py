@@ -8,7 +8,7 @@ import textwrap
 import time
 
 from mesh.admin_http import get_unix
-from mesh.cluster.paths import ClusterPaths
+from localcluster.paths import ClusterPaths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 APPS = os.path.join(ROOT, "deploy", "local", "apps")
@@ -65,7 +65,7 @@ class LocalCluster:
                 os.symlink(os.path.join(APPS, f), workdir / f)
 
     def ambient(self, *args, check=True, timeout=120):
-        p = subprocess.run([sys.executable, "-m", "mesh.cli", "-c", self.name, *args], capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", self.name, *args], capture_output=True,
                            text=True, cwd=ROOT, timeout=timeout)
         if check and p.returncode != 0:
             raise AssertionError(f"ambient {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -100,7 +100,7 @@ class LocalCluster:
                             "--bytes", str(nbytes), "--timeout", "5", check=check)
 
     def longconn(self, ns, src, dst_ip, duration, port=8080):
-        return subprocess.Popen([sys.executable, "-m", "mesh.cli", "-c", self.name, "exec", "-n", ns, src, "--",
+        return subprocess.Popen([sys.executable, "-m", "localcluster.cli", "-c", self.name, "exec", "-n", ns, src, "--",
                                  "python3", "longconn.py", dst_ip, str(port), "--duration", str(duration)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -1,6 +1,6 @@
 """The simulated cluster network: one netns per node and per pod, joined by veths and bridges.
 
-Topology (defaults from :mod:`mesh.cluster.addressing`; ``P`` is the cluster prefix, e.g.
+Topology (defaults from :mod:`localcluster.addressing`; ``P`` is the cluster prefix, e.g.
 ``amb-demo``)::
 
       netns P-fabric                      (L2 only: no address, no route, no forwarding)
@@ -72,12 +72,12 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TypeVar
 
 
-from ebpf import cgroup, netns
+from mesh.linux import cgroup, netns
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-from .addressing import check_pod_ip, gateway_of
+from localcluster.addressing import check_pod_ip, gateway_of
 
 _T = TypeVar("_T")
 

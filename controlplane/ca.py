@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..clock import Clock
-from ..identity import NodeId, SpiffeId
-from .certs import WorkloadCert
-from .csr import build_csr, generate_key, key_to_pem
+from mesh.clock import Clock
+from mesh.identity import NodeId, SpiffeId
+from mesh.ca.certs import WorkloadCert
+from mesh.ca.csr import build_csr, generate_key, key_to_pem
 
 __all__ = ["CAError", "CertificateAuthority", "DEFAULT_TTL", "DEFAULT_MAX_TTL",
            "ROOT_CERT_FILE", "ROOT_KEY_FILE", "CHAIN_FILE"]

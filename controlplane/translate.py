@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..identity import SpiffeId
-from ..model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, Resource,
+from mesh.identity import SpiffeId
+from mesh.model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, Resource,
                      Service, ServiceInfo, TunnelProtocol, Workload)
-from ..model.policy import AuthorizationPolicy, PeerAuthentication
-from ..model.route import DestinationRule, HTTPRoute, VirtualService
-from .protocol import resource_ref
+from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
+from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
+from mesh.distribution.protocol import resource_ref
 
 __all__ = ["translate", "diff", "enrolled"]
 

@@ -10,9 +10,9 @@ import sys
 import time
 from typing import Any
 
-from .cluster.api import ApiError, call
-from .cluster.paths import DEFAULT_CLUSTER, ClusterPaths, check_cluster_name
-from .config import ConfigError, load_text
+from localcluster.api import ApiError, call
+from localcluster.paths import DEFAULT_CLUSTER, ClusterPaths, check_cluster_name
+from mesh.config import ConfigError, load_text
 
 _START_TIMEOUT = 30.0
 
@@ -45,7 +45,7 @@ def _running(paths: ClusterPaths) -> bool:
 
 def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
     os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
-    argv = [sys.executable, "-m", "mesh.cluster.daemon", "--cluster", paths.name,
+    argv = [sys.executable, "-m", "localcluster.daemon", "--cluster", paths.name,
             "--trust-domain", a.trust_domain, "--cert-ttl", str(a.cert_ttl)]
     if a.ca_dir:
         argv += ["--ca-dir", os.path.abspath(a.ca_dir)]
@@ -118,7 +118,7 @@ def cmd_exec(paths: ClusterPaths, a: argparse.Namespace) -> int:
     if not a.command:
         raise ApiError("no command given: ambient exec [-n NS] POD -- CMD...", "bad_request")
     info = call(paths.runner_socket, "pod_info", namespace=a.namespace, name=a.pod)
-    from .cluster.procs import pod_argv
+    from localcluster.procs import pod_argv
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", ""))
     argv = pod_argv(a.command, netns=info["netns"], cgroup=info["cgroup"])
     if info.get("workdir") and os.path.isdir(info["workdir"]):
@@ -186,10 +186,10 @@ def _down(paths: ClusterPaths, quiet: bool = False) -> None:
             os.kill(int(f.read().strip()), signal.SIGKILL)
     except (OSError, ValueError):
         pass
-    from .cluster.network import ClusterNetwork
+    from localcluster.network import ClusterNetwork
     ClusterNetwork(paths.prefix).teardown()
     import shutil
-    from .cluster.runner import remove_pins
+    from localcluster.runner import remove_pins
     remove_pins(paths.bpf_pin_dir)
     shutil.rmtree(paths.run_dir, ignore_errors=True)
     if not quiet:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
-from ..model import Resource, ResourceKey
+from mesh.model import Resource, ResourceKey
 
 __all__ = ["ResourceStore"]
 

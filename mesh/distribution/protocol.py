@@ -19,18 +19,20 @@ import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..identity import SpiffeId
-from ..model import Namespace, PolicyObject, ServiceInfo, Workload
-from ..model.policy import AuthorizationPolicy, PeerAuthentication
-from ..model.route import DestinationRule, HTTPRoute, VirtualService
-from ..model.wire import WireError, from_wire, to_wire
+from mesh.identity import SpiffeId
+from mesh.model import Namespace, PolicyObject, ServiceInfo, Workload
+from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
+from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
+from mesh.model.wire import WireError, from_wire, to_wire
 
 __all__ = [
-    "ProtocolError", "FrameDecoder", "encode_frame", "MAX_FRAME", "RESOURCE_TYPES", "resource_ref",
+    "ALPN", "ProtocolError", "FrameDecoder", "encode_frame", "MAX_FRAME", "RESOURCE_TYPES", "resource_ref",
     "Subscribe", "Snapshot", "Delta", "CertificateRequest", "CertificateResponse", "Message",
     "encode", "decode",
 ]
 
+ALPN = "ambient-cp/1"
+"""TLS ALPN of the control-plane connection (both ends)."""
 MAX_FRAME = 16 * 1024 * 1024
 """Largest frame accepted; a snapshot of a few thousand workloads is well below it."""
 _LEN = struct.Struct("!I")

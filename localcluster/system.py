@@ -1,0 +1,94 @@
+"""System workloads: the mesh's own processes that the runtime keeps running, per node or per Gateway.
+
+Kubernetes runs ztunnel as a DaemonSet (one pod per node) and a waypoint as a Deployment per
+`istio-waypoint` Gateway; local mode's runner stands in for both with one concept: a
+`SystemWorkload` is a kind (`ztunnel`, `waypoint`), the target it serves (a node name, a
+Gateway's `ns/name`) and one `ProcSpec` per replica. The runner starts them, restarts them
+with backoff when they exit (restartPolicy: Always), reports them in `status`, and waits for
+each replica's admin endpoint to have the control plane's current version before `apply`
+returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from localcluster import procs
+
+__all__ = ["ProcSpec", "SystemWorkload", "Proc", "restart_delay", "RESTART_BACKOFF_MAX"]
+
+RESTART_BACKOFF_MAX = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcSpec:
+    """One process: what to run, where (netns, cgroup), and how to ask it whether it is ready."""
+
+    argv: tuple[str, ...]
+    netns: str | None
+    cgroup: str | None
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    log_path: str
+    admin_socket: str | None = None
+    """Unix socket serving `/config_dump` with the proxy's config `version` (readiness)."""
+    label: str = ""
+    """How status and logs name this replica (e.g. `ztunnel on n1 (worker 1)`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemWorkload:
+    kind: str
+    """`ztunnel` (one per node) or `waypoint` (one per Gateway)."""
+    target: str
+    """The node name, or the Gateway's `namespace/name`."""
+    replicas: tuple[ProcSpec, ...]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.target)
+
+
+def restart_delay(restarts: int) -> float:
+    """Capped exponential backoff before the next start of a process that exited."""
+    return min(RESTART_BACKOFF_MAX, 2.0 ** min(restarts, 5))
+
+
+@dataclass(slots=True)
+class Proc:
+    """A supervised process (a container or a system workload replica): restarted with backoff."""
+
+    argv: list[str]
+    netns: str | None
+    cgroup: str | None
+    env: dict[str, str]
+    cwd: str | None
+    log_path: str
+    admin_socket: str | None = None
+    label: str = ""
+    popen: Any = None
+    restarts: int = 0
+    last_exit: int | None = None
+    next_start: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, spec: ProcSpec) -> Proc:
+        return cls(argv=list(spec.argv), netns=spec.netns, cgroup=spec.cgroup, env=dict(spec.env),
+                   cwd=spec.cwd, log_path=spec.log_path, admin_socket=spec.admin_socket, label=spec.label)
+
+    def start(self) -> None:
+        self.popen = procs.spawn(self.argv, netns=self.netns, cgroup=self.cgroup, env=self.env,
+                                 cwd=self.cwd, log_path=self.log_path)
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            procs.stop(self.popen)

@@ -1,1 +1,0 @@
-"""The control plane: distribution protocol, server, proxy-side client, translation, CSR authorization."""
