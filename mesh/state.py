@@ -9,7 +9,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .control.protocol import Delta, Snapshot, resource_ref
+from .distribution.protocol import Delta, Snapshot, resource_ref
 from .model import Namespace, PolicyObject, ServiceInfo, Workload
 from .model.policy import AuthorizationPolicy, PeerAuthentication
 from .model.route import DestinationRule, HTTPRoute, VirtualService

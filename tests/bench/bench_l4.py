@@ -23,7 +23,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # runnable as a script from a checkout
 
-from mesh.ca import CertificateAuthority  # noqa: E402
+from controlplane.ca import CertificateAuthority  # noqa: E402
 from mesh.clock import SystemClock  # noqa: E402
 from localcluster import api, procs  # noqa: E402
 from localcluster.network import ClusterNetwork  # noqa: E402
