@@ -140,9 +140,15 @@ def cmd_logs(paths: ClusterPaths, a: argparse.Namespace) -> int:
 
 def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
     st = call(paths.runner_socket, "status")
-    if a.json:
+    out = "json" if a.json else a.output
+    if out == "json":
         print(json.dumps(st, indent=2))
         return 0
+    if out == "yaml":
+        import yaml
+        print(yaml.safe_dump(st, sort_keys=False), end="")
+        return 0
+    wide = out == "wide"
     cp = st["control_plane"]
     print(f"cluster {st['cluster']}  trust domain {st['trust_domain']}  control plane "
           f"{'running' if cp['running'] else 'STOPPED'} (version {cp['version']}, "
@@ -155,9 +161,11 @@ def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
          ", ".join(f"{c['identity'].rsplit('/ns/', 1)[-1]} ({c['state']})" for c in n["ztunnel"]["certificates"]) or "-"]
         for n in st["nodes"]])
     print("\nPODS")
-    _table(["NAMESPACE", "NAME", "NODE", "IP", "PHASE", "RESTARTS", "AMBIENT", "SERVICE ACCOUNT"], [
+    _table(["NAMESPACE", "NAME", "NODE", "IP", "PHASE", "RESTARTS", "AMBIENT", "SERVICE ACCOUNT"]
+           + (["NETNS", "CGROUP"] if wide else []), [
         [p["namespace"], p["name"], p["node"], p["ip"], p["phase"], str(p["restarts"]),
-         "yes" if p["ambient"] else "no", p["service_account"]] for p in st["pods"]])
+         "yes" if p["ambient"] else "no", p["service_account"]]
+        + ([p["netns"] or "-", p["cgroup"] or "-"] if wide else []) for p in st["pods"]])
     if st["services"]:
         print("\nSERVICES")
         _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS"], [
@@ -258,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
     lg.set_defaults(fn=cmd_logs)
 
     st = sub.add_parser("status", help="nodes, pods, IPs, enrollment and certificates")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"], default="table")
+    st.add_argument("--json", action="store_true", help="same as -o json")
     st.set_defaults(fn=cmd_status)
 
     dn = sub.add_parser("down", help="remove every process, netns, cgroup and pin of the cluster")
@@ -284,7 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     paths = ClusterPaths(a.cluster)
     try:
-        return a.fn(paths, a)
+        rc = a.fn(paths, a)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return rc
+    except BrokenPipeError:
+        # `ambient status | head`: the reader left; exit quietly, as other CLI tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         print("nothing was applied", file=sys.stderr)

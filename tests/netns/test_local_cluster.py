@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import textwrap
+import sys
 import time
 
 import pytest
@@ -128,6 +129,28 @@ def test_up_runs_every_pod_and_a_ready_ztunnel_per_node(cluster):
     assert {p["name"]: p["node"] for p in st["pods"]} == {"a": "n1", "b": "n1", "c": "n2", "d": "n2"}
     svc = st["services"][0]
     assert svc["name"] == "back" and svc["cluster_ip"].startswith("10.96.")
+
+
+@pytest.mark.root
+def test_status_output_formats_and_a_closed_pipe(cluster):
+    import yaml
+    st = status()
+    as_yaml = yaml.safe_load(ambient("status", "-o", "yaml").stdout)
+    assert as_yaml["cluster"] == st["cluster"] and as_yaml["pods"] == st["pods"]
+    wide = ambient("status", "-o", "wide").stdout
+    assert "NETNS" in wide and pod(st, "a")["netns"] in wide
+    # `ambient status | head -1` exits quietly (it died with BrokenPipeError before): a reader
+    # that is gone before anything is written makes the broken pipe certain.
+    from .cluster_helper import ROOT
+    for args in (["status"], ["status", "-o", "json"]):
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            p = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", NAME, *args], stdout=w,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60)
+        finally:
+            os.close(w)
+        assert p.returncode == 0 and p.stderr == "", p.stderr
 
 
 @pytest.mark.root
