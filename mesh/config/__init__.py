@@ -3,11 +3,11 @@ errors and warnings."""
 from .errors import REASONS, WARNING_REASONS, ConfigError, ConfigErrors, ConfigWarning, Origin
 from .convert import Loaded, convert, convert_batch
 from .load import SUPPORTED_KINDS, load_paths, load_text, parse_paths, parse_text
-from .validate import IMPLICIT_NAMESPACES, validate_batch, validate_deletion
+from .validate import IMPLICIT_NAMESPACES, last_wins, validate_batch, validate_deletion
 
 __all__ = [
     "REASONS", "WARNING_REASONS", "ConfigError", "ConfigErrors", "ConfigWarning", "Origin",
     "SUPPORTED_KINDS", "Loaded", "convert", "convert_batch",
     "load_paths", "load_text", "parse_paths", "parse_text", "IMPLICIT_NAMESPACES",
-    "validate_batch", "validate_deletion",
+    "last_wins", "validate_batch", "validate_deletion",
 ]

@@ -16,6 +16,7 @@ from ..model import Pod, Resource
 from .convert import SUPPORTED_KINDS, Loaded, convert_located, guess_key
 from .errors import ConfigError, ConfigErrors, Origin
 from .source import Ctx, Document, Path, describe, format_path, read_documents
+from .validate import last_wins
 
 __all__ = ["SUPPORTED_KINDS", "Loaded", "load_text", "load_paths", "parse_text", "parse_paths"]
 
@@ -81,7 +82,7 @@ def parse_text(text: str, source: str, *, base_dir: str | None = None) -> list[L
                 out.append(_local(loaded, base))
     if errors:
         raise ConfigErrors(errors)
-    return out
+    return last_wins(out)
 
 
 def _local(loaded: Loaded, base_dir: str) -> Loaded:
@@ -111,7 +112,8 @@ def _expand(paths: Sequence[str], errors: list[ConfigError]) -> Iterator[str]:
 
 
 def parse_paths(paths: Sequence[str]) -> list[Loaded]:
-    """Like load_paths, but keeps each object's origin."""
+    """Like load_paths, but keeps each object's origin and warnings. An object defined in several
+    files or documents is taken from the last one (as kubectl apply), with a warning."""
     if isinstance(paths, str):
         raise TypeError("parse_paths takes a sequence of paths, not a single string")
     errors: list[ConfigError] = []
@@ -138,7 +140,7 @@ def parse_paths(paths: Sequence[str]) -> list[Loaded]:
             errors.extend(e.errors)
     if errors:
         raise ConfigErrors(errors)
-    return out
+    return last_wins(out)
 
 
 def load_paths(paths: Sequence[str]) -> list[Resource]:
