@@ -31,7 +31,8 @@ from typing import Any
 from mesh.admin_http import get_unix
 from controlplane.ca import CertificateAuthority
 from mesh.clock import Clock
-from mesh.config import ConfigError, ConfigErrors, Loaded, parse_text, validate_batch, validate_deletion
+from mesh.config import (ConfigError, ConfigErrors, Loaded, last_wins, parse_text, validate_batch,
+                         validate_deletion)
 from controlplane.server import ControlPlane
 from controlplane.translate import enrolled
 from mesh.identity import NodeId
@@ -174,7 +175,7 @@ class Runner:
                 errors.append(e)
         if errors:
             raise ConfigErrors(errors)
-        return batch
+        return last_wins(batch)  # the same object in two sources: the last one, as kubectl
 
     def _keep_defaults(self, r: Resource) -> Resource:
         # Fields the cluster filled in (node, pod IP, VIP, pod CIDR) stay when a re-applied

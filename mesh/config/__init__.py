@@ -1,10 +1,13 @@
-"""The config edge: Kubernetes-style YAML to the frozen model, with actionable errors."""
-from .errors import REASONS, ConfigError, ConfigErrors, Origin
-from .load import SUPPORTED_KINDS, Loaded, load_paths, load_text, parse_paths, parse_text
-from .validate import IMPLICIT_NAMESPACES, validate_batch, validate_deletion
+"""The config edge: Kubernetes-style objects (dicts or YAML) to the frozen model, with actionable
+errors and warnings."""
+from .errors import REASONS, WARNING_REASONS, ConfigError, ConfigErrors, ConfigWarning, Origin
+from .convert import Loaded, convert, convert_batch
+from .load import SUPPORTED_KINDS, load_paths, load_text, parse_paths, parse_text
+from .validate import IMPLICIT_NAMESPACES, last_wins, validate_batch, validate_deletion
 
 __all__ = [
-    "REASONS", "ConfigError", "ConfigErrors", "Origin", "SUPPORTED_KINDS", "Loaded",
+    "REASONS", "WARNING_REASONS", "ConfigError", "ConfigErrors", "ConfigWarning", "Origin",
+    "SUPPORTED_KINDS", "Loaded", "convert", "convert_batch",
     "load_paths", "load_text", "parse_paths", "parse_text", "IMPLICIT_NAMESPACES",
-    "validate_batch", "validate_deletion",
+    "last_wins", "validate_batch", "validate_deletion",
 ]

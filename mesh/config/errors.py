@@ -7,7 +7,7 @@ from typing import Any
 
 from ..model import ResourceKey
 
-__all__ = ["REASONS", "Origin", "ConfigError", "ConfigErrors"]
+__all__ = ["REASONS", "WARNING_REASONS", "Origin", "ConfigError", "ConfigErrors", "ConfigWarning"]
 
 REASONS: frozenset[str] = frozenset({
     "yaml_syntax",       # the text is not YAML (or uses a tag we cannot construct)
@@ -27,6 +27,13 @@ REASONS: frozenset[str] = frozenset({
     "forbidden",         # deleting a namespace that always exists
 })
 """Every `reason` this package raises; callers and tests may match on them."""
+
+WARNING_REASONS: frozenset[str] = frozenset({
+    "not_enforced",  # valid (Istio accepts it) and kept, but the mesh does not act on it yet
+    "deprecated",    # a deprecated form, mapped as Istio maps it (or ignored, as Istio ignores it)
+    "superseded",    # the same object is defined again later in the batch; the last one is used
+})
+"""Every `reason` a ConfigWarning carries."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,18 +91,41 @@ class ConfigError(Exception):
         return (_rebuild, (type(self), self._state()))
 
     def __str__(self) -> str:
-        parts = [str(self.origin)] if self.source else []
-        if self.key is not None:
-            parts.append(str(self.key))
-        elif self.kind:
-            parts.append(f"{self.kind} (unnamed)")
-        if self.field:
-            parts.append(self.field)
-        parts.append(self.message)
-        return ": ".join(parts)
+        return _format(self.origin, self.key, self.kind, self.field, self.message)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r}, reason={self.reason!r})"
+
+
+def _format(origin: Origin, key: ResourceKey | None, kind: str | None, field: str | None,
+            message: str) -> str:
+    """`file:line (document N): Kind ns/name: field: message`; parts that are unknown are left out
+    (an object from a Kubernetes watch has no file)."""
+    parts = [str(origin)] if origin.source else []
+    if key is not None:
+        parts.append(str(key))
+    elif kind:
+        parts.append(f"{kind} (unnamed)")
+    if field:
+        parts.append(field)
+    parts.append(message)
+    return ": ".join(parts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigWarning:
+    """Accepted configuration the operator should know about (printed like a ConfigError)."""
+
+    message: str
+    reason: str
+    """One of WARNING_REASONS."""
+    key: ResourceKey | None = None
+    field: str | None = None
+    origin: Origin = Origin("")
+
+    def __str__(self) -> str:
+        return _format(self.origin, self.key, self.key.kind if self.key else None, self.field,
+                       "warning: " + self.message)
 
 
 def _rebuild(cls: type[ConfigError], state: dict[str, Any]) -> ConfigError:

@@ -1,6 +1,9 @@
 """YAML -> Istio VirtualService and DestinationRule (networking.istio.io), validated.
 
-Unknown fields are errors; fields Istio defines but the mesh does not implement are `unsupported`.
+Every field Istio's schema has is accepted (deprecated forms mapped as Istio maps them); a field
+the mesh does not act on yet is kept with a warning that names it; unknown fields are errors
+(typo protection). The few fields that would change where traffic goes if ignored (redirect,
+directResponse, delegate) stay `unsupported`.
 """
 from __future__ import annotations
 
@@ -9,28 +12,35 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..model import FrozenMap, ObjectMeta
-from ..model.route import (MAX_WEIGHT, ConnectionPool, DestinationRule, HTTPSettings, IstioStringMatch,
-                           LoadBalancer, OutlierDetection, StringMatchType, Subset, TCPSettings,
-                           TrafficPolicy, VirtualService, VSDestination, VSFault, VSFaultAbort,
-                           VSFaultDelay, VSHeaders, VSHTTPRoute, VSMatch, VSRetries, VSRewrite,
-                           VSRouteDestination)
+from ..model.route import (MAX_WEIGHT, MESH_GATEWAY, ClientTLS, ConnectionPool, DestinationRule,
+                           H2UpgradePolicy, HTTPSettings, IstioStringMatch, LoadBalancer,
+                           OutlierDetection, StringMatchType, Subset, TCPKeepalive, TCPSettings,
+                           TLSMode, TrafficPolicy, VirtualService, VSDestination, VSFault,
+                           VSFaultAbort, VSFaultDelay, VSHeaders, VSHTTPRoute, VSMatch, VSMirror,
+                           VSRetries, VSRewrite, VSRouteDestination)
 from .source import Ctx, Invalid, Path, describe, get_map, get_str
 from .route_fields import (_known, _mapping, _int, _number, _items, _each, _regex, _duration,
-                           _HEADER_NAME, _str_value, _no_dup_names, _header_modifier)
+                           _HEADER_NAME, _str_value, _no_dup_names, _header_modifier, _shape, _bool)
 
 __all__ = ["virtual_service", "destination_rule"]
 
 # --- VirtualService ------------------------------------------------------------------------
 
 
-def _istio_string(ctx: Ctx, v: Any, path: Path) -> IstioStringMatch:
+def _istio_string(ctx: Ctx, v: Any, path: Path, presence: bool = False) -> IstioStringMatch:
+    """`presence`: a header or query parameter, where `{}` and `regex: "*"` test presence (Istio)."""
+    if presence and (v is None or v == {}):
+        return IstioStringMatch(type=StringMatchType.PRESENT, value="")
     m = _mapping(ctx, v, path, "a mapping with exact, prefix or regex")
     _known(ctx, m, path, {"exact", "prefix", "regex"})
     set_ = [k for k in ("exact", "prefix", "regex") if k in m]
     if len(set_) != 1:
-        ctx.fail(path, "must have exactly one of exact, prefix or regex")
+        ctx.fail(path, "must have exactly one of exact, prefix or regex"
+                 + (" (or {} to test presence)" if presence else ""))
     k = set_[0]
     value = _str_value(ctx, m, path + (k,))
+    if presence and k == "regex" and value == "*":
+        return IstioStringMatch(type=StringMatchType.PRESENT, value="")
     if k == "regex":
         _regex(ctx, value, path + (k,))
     return IstioStringMatch(type=StringMatchType(k), value=value)
@@ -43,28 +53,49 @@ def _string_map(ctx: Ctx, m: Mapping[Any, Any], path: Path, header: bool
         if not isinstance(k, str) or (header and not _HEADER_NAME.match(k)):
             ctx.fail(path + (str(k),), f"{json.dumps(str(k))} is not a valid "
                      + ("HTTP header name" if header else "name"))
-        out.append((k.lower() if header else k, _istio_string(ctx, v, path + (k,))))
+        out.append((k.lower() if header else k, _istio_string(ctx, v, path + (k,), presence=True)))
     return tuple(out)
 
 
 def _vs_match(ctx: Ctx, v: Any, path: Path) -> VSMatch:
     m = _mapping(ctx, v, path)
     _known(ctx, m, path, {"name", "uri", "headers", "queryParams", "method", "authority", "port",
-                          "ignoreUriCase"},
-           {k: "ambient waypoints do not evaluate source_* or gateway conditions" for k in
-            ("sourceLabels", "sourceNamespace", "gateways", "withoutHeaders", "scheme",
-             "statPrefix")})
+                          "ignoreUriCase", "withoutHeaders", "scheme", "sourceLabels",
+                          "sourceNamespace", "gateways", "statPrefix"})
 
     def opt(key: str) -> IstioStringMatch | None:
         return _istio_string(ctx, m[key], path + (key,)) if m.get(key) is not None else None
     ignore = m.get("ignoreUriCase", False)
     if not isinstance(ignore, bool):
         ctx.fail(path + ("ignoreUriCase",), f"must be true or false, got {describe(ignore)}")
+    labels = get_map(ctx, m, path + ("sourceLabels",))
+    for k, val in labels.items():
+        if not isinstance(val, str):
+            ctx.fail(path + ("sourceLabels", str(k)), f"must be a string, got {describe(val)}; quote it in YAML")
+    gateways = _str_items(ctx, m, path + ("gateways",))
+    source_ns = get_str(ctx, m, path + ("sourceNamespace",))
+    # Istio drops these blocks when it builds a waypoint's routes; say so rather than surprise.
+    if "sourceLabels" in m:
+        ctx.warn(path + ("sourceLabels",), "a waypoint never matches sourceLabels (Istio: \"source "
+                 "label matching is not supported in ambient mode\"); this match block is skipped")
+    if source_ns is not None:
+        ctx.warn(path + ("sourceNamespace",), "not enforced: a waypoint does not match on the "
+                 "client's namespace; this match block is skipped")
+    if gateways and MESH_GATEWAY not in gateways:
+        ctx.warn(path + ("gateways",), f"does not include \"{MESH_GATEWAY}\", so a waypoint skips "
+                 "this match block")
+    if m.get("scheme") is not None:
+        ctx.warn(path + ("scheme",), "not enforced: the waypoint does not match on the scheme")
+    if m.get("statPrefix") is not None:
+        ctx.warn(path + ("statPrefix",), "not enforced: no per-route statistics")
     return VSMatch(name=get_str(ctx, m, path + ("name",)), uri=opt("uri"),
                    headers=_string_map(ctx, m, path + ("headers",), True),
                    query_params=_string_map(ctx, m, path + ("queryParams",), False),
                    method=opt("method"), authority=opt("authority"),
-                   port=_int(ctx, m, path + ("port",), 1, 65535), ignore_uri_case=ignore)
+                   port=_int(ctx, m, path + ("port",), 1, 65535), ignore_uri_case=ignore,
+                   without_headers=_string_map(ctx, m, path + ("withoutHeaders",), True),
+                   scheme=opt("scheme"), source_labels=FrozenMap({str(k): x for k, x in labels.items()}),
+                   source_namespace=source_ns, gateways=gateways)
 
 
 def _vs_destination(ctx: Ctx, v: Any, path: Path) -> VSDestination:
@@ -114,42 +145,95 @@ def _vs_fault(ctx: Ctx, v: Any, path: Path) -> VSFault:
     if m.get("delay") is not None:
         dp = path + ("delay",)
         d = _mapping(ctx, m["delay"], dp)
-        _known(ctx, d, dp, {"fixedDelay", "percentage"}, {"exponentialDelay": "use fixedDelay",
-                                                          "percent": "use percentage.value"})
+        _known(ctx, d, dp, {"fixedDelay", "percentage", "percent"},
+               {"exponentialDelay": "Istio rejects it too (\"not supported yet\"); use fixedDelay"})
         fixed = _duration(ctx, d, dp + ("fixedDelay",), gep=False)
         if fixed is None:
             ctx.fail(dp + ("fixedDelay",), "is required", "missing_field")
         p = _percentage(ctx, d, dp + ("percentage",))
+        old = _int(ctx, d, dp + ("percent",), 0, 100)
+        if old is not None:  # deprecated integer percent: used only without percentage, as Istio
+            ctx.warn(dp + ("percent",), "is deprecated; use percentage.value" + (
+                " (ignored: percentage is set)" if p is not None else ""), "deprecated")
+            p = float(old) if p is None else p
         delay = VSFaultDelay(fixed_delay=fixed, percentage=100.0 if p is None else p)
     if m.get("abort") is not None:
         ap = path + ("abort",)
         a = _mapping(ctx, m["abort"], ap)
-        _known(ctx, a, ap, {"httpStatus", "percentage"}, {"grpcStatus": "use httpStatus",
-                                                          "http2Error": "use httpStatus"})
-        status = _int(ctx, a, ap + ("httpStatus",), 200, 599)
-        if status is None:
-            ctx.fail(ap + ("httpStatus",), "is required", "missing_field")
+        _known(ctx, a, ap, {"httpStatus", "grpcStatus", "percentage"},
+               {"http2Error": "Istio rejects it too; use httpStatus or grpcStatus"})
+        status = _int(ctx, a, ap + ("httpStatus",), 200, 600)  # Istio's bound: 600 passes
+        grpc = get_str(ctx, a, ap + ("grpcStatus",))
+        if status is not None and grpc is not None:
+            ctx.fail(ap + ("grpcStatus",), "httpStatus and grpcStatus are mutually exclusive")
+        if grpc is not None and grpc not in _GRPC_CODES:
+            ctx.fail(ap + ("grpcStatus",), f"must be a gRPC status code name ({', '.join(_GRPC_CODES)}), "
+                     f"got {describe(grpc)}")
+        if status is None and grpc is None:
+            ctx.fail(ap + ("httpStatus",), "is required (or grpcStatus)", "missing_field")
+        if grpc is not None:
+            ctx.warn(ap + ("grpcStatus",), "not enforced yet: the abort is answered with HTTP 200 "
+                     "but without grpc-status")
         p = _percentage(ctx, a, ap + ("percentage",))
-        abort = VSFaultAbort(http_status=status, percentage=100.0 if p is None else p)
+        abort = VSFaultAbort(http_status=200 if status is None else status, grpc_status=grpc,
+                             percentage=100.0 if p is None else p)
     return VSFault(delay=delay, abort=abort)
+
+
+_GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+               "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+               "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+               "UNAUTHENTICATED")
 
 
 def _vs_retries(ctx: Ctx, v: Any, path: Path) -> VSRetries:
     m = _mapping(ctx, v, path)
-    _known(ctx, m, path, {"attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities"})
+    _known(ctx, m, path, {"attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities",
+                          "retryIgnorePreviousHosts", "backoff"})
     retry_on = get_str(ctx, m, path + ("retryOn",))
+    for k in ("retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"):
+        if m.get(k) is not None:
+            ctx.warn(path + (k,), "not enforced yet by the waypoint")
     return VSRetries(attempts=_int(ctx, m, path + ("attempts",), 0) or 0,
                      per_try_timeout=_duration(ctx, m, path + ("perTryTimeout",), gep=False),
-                     retry_on=tuple(s.strip() for s in retry_on.split(",") if s.strip()) if retry_on else ())
+                     retry_on=tuple(s.strip() for s in retry_on.split(",") if s.strip()) if retry_on else (),
+                     retry_remote_localities=_bool(ctx, m, path + ("retryRemoteLocalities",)),
+                     retry_ignore_previous_hosts=_bool(ctx, m, path + ("retryIgnorePreviousHosts",)),
+                     backoff=_duration(ctx, m, path + ("backoff",), gep=False))
+
+
+def _vs_mirror(ctx: Ctx, v: Any, path: Path) -> VSMirror:
+    m = _mapping(ctx, v, path)
+    _known(ctx, m, path, {"destination", "percentage"})
+    if m.get("destination") is None:
+        ctx.fail(path + ("destination",), "is required", "missing_field")
+    return VSMirror(destination=_vs_destination(ctx, m["destination"], path + ("destination",)),
+                    percentage=_percentage(ctx, m, path + ("percentage",)))
+
+
+def _old_mirror_percent(ctx: Ctx, m: Mapping[Any, Any], path: Path, mpct: float | None) -> float | None:
+    """Deprecated integer `mirrorPercent` (JSON name `mirror_percent`): per hundred, 0 disables,
+    used only when mirrorPercentage is absent (Istio's MirrorPercent)."""
+    for k in ("mirrorPercent", "mirror_percent"):
+        old = _int(ctx, m, path + (k,), 0, 100)
+        if old is None:
+            continue
+        ctx.warn(path + (k,), "is deprecated; use mirrorPercentage.value" + (
+            " (ignored: mirrorPercentage is set)" if mpct is not None else ""), "deprecated")
+        if "mirror" not in m:
+            ctx.fail(path + (k,), "needs mirror", "missing_field")
+        if mpct is None:
+            mpct = float(old)
+    return mpct
 
 
 def _vs_http(ctx: Ctx, v: Any, path: Path) -> VSHTTPRoute:
     m = _mapping(ctx, v, path)
     _known(ctx, m, path, {"name", "match", "route", "timeout", "retries", "fault", "mirror",
-                          "mirrorPercentage", "headers", "rewrite"},
-           {k: "not implemented by the waypoint" for k in
-            ("redirect", "directResponse", "delegate", "corsPolicy", "mirrors", "mirrorPercent",
-             "mirror_percent")})
+                          "mirrorPercentage", "headers", "rewrite", "mirrors", "mirrorPercent",
+                          "mirror_percent", "corsPolicy"},
+           {k: "not implemented by the waypoint (ignoring it would send traffic elsewhere)"
+            for k in ("redirect", "directResponse", "delegate")})
     mp, rp = path + ("match",), path + ("route",)
     matches = ctx.collect(lambda: _each(ctx, _items(ctx, m, mp), mp, lambda x, ip: _vs_match(ctx, x, ip)))
     raw_routes = ctx.collect(lambda: _items(ctx, m, rp, required=True)) or []
@@ -160,6 +244,14 @@ def _vs_http(ctx: Ctx, v: Any, path: Path) -> VSHTTPRoute:
     fault = ctx.collect(lambda: _vs_fault(ctx, m["fault"], path + ("fault",)) if m.get("fault") else None)
     mirror = ctx.collect(lambda: _vs_destination(ctx, m["mirror"], path + ("mirror",)) if m.get("mirror") else None)
     mpct = ctx.collect(lambda: _percentage(ctx, m, path + ("mirrorPercentage",)))
+    mpct = ctx.collect(lambda: _old_mirror_percent(ctx, m, path, mpct))
+    mip = path + ("mirrors",)
+    mirrors = ctx.collect(lambda: _each(ctx, _items(ctx, m, mip), mip, lambda x, ip: _vs_mirror(ctx, x, ip)))
+    if mirrors:
+        ctx.warn(mip, "not enforced yet: the waypoint does not mirror")
+    if m.get("corsPolicy") is not None:
+        ctx.collect(lambda: _shape(ctx, m["corsPolicy"], path + ("corsPolicy",), _CORS))
+        ctx.warn(path + ("corsPolicy",), "not enforced: the waypoint adds no CORS headers")
     headers = ctx.collect(lambda: _vs_headers(ctx, m["headers"], path + ("headers",)) if m.get("headers") else None)
 
     def rewrite() -> VSRewrite | None:
@@ -178,7 +270,18 @@ def _vs_http(ctx: Ctx, v: Any, path: Path) -> VSHTTPRoute:
         ctx.fail(rp, "at least one destination needs a non-zero weight")
     return VSHTTPRoute(name=get_str(ctx, m, path + ("name",)), match=matches, route=routes,
                        timeout=timeout, retries=retries, fault=fault, mirror=mirror,
-                       mirror_percentage=mpct, headers=headers, rewrite=rw)
+                       mirror_percentage=mpct, headers=headers, rewrite=rw, mirrors=mirrors or ())
+
+
+_STRING_MATCH = {"exact": None, "prefix": None, "regex": None}
+_L4_MATCH = {"destinationSubnets": None, "port": None, "sourceLabels": None, "gateways": None,
+             "sourceNamespace": None}
+_ROUTE_DEST = ({"destination": {"host": None, "subset": None, "port": {"number": None}}, "weight": None},)
+_L4_ROUTES = {"tcp": ({"match": ({**_L4_MATCH, "sourceSubnet": None},), "route": _ROUTE_DEST},),
+              "tls": ({"match": ({**_L4_MATCH, "sniHosts": None},), "route": _ROUTE_DEST},)}
+_CORS = {"allowOrigin": None, "allowOrigins": (_STRING_MATCH,), "allowMethods": None,
+         "allowHeaders": None, "exposeHeaders": None, "maxAge": None, "allowCredentials": None,
+         "unmatchedPreflights": None}
 
 
 def _str_items(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> tuple[str, ...]:
@@ -192,8 +295,12 @@ def _str_items(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> tuple[str, ...]:
 
 def virtual_service(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> VirtualService:
     spec = get_map(ctx, obj, ("spec",))
-    _known(ctx, spec, ("spec",), {"hosts", "gateways", "http", "exportTo"},
-           {"tcp": "only http routes are implemented", "tls": "only http routes are implemented"})
+    _known(ctx, spec, ("spec",), {"hosts", "gateways", "http", "exportTo", "tcp", "tls"})
+    for k in ("tcp", "tls"):
+        if spec.get(k):
+            ctx.collect(lambda: _shape(ctx, spec[k], ("spec", k), _L4_ROUTES[k]))
+            ctx.warn(("spec", k), f"not enforced yet: {k} routes are accepted but the mesh routes "
+                     "only http; such traffic goes to the service it was sent to")
     hosts = ctx.collect(lambda: _str_items(ctx, spec, ("spec", "hosts")))
     if hosts == ():
         ctx.error(("spec", "hosts"), "is required and must not be empty", "missing_field")
@@ -210,60 +317,165 @@ def virtual_service(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> Virtu
 # --- DestinationRule -----------------------------------------------------------------------
 
 
-def _traffic_policy(ctx: Ctx, v: Any, path: Path) -> TrafficPolicy:
+def _connection_pool(ctx: Ctx, v: Any, cp: Path) -> ConnectionPool:
+    c = _mapping(ctx, v, cp)
+    _known(ctx, c, cp, {"tcp", "http"})
+    tcp = http = None
+    if c.get("tcp") is not None:
+        tp = cp + ("tcp",)
+        t = _mapping(ctx, c["tcp"], tp)
+        _known(ctx, t, tp, {"maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration",
+                            "idleTimeout"})
+        keepalive = None
+        if t.get("tcpKeepalive") is not None:
+            kp = tp + ("tcpKeepalive",)
+            k = _mapping(ctx, t["tcpKeepalive"], kp)
+            _known(ctx, k, kp, {"probes", "time", "interval"})
+            keepalive = TCPKeepalive(probes=_int(ctx, k, kp + ("probes",), 0),
+                                     time=_duration(ctx, k, kp + ("time",), gep=False),
+                                     interval=_duration(ctx, k, kp + ("interval",), gep=False))
+        for f in ("tcpKeepalive", "maxConnectionDuration", "idleTimeout"):
+            if t.get(f) is not None:
+                ctx.warn(tp + (f,), "not enforced yet by the mesh")
+        tcp = TCPSettings(max_connections=_int(ctx, t, tp + ("maxConnections",), 1),
+                          connect_timeout=_duration(ctx, t, tp + ("connectTimeout",), gep=False),
+                          tcp_keepalive=keepalive,
+                          max_connection_duration=_duration(ctx, t, tp + ("maxConnectionDuration",), gep=False),
+                          idle_timeout=_duration(ctx, t, tp + ("idleTimeout",), gep=False))
+    if c.get("http") is not None:
+        hp = cp + ("http",)
+        h = _mapping(ctx, c["http"], hp)
+        _known(ctx, h, hp, {"http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection",
+                            "maxRetries", "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
+                            "maxConcurrentStreams"})
+        up = get_str(ctx, h, hp + ("h2UpgradePolicy",))
+        policy = None
+        if up is not None:
+            try:
+                policy = H2UpgradePolicy(up)
+            except ValueError:
+                ctx.fail(hp + ("h2UpgradePolicy",), "must be one of "
+                         + ", ".join(x.value for x in H2UpgradePolicy) + f"; got {describe(up)}")
+        for f in ("h2UpgradePolicy", "useClientProtocol", "maxConcurrentStreams"):
+            if h.get(f) is not None:
+                ctx.warn(hp + (f,), "not enforced yet by the waypoint")
+        http = HTTPSettings(
+            http1_max_pending_requests=_int(ctx, h, hp + ("http1MaxPendingRequests",), 1),
+            http2_max_requests=_int(ctx, h, hp + ("http2MaxRequests",), 1),
+            max_requests_per_connection=_int(ctx, h, hp + ("maxRequestsPerConnection",), 0),
+            max_retries=_int(ctx, h, hp + ("maxRetries",), 0),
+            idle_timeout=_duration(ctx, h, hp + ("idleTimeout",), gep=False),
+            h2_upgrade_policy=policy, use_client_protocol=_bool(ctx, h, hp + ("useClientProtocol",)),
+            max_concurrent_streams=_int(ctx, h, hp + ("maxConcurrentStreams",), 0))
+    return ConnectionPool(tcp=tcp, http=http)
+
+
+def _outlier_detection(ctx: Ctx, v: Any, op: Path) -> OutlierDetection:
+    o = _mapping(ctx, v, op)
+    _known(ctx, o, op, {"consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
+                        "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
+                        "splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures",
+                        "consecutiveErrors"})
+    if _int(ctx, o, op + ("consecutiveErrors",), 0) is not None:
+        # Istio validates it, warns, and never reads it.
+        ctx.warn(op + ("consecutiveErrors",), "is deprecated and ignored (as Istio ignores it); use "
+                 "consecutiveGatewayErrors or consecutive5xxErrors", "deprecated")
+    split = _bool(ctx, o, op + ("splitExternalLocalOriginErrors",))
+    local = _int(ctx, o, op + ("consecutiveLocalOriginFailures",), 0)
+    if local is not None and not split:
+        ctx.fail(op + ("consecutiveLocalOriginFailures",), "needs splitExternalLocalOriginErrors: true")
+    for f in ("splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures"):
+        if o.get(f) is not None:
+            ctx.warn(op + (f,), "not enforced yet by the mesh")
+    return OutlierDetection(
+        consecutive_5xx_errors=_int(ctx, o, op + ("consecutive5xxErrors",), 0),
+        consecutive_gateway_errors=_int(ctx, o, op + ("consecutiveGatewayErrors",), 0),
+        interval=_duration(ctx, o, op + ("interval",), gep=False),
+        base_ejection_time=_duration(ctx, o, op + ("baseEjectionTime",), gep=False),
+        max_ejection_percent=_int(ctx, o, op + ("maxEjectionPercent",), 0, 100),
+        min_health_percent=_int(ctx, o, op + ("minHealthPercent",), 0, 100),
+        split_external_local_origin_errors=split, consecutive_local_origin_failures=local)
+
+
+def _tls(ctx: Ctx, v: Any, path: Path) -> ClientTLS:
     m = _mapping(ctx, v, path)
-    _known(ctx, m, path, {"connectionPool", "outlierDetection", "loadBalancer"},
-           {k: "not implemented by the mesh" for k in ("tls", "portLevelSettings", "tunnel",
-                                                       "proxyProtocol")})
-    pool = outlier = lb = None
-    if m.get("connectionPool") is not None:
-        cp = path + ("connectionPool",)
-        c = _mapping(ctx, m["connectionPool"], cp)
-        _known(ctx, c, cp, {"tcp", "http"})
-        tcp = http = None
-        if c.get("tcp") is not None:
-            tp = cp + ("tcp",)
-            t = _mapping(ctx, c["tcp"], tp)
-            _known(ctx, t, tp, {"maxConnections", "connectTimeout"})
-            tcp = TCPSettings(max_connections=_int(ctx, t, tp + ("maxConnections",), 1),
-                              connect_timeout=_duration(ctx, t, tp + ("connectTimeout",), gep=False))
-        if c.get("http") is not None:
-            hp = cp + ("http",)
-            h = _mapping(ctx, c["http"], hp)
-            _known(ctx, h, hp, {"http1MaxPendingRequests", "http2MaxRequests",
-                                "maxRequestsPerConnection", "maxRetries", "idleTimeout"})
-            http = HTTPSettings(
-                http1_max_pending_requests=_int(ctx, h, hp + ("http1MaxPendingRequests",), 1),
-                http2_max_requests=_int(ctx, h, hp + ("http2MaxRequests",), 1),
-                max_requests_per_connection=_int(ctx, h, hp + ("maxRequestsPerConnection",), 0),
-                max_retries=_int(ctx, h, hp + ("maxRetries",), 0),
-                idle_timeout=_duration(ctx, h, hp + ("idleTimeout",), gep=False))
-        pool = ConnectionPool(tcp=tcp, http=http)
-    if m.get("outlierDetection") is not None:
-        op = path + ("outlierDetection",)
-        o = _mapping(ctx, m["outlierDetection"], op)
-        _known(ctx, o, op, {"consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
-                            "baseEjectionTime", "maxEjectionPercent", "minHealthPercent"})
-        outlier = OutlierDetection(
-            consecutive_5xx_errors=_int(ctx, o, op + ("consecutive5xxErrors",), 0),
-            consecutive_gateway_errors=_int(ctx, o, op + ("consecutiveGatewayErrors",), 0),
-            interval=_duration(ctx, o, op + ("interval",), gep=False),
-            base_ejection_time=_duration(ctx, o, op + ("baseEjectionTime",), gep=False),
-            max_ejection_percent=_int(ctx, o, op + ("maxEjectionPercent",), 0, 100),
-            min_health_percent=_int(ctx, o, op + ("minHealthPercent",), 0, 100))
-    if m.get("loadBalancer") is not None:
-        lp = path + ("loadBalancer",)
-        lbm = _mapping(ctx, m["loadBalancer"], lp)
-        _known(ctx, lbm, lp, {"simple"}, {k: "only loadBalancer.simple is implemented" for k in
-                                          ("consistentHash", "localityLbSetting", "warmupDurationSecs",
-                                           "warmup")})
-        s = get_str(ctx, lbm, lp + ("simple",)) or "UNSPECIFIED"
-        try:
-            lb = LoadBalancer(s)
-        except ValueError:
-            ctx.fail(lp + ("simple",), "must be one of " + ", ".join(x.value for x in LoadBalancer)
-                     + f"; got {describe(s)}")
-    return TrafficPolicy(connection_pool=pool, outlier_detection=outlier, load_balancer=lb)
+    _known(ctx, m, path, {"mode", "clientCertificate", "privateKey", "caCertificates", "credentialName",
+                          "subjectAltNames", "sni", "insecureSkipVerify", "caCrl"})
+    s = get_str(ctx, m, path + ("mode",)) or "DISABLE"
+    try:
+        mode = TLSMode(s)
+    except ValueError:
+        ctx.fail(path + ("mode",), "must be one of " + ", ".join(x.value for x in TLSMode)
+                 + f"; got {describe(s)}")
+    if mode is not TLSMode.ISTIO_MUTUAL:
+        # Between meshed workloads ambient always uses HBONE (mutual TLS): ISTIO_MUTUAL is what
+        # happens anyway; the other modes would change what the proxy sends.
+        ctx.warn(path + ("mode",), f"{s} is not enforced: meshed traffic always uses HBONE mutual TLS")
+    return ClientTLS(mode=mode, sni=get_str(ctx, m, path + ("sni",)),
+                     subject_alt_names=_str_items(ctx, m, path + ("subjectAltNames",)))
+
+
+_LB_EXTRA = {"consistentHash": {"httpHeaderName": None, "httpCookie": {"name": None, "path": None, "ttl": None,
+                                                                       "attributes": None},
+                                "useSourceIp": None, "httpQueryParameterName": None,
+                                "ringHash": {"minimumRingSize": None}, "maglev": {"tableSize": None},
+                                "minimumRingSize": None},
+             "localityLbSetting": {"distribute": None, "failover": None, "failoverPriority": None,
+                                   "enabled": None},
+             "warmupDurationSecs": None, "warmup": {"duration": None, "minimumPercent": None,
+                                                    "aggression": None}}
+
+
+def _load_balancer(ctx: Ctx, v: Any, lp: Path) -> LoadBalancer | None:
+    lbm = _mapping(ctx, v, lp)
+    _known(ctx, lbm, lp, {"simple", *_LB_EXTRA})
+    for k, schema in _LB_EXTRA.items():
+        if lbm.get(k) is not None:
+            ctx.collect(lambda: _shape(ctx, lbm[k], lp + (k,), schema))
+            ctx.warn(lp + (k,), "not enforced yet: only loadBalancer.simple is")
+    s = get_str(ctx, lbm, lp + ("simple",))
+    if s is None:
+        return None if any(k in lbm for k in _LB_EXTRA) else LoadBalancer.UNSPECIFIED
+    if s == "LEAST_CONN":  # deprecated alias, as Istio maps it
+        ctx.warn(lp + ("simple",), "LEAST_CONN is deprecated; use LEAST_REQUEST", "deprecated")
+        return LoadBalancer.LEAST_REQUEST
+    try:
+        return LoadBalancer(s)
+    except ValueError:
+        ctx.fail(lp + ("simple",), "must be one of " + ", ".join(x.value for x in LoadBalancer)
+                 + f"; got {describe(s)}")
+
+
+_TUNNEL = {"protocol": None, "targetHost": None, "targetPort": None}
+_PROXY_PROTOCOL = {"version": None}
+
+
+def _traffic_policy(ctx: Ctx, v: Any, path: Path, *, port_level: bool = False) -> TrafficPolicy:
+    m = _mapping(ctx, v, path)
+    _known(ctx, m, path, {"connectionPool", "outlierDetection", "loadBalancer", "tls"}
+           | ({"port"} if port_level else {"portLevelSettings", "tunnel", "proxyProtocol"}))
+    if port_level:
+        pm = _mapping(ctx, m.get("port") or {}, path + ("port",), "a mapping with number")
+        _known(ctx, pm, path + ("port",), {"number"})
+        _int(ctx, pm, path + ("port", "number"), 1, 65535)
+    for k, schema in (("tunnel", _TUNNEL), ("proxyProtocol", _PROXY_PROTOCOL)):
+        if m.get(k) is not None:
+            ctx.collect(lambda: _shape(ctx, m[k], path + (k,), schema))
+            ctx.warn(path + (k,), "not enforced by the mesh")
+    pls = path + ("portLevelSettings",)
+    if not port_level and m.get("portLevelSettings"):
+        ctx.collect(lambda: _each(ctx, _items(ctx, m, pls), pls,
+                                  lambda x, ip: _traffic_policy(ctx, x, ip, port_level=True)))
+        ctx.warn(pls, "not enforced yet: port-level settings are checked but the mesh applies "
+                 "only the top-level ones")
+
+    def opt(key: str, fn: Any) -> Any:
+        return ctx.collect(lambda: fn(ctx, m[key], path + (key,)) if m.get(key) is not None else None)
+    pool = opt("connectionPool", _connection_pool)
+    outlier = opt("outlierDetection", _outlier_detection)
+    lb = opt("loadBalancer", _load_balancer)
+    tls = opt("tls", _tls)
+    return TrafficPolicy(connection_pool=pool, outlier_detection=outlier, load_balancer=lb, tls=tls)
 
 
 def _subset(ctx: Ctx, v: Any, path: Path) -> Subset:
@@ -280,8 +492,11 @@ def _subset(ctx: Ctx, v: Any, path: Path) -> Subset:
 
 def destination_rule(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> DestinationRule:
     spec = get_map(ctx, obj, ("spec",))
-    _known(ctx, spec, ("spec",), {"host", "subsets", "trafficPolicy", "exportTo"},
-           {"workloadSelector": "not used in ambient mode"})
+    _known(ctx, spec, ("spec",), {"host", "subsets", "trafficPolicy", "exportTo", "workloadSelector"})
+    if spec.get("workloadSelector") is not None:
+        ctx.collect(lambda: _shape(ctx, spec["workloadSelector"], ("spec", "workloadSelector"),
+                                   {"matchLabels": None}))
+        ctx.warn(("spec", "workloadSelector"), "not enforced: sidecar-only, unused in ambient mode")
     host = ctx.collect(lambda: get_str(ctx, spec, ("spec", "host"), required=True))
     sp = ("spec", "subsets")
     subsets = ctx.collect(lambda: _each(ctx, _items(ctx, spec, sp), sp, lambda x, ip: _subset(ctx, x, ip)))

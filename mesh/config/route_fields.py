@@ -201,3 +201,27 @@ def _header_modifier(ctx: Ctx, v: Any, path: Path, *, istio: bool = False) -> He
     if s is None or a is None or r is None:
         raise Invalid
     return HeaderModifier(set=s, add=a, remove=r)
+
+
+def _shape(ctx: Ctx, v: Any, path: Path, schema: Any) -> None:
+    """Check only the field names (typo protection) of a subtree the mesh does not act on; values
+    are left to Istio's own validation. `schema`: a dict of field -> sub-schema, a 1-tuple
+    (sub-schema,) for a list, or None for any value."""
+    if schema is None or v is None:
+        return
+    if isinstance(schema, tuple):
+        for i, x in enumerate(_items(ctx, {path[-1]: v}, path)):
+            ctx.collect(lambda: _shape(ctx, x, path + (i,), schema[0]))
+        return
+    m = _mapping(ctx, v, path)
+    _known(ctx, m, path, set(schema))
+    for k, sub in schema.items():
+        if k in m:
+            ctx.collect(lambda: _shape(ctx, m[k], path + (k,), sub))
+
+
+def _bool(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> bool | None:
+    v = m.get(path[-1])
+    if v is not None and not isinstance(v, bool):
+        ctx.fail(path, f"must be true or false, got {describe(v)}")
+    return v

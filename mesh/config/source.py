@@ -12,7 +12,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from ..model import ResourceKey
-from .errors import ConfigError, Origin
+from .errors import ConfigError, ConfigWarning, Origin
 
 Path = tuple[str | int, ...]
 """A field path: ("spec", "containers", 0, "command")."""
@@ -134,13 +134,15 @@ class Invalid(Exception):
 class Ctx:
     """Error reporting for one object: its origin, its key once known, and a line map."""
 
-    def __init__(self, origin: Origin, lines: Mapping[Path, int], prefix: Path) -> None:
+    def __init__(self, origin: Origin, lines: Mapping[Path, int] | None = None,
+                 prefix: Path = ()) -> None:
         self.origin = origin
-        self.lines = lines
+        self.lines = lines or {}
         self.prefix = prefix  # path of this object inside its document (List items)
         self.kind: str | None = None
         self.key: ResourceKey | None = None
         self.errors: list[ConfigError] = []
+        self.warnings: list[ConfigWarning] = []
 
     def line(self, path: Path) -> int | None:
         full = self.prefix + path
@@ -154,6 +156,12 @@ class Ctx:
         self.errors.append(ConfigError(
             message, reason=reason, source=o.source, key=self.key, kind=self.kind,
             field=format_path(path), document=o.document, item=o.item, line=self.line(path)))
+
+    def warn(self, path: Path, message: str, reason: str = "not_enforced") -> None:
+        """Record accepted-but-noteworthy input; the key is filled in once the object is known."""
+        self.warnings.append(ConfigWarning(message=message, reason=reason, key=self.key,
+                                           field=format_path(path),
+                                           origin=self.origin.at(self.line(path))))
 
     def fail(self, path: Path, message: str, reason: str = "bad_value") -> NoReturn:
         self.error(path, message, reason)

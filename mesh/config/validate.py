@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..model import Namespace, Node, Pod, Resource, ResourceKey, Service, ServiceAccount
-from .errors import ConfigError, ConfigErrors, Origin
-from .load import Loaded
+from .convert import Loaded
+from .errors import ConfigError, ConfigErrors, ConfigWarning, Origin
 
-__all__ = ["IMPLICIT_NAMESPACES", "validate_batch", "validate_deletion"]
+__all__ = ["IMPLICIT_NAMESPACES", "last_wins", "validate_batch", "validate_deletion"]
 
 IMPLICIT_NAMESPACES: frozenset[str] = frozenset({"default", "istio-system"})
 """Namespaces that always exist (as in every Kubernetes cluster): objects may live in them
@@ -29,25 +30,43 @@ def _listing(keys: Iterable[ResourceKey], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def last_wins(batch: Sequence[Loaded]) -> list[Loaded]:
+    """One entry per object: when files or documents of one batch define the same object, the
+    last definition is used, as `kubectl apply -f a.yaml -f b.yaml` ends up with. It keeps its
+    position in the batch and a warning naming the definitions it supersedes."""
+    last: dict[ResourceKey, int] = {}
+    for i, item in enumerate(batch):
+        last[item.resource.key] = i
+    earlier: dict[ResourceKey, list[Origin]] = {}
+    for i, item in enumerate(batch):
+        if last[item.resource.key] != i:
+            earlier.setdefault(item.resource.key, []).append(item.origin)
+    out = []
+    for i, item in enumerate(batch):
+        key = item.resource.key
+        if last[key] != i:
+            continue
+        if key in earlier:
+            where = ", ".join(str(o) for o in earlier[key])
+            item = replace(item, warnings=item.warnings + (ConfigWarning(
+                message=f"also defined at {where}; this last definition is used", reason="superseded",
+                key=key, origin=item.origin),))
+        out.append(item)
+    return out
+
+
 def validate_batch(batch: Sequence[Resource | Loaded],
                    existing: Mapping[ResourceKey, Resource]) -> None:
     """Raise ConfigErrors listing every problem of applying `batch` over `existing`.
 
-    Objects in the batch replace existing ones with the same key. Fields the system fills in
+    Objects in the batch replace existing ones with the same key; an object defined twice in the
+    batch counts once, as its last definition (see last_wins). Fields the system fills in
     when unset (Pod nodeName and podIP, Service clusterIP, Node podCIDR) are not a change when
     the update leaves them unset: the applier keeps the current value, as `kubectl apply` does.
     """
-    items = [x if isinstance(x, Loaded) else Loaded(x, _NO_SOURCE) for x in batch]
+    items = last_wins([x if isinstance(x, Loaded) else Loaded(x, _NO_SOURCE) for x in batch])
     errors: list[ConfigError] = []
-
-    first: dict[ResourceKey, Loaded] = {}
-    for item in items:
-        key = item.resource.key
-        if key in first:
-            errors.append(_error(item.origin, key, None, f"defined more than once in this batch "
-                                 f"(also at {first[key].origin})", "duplicate"))
-        else:
-            first[key] = item
+    first = {item.resource.key: item for item in items}
     final: dict[ResourceKey, Resource] = dict(existing)
     final.update((k, v.resource) for k, v in first.items())
 

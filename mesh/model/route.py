@@ -23,9 +23,10 @@ __all__ = [
     "HTTPRouteTimeouts", "HTTPRouteRetry", "HTTPRouteRule", "HTTPRoute",
     # Istio
     "StringMatchType", "IstioStringMatch", "VSMatch", "VSDestination", "VSRouteDestination",
-    "VSRetries", "VSFaultDelay", "VSFaultAbort", "VSFault", "VSHeaders", "VSRewrite",
+    "VSRetries", "VSMirror", "VSFaultDelay", "VSFaultAbort", "VSFault", "VSHeaders", "VSRewrite",
     "VSHTTPRoute", "VirtualService", "TCPSettings", "HTTPSettings", "ConnectionPool",
-    "OutlierDetection", "LoadBalancer", "TrafficPolicy", "Subset", "DestinationRule",
+    "OutlierDetection", "LoadBalancer", "TrafficPolicy", "Subset", "DestinationRule", "MESH_GATEWAY",
+    "TCPKeepalive", "H2UpgradePolicy", "TLSMode", "ClientTLS",
 ]
 
 MAX_WEIGHT = 1_000_000
@@ -208,6 +209,13 @@ class StringMatchType(enum.Enum):
     """Plain string prefix (not element-wise), as Istio's."""
     REGEX = "regex"
     """Python `re`, full match (Envoy RE2 semantics for the common subset)."""
+    PRESENT = "present"
+    """The header (or query parameter) is present, with any value, even empty (value is "").
+    Istio's `{}` and `regex: "*"` ("* is NOT a RE2 style regex, it's a metacharacter")."""
+
+
+MESH_GATEWAY = "mesh"
+"""The gateway name a waypoint evaluates a match's `gateways` against, as Istio's does."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,6 +237,20 @@ class VSMatch:
     authority: IstioStringMatch | None = None
     port: int | None = None
     ignore_uri_case: bool = False
+    without_headers: tuple[tuple[str, IstioStringMatch], ...] = ()
+    """(lowercase name, match) that must NOT hold; a missing header counts as the empty string,
+    except for a PRESENT match, which then holds (Istio: invert_match, treat_missing_as_empty)."""
+    scheme: IstioStringMatch | None = None
+    source_labels: FrozenMap = FrozenMap()
+    source_namespace: str | None = None
+    gateways: tuple[str, ...] = ()
+
+    @property
+    def applies_at_waypoint(self) -> bool:
+        """False for blocks Istio drops at a waypoint: any `sourceLabels` ("not supported in
+        ambient mode"), a `sourceNamespace`, or `gateways` that do not include "mesh"."""
+        return (not self.source_labels and self.source_namespace is None
+                and (not self.gateways or MESH_GATEWAY in self.gateways))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,6 +274,20 @@ class VSRetries:
     per_try_timeout: float | None = None
     retry_on: tuple[str, ...] = ()
     """Envoy retry conditions (`5xx`, `gateway-error`, `connect-failure`, ...) and status codes."""
+    retry_remote_localities: bool | None = None
+    retry_ignore_previous_hosts: bool | None = None
+    """None: Istio's default (true: a retry goes to another host)."""
+    backoff: float | None = None
+    """Base interval between retries (seconds); None: Envoy's 25 ms."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VSMirror:
+    """One entry of `http[].mirrors`."""
+
+    destination: VSDestination
+    percentage: float | None = None
+    """0..100; None means 100."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,7 +299,10 @@ class VSFaultDelay:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VSFaultAbort:
     http_status: int
+    """200 when `grpc_status` is set (Envoy answers a gRPC abort with HTTP 200)."""
     percentage: float = 100.0
+    grpc_status: str | None = None
+    """A gRPC status code name (e.g. UNAVAILABLE), sent as grpc-status."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -295,9 +334,10 @@ class VSHTTPRoute:
     fault: VSFault | None = None
     mirror: VSDestination | None = None
     mirror_percentage: float | None = None
-    """0..100; None with a mirror means 100."""
+    """0..100; None with a mirror means 100 (deprecated `mirrorPercent` is mapped here)."""
     headers: VSHeaders | None = None
     rewrite: VSRewrite | None = None
+    mirrors: tuple[VSMirror, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,9 +351,25 @@ class VirtualService(Resource):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TCPKeepalive:
+    probes: int | None = None
+    time: float | None = None
+    interval: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TCPSettings:
     max_connections: int | None = None
     connect_timeout: float | None = None
+    tcp_keepalive: TCPKeepalive | None = None
+    max_connection_duration: float | None = None
+    idle_timeout: float | None = None
+
+
+class H2UpgradePolicy(enum.Enum):
+    DEFAULT = "DEFAULT"
+    DO_NOT_UPGRADE = "DO_NOT_UPGRADE"
+    UPGRADE = "UPGRADE"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -323,6 +379,9 @@ class HTTPSettings:
     max_requests_per_connection: int | None = None
     max_retries: int | None = None
     idle_timeout: float | None = None
+    h2_upgrade_policy: H2UpgradePolicy | None = None
+    use_client_protocol: bool | None = None
+    max_concurrent_streams: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -339,6 +398,8 @@ class OutlierDetection:
     base_ejection_time: float | None = None
     max_ejection_percent: int | None = None
     min_health_percent: int | None = None
+    split_external_local_origin_errors: bool | None = None
+    consecutive_local_origin_failures: int | None = None
 
 
 class LoadBalancer(enum.Enum):
@@ -349,12 +410,30 @@ class LoadBalancer(enum.Enum):
     PASSTHROUGH = "PASSTHROUGH"
 
 
+class TLSMode(enum.Enum):
+    DISABLE = "DISABLE"
+    SIMPLE = "SIMPLE"
+    MUTUAL = "MUTUAL"
+    ISTIO_MUTUAL = "ISTIO_MUTUAL"
+    """What ambient always does between meshed workloads (HBONE is mutual TLS)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientTLS:
+    """`trafficPolicy.tls`: how the proxy talks TLS to the destination."""
+
+    mode: TLSMode = TLSMode.DISABLE
+    sni: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficPolicy:
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
     load_balancer: LoadBalancer | None = None
-    """`loadBalancer.simple`."""
+    """`loadBalancer.simple` (deprecated LEAST_CONN is mapped to LEAST_REQUEST)."""
+    tls: ClientTLS | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -291,9 +291,9 @@ BAD_INPUTS = [
      ["kind.yaml", "Deployment"]),
     ("missing.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {namespace: shop}\nspec: {containers: [{name: c}]}\n",
      ["missing.yaml", "metadata.name"]),
-    ("dup.yaml", "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x, namespace: shop}\n---\n"
-                 "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: x, namespace: shop}\n",
-     ["dup.yaml", "ServiceAccount shop/x"]),
+    # (The same object twice in one apply is not bad input: the last one wins, as with kubectl.)
+    ("dup.yaml", "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: x\n  namespace: shop\n  name: y\n",
+     ["dup.yaml", "ServiceAccount shop/y", "defined twice"]),
     # A good object followed by a bad one: the good one must not be applied either.
     ("half.yaml", "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: ok, namespace: shop}\n---\n"
                   "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\n"

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from mesh.config import (REASONS, ConfigError, ConfigErrors, Loaded, Origin, parse_paths,
+from mesh.config import (REASONS, ConfigError, ConfigErrors, Loaded, Origin, last_wins, parse_paths,
                          parse_text, validate_batch, validate_deletion)
 from mesh.model import (Container, FrozenMap, Namespace, Node, ObjectMeta, PolicyObject, Pod,
                         Resource, ResourceKey, Service, ServiceAccount, ServicePort)
@@ -100,8 +100,6 @@ RUNNING = BASE[ResourceKey("Pod", "demo", "running")]
 
 # (batch, existing, reason, key as printed, field, fragment)
 BAD = [
-    pytest.param([sa("x"), sa("x")], BASE, "duplicate", "ServiceAccount demo/x", None,
-                 "defined more than once", id="duplicate-in-batch"),
     pytest.param([pod("p", "shop")], BASE, "unknown_reference", "Pod shop/p", "metadata.namespace",
                  'namespace "shop" does not exist', id="unknown-namespace"),
     pytest.param([policy("p", "shop")], BASE, "unknown_reference", "AuthorizationPolicy shop/p",
@@ -162,7 +160,6 @@ def test_all_problems_reported_and_nothing_depends_on_order() -> None:
              sa("x"), sa("x")]
     errors = errors_of(batch)
     assert sorted((str(e.key), e.reason, e.field) for e in errors) == sorted([
-        ("ServiceAccount demo/x", "duplicate", None),
         ("Pod shop/a", "unknown_reference", "metadata.namespace"),
         ("Pod shop/a", "unknown_reference", "spec.serviceAccountName"),
         ("Pod shop/a", "unknown_reference", "spec.nodeName"),
@@ -178,16 +175,31 @@ def test_existing_is_not_modified() -> None:
     assert existing == BASE
 
 
-def test_duplicates_across_two_files_name_both(tmp_path) -> None:
+def test_same_object_in_two_files_takes_the_last_as_kubectl(tmp_path) -> None:
     one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
-    doc = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: demo}\n"
-    one.write_text(doc)
-    two.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n" + doc)
-    errors = errors_of(parse_paths([str(one), str(two)]))
-    [e] = errors
-    assert (e.reason, e.source, e.document, e.line) == ("duplicate", str(two), 2, 5)
-    assert str(e) == (f"{two}:5 (document 2): ServiceAccount demo/web: defined more than once "
-                      f"in this batch (also at {one}:1 (document 1))")
+    doc = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: demo, labels: {v: '%s'}}\n"
+    one.write_text(doc % "1")
+    two.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n" + doc % "2")
+    loaded = parse_paths([str(one), str(two)])
+    assert [(str(x.resource.key), x.origin.source) for x in loaded] == [
+        ("Namespace x", str(two)), ("ServiceAccount demo/web", str(two))]
+    web = loaded[1]
+    assert web.resource.labels == {"v": "2"}
+    [w] = web.warnings
+    assert w.reason == "superseded"
+    assert str(w) == (f"{two}:5 (document 2): ServiceAccount demo/web: warning: also defined at "
+                      f"{one}:1 (document 1); this last definition is used")
+    validate_batch(loaded, {ResourceKey("Namespace", "", "demo"): ns("demo")})
+
+
+def test_same_object_twice_in_one_text_and_unparsed_batch_last_wins() -> None:
+    doc = "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: %s}\n"
+    [node_] = parse_text(doc % "10.0.1.0/24" + "---\n" + doc % "10.0.2.0/24", "a.yaml")
+    assert str(node_.resource.pod_cidr) == "10.0.2.0/24" and node_.origin.document == 2
+    x2 = ServiceAccount(meta=ObjectMeta(name="x", namespace="demo", labels=FrozenMap({"b": "1"})))
+    got = last_wins([Loaded(sa("x"), Origin("a")), Loaded(sa("y"), Origin("a")), Loaded(x2, Origin("b"))])
+    assert [x.resource for x in got] == [sa("y"), x2]
+    assert [w.reason for w in got[1].warnings] == ["superseded"] and got[0].warnings == ()
 
 
 def test_loaded_origin_is_used_for_reference_errors() -> None:
@@ -199,8 +211,9 @@ def test_loaded_origin_is_used_for_reference_errors() -> None:
 
 def test_loaded_and_bare_resources_can_mix() -> None:
     loaded = Loaded(sa("x"), Origin("a.yaml", 1))
-    [e] = errors_of([loaded, sa("x")])
-    assert e.source == "<batch>" and "also at a.yaml (document 1)" in str(e)
+    validate_batch([loaded, sa("x")], BASE)  # the same object twice: the last one counts
+    errors = errors_of([Loaded(pod("p", sa="ghost"), Origin("a.yaml", 1)), pod("q", sa="ghost")])
+    assert [(str(e.key), e.source) for e in errors] == [("Pod demo/p", "a.yaml"), ("Pod demo/q", "<batch>")]
 
 
 # --- deletion -----------------------------------------------------------------------------

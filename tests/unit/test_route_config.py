@@ -332,10 +332,13 @@ BAD = [
                        "    mirrorPercentage: {value: 5}\n"), "missing_field", "spec.http[0].mirrorPercentage",
                  8, "needs mirror", id="vs-mirror-percentage-alone"),
     pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: a}}]\n"
-                       "    match: [{sourceLabels: {app: x}}]\n"), "unsupported",
-                 "spec.http[0].match[0].sourceLabels", 8, "not supported", id="vs-source-labels"),
-    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  tcp: []\n"), "unsupported", "spec.tcp", 6,
-                 "only http routes", id="vs-tcp"),
+                       "    match: [{sourceLabels: {version: 1}}]\n"), "bad_value",
+                 "spec.http[0].match[0].sourceLabels.version", 8, "quote it", id="vs-source-labels-number"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  tcp:\n  - rout: []\n"), "unknown_field", "spec.tcp[0].rout", 7,
+                 "unknown field", id="vs-tcp-typo"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: a}}]\n"
+                       "    redirect: {uri: /x}\n"), "unsupported", "spec.http[0].redirect", 8,
+                 "would send traffic elsewhere", id="vs-redirect"),
     pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: a}, weight: 0}]\n"),
                  "bad_value", "spec.http[0].route", 7, "non-zero weight", id="vs-all-zero-weights"),
     # DestinationRule
@@ -351,8 +354,8 @@ BAD = [
     pytest.param(y(DRH, "spec:\n  host: a\n  trafficPolicy:\n    outlierDetection: {interval: soon}\n"),
                  "bad_value", "spec.trafficPolicy.outlierDetection.interval", 7, "not a valid duration",
                  id="dr-interval"),
-    pytest.param(y(DRH, "spec:\n  host: a\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n"),
-                 "unsupported", "spec.trafficPolicy.tls", 7, "not supported", id="dr-tls"),
+    pytest.param(y(DRH, "spec:\n  host: a\n  trafficPolicy:\n    tls: {mode: ISTIO}\n"),
+                 "bad_value", "spec.trafficPolicy.tls.mode", 7, "must be one of", id="dr-tls-mode"),
 ]
 
 

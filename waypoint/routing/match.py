@@ -190,13 +190,22 @@ def _istio_ok(sm: IstioStringMatch | None, got: str | None, ignore_case: bool = 
     return got == want if sm.type is StringMatchType.EXACT else got.startswith(want)
 
 
+def _without_ok(sm: IstioStringMatch, got: str | None) -> bool:
+    # Istio inverts the matcher and treats a missing header as "", except for presence matches.
+    if sm.type is StringMatchType.PRESENT:
+        return got is None
+    return not _istio_ok(sm, "" if got is None else got)
+
+
 def vs_match_holds(m: VSMatch, req: RequestInfo) -> bool:
-    return (_istio_ok(m.uri, req.path, m.ignore_uri_case)
+    return (m.applies_at_waypoint
+            and _istio_ok(m.uri, req.path, m.ignore_uri_case)
             and _istio_ok(m.method, req.method)
             and _istio_ok(m.authority, req.host)
             and (m.port is None or m.port == req.port)
             and all(_istio_ok(sm, req.header(name)) for name, sm in m.headers)
-            and all(_istio_ok(sm, req.query_param(name)) for name, sm in m.query_params))
+            and all(_istio_ok(sm, req.query_param(name)) for name, sm in m.query_params)
+            and all(_without_ok(sm, req.header(name)) for name, sm in m.without_headers))
 
 
 def find_vs_route(virtual_services: Iterable[VirtualService],
