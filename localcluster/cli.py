@@ -80,6 +80,8 @@ def _print_applied(res: dict[str, Any]) -> None:
         print(f"{k} applied")
     if res["unchanged"]:
         print(f"{res['unchanged']} unchanged")
+    for w in res.get("warnings", []):
+        print(w, file=sys.stderr)
 
 
 def cmd_up(paths: ClusterPaths, a: argparse.Namespace) -> int:
@@ -174,6 +176,11 @@ def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
         print("\nPOLICIES")
         for p in st["policies"]:
             print(f"  {p}")
+    if st.get("warnings"):
+        print("\nWARNINGS (accepted, see each)")
+        for key, ws in st["warnings"].items():
+            for w in ws:
+                print(f"  {w}")
     return 0
 
 

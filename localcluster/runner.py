@@ -95,6 +95,8 @@ class Runner:
         """Running system workloads by (kind, target): ztunnel per node (replica 0 owns
         capture and the node's admin ports, the others are SO_REUSEPORT workers)."""
         self._pods: dict[str, _PodRt] = {}
+        self._warnings: dict[ResourceKey, list[str]] = {}
+        """Config warnings of each object as last applied (ambient status shows them)."""
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self.committed_at: float | None = None
@@ -136,10 +138,14 @@ class Runner:
             self.addr = addr
             self.store.commit(changed)
             self.committed_at = self.clock.now()
+            # Accepted-but-not-enforced fields etc.: shown by apply now and by status later.
+            for x in loaded:
+                self._warnings[x.resource.key] = [str(w) for w in x.warnings]
             await self._reconcile()
         if wait:
             await self.wait_ready()
         return {"applied": [str(r.key) for r in changed],
+                "warnings": [str(w) for x in loaded for w in x.warnings],
                 "unchanged": len(batch) - len(changed), "committed_at": self.committed_at,
                 "version": self.cp.version}
 
@@ -155,6 +161,8 @@ class Runner:
                 elif k.kind == "Service":
                     addr.release_service(k)
             self.store.commit(deletes=present)
+            for k in present:
+                self._warnings.pop(k, None)
             self.committed_at = self.clock.now()
             await self._reconcile()
             # Node addresses go last: their pods were released above and reconciled away.
@@ -461,6 +469,8 @@ class Runner:
             "nodes": nodes, "pods": pods, "services": services,
             "policies": [str(k) for k in self.store.objects if k.kind not in
                          ("Namespace", "Node", "Pod", "Service", "ServiceAccount")],
+            "warnings": {str(k): w for k, w in sorted(self._warnings.items(), key=lambda kv: str(kv[0]))
+                         if w and k in self.store.objects},
         }
 
     def pod_info(self, namespace: str, name: str) -> dict[str, Any]:
