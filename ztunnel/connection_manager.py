@@ -59,13 +59,14 @@ class ConnectionManager:
     def reauthorize(self) -> int:
         """Cut open inbound connections the current policies no longer allow; how many were."""
         closed = 0
-        for key, t in list(self.active.items()):
+        for t in list(self.active.values()):
+            if t.revoked_by is not None:       # cut already; its handler releases it
+                continue
             d = self.authorize(t.conn)
             if not d.allowed:
                 log.info("policy_revoked: closing %s -> %s (%s %s)", t.conn.src_identity or t.conn.src_ip,
                          self.ctx.workload.uid, d.reason, d.policy or "")
                 t.revoked_by = d
-                self.active.pop(key, None)
                 t.cut()
                 closed += 1
         return closed
