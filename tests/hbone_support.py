@@ -1,4 +1,4 @@
-"""Shared HBONE test fixtures: certificates, echo backends, a mini ztunnel outbound listener."""
+"""Shared HBONE test fixtures: certificates, echo backends, a raw-pool driver (the real ztunnel is in tests/inprocess)."""
 from __future__ import annotations
 
 import asyncio
@@ -87,8 +87,10 @@ async def start_echo() -> tuple[asyncio.AbstractServer, tuple[str, int]]:
 
 @dataclass
 class Outbound:
-    """A minimal ztunnel outbound listener: every accepted TCP connection is paused and
-    handed to `HbonePool.tunnel` towards one HBONE server."""
+    """Drives `HbonePool.tunnel` directly, for tests about the pool itself: every accepted TCP
+    connection is handed to the pool towards one HBONE server and its TunnelResult/TunnelError
+    kept in `tasks`. Not ztunnel: tests of ztunnel's outbound use the real OutboundProxy
+    (tests/inprocess/harness.py)."""
 
     pool: HbonePool
     server_addr: tuple[str, int]

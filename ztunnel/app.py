@@ -8,8 +8,6 @@ eBPF capture; a workload that leaves the mesh is released (its open connections 
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import logging
 import os
 import random
@@ -25,7 +23,9 @@ from mesh.clock import Clock
 from mesh.distribution.client import ControlPlaneClient
 from mesh.distribution.protocol import ALPN
 from mesh.hbone import HbonePool
+from mesh.proxy.access_log import Recorder
 from mesh.proxy.bootstrap import TlsContexts, load_bootstrap
+from mesh.proxy.sockets import NetnsSockets
 from mesh.sandbox import SandboxDir
 from mesh.identity import SpiffeId
 from mesh.model import TunnelProtocol, Workload
@@ -34,43 +34,13 @@ from mesh.state import ProxyState
 
 from .config import ZtunnelConfig
 from .inpod import PodProxy
+from .pod_context import PodContext, SocketOriginalDst
 from .metrics import TcpMetrics
 
 __all__ = ["Ztunnel"]
 
 log = logging.getLogger("ambient.ztunnel")
-access = logging.getLogger("ambient.access")
 _SYNC_INTERVAL = 0.5
-
-
-class _ConnLog:
-    """Access log (one line per connection at close, Istio's field names) and a recent-history
-    ring for the admin endpoint."""
-
-    def __init__(self, metrics: TcpMetrics, size: int = 1000) -> None:
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
-        self.total = 0
-        self.metrics = metrics
-
-    def record(self, entry: dict[str, Any]) -> None:
-        entry = istio_fields(entry)
-        self.total += 1
-        self.metrics.record(entry)
-        self.recent.append(entry)
-        if access.isEnabledFor(logging.INFO):
-            level = logging.WARNING if entry.get("error") else logging.INFO
-            access.log(level, "connection complete %s", json.dumps(entry, separators=(",", ":")))
-
-
-def istio_fields(entry: dict[str, Any]) -> dict[str, Any]:
-    """Internal entries name workloads by uid (`ns/name`); Istio's access log and metrics have
-    `src.workload` + `src.namespace` (and the same for dst)."""
-    out = dict(entry)
-    for side in ("src", "dst"):
-        uid = out.get(f"{side}.workload")
-        if uid and "/" in uid:
-            out[f"{side}.namespace"], _, out[f"{side}.workload"] = uid.partition("/")
-    return out
 
 
 class Ztunnel:
@@ -88,9 +58,9 @@ class Ztunnel:
             on_update=self._on_update)
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
         self.tls = TlsContexts(self.secrets, self._roots)
-        self.pool = HbonePool()
+        self.pool = HbonePool(clock=clock)
         self.metrics = TcpMetrics()
-        self.conn_log = _ConnLog(self.metrics)
+        self.conn_log = Recorder(self.metrics.record)
         self.capture = capture
         self.sandboxes = SandboxDir(cfg.sandbox_dir)
         self.pods: dict[str, PodProxy] = {}
@@ -173,14 +143,13 @@ class Ztunnel:
             raise RuntimeError(f"no sandbox record for pod {w.uid} yet (the node agent writes it)")
         if not os.path.exists(sb.netns):
             raise RuntimeError(f"pod netns {sb.netns} not there yet")
-        netns = sb.netns
         server_ctx = await asyncio.wait_for(self.tls.server(w.identity), 10)
         await self.tls.refresh(w.identity)
         ident = w.identity
-        pp = PodProxy(w, netns=netns, state=self.state, pool=self.pool,
-                      client_tls=lambda: self.tls.client(ident), server_tls=server_ctx,
-                      capture=self.capture or ebpf_capture, trust_domain=self.cfg.trust_domain, conn_log=self.conn_log,
-                      rng=self.rng)
+        ctx = PodContext(workload=w, state=self.state, sockets=NetnsSockets(sb.netns),
+                         original_dst=SocketOriginalDst((self.capture or ebpf_capture).original_dst),
+                         clock=self.clock, rng=self.rng, sink=self.conn_log, trust_domain=self.cfg.trust_domain)
+        pp = PodProxy(ctx, pool=self.pool, client_tls=lambda: self.tls.client(ident), server_tls=server_ctx)
         await pp.start()
         try:
             if self.capture is not None:

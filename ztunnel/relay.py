@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from dataclasses import dataclass
 
 __all__ = ["RelayResult", "relay", "HIGH_WATER", "LOW_WATER"]
@@ -25,7 +24,6 @@ class RelayResult:
     """Bytes from the downstream (first) side to the upstream side."""
     bytes_received: int
     """Bytes from upstream back to downstream."""
-    duration: float
     error: str | None = None
 
 
@@ -105,7 +103,6 @@ async def relay(downstream: asyncio.Transport, upstream: socket.socket) -> Relay
     """Take over `downstream` (reading paused by the caller) and relay it with `upstream`
     (a connected non-blocking socket) until both directions end."""
     loop = asyncio.get_running_loop()
-    t0 = time.monotonic()
     done: asyncio.Future[None] = loop.create_future()
     down, up = _Side(done), _Side(done)
     down.peer, up.peer = up, down
@@ -133,4 +130,4 @@ async def relay(downstream: asyncio.Transport, upstream: socket.socket) -> Relay
             if s.transport is not None and not s.transport.is_closing():
                 s.transport.abort()
     error = down.error or up.error
-    return RelayResult(bytes_sent=down.count, bytes_received=up.count, duration=time.monotonic() - t0, error=error)
+    return RelayResult(bytes_sent=down.count, bytes_received=up.count, error=error)

@@ -2,7 +2,9 @@
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.metrics import Registry
-from ztunnel.metrics import TcpMetrics
+from mesh.proxy.reason import Direction, Reason
+from mesh.proxy.result import ConnectionResult, Listener, Peer, SecurityPolicy, Stage
+from ztunnel.metrics import TcpLabels, TcpMetrics
 
 
 def parse(text: bytes):
@@ -21,17 +23,62 @@ def test_counters_round_trip_through_the_reference_parser():
                    "demo_requests_total[('code', '503'), ('route', 'we\"ird\\\\path\\n')]": 0.5}
 
 
+def families(m: TcpMetrics):
+    return {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
+
+
 def test_ztunnel_tcp_metrics_keep_istio_names_and_labels():
     m = TcpMetrics()
-    m.record({"direction": "inbound", "src.workload": "c", "src.namespace": "a", "dst.workload": "s",
-              "dst.namespace": "b", "src.identity": "spiffe://cluster.local/ns/a/sa/c", "security": "mutual_tls",
-              "bytes_sent": 10, "bytes_recv": 20})
-    m.record({"direction": "inbound", "dst.workload": "s", "dst.namespace": "b", "error": "no_allow_match"})
-    fams = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
+    m.record(ConnectionResult(direction=Direction.INBOUND, listener=Listener.HBONE,
+                              src=Peer("c", "a", "spiffe://cluster.local/ns/a/sa/c"), dst=Peer("s", "b"),
+                              security=SecurityPolicy.MUTUAL_TLS, bytes_sent=10, bytes_recv=20))
+    m.record(ConnectionResult(direction=Direction.INBOUND, listener=Listener.INBOUND, src=Peer(),
+                              dst=Peer("s", "b"), reason=Reason.NO_ALLOW_MATCH))
+    fams = families(m)
     assert {"istio_tcp_connections_opened", "istio_tcp_connections_closed", "istio_tcp_connections_failed",
             "istio_tcp_received_bytes", "istio_tcp_sent_bytes", "ztunnel_inbound_rejected"} <= set(fams)
+    assert set(fams["istio_tcp_connections_opened"].samples[0].labels) == set(TcpLabels.__dataclass_fields__)
     opened = {s.labels["response_flags"]: s.value for s in fams["istio_tcp_connections_opened"].samples}
     assert opened == {"-": 1.0, "DENY": 1.0}
-    received = [s for s in fams["istio_tcp_received_bytes"].samples if s.labels["response_flags"] == "-"]
-    assert received[0].value == 10.0 and received[0].labels["source_principal"] == "spiffe://cluster.local/ns/a/sa/c"
-    assert received[0].labels["reporter"] == "destination" and received[0].labels["connection_security_policy"] == "mutual_tls"
+    received = {s.labels["response_flags"]: s for s in fams["istio_tcp_received_bytes"].samples}
+    ok = received["-"]
+    assert ok.value == 10.0 and ok.labels["source_principal"] == "spiffe://cluster.local/ns/a/sa/c"
+    assert ok.labels["reporter"] == "destination" and ok.labels["connection_security_policy"] == "mutual_tls"
+    assert received["DENY"].labels["connection_security_policy"] == "unknown"
+    sent = {s.labels["response_flags"]: s.value for s in fams["istio_tcp_sent_bytes"].samples}
+    assert sent["-"] == 20.0
+    failed = {s.labels["response_flags"]: s.value for s in fams["istio_tcp_connections_failed"].samples}
+    assert failed == {"DENY": 1.0}
+    # A policy denial is not a rejection of hostile input.
+    assert not fams["ztunnel_inbound_rejected"].samples
+
+
+def test_rejections_count_only_in_the_rejected_family_with_their_count():
+    m = TcpMetrics()
+    m.record(ConnectionResult(direction=Direction.INBOUND, listener=Listener.HBONE, src=Peer(),
+                              dst=Peer("s", "b"), reason=Reason.NOT_TLS, stage=Stage.TLS, count=7))
+    fams = families(m)
+    assert not fams["istio_tcp_connections_opened"].samples
+    (s,) = fams["ztunnel_inbound_rejected"].samples
+    assert s.value == 7.0 and s.labels == {"listener": "hbone", "reason": "not_tls", "destination_workload": "s",
+                                          "destination_workload_namespace": "b"}
+
+
+def test_bad_requests_count_as_failed_connections_and_as_rejections():
+    m = TcpMetrics()
+    m.record(ConnectionResult(direction=Direction.INBOUND, listener=Listener.INBOUND, src=Peer(),
+                              dst=Peer("s", "b"), reason=Reason.ZTUNNEL_PORT))
+    fams = families(m)
+    (f,) = fams["istio_tcp_connections_failed"].samples
+    assert f.labels["response_flags"] == "DPE"
+    (s,) = fams["ztunnel_inbound_rejected"].samples
+    assert s.labels["listener"] == "inbound" and s.labels["reason"] == "ztunnel_port"
+
+
+def test_outbound_reports_as_source_and_mirrors_peer_protocol_flags():
+    m = TcpMetrics()
+    m.record(ConnectionResult(direction=Direction.OUTBOUND, listener=Listener.OUTBOUND, src=Peer("c", "a"),
+                              dst=Peer("s", "b"), security=SecurityPolicy.MUTUAL_TLS, reason=Reason.BAD_FRAME_SIZE,
+                              bytes_sent=3, bytes_recv=4))
+    (s,) = families(m)["istio_tcp_connections_failed"].samples
+    assert s.labels["reporter"] == "source" and s.labels["response_flags"] == "UPE"

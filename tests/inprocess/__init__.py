@@ -1,0 +1,1 @@
+"""In-process ztunnel tests: real pod proxies on loopback addresses, no root."""

@@ -1,0 +1,75 @@
+"""Outbound (15001): a pod's captured connection -> plan -> HBONE tunnel or plain passthrough; one result.
+
+connect4 redirects the pod's connects to this listener; the injected OriginalDst (eBPF's
+SO_ORIGINAL_DST in production) says where they were going. `plan_outbound` decides, this
+carries it out: a pooled HBONE tunnel to the destination pod's 15008 (the pool owns the
+relay), or a plain relay to a destination outside the mesh. Whatever happens, exactly one
+ConnectionResult is recorded, when the connection ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+
+from mesh.hbone import HbonePool, PoolKey
+from mesh.proxy.reason import Direction, Reason
+from mesh.proxy.result import Listener, ResultBuilder, SecurityPolicy
+
+from ..pod_context import PodContext, addr_str
+from ..relay import relay
+from .plan import Route, plan_outbound
+
+__all__ = ["OutboundProxy"]
+
+log = logging.getLogger("ambient.ztunnel")
+
+
+class OutboundProxy:
+    """Serves one pod's 15001."""
+
+    def __init__(self, ctx: PodContext, pool: HbonePool, client_tls: Callable[[], ssl.SSLContext]) -> None:
+        self.ctx = ctx
+        self.pool = pool
+        self.client_tls = client_tls
+
+    async def handle(self, down: asyncio.Transport) -> None:
+        ctx = self.ctx
+        w = ctx.workload
+        b = ResultBuilder(Direction.OUTBOUND, Listener.OUTBOUND, ctx.clock.now())
+        b.src_uid, b.src_identity = w.uid, str(w.identity)
+        b.src_addr = addr_str(down.get_extra_info("peername"))
+        try:
+            dst = ctx.original_dst.outbound(down.get_extra_info("socket"))
+            b.dst_addr = addr_str(dst)
+            plan = plan_outbound(ctx.state, w, dst[0], dst[1], ctx.rng)
+            if plan.dst_workload is not None:
+                b.dst_uid = plan.dst_workload.uid
+            if plan.service is not None:
+                b.dst_service = f"{plan.service.name}.{plan.service.namespace}.svc.cluster.local"
+            if plan.route is Route.HBONE:
+                b.security = SecurityPolicy.MUTUAL_TLS
+                b.dst_hbone_addr = addr_str(plan.connect)
+                b.dst_identity = str(plan.dst_identity)
+                key = PoolKey(src_identity=w.identity, dst_identity=plan.dst_identity, src_ip=ctx.ip,
+                              dst_ip=plan.connect[0])
+                res = await self.pool.tunnel(
+                    key, downstream=down, connect=lambda: ctx.sockets.connect(plan.connect),
+                    ssl_context=self.client_tls, authority=plan.authority, trust_domain=ctx.trust_domain)
+                b.status = res.status
+            else:
+                res = await relay(down, await ctx.sockets.connect(plan.connect))
+            b.tunnel_bytes(res.bytes_sent, res.bytes_received, server_side=False)
+            if res.error:
+                b.fail(res.error)
+        except asyncio.CancelledError:
+            b.fail(Reason.CANCELLED)
+            down.abort()
+            raise
+        except Exception as e:  # an unexpected failure must not kill the listener
+            if b.fail(e) is Reason.UNEXPECTED:
+                log.exception("outbound connection failed")
+            down.abort()
+        finally:
+            ctx.record(b)
