@@ -8,7 +8,8 @@ PeerAuthentications), then times, in microseconds (median of --runs runs):
   outbound   plan_outbound to a service VIP and to a pod IP (ztunnel/inpod.py `_outbound`)
   inbound    the policy lookup + authz.evaluate for the destination workload, as
              ztunnel/inpod.py `authorize` calls it today (every policy of the mesh), and through
-             the indexed lookup when this ProxyState has it (`policies_for`); mTLS and plaintext
+             the indexed lookup when this ProxyState has it (`policies_for` + `evaluate_applicable`);
+             mTLS and plaintext
   update     apply_delta of one workload (label change) and of one policy, then the first
              inbound lookup after it (what a lazily rebuilt index costs), and
              workloads_on_node (ztunnel/app.py `_on_update` runs it on every update)
@@ -76,7 +77,7 @@ def build(n_workloads: int, n_namespaces: int, n_nodes: int, n_services: int, n_
         workloads.append(Workload(
             uid=f"{ns}/{name}", name=name, namespace=ns, node=f"node{i % n_nodes}", ip=_ip(i, "10.0.0.1"),
             service_account=app, identity=SpiffeId(trust_domain=TD, namespace=ns, service_account=app),
-            protocol=TunnelProtocol.HBONE if i % 20 else TunnelProtocol.NONE,
+            protocol=TunnelProtocol.HBONE if (i // n_namespaces) % 20 else TunnelProtocol.NONE,
             labels=FrozenMap({"app": app, "version": f"v{i % 2 + 1}", "pod-template-hash": f"h{i % 7}"})))
     by_app: dict[tuple[str, str], list[Workload]] = {}
     for w in workloads:
@@ -170,11 +171,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     out["inbound authz, all policies (plain)"] = per_op_us(legacy(plain), small, args.runs)
     indexed = getattr(state, "policies_for", None)
     if indexed is not None:
+        from ztunnel.authz import evaluate_applicable
         def via_index(conns: list[Connection]) -> Callable[[int], Any]:
             def one(i: int) -> Any:
                 w = dests[i % len(dests)]
-                p = indexed(w)
-                return evaluate(p.authorization, p.peer_authentications, w, conns[i % len(conns)])
+                return evaluate_applicable(indexed(w), w, conns[i % len(conns)])
             return one
         for w in dests:  # steady state: every destination looked up once since the last change
             indexed(w)
