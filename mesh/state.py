@@ -8,8 +8,8 @@ that one object, so a delta costs O(objects in it) index work (plus a memmove of
 never a rebuild. Lookups read the indexes and never sort:
 
   - each kind is kept in its listing order (`_Sorted`); the list methods copy it;
-  - workloads by IP / node, services by VIP (an address claimed twice resolves to the greatest
-    uid, as the full rebuild this replaces did);
+  - workloads by IP / node, services by VIP, each address also by its text (an address claimed
+    twice resolves to the greatest uid, as the full rebuild this replaces did);
   - AuthorizationPolicies and PeerAuthentications by namespace, then by one label of their
     selector (`_SelectorIndex`), so the policies that apply to a workload are found from its
     namespace, the root namespace and its own labels; `policies_for` memoises the answer per
@@ -121,45 +121,56 @@ _KINDS: dict[str, Callable[[Any], Any]] = {
 
 
 class _Claims(Generic[T]):
-    """Address -> object. Two objects may claim one address for a while (a pod replaced by one
-    that reuses its IP, in separate deltas): the greatest uid wins, as in a full rebuild, and the
-    other claims are kept (in `_contested`, only for such addresses) to take over on removal."""
+    """Address -> object, by IPv4Address and by its text. Two objects may claim one address for a
+    while (a pod replaced by one that reuses its IP, in separate deltas): the greatest uid wins,
+    as in a full rebuild, and the other claims are kept (in `_contested`, only for such
+    addresses) to take over on removal."""
 
-    __slots__ = ("winner", "_contested", "_uid")
+    __slots__ = ("winner", "by_text", "_contested", "_uid")
 
-    def __init__(self, uid: Callable[[T], str], ordered: list[T] = (), addr: Callable[[T], IP] = None) -> None:  # type: ignore[assignment]
+    def __init__(self, uid: Callable[[T], str], ordered: list[T] | None = None,
+                 addr: Callable[[T], IP] | None = None) -> None:
         """`ordered` (by uid) with `addr` loads a snapshot in one pass."""
         self._uid = uid
-        self.winner: dict[IP, T] = {addr(o): o for o in ordered} if ordered else {}
+        self.winner: dict[IP, T] = {}
+        self.by_text: dict[str, T] = {}
+        """The same, keyed by str(address): what capture hands over, looked up without parsing."""
         self._contested: dict[IP, dict[str, T]] = {}
-        if len(self.winner) < len(ordered):
-            for o in ordered:
-                if self.winner[addr(o)] is not o:
-                    self._contested.setdefault(addr(o), {})[uid(o)] = o
-            for ip, claims in self._contested.items():
-                claims[uid(self.winner[ip])] = self.winner[ip]
+        if ordered and addr is not None:
+            self.winner = {addr(o): o for o in ordered}
+            self.by_text = {str(ip): o for ip, o in self.winner.items()}
+            if len(self.winner) < len(ordered):
+                for o in ordered:
+                    if self.winner[addr(o)] is not o:
+                        self._contested.setdefault(addr(o), {})[uid(o)] = o
+                for ip, claims in self._contested.items():
+                    claims[uid(self.winner[ip])] = self.winner[ip]
+
+    def _set(self, ip: IP, obj: T) -> None:
+        self.winner[ip] = obj
+        self.by_text[str(ip)] = obj
 
     def add(self, ip: IP, uid: str, obj: T) -> None:
         claims = self._contested.get(ip)
         if claims is None:
             cur = self.winner.get(ip)
             if cur is None or self._uid(cur) == uid:
-                self.winner[ip] = obj
+                self._set(ip, obj)
                 return
             claims = self._contested[ip] = {self._uid(cur): cur}
         claims[uid] = obj
-        self.winner[ip] = claims[max(claims)]
+        self._set(ip, claims[max(claims)])
 
     def remove(self, ip: IP, uid: str) -> None:
         claims = self._contested.get(ip)
         if claims is None:
             cur = self.winner.get(ip)
             if cur is not None and self._uid(cur) == uid:
-                del self.winner[ip]
+                del self.winner[ip], self.by_text[str(ip)]
             return
         if claims.pop(uid, None) is None:
             return
-        self.winner[ip] = claims[max(claims)]
+        self._set(ip, claims[max(claims)])
         if len(claims) == 1:
             del self._contested[ip]
 
@@ -345,12 +356,21 @@ class ProxyState:
     def workload_by_ip(self, ip: ipaddress.IPv4Address) -> Workload | None:
         return self._by_ip.winner.get(ip)
 
+    def workload_at(self, ip: str) -> Workload | None:
+        """`workload_by_ip` by the address' text (`str(IPv4Address)`, as capture and peername give
+        it), without parsing it; any other spelling finds nothing."""
+        return self._by_ip.by_text.get(ip)
+
     def service(self, uid: str) -> ServiceInfo | None:
         """By `<namespace>/<name>`."""
         return self._kinds["Service"].by_uid.get(uid)
 
     def service_by_vip(self, ip: ipaddress.IPv4Address) -> ServiceInfo | None:
         return self._by_vip.winner.get(ip)
+
+    def service_at(self, ip: str) -> ServiceInfo | None:
+        """`service_by_vip` by the address' text, like `workload_at`."""
+        return self._by_vip.by_text.get(ip)
 
     def namespace(self, name: str) -> Namespace | None:
         return self._kinds["Namespace"].by_uid.get(name)
