@@ -24,6 +24,7 @@ import ipaddress
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 from .distribution.protocol import Delta, Snapshot, resource_ref
@@ -99,8 +100,7 @@ class _Sorted(Generic[T]):
         return len(self._items)
 
 
-def _uid(o: Any) -> str:
-    return o.uid
+_uid = attrgetter("uid")
 
 
 def _by_name(o: Any) -> tuple[str, str]:
@@ -108,9 +108,9 @@ def _by_name(o: Any) -> tuple[str, str]:
 
 
 _KINDS: dict[str, Callable[[Any], Any]] = {
-    "Workload": lambda w: w.uid,
-    "Service": lambda s: s.uid,
-    "Namespace": lambda n: n.name,
+    "Workload": attrgetter("uid"),
+    "Service": attrgetter("uid"),
+    "Namespace": attrgetter("name"),
     "Policy": lambda p: (p.key.kind, p.namespace, p.name),
     "AuthorizationPolicy": _by_name,
     "PeerAuthentication": _by_name,
@@ -118,6 +118,11 @@ _KINDS: dict[str, Callable[[Any], Any]] = {
     "VirtualService": _by_name,
     "DestinationRule": _by_name,
 }
+
+
+def _text(ip: IP) -> str:
+    """str(ip), three times faster (a snapshot formats every address)."""
+    return "%d.%d.%d.%d" % tuple(ip.packed)
 
 
 class _Claims(Generic[T]):
@@ -138,7 +143,7 @@ class _Claims(Generic[T]):
         self._contested: dict[IP, dict[str, T]] = {}
         if ordered and addr is not None:
             self.winner = {addr(o): o for o in ordered}
-            self.by_text = {str(ip): o for ip, o in self.winner.items()}
+            self.by_text = {"%d.%d.%d.%d" % tuple(ip.packed): o for ip, o in self.winner.items()}
             if len(self.winner) < len(ordered):
                 for o in ordered:
                     if self.winner[addr(o)] is not o:
@@ -148,7 +153,7 @@ class _Claims(Generic[T]):
 
     def _set(self, ip: IP, obj: T) -> None:
         self.winner[ip] = obj
-        self.by_text[str(ip)] = obj
+        self.by_text[_text(ip)] = obj
 
     def add(self, ip: IP, uid: str, obj: T) -> None:
         claims = self._contested.get(ip)
@@ -166,7 +171,7 @@ class _Claims(Generic[T]):
         if claims is None:
             cur = self.winner.get(ip)
             if cur is not None and self._uid(cur) == uid:
-                del self.winner[ip], self.by_text[str(ip)]
+                del self.winner[ip], self.by_text[_text(ip)]
             return
         if claims.pop(uid, None) is None:
             return
@@ -240,8 +245,8 @@ class ProxyState:
             by_kind[kind][uid] = r
         self._kinds: dict[str, _Sorted[Any]] = {k: _Sorted(_KINDS[k], d) for k, d in by_kind.items()}
         workloads: list[Workload] = self._kinds["Workload"].items()
-        self._by_ip: _Claims[Workload] = _Claims(_uid, workloads, lambda w: w.ip)
-        self._by_vip: _Claims[ServiceInfo] = _Claims(_uid, self._kinds["Service"].items(), lambda s: s.vip)
+        self._by_ip: _Claims[Workload] = _Claims(_uid, workloads, attrgetter("ip"))
+        self._by_vip: _Claims[ServiceInfo] = _Claims(_uid, self._kinds["Service"].items(), attrgetter("vip"))
         nodes: dict[str, dict[str, Workload]] = {}
         for w in workloads:
             nodes.setdefault(w.node, {})[w.uid] = w

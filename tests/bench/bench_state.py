@@ -16,19 +16,23 @@ PeerAuthentications), then times, in microseconds (median of --runs runs):
 
 Runs on any commit (the indexed rows appear only where the API exists). No network, no root.
 
-Results on the original commit (3518bc0, full-scan ProxyState), 2 shared cores, defaults
-(three runs; medians vary by ~30% with the other engineers' load):
+Results, 2 shared cores (other engineers' tests running; medians vary by ~20-30% run to run),
+defaults, microseconds. "before" is the original commit 3518bc0 (full-scan ProxyState: every
+lookup listed and sorted every object of its kind, every delta rebuilt the IP/VIP indexes);
+"after" is the indexed ProxyState of branch `state`:
 
-  apply_snapshot                             8700-22000 us
-  outbound plan, VIP                                5.0 us
-  outbound plan, pod IP                             3.6 us
-  inbound authz, all policies (mTLS)               ~990 us
-  inbound authz, all policies (plain)             ~1000 us
-  apply_delta, 1 workload                     4700-14600 us
-  apply_delta, 1 policy                        3700-4800 us
-  workloads_on_node                                ~1300 us
-
-(see the report of issue 7 item 7 for the numbers after the indexed ProxyState)
+  row                                          before      after
+  apply_snapshot                                ~9000     ~17000   (13,200 objects; once per control-plane (re)connect)
+  outbound plan, VIP                              5.1        2.9
+  outbound plan, pod IP                           3.7        1.2
+  inbound authz, all policies (mTLS)             ~970       ~150   (today's inpod.authorize call)
+  inbound authz, all policies (plain)            ~960       ~170
+  inbound authz, indexed (mTLS)                     -         15   (policies_for + evaluate_applicable)
+  inbound authz, indexed (plain)                    -         14
+  apply_delta, 1 workload                       ~4200        ~20
+  apply_delta, 1 policy                         ~4000         ~9
+  first policies_for after a policy delta           -         15   (the lookup alone, memo just dropped)
+  workloads_on_node                             ~1280        1.7
 """
 from __future__ import annotations
 
