@@ -8,7 +8,9 @@ from mesh.config import ConfigError, load_text
 from mesh.identity import SpiffeId
 from mesh.model import FrozenMap, TunnelProtocol, Workload
 from mesh.model.policy import AuthorizationPolicy, MtlsMode, PeerAuthentication
-from ztunnel.authz import Connection, effective_mtls, evaluate
+from mesh.distribution.protocol import Snapshot
+from mesh.state import ProxyState
+from ztunnel.authz import Connection, effective_mtls, evaluate, evaluate_applicable
 
 TD = "cluster.local"
 WEB = Workload(uid="foo/web", name="web", namespace="foo", node="n1", ip=ipaddress.IPv4Address("10.244.0.5"),
@@ -178,6 +180,15 @@ CASES = [
 def test_decision(docs, c, allowed, reason):
     d = decide(docs, c)
     assert (d.allowed, d.reason) == (allowed, reason)
+
+
+@pytest.mark.parametrize("docs, c", [c[1:3] for c in CASES], ids=[c[0] for c in CASES])
+def test_indexed_lookup_decides_the_same(docs, c):
+    # ztunnel's per-connection path: the state's pre-filtered policies, not all of them.
+    objs = load_text("---\n".join(docs), "policies.yaml") if docs else []
+    st = ProxyState()
+    st.apply_snapshot(Snapshot(version=1, resources=(WEB, *objs)))
+    assert evaluate_applicable(st.policies_for(WEB), WEB, c) == decide(docs, c)
 
 
 def test_case_count():

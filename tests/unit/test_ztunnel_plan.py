@@ -101,3 +101,28 @@ def test_inbound_authority(authority, result):
         with pytest.raises(BadAuthority) as e:
             target_of(authority, "10.244.0.5")
         assert e.value.reason == result and e.value.status == 400
+
+
+def test_plan_follows_deltas_of_addresses():
+    from dataclasses import replace
+
+    from mesh.distribution.protocol import Delta
+    st = ProxyState()
+    objs = translate([Namespace(meta=ObjectMeta(name="mesh", labels=FrozenMap(AMB))),
+                      pod("a", "mesh", "10.244.0.2", app="w"), pod("b", "mesh", "10.244.0.3", app="w"),
+                      svc("w", "mesh", "10.96.0.10", {"app": "w"}, [(80, 80)])], trust_domain="td")
+    st.apply_snapshot(Snapshot(version=1, resources=tuple(objs.values())))
+    src, rng = st.workload("mesh/a"), random.Random(0)
+    moved = replace(st.workload("mesh/b"), ip=ipaddress.IPv4Address("10.244.0.9"))
+    service = next(o for o in objs.values() if getattr(o, "vip", None) is not None)
+    st.apply_delta(Delta(version=2, upserts=(moved, replace(service, vip=ipaddress.IPv4Address("10.96.0.20")))))
+    assert plan_outbound(st, src, "10.244.0.3", 80, rng).route is Route.PASSTHROUGH  # nobody there now
+    assert plan_outbound(st, src, "10.244.0.9", 80, rng).dst_workload == moved
+    assert plan_outbound(st, src, "10.96.0.10", 80, rng).route is Route.PASSTHROUGH  # the old VIP
+    assert plan_outbound(st, src, "10.96.0.20", 80, rng).service.vip == ipaddress.IPv4Address("10.96.0.20")
+
+
+@pytest.mark.parametrize("dst", ["10.244.1.02", "10.244.1", "web", "::1"])
+def test_outbound_plan_refuses_what_is_not_an_ipv4_address(state, dst):
+    with pytest.raises(ValueError):
+        plan_outbound(state, state.workload("mesh/client"), dst, 80, random.Random(0))

@@ -13,14 +13,23 @@ import enum
 import ipaddress
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 from mesh.identity import SpiffeId
 from mesh.model import ServiceInfo, TunnelProtocol, Workload
-from mesh.state import ProxyState
 
-__all__ = ["HBONE_PORT", "Route", "OutboundPlan", "PlanError", "plan_outbound"]
+__all__ = ["HBONE_PORT", "Addresses", "Route", "OutboundPlan", "PlanError", "plan_outbound"]
 
 HBONE_PORT = 15008
+
+
+class Addresses(Protocol):
+    """What planning reads of the mesh (mesh.state.ProxyState provides it): indexed lookups by
+    the address' text, so a connection costs no parsing when the address is known."""
+
+    def service_at(self, ip: str) -> ServiceInfo | None: ...
+
+    def workload_at(self, ip: str) -> Workload | None: ...
 
 
 class Route(enum.Enum):
@@ -60,21 +69,25 @@ def _target_port(svc: ServiceInfo, port: int) -> int:
     raise PlanError("no_service_port", f"service {svc.uid} has no port {port}")
 
 
-def plan_outbound(state: ProxyState, source: Workload, dst_ip: str, dst_port: int,
+def plan_outbound(state: Addresses, source: Workload, dst_ip: str, dst_port: int,
                   rng: random.Random) -> OutboundPlan:
     """How `source`'s connection to dst_ip:dst_port travels; PlanError if it cannot."""
-    ip = ipaddress.IPv4Address(dst_ip)
-    svc = state.service_by_vip(ip)
+    ip = dst_ip
+    svc = state.service_at(ip)
     if svc is not None:
         port = _target_port(svc, dst_port)
         if not svc.endpoints:
             raise PlanError("no_healthy_upstream", f"service {svc.uid} has no endpoints")
         ep = svc.endpoints[rng.randrange(len(svc.endpoints))]
-        ip, dst_port = ep.ip, port
-    dst = state.workload_by_ip(ip)
+        ip, dst_port = str(ep.ip), port
+    dst = state.workload_at(ip)
     if dst is not None and dst.protocol is TunnelProtocol.HBONE:
-        return OutboundPlan(route=Route.HBONE, connect=(str(ip), HBONE_PORT),
+        return OutboundPlan(route=Route.HBONE, connect=(ip, HBONE_PORT),
                             authority=f"{ip}:{dst_port}", dst_workload=dst, dst_identity=dst.identity,
                             service=svc)
-    return OutboundPlan(route=Route.PASSTHROUGH, connect=(str(ip), dst_port), dst_workload=dst,
+    if svc is None and dst is None:
+        # Unknown to the mesh: passthrough. Known addresses are canonical text already (they
+        # matched str(IPv4Address)); anything else is checked and normalised here.
+        ip = str(ipaddress.IPv4Address(ip))
+    return OutboundPlan(route=Route.PASSTHROUGH, connect=(ip, dst_port), dst_workload=dst,
                         service=svc)
