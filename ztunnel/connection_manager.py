@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .authz import Connection, Decision, evaluate
+from .authz import Connection, Decision, evaluate_applicable
 from .pod_context import PodContext
 
 __all__ = ["ConnectionManager", "Tracked"]
@@ -38,7 +38,8 @@ class ConnectionManager:
 
     def authorize(self, conn: Connection) -> Decision:
         ctx = self.ctx
-        d = evaluate(ctx.state.authorization_policies(), ctx.state.peer_authentications(), ctx.workload, conn)
+        # Only the policies that apply to this pod (indexed by namespace and selector).
+        d = evaluate_applicable(ctx.state.policies_for(ctx.workload), ctx.workload, conn)
         if d.failed_closed and d.failed_closed not in self._warned:
             # Once per distinct set of rules, not per connection.
             self._warned.add(d.failed_closed)

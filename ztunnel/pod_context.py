@@ -1,7 +1,6 @@
 """What every in-pod listener of one pod shares: the workload, state, sockets, clock and recorder."""
 from __future__ import annotations
 
-import ipaddress
 import random
 import socket
 from dataclasses import dataclass
@@ -77,10 +76,7 @@ class PodContext:
 
     def workload_at(self, ip: str) -> str | None:
         """uid of the workload at `ip`, if the state knows one."""
-        try:
-            w = self.state.workload_by_ip(ipaddress.IPv4Address(ip))
-        except ValueError:
-            return None
+        w = self.state.workload_at(ip)  # indexed by address text; None for malformed text too
         return w.uid if w is not None else None
 
     def record(self, b: ResultBuilder) -> None:
