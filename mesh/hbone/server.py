@@ -220,10 +220,10 @@ class ServerSession(Session):
             else:
                 sock = await server.handler(req)
         except Reject as r:
-            self._reject(pending.current, r.status, r.reason)
+            self._refuse(pending, r.status, r.reason)
         except Exception as e:
             log.warning("hbone server: handler failed for %s: %r", req.authority, e)
-            self._reject(pending.current, 503, "handler_failed")
+            self._refuse(pending, 503, "handler_failed")
         else:
             if sock is not None:
                 await pending.splice(sock)
@@ -236,6 +236,13 @@ class ServerSession(Session):
                 server.on_result(req, result)
             except Exception:
                 log.exception("hbone server: on_result callback failed")
+
+    def _refuse(self, pending: PendingStream, status: int, reason: str) -> None:
+        """The handler raised: answer `status`, or reset the stream if it was answered already."""
+        if pending.current.status:
+            pending.current.abort(reason)  # type: ignore[attr-defined]
+        else:
+            self._reject(pending.current, status, reason)
 
     def _reject(self, tun: StreamCore, status: int, reason: str) -> None:
         if tun.done.done():
