@@ -261,8 +261,7 @@ class HboneStream(StreamCore):
             self.received += len(data)
             p.data_received(data)
         if n and not self.done.done():
-            self.conn.acknowledge_received_data(self.sid, n)
-            self.session.want_flush()
+            self.conn.acknowledge_received_data(self.sid, n)   # the session flushes after this read
         if end:
             self.on_end()
 
