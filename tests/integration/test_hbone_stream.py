@@ -200,7 +200,12 @@ def test_paused_reader_bounds_buffering_and_resume_completes_byte_exact(pki):
             stream.write_eof()
 
         sender = asyncio.create_task(send())
-        await asyncio.sleep(0.5)
+
+        async def blocked():
+            while proto.writable.is_set():
+                await asyncio.sleep(0.005)
+        await asyncio.wait_for(blocked(), 10)            # the sender ran into the window...
+        await asyncio.sleep(0.2)                           # ...and what was in flight has landed
         (sstream,) = srv.streams
         held = sum(len(c) for c in sstream.early or ())
         assert 0 < held <= window                          # the peer's window bounds what we hold
