@@ -12,7 +12,7 @@ from mesh.tls import PeerIdentityError, check_peer
 from .api import TunnelError
 from .connection import ConnectionConfig, GoAway, LocalProtocolError, Role
 from .session import Session
-from .tunnel import Tunnel
+from .stream import HboneStream
 
 __all__ = ["ClientSession", "establish"]
 
@@ -42,11 +42,12 @@ class ClientSession(Session):
     def usable(self) -> bool:
         return not self.closed and self.conn.goaway_received is None and not self.conn.goaway_sent
 
-    def open_tunnel(self, authority: str, headers: Sequence[tuple[str, str]] = ()) -> Tunnel:
-        """Send a CONNECT; the returned Tunnel's `response` resolves to the status."""
+    def open_stream(self, authority: str, headers: Sequence[tuple[str, str]] = ()) -> HboneStream:
+        """Send a CONNECT; the returned stream's `response` resolves to the status."""
         if self.closed:
             raise TunnelError("connection_lost", "HBONE connection closed")
-        tun = Tunnel(self, server_side=False)
+        tun = HboneStream(self, server_side=False,
+                          extra={"peer_identity": self.expected, "authority": authority, "headers": tuple(headers)})
         try:
             tun.sid = self.conn.send_connect(authority, headers)
         except LocalProtocolError as e:
@@ -65,7 +66,7 @@ class ClientSession(Session):
             self.flush()
             self.transport.close()
 
-    def tunnel_done(self, tunnel: Tunnel) -> None:
+    def tunnel_done(self, tunnel) -> None:
         super().tunnel_done(tunnel)
         if not self.usable and not self.tunnels and self.transport is not None:
             self.flush()

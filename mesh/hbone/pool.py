@@ -18,8 +18,12 @@ Invariants:
   runs on the injected clock.
 * The pool never creates sockets: `connect()` is the caller's (pod netns, SO_MARK).
 
-On any failure before the 200 the downstream transport is aborted (the app sees a reset,
-as with ztunnel) and TunnelError says why.
+Two ways to use a stream. `open_stream()` returns the CONNECT stream after the 200 as a
+transport for an in-process consumer (stream.HboneStream: a waypoint speaking HTTP over
+it); its reservation is released when the stream's `done` resolves. `tunnel()` is
+open_stream + `tunnel.splice` onto a downstream TCP transport (ztunnel): on any failure
+before the 200 the downstream transport is aborted (the app sees a reset, as with
+ztunnel; a non-200 answer closes it) and TunnelError says why.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from mesh.clock import Clock, SystemClock
 from .api import PoolKey, TunnelError, TunnelResult
 from .client import ClientSession, establish
 from .connection import ConnectionConfig
+from .stream import HboneStream
 from .tunnel import Tunnel
 
 __all__ = ["HbonePool"]
@@ -66,56 +71,85 @@ class HbonePool:
 
     # -- public API -----------------------------------------------------------------------
 
+    async def open_stream(self, key: PoolKey, *, connect: Callable[[], Awaitable[socket.socket]],
+                          ssl_context: Callable[[], ssl.SSLContext], authority: str,
+                          headers: Sequence[tuple[str, str]] = (), trust_domain: str) -> HboneStream:
+        """Open a CONNECT to `authority` on a pooled connection for `key` and return the
+        stream once the server answered 200 (see stream.HboneStream). The pool reservation
+        is held until the stream's `done` resolves. Raises TunnelError (stable `reason`;
+        `connect_rejected` with `status` for a non-200 answer)."""
+        session = await self._acquire(key, connect, ssl_context, trust_domain)
+        stream: HboneStream | None = None
+        try:
+            stream = session.open_stream(authority, headers)
+            session.flush()
+            try:
+                status = await stream.response
+            except TunnelError as e:
+                raise TunnelError(e.reason, str(e)) from None
+            if status != 200:
+                stream.discard = True
+                stream.abort("connect_rejected")
+                raise TunnelError("connect_rejected", f"HBONE server answered CONNECT {authority} with {status}",
+                                  status=status)
+        except asyncio.CancelledError:
+            if stream is not None:
+                stream.abort("cancelled")
+            self._release(session)
+            raise
+        except TunnelError:
+            self._release(session)
+            raise
+        except BaseException:
+            if stream is not None:
+                stream.abort("internal_error")
+            self._release(session)
+            raise
+        stream.done.add_done_callback(lambda _f: self._release(session))
+        return stream
+
     async def tunnel(self, key: PoolKey, *, downstream: asyncio.Transport,
                      connect: Callable[[], Awaitable[socket.socket]],
                      ssl_context: Callable[[], ssl.SSLContext], authority: str,
                      headers: Sequence[tuple[str, str]] = (), trust_domain: str) -> TunnelResult:
         """Relay `downstream` through a CONNECT to `authority` on a pooled connection for
-        `key`; returns when both directions ended. See the class and module docs."""
+        `key`; returns when both directions ended: `open_stream` + `splice`."""
         # uvloop starts reading an accepted transport right after connection_made, so a
         # pause there does not stick: pause again (idempotent). Bytes read before this are
         # replayed if the caller accepted with HoldingProtocol.
         if downstream.is_reading():
             downstream.pause_reading()
         try:
-            session = await self._acquire(key, connect, ssl_context, trust_domain)
-        except TunnelError:
-            downstream.abort()
+            stream = await self.open_stream(key, connect=connect, ssl_context=ssl_context, authority=authority,
+                                            headers=headers, trust_domain=trust_domain)
+        except TunnelError as e:
+            if e.reason == "connect_rejected" and e.status is not None:
+                downstream.close()
+            else:
+                downstream.abort()
             raise
         except BaseException:
             downstream.abort()
             raise
         tun: Tunnel | None = None
         try:
-            tun = session.open_tunnel(authority, headers)
-            session.flush()
-            try:
-                status = await tun.response
-            except TunnelError as e:
-                downstream.abort()
-                raise TunnelError(e.reason, str(e)) from None
-            if status != 200:
-                tun.discard = True
-                tun.abort("connect_rejected")
-                downstream.close()
-                raise TunnelError("connect_rejected", f"HBONE server answered CONNECT {authority} with {status}",
-                                  status=status)
+            tun = Tunnel.take_over(stream)
             tun.attach(downstream)
             return await asyncio.shield(tun.done)
         except asyncio.CancelledError:
             if tun is not None:
                 tun.abort("cancelled")
+            else:
+                stream.abort("cancelled")
             downstream.abort()
-            raise
-        except TunnelError:
             raise
         except BaseException:
             if tun is not None:
                 tun.abort("internal_error")
+            else:
+                stream.abort("internal_error")
             downstream.abort()
             raise
-        finally:
-            self._release(session)
 
     async def close(self) -> None:
         """Close every pooled connection (tunnels on them are reset)."""

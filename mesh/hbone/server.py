@@ -21,12 +21,22 @@ CONNECT the HTTP/2 layer refused (400 with its reason / RST) -- is reported once
 are reported through `on_result` with the `Reject.reason`.
 
 For every CONNECT the connection layer has already validated (RFC 9113 §8.5; malformed ->
-400 with a reason), the session calls `handler(ConnectRequest)` in a task. The handler
-returns a *connected* socket to the application or raises `Reject(status, reason)`. Only
-when the socket is attached to the event loop is `:status 200` sent -- so a 200 always
-means "upstream connected" (as ztunnel does). Bytes the client sent early are held (they
-are unacknowledged, so bounded by our stream window) and written once connected.
-A rejection answers with its status, END_STREAM and RST_STREAM(NO_ERROR).
+400 with a reason), the session calls the handler in a task. Two handler shapes (told apart
+by their arity, once, at start):
+
+* `handler(req: ConnectRequest) -> socket` (ztunnel inbound): returns a *connected* socket
+  to the application or raises `Reject(status, reason)`;
+* `handler(req, pending: PendingStream) -> None | socket`: decides on the stream itself --
+  `await pending.splice(sock)` (as above), `pending.accept()` (200 now, the returned
+  `HboneStream` is served in process: a waypoint runs HTTP over it), or raise `Reject` /
+  `pending.reject(...)`. Returning a socket means splice it; returning None undecided -> 503.
+
+A splice sends `:status 200` only once the socket is attached to the event loop -- so a 200
+from a splice always means "upstream connected" (as ztunnel does). Bytes the client sent
+early are held (they are unacknowledged, so bounded by our stream window) and go to the
+socket or the in-process consumer. A rejection answers with its status, END_STREAM and
+RST_STREAM(NO_ERROR). Every CONNECT the handler saw is reported once to `on_result` when
+its stream ended (rejections with their `reason` as the result error).
 
 `close()` stops accepting and sends GOAWAY on every connection: tunnels that exist keep
 running, connections close as they drain; `wait_closed()` waits for that.
@@ -35,11 +45,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import logging
 import socket
 import ssl
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from mesh.identity import SpiffeId
 from mesh.tls import PeerIdentityError, check_peer
@@ -48,13 +59,16 @@ from .api import ConnectRequest, Reject, Rejection, TunnelResult
 from .connection import (ConnectionConfig, ErrorCode, LocalProtocolError, ProtocolError, RequestReceived,
                          RequestRejected, Role)
 from .session import Session
+from .stream import HboneStream, StreamCore
 from .tunnel import Tunnel
 
-__all__ = ["HboneServer"]
+__all__ = ["HboneServer", "PendingStream"]
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[ConnectRequest], Awaitable[socket.socket]]
+SocketHandler = Callable[[ConnectRequest], Awaitable[socket.socket]]
+StreamHandler = Callable[[ConnectRequest, "PendingStream"], Awaitable["socket.socket | None"]]
+Handler = SocketHandler | StreamHandler
 OnResult = Callable[[ConnectRequest, TunnelResult], None]
 OnReject = Callable[[Rejection], None]
 
@@ -174,12 +188,14 @@ class ServerSession(Session):
     def on_request(self, ev: RequestReceived) -> None:
         req = ConnectRequest(authority=ev.authority, headers=ev.headers, peer_identity=self.peer_identity,
                              local_addr=self._local, peer_addr=self._peer, stream_id=ev.stream_id)
-        tun = Tunnel(self, server_side=True, on_attach=self._accept)
-        tun.sid = ev.stream_id
+        stream = HboneStream(self, server_side=True,
+                             extra={"peer_identity": self.peer_identity, "authority": ev.authority,
+                                    "headers": ev.headers, "request": req})
+        stream.sid = ev.stream_id
         if ev.end_stream:
-            tun.remote_eof = True
-        self.tunnels[ev.stream_id] = tun
-        self.loop.create_task(self._serve(req, tun))
+            stream.eof_pending = True
+        self.tunnels[ev.stream_id] = stream
+        self.loop.create_task(self._serve(PendingStream(self, req, stream)))
 
     def on_request_rejected(self, ev: RequestRejected) -> None:
         log.info("hbone server: rejected CONNECT from %s on stream %d: %s (status %s)",
@@ -195,34 +211,40 @@ class ServerSession(Session):
         self.conn.send_response(tun.sid, 200)
         self.want_flush()
 
-    async def _serve(self, req: ConnectRequest, tun: Tunnel) -> None:
+    async def _serve(self, pending: PendingStream) -> None:
         server = self.server
+        req = pending.request
         try:
-            sock = await server.handler(req)
+            if server.handler_takes_stream:
+                sock = await server.handler(req, pending)
+            else:
+                sock = await server.handler(req)
         except Reject as r:
-            self._reject(tun, r.status, r.reason)
+            self._refuse(pending, r.status, r.reason)
         except Exception as e:
             log.warning("hbone server: handler failed for %s: %r", req.authority, e)
-            self._reject(tun, 503, "handler_failed")
+            self._refuse(pending, 503, "handler_failed")
         else:
-            if tun.done.done():                     # stream reset / connection gone meanwhile
-                sock.close()
-            else:
-                try:
-                    sock.setblocking(False)
-                    await self.loop.create_connection(lambda: tun, sock=sock)
-                except OSError as e:
-                    sock.close()
-                    log.info("hbone server: upstream socket unusable for %s: %s", req.authority, e)
-                    self._reject(tun, 503, "upstream_failed")
-        result = await tun.done
+            if sock is not None:
+                await pending.splice(sock)
+            elif not pending.decided:
+                log.warning("hbone server: handler for %s neither spliced, accepted nor rejected", req.authority)
+                self._reject(pending.current, 503, "handler_failed")
+        result = await pending.current.done
         if server.on_result is not None:
             try:
                 server.on_result(req, result)
             except Exception:
                 log.exception("hbone server: on_result callback failed")
 
-    def _reject(self, tun: Tunnel, status: int, reason: str) -> None:
+    def _refuse(self, pending: PendingStream, status: int, reason: str) -> None:
+        """The handler raised: answer `status`, or reset the stream if it was answered already."""
+        if pending.current.status:
+            pending.current.abort(reason)  # type: ignore[attr-defined]
+        else:
+            self._reject(pending.current, status, reason)
+
+    def _reject(self, tun: StreamCore, status: int, reason: str) -> None:
         if tun.done.done():
             return
         tun.status = status
@@ -234,7 +256,7 @@ class ServerSession(Session):
         self.want_flush()
         tun._finish(reason)
 
-    def tunnel_done(self, tunnel: Tunnel) -> None:
+    def tunnel_done(self, tunnel: StreamCore) -> None:
         super().tunnel_done(tunnel)
         if self.conn.goaway_sent and not self.tunnels and self.transport is not None:
             self.flush()
@@ -250,6 +272,69 @@ class ServerSession(Session):
         self.server._session_closed(self)
 
 
+class PendingStream:
+    """A CONNECT the handler has not answered yet. Decide once: `await splice(sock)` (relay to
+    a connected socket; 200 once it is attached), `accept()` (200 now; the stream is served
+    in process), or `reject()` / raise `Reject`. Bytes the client sent meanwhile are held
+    (unacknowledged, so bounded by the stream window) and go to whichever side takes it."""
+
+    __slots__ = ("request", "current", "decided", "_session")
+
+    def __init__(self, session: ServerSession, request: ConnectRequest, stream: HboneStream) -> None:
+        self.request = request
+        self.current: StreamCore = stream
+        """The stream's object now: the HboneStream, or the Tunnel once spliced."""
+        self.decided = False
+        self._session = session
+
+    @property
+    def done(self) -> asyncio.Future[TunnelResult]:
+        """Resolves to the stream's TunnelResult, whatever the decision."""
+        return self.current.done
+
+    def _decide(self) -> None:
+        if self.decided:
+            raise RuntimeError(f"CONNECT {self.request.authority} was already answered")
+        self.decided = True
+
+    async def splice(self, sock: socket.socket) -> None:
+        """Relay the stream to a connected socket (ztunnel inbound). `:status 200` is sent
+        only once the socket is attached to the loop; an unusable socket -> 503
+        upstream_failed. Returns at once; the relay runs until both directions end."""
+        self._decide()
+        stream = self.current
+        if stream.done.done():                      # stream reset / connection gone meanwhile
+            sock.close()
+            return
+        session = self._session
+        tun = Tunnel.take_over(stream, on_attach=session._accept)  # type: ignore[arg-type]
+        self.current = tun
+        try:
+            sock.setblocking(False)
+            await session.loop.create_connection(lambda: tun, sock=sock)
+        except OSError as e:
+            sock.close()
+            log.info("hbone server: upstream socket unusable for %s: %s", self.request.authority, e)
+            session._reject(tun, 503, "upstream_failed")
+
+    def accept(self, headers: Sequence[tuple[str, str]] = ()) -> HboneStream:
+        """Answer 200 now and serve the stream in process: set a protocol on the returned
+        HboneStream (bytes received so far are delivered to it)."""
+        self._decide()
+        stream = self.current
+        assert isinstance(stream, HboneStream)
+        if not stream.done.done():
+            stream.status = 200
+            self._session.conn.send_response(stream.sid, 200, headers)
+            self._session.want_flush()
+        return stream
+
+    def reject(self, status: int, reason: str) -> None:
+        """Refuse with `status` (same as raising Reject(status, reason) from the handler)."""
+        self._decide()
+        self._session._reject(self.current, status, reason)
+
+
 class HboneServer:
     """Serves HBONE on one listening socket (one per pod, with that pod's certificate)."""
 
@@ -260,6 +345,8 @@ class HboneServer:
         if max_pending_handshakes < 1:
             raise ValueError("max_pending_handshakes must be >= 1")
         self.handler = handler
+        self.handler_takes_stream = _takes_two_args(handler)
+        """Whether `handler(req, pending)` is called (else `handler(req)` -> socket)."""
         self.trust_domain = trust_domain
         self.handshake_timeout = handshake_timeout
         self.max_pending_handshakes = max_pending_handshakes
@@ -419,6 +506,16 @@ class HboneServer:
     def _check_drained(self) -> None:
         if self._closing and not self._sessions and self._drained is not None:
             self._drained.set()
+
+
+def _takes_two_args(fn) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
 
 
 def _close_rst(conn: socket.socket) -> None:

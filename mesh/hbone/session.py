@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 `Session` is the asyncio.Protocol of the TLS transport. Reads go through
-`H2Connection.receive_data`; DATA events are dispatched straight to the stream's `Tunnel`
+`H2Connection.receive_data`; DATA events are dispatched straight to the stream's object
+(a `Tunnel` spliced to TCP, or an `HboneStream` feeding an in-process consumer)
 (no per-chunk allocation beyond the event itself). Everything the connection queues is
 written with ONE `transport.write` per loop iteration: at the end of each TLS read, and
 via a single `call_soon(flush)` for writes triggered from TCP reads, so many streams'
@@ -23,7 +24,8 @@ import ssl
 from .connection import (ConnectionConfig, DataReceived, GoAway, H2Connection, HandshakeCompleted,
                          ProtocolError, RequestReceived, RequestRejected, ResponseReceived, Role,
                          SendUnblocked, StreamEnded, StreamReset)
-from .tunnel import Tunnel, set_nodelay
+from .stream import StreamCore
+from .tunnel import set_nodelay
 
 __all__ = ["Session"]
 
@@ -39,7 +41,7 @@ class Session(asyncio.Protocol):
     def __init__(self, role: Role, config: ConnectionConfig) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn = H2Connection(role, config)
-        self.tunnels: dict[int, Tunnel] = {}
+        self.tunnels: dict[int, StreamCore] = {}        # Tunnel or HboneStream, by stream id
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.tls_paused = False
@@ -71,7 +73,7 @@ class Session(asyncio.Protocol):
     def on_protocol_error(self, error: ProtocolError) -> None:
         """The peer broke HTTP/2: GOAWAY is queued and the connection is being closed."""
 
-    def tunnel_done(self, tunnel: Tunnel) -> None:
+    def tunnel_done(self, tunnel: StreamCore) -> None:
         self.tunnels.pop(tunnel.sid, None)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -122,7 +124,7 @@ class Session(asyncio.Protocol):
         elif t is ResponseReceived:
             tun = self.tunnels.get(ev.stream_id)
             if tun is not None:
-                tun.on_response(ev.status, ev.end_stream)
+                tun.on_response(ev.status, ev.end_stream, ev.headers)
         elif t is RequestReceived:
             self.on_request(ev)
         elif t is StreamEnded:

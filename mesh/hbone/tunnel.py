@@ -3,7 +3,10 @@
 Theory of operation
 -------------------
 A `Tunnel` joins one HTTP/2 stream of a `Session` (TLS side) to one TCP transport (the
-downstream app socket on the client, the upstream app socket on the server).
+downstream app socket on the client, the upstream app socket on the server). A stream is
+born as an `HboneStream` (stream.py); `splice()` hands it over to a Tunnel (`take_over`
+moves its state and held bytes, the `done` future stays the same), so the relay below is
+the only code on the spliced byte path.
 
 TCP -> stream: every read (up to uvloop's 256 KiB) is handed to `H2Connection.send_data`
 as is; the session writes everything queued once per loop iteration. When the stream or
@@ -28,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from .api import TunnelError, TunnelResult
+from .api import TunnelResult
 from .connection import ErrorCode
+from .stream import HboneStream, StreamCore
 
-__all__ = ["Tunnel", "HoldingProtocol", "set_nodelay"]
+__all__ = ["Tunnel", "HoldingProtocol", "splice", "set_nodelay"]
 
 _READ_WINDOW = 1     # reading paused: stream/connection send window exhausted
 _READ_TLS = 2        # reading paused: TLS transport above its high-water mark
@@ -84,35 +88,36 @@ class HoldingProtocol(asyncio.Protocol):
         self.lost = True
 
 
-class Tunnel(asyncio.Protocol):
-    """One stream's relay state; `done` resolves to a TunnelResult (never raises)."""
+class Tunnel(StreamCore, asyncio.Protocol):
+    """One stream spliced to a TCP transport; `done` resolves to a TunnelResult (never raises)."""
 
-    __slots__ = ("session", "conn", "sid", "transport", "sent", "received", "status", "unacked",
-                 "write_paused", "read_block", "local_eof", "remote_eof", "early", "early_unacked",
-                 "discard", "done", "response", "started", "server_side", "on_attach")
+    __slots__ = ("transport", "write_paused", "read_block", "on_attach")
 
     def __init__(self, session, *, server_side: bool, on_attach=None) -> None:
-        loop = session.loop
-        self.session = session
-        self.conn = session.conn
-        self.sid = 0
+        super().__init__(session, server_side=server_side)
         self.transport: asyncio.Transport | None = None
-        self.sent = 0
-        self.received = 0
-        self.status = 0
-        self.unacked = 0
         self.write_paused = False
         self.read_block = 0
-        self.local_eof = False
-        self.remote_eof = False
-        self.early: list[bytes] | None = None       # server: DATA before the upstream exists
-        self.early_unacked = 0
-        self.discard = False                        # client: non-200, drop any body
-        self.done: asyncio.Future[TunnelResult] = loop.create_future()
-        self.response: asyncio.Future[int] | None = None if server_side else loop.create_future()
-        self.started = loop.time()
-        self.server_side = server_side
         self.on_attach = on_attach                  # server: sends 200 once the upstream is connected
+
+    @classmethod
+    def take_over(cls, stream: HboneStream, *, on_attach=None) -> Tunnel:
+        """The Tunnel that continues `stream` (no consumer yet) in its session: chunks and
+        END_STREAM held by the stream are replayed once the TCP side is connected."""
+        if stream.protocol is not None or stream.spliced:
+            raise RuntimeError("only a stream without a consumer can be spliced")
+        tun = cls.__new__(cls)
+        tun.take_state(stream)
+        tun.transport = None
+        tun.write_paused = False
+        tun.read_block = 0
+        tun.on_attach = on_attach
+        if stream.eof_pending:
+            tun.remote_eof = True
+        stream.spliced = True
+        if not tun.done.done():
+            tun.session.tunnels[tun.sid] = tun
+        return tun
 
     # -- TCP side (asyncio.Protocol) ------------------------------------------------------
 
@@ -201,13 +206,6 @@ class Tunnel(asyncio.Protocol):
         if self.transport is not None:
             self._write_eof()
 
-    def on_response(self, status: int, end_stream: bool) -> None:
-        self.status = status
-        if self.response is not None and not self.response.done():
-            self.response.set_result(status)
-        if end_stream:
-            self.remote_eof = True
-
     def on_reset(self, reason: str) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -283,25 +281,23 @@ class Tunnel(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _finish(self, error: str | None) -> None:
-        if self.done.done():
+        if not self._settle(error):
             return
-        if error is not None and self.sid:
-            self.conn.reset_stream(self.sid, ErrorCode.CANCEL)
-        # Credit that no consumer will return any more goes back to the connection window.
-        leftover = self.unacked + self.early_unacked
-        self.unacked = self.early_unacked = 0
-        if leftover:
-            self.conn.acknowledge_received_data(self.sid, leftover)
         t = self.transport
         if t is not None:
             if error is None:
                 t.close()                           # flushes what is buffered, then FIN
             else:
                 t.abort()
-        if self.response is not None and not self.response.done():
-            self.response.set_exception(TunnelError(error or "stream_closed",
-                                                    f"stream ended before the CONNECT response ({error})"))
-        self.done.set_result(TunnelResult(bytes_sent=self.sent, bytes_received=self.received,
-                                          status=self.status, duration=self.session.loop.time() - self.started,
-                                          error=error))
-        self.session.tunnel_done(self)
+        self._resolve(error)
+
+
+def splice(stream: HboneStream, transport: asyncio.Transport) -> asyncio.Future[TunnelResult]:
+    """Relay between an open `stream` that has no consumer yet and a connected TCP
+    `transport` until both directions end (ztunnel's copy). Anything the stream held, and
+    what a HoldingProtocol on `transport` caught, is replayed. Returns the stream's `done`.
+    From here on the byte path is `Tunnel`'s: DATA is written straight into the transport,
+    TCP reads go straight to `send_data`."""
+    tun = Tunnel.take_over(stream)
+    tun.attach(transport)
+    return tun.done
