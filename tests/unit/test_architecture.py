@@ -39,3 +39,15 @@ def test_every_module_imports():
             except Exception as e:  # noqa: BLE001 - report every broken module at once
                 failed.append(f"{m.name}: {e!r}")
     assert failed == []
+
+
+def test_inprocess_tier_runs_without_root_privileges():
+    # The in-process ztunnel tier needs no privilege: prove it with every capability dropped
+    # (uid 0 without capabilities cannot create a netns, set SO_MARK or load eBPF).
+    import shutil
+    argv = [sys.executable, "-B", "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/inprocess"]
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", *argv]
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert " passed" in p.stdout and "failed" not in p.stdout
