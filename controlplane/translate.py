@@ -1,8 +1,22 @@
-"""From cluster resources to what proxies receive: workloads, services, namespaces, policies.
+"""From cluster resources to what proxies receive: workloads, services, namespaces, policies, waypoints.
 
 Pure: the control plane calls `translate` on every change of the resource store and diffs the
 result against what it distributed last (`diff`). Only scheduled pods with an IP become
 workloads, the way Istio only publishes pods that have a podIP.
+
+Waypoints (`waypoint_binding`): a Gateway with gatewayClassName `istio-waypoint` is a waypoint
+(distributed as `Waypoint`). `istio.io/use-waypoint: NAME` binds traffic to it, from
+  * a Service (else its Namespace) for traffic addressed to the Service,
+  * a Pod (else its Namespace) for traffic addressed to the pod's IP;
+the object's own label wins over the namespace's, and `none` on the object opts it out of the
+namespace's waypoint. `istio.io/use-waypoint-namespace` beside it names the waypoint's
+namespace (default: the labelled object's). The waypoint's `istio.io/waypoint-for` (service,
+the default; workload; all; none) says which traffic it takes; a namespace-level binding that
+does not fit the traffic is no binding at all (the common case: pods of a namespace whose
+waypoint is for services), an object-level one stays visible as NOT_FOR_TRAFFIC. A binding to a
+waypoint that does not exist is MISSING, so the data path refuses instead of silently
+bypassing L7 policy as Istio does; for pod traffic inherited from the namespace a missing
+waypoint is assumed to have the default waypoint-for (service), i.e. no binding.
 """
 from __future__ import annotations
 
@@ -14,9 +28,11 @@ from mesh.model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, 
                      Service, ServiceInfo, TunnelProtocol, Workload)
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
 from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
+from mesh.model.workload import (WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WAYPOINT_NAMESPACE_LABEL, BindingSource,
+                                 Waypoint, WaypointBinding, WaypointFor, WaypointStatus)
 from mesh.distribution.protocol import resource_ref
 
-__all__ = ["translate", "diff", "enrolled"]
+__all__ = ["translate", "diff", "enrolled", "waypoints_of", "waypoint_binding"]
 
 
 def enrolled(pod: Pod, namespace: Namespace | None) -> bool:
@@ -27,6 +43,48 @@ def enrolled(pod: Pod, namespace: Namespace | None) -> bool:
 def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     # An empty selector selects nothing for a Service (Kubernetes: no endpoints managed).
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def waypoints_of(objects: Iterable[Any], *, trust_domain: str) -> dict[tuple[str, str], Waypoint]:
+    """The waypoints among `objects`, keyed by (namespace, name)."""
+    out = {}
+    for o in objects:
+        if not (isinstance(o, PolicyObject) and o.policy_kind == "Gateway"
+                and o.spec.get("gatewayClassName") == WAYPOINT_CLASS):
+            continue
+        try:
+            wfor = WaypointFor(o.labels.get(WAYPOINT_FOR_LABEL, "service"))
+        except ValueError:
+            wfor = WaypointFor.SERVICE  # Istio reads an unknown value as the default
+        out[(o.namespace, o.name)] = Waypoint(
+            name=o.name, namespace=o.namespace, waypoint_for=wfor,
+            identity=SpiffeId(trust_domain=trust_domain, namespace=o.namespace, service_account=o.name))
+    return out
+
+
+def waypoint_binding(labels: Mapping[str, str], namespace: str, ns: Namespace | None, *,
+                     source: BindingSource, waypoints: Mapping[tuple[str, str], Waypoint]
+                     ) -> WaypointBinding | None:
+    """The binding for traffic addressed to an object (a Service: service traffic; a Pod: pod
+    traffic) with `labels` in `namespace`. See the module docstring for the rules."""
+    service_traffic = source is BindingSource.SERVICE
+    name, holder = labels.get(WAYPOINT_LABEL), labels
+    if not name and ns is not None:
+        name, holder, source = ns.labels.get(WAYPOINT_LABEL), ns.labels, BindingSource.NAMESPACE
+    if not name or name == "none":
+        return None
+    wp_ns = holder.get(WAYPOINT_NAMESPACE_LABEL) or namespace
+    wp = waypoints.get((wp_ns, name))
+    inherited = source is BindingSource.NAMESPACE
+    if wp is None:
+        if inherited and not service_traffic:
+            return None
+        return WaypointBinding(namespace=wp_ns, name=name, source=source, status=WaypointStatus.MISSING)
+    takes = wp.waypoint_for.services if service_traffic else wp.waypoint_for.workloads
+    if not takes and inherited:
+        return None
+    return WaypointBinding(namespace=wp_ns, name=name, source=source, identity=wp.identity,
+                           status=WaypointStatus.BOUND if takes else WaypointStatus.NOT_FOR_TRAFFIC)
 
 
 def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple[str, str], Any]:
@@ -48,6 +106,9 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
 
     live = [p for p in pods if p.pod_ip is not None and p.node_name]
     out: dict[tuple[str, str], Any] = {}
+    waypoints = waypoints_of(policies, trust_domain=trust_domain)
+    for wp in waypoints.values():
+        out[resource_ref(wp)] = wp
     svc_of: dict[str, list[str]] = {}
     for s in services:
         if s.cluster_ip is None:
@@ -60,7 +121,9 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
             svc_of.setdefault(e.workload_uid, []).append(f"{s.namespace}/{s.name}")
         waypoint = s.labels.get(WAYPOINT_LABEL) or (ns.labels.get(WAYPOINT_LABEL) if ns else None)
         info = ServiceInfo(name=s.name, namespace=s.namespace, vip=s.cluster_ip, ports=s.ports,
-                           endpoints=eps, waypoint=waypoint)
+                           endpoints=eps, waypoint=waypoint,
+                           waypoint_binding=waypoint_binding(s.labels, s.namespace, ns, source=BindingSource.SERVICE,
+                                                             waypoints=waypoints))
         out[resource_ref(info)] = info
 
     for p in live:
@@ -74,6 +137,8 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
             protocol=TunnelProtocol.HBONE if enrolled(p, ns) else TunnelProtocol.NONE,
             labels=p.labels, services=tuple(sorted(svc_of.get(uid, ()))),
             waypoint=p.labels.get(WAYPOINT_LABEL) or (ns.labels.get(WAYPOINT_LABEL) if ns else None),
+            waypoint_binding=waypoint_binding(p.labels, p.namespace, ns, source=BindingSource.POD,
+                                              waypoints=waypoints),
         )
         out[resource_ref(w)] = w
     for obj in (*namespaces.values(), *policies):

@@ -20,6 +20,8 @@ _SOURCE_L4 = {"principals", "notPrincipals", "namespaces", "notNamespaces", "ipB
 _SOURCE_L7 = {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks"}
 _OP_L4 = {"ports", "notPorts"}
 _OP_L7 = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
+_SNAKE = {"hosts": "hosts", "notHosts": "not_hosts", "methods": "methods", "notMethods": "not_methods",
+          "paths": "paths", "notPaths": "not_paths"}
 
 
 def _known(ctx: Ctx, m: Mapping[Any, Any], path: Path, allowed: set[str]) -> None:
@@ -36,6 +38,13 @@ def _matches(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> tuple[StringMatch, .
     if not v:
         ctx.fail(path, "must not be empty (leave the field out to match anything)")
     return tuple(StringMatch.parse(s) for s in v)
+
+
+def _strs(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> tuple[str, ...]:
+    v = get_str_list(ctx, m, path)
+    if not v:
+        ctx.fail(path, "must not be empty (leave the field out to match anything)")
+    return tuple(v)
 
 
 def _blocks(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> tuple[ipaddress.IPv4Network, ...] | None:
@@ -86,7 +95,11 @@ def _rule(ctx: Ctx, r: Any, path: Path) -> Rule:
             namespaces=_matches(ctx, src, sp + ("namespaces",)),
             not_namespaces=_matches(ctx, src, sp + ("notNamespaces",)),
             ip_blocks=_blocks(ctx, src, sp + ("ipBlocks",)),
-            not_ip_blocks=_blocks(ctx, src, sp + ("notIpBlocks",))))
+            not_ip_blocks=_blocks(ctx, src, sp + ("notIpBlocks",)),
+            request_principals=_matches(ctx, src, sp + ("requestPrincipals",)),
+            not_request_principals=_matches(ctx, src, sp + ("notRequestPrincipals",)),
+            remote_ip_blocks=_blocks(ctx, src, sp + ("remoteIpBlocks",)),
+            not_remote_ip_blocks=_blocks(ctx, src, sp + ("notRemoteIpBlocks",))))
     operations = []
     for i, t in enumerate(get_list(ctx, r, path + ("to",))):
         tp = path + ("to", i)
@@ -98,8 +111,10 @@ def _rule(ctx: Ctx, r: Any, path: Path) -> Rule:
         _known(ctx, op, opp, _OP_L4 | _OP_L7)
         l7 += [f"to[{i}].operation.{k}" for k in op if k in _OP_L7]
         operations.append(Operation(ports=_ports(ctx, op, opp + ("ports",)),
-                                    not_ports=_ports(ctx, op, opp + ("notPorts",))))
+                                    not_ports=_ports(ctx, op, opp + ("notPorts",)),
+                                    **{_SNAKE[k]: _strs(ctx, op, opp + (k,)) for k in _OP_L7 if k in op}))
     conditions = []
+    l7_conditions: list[Condition] = []
     for i, w in enumerate(get_list(ctx, r, path + ("when",))):
         wp = path + ("when", i)
         if not isinstance(w, Mapping):
@@ -112,6 +127,8 @@ def _rule(ctx: Ctx, r: Any, path: Path) -> Rule:
             ctx.fail(wp, "needs values or notValues")
         if key not in L4_CONDITION_KEYS:
             l7.append(f"when[{i}].{key}")
+            l7_conditions.append(Condition(key=key, values=tuple(values) if values else None,
+                                           not_values=tuple(not_values) if not_values else None))
             continue
         if key in ("source.ip", "destination.ip"):
             for v in (values or ()) + (not_values or ()):
@@ -126,7 +143,7 @@ def _rule(ctx: Ctx, r: Any, path: Path) -> Rule:
         conditions.append(Condition(key=key, values=tuple(values) if values else None,
                                     not_values=tuple(not_values) if not_values else None))
     return Rule(sources=tuple(sources), operations=tuple(operations), conditions=tuple(conditions),
-                l7_fields=tuple(l7))
+                l7_fields=tuple(l7), l7_conditions=tuple(l7_conditions))
 
 
 def _selector(ctx: Ctx, spec: Mapping[Any, Any]) -> FrozenMap | None:
@@ -145,9 +162,13 @@ def authorization_policy(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> 
     spec = get_map(ctx, obj, ("spec",))
     _known(ctx, spec, ("spec",), {"selector", "targetRef", "targetRefs", "action", "rules", "provider"})
     action_s = get_str(ctx, spec, ("spec", "action")) or "ALLOW"
-    if action_s in ("CUSTOM", "AUDIT"):
-        ctx.fail(("spec", "action"), f"{action_s} is not supported (ALLOW or DENY)", "unsupported")
-    if action_s not in ("ALLOW", "DENY"):
+    waypoint_bound = "targetRef" in spec or "targetRefs" in spec
+    if action_s in ("CUSTOM", "AUDIT") and not waypoint_bound:
+        # ztunnel enforces selector policies and has no use for either; a waypoint (targetRefs)
+        # reports AUDIT matches and fails CUSTOM closed.
+        ctx.fail(("spec", "action"), f"{action_s} is not supported (ALLOW or DENY; {action_s} only "
+                 "with targetRefs, at a waypoint)", "unsupported")
+    if action_s not in ("ALLOW", "DENY", "AUDIT", "CUSTOM"):
         ctx.fail(("spec", "action"), f"must be ALLOW or DENY, got {describe(action_s)}")
     refs = []
     raw_refs = ([spec["targetRef"]] if "targetRef" in spec else []) + get_list(ctx, spec, ("spec", "targetRefs"))
@@ -163,8 +184,11 @@ def authorization_policy(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> 
         ctx.fail(("spec", "selector"), "selector and targetRefs are mutually exclusive")
     rules = tuple(_rule(ctx, r, ("spec", "rules", i)) for i, r in enumerate(get_list(ctx, spec, ("spec", "rules"))))
     dry = meta.annotations.get("istio.io/dry-run", "false")
+    provider = get_map(ctx, spec, ("spec", "provider"))
+    _known(ctx, provider, ("spec", "provider"), {"name"})
     return AuthorizationPolicy(meta=meta, action=Action(action_s), selector=selector, target_refs=tuple(refs),
-                               rules=rules, dry_run=dry == "true")
+                               rules=rules, dry_run=dry == "true",
+                               provider=get_str(ctx, provider, ("spec", "provider", "name")) or None)
 
 
 def _mode(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> MtlsMode:

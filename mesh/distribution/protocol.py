@@ -23,6 +23,7 @@ from mesh.identity import SpiffeId
 from mesh.model import Namespace, PolicyObject, ServiceInfo, Workload
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
 from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
+from mesh.model.workload import Waypoint
 from mesh.model.wire import WireError, from_wire, to_wire
 
 __all__ = [
@@ -48,6 +49,7 @@ RESOURCE_TYPES: dict[str, type] = {
     "HTTPRoute": HTTPRoute,
     "VirtualService": VirtualService,
     "DestinationRule": DestinationRule,
+    "Waypoint": Waypoint,
 }
 
 
@@ -99,6 +101,8 @@ def resource_ref(obj: Any) -> tuple[str, str]:
         return ("Service", obj.uid)
     if isinstance(obj, Namespace):
         return ("Namespace", obj.name)
+    if isinstance(obj, Waypoint):
+        return ("Waypoint", obj.uid)
     if isinstance(obj, (AuthorizationPolicy, PeerAuthentication, HTTPRoute, VirtualService,
                         DestinationRule)):
         return (obj.kind, f"{obj.namespace}/{obj.name}")

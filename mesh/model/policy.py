@@ -1,9 +1,12 @@
 """Security policy model: Istio's AuthorizationPolicy and PeerAuthentication, typed.
 
-Converted from YAML once (mesh/config/policy.py); enforced by ztunnel (L4 fields) and later by
-waypoints (L7 fields). A rule keeps the L7 fields it had in `l7_fields`: ztunnel cannot
-evaluate them and fails closed for that rule, as Istio does (an ALLOW rule with them never
-matches; a DENY rule with them matches on its L4 part alone).
+Converted from YAML once (mesh/config/policy.py); enforced by ztunnel (L4 fields) and by
+waypoints (L4 and L7 fields, waypoint/authz.py). A rule keeps the names of its L7 fields in
+`l7_fields`: ztunnel cannot evaluate them and fails closed for that rule, as Istio does (an
+ALLOW rule with them never matches; a DENY rule with them matches on its L4 part alone). The
+L7 values themselves are typed too (`Operation.methods/paths/hosts`, `Source.request_principals
+/remote_ip_blocks`, `Rule.l7_conditions`) for the waypoint; ztunnel never reads them, which is
+why L7 `when` conditions live apart from the L4 `conditions`.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ L4_CONDITION_KEYS = frozenset({"source.ip", "source.namespace", "source.principa
 class Action(enum.Enum):
     ALLOW = "ALLOW"
     DENY = "DENY"
+    AUDIT = "AUDIT"
+    """Only with targetRefs (waypoint): a match is reported, never decides."""
+    CUSTOM = "CUSTOM"
+    """Only with targetRefs (waypoint): external authorization, not supported, fails closed."""
 
 
 class MatchKind(enum.Enum):
@@ -91,14 +98,27 @@ class Source:
     not_namespaces: tuple[StringMatch, ...] | None = None
     ip_blocks: Networks | None = None
     not_ip_blocks: Networks | None = None
+    request_principals: tuple[StringMatch, ...] | None = None
+    """L7 (JWT `iss/sub`): needs RequestAuthentication, which the mesh does not have."""
+    not_request_principals: tuple[StringMatch, ...] | None = None
+    remote_ip_blocks: Networks | None = None
+    """L7: the originating client address (the direct peer unless a trusted hop says otherwise)."""
+    not_remote_ip_blocks: Networks | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Operation:
-    """`rules[].to[].operation` (L4 part): every set field must match."""
+    """`rules[].to[].operation`: every set field must match. Ports are L4; the rest are L7,
+    kept as written (`*` forms, path templates) for the waypoint to compile."""
 
     ports: tuple[int, ...] | None = None
     not_ports: tuple[int, ...] | None = None
+    hosts: tuple[str, ...] | None = None
+    not_hosts: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    not_methods: tuple[str, ...] | None = None
+    paths: tuple[str, ...] | None = None
+    not_paths: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +139,8 @@ class Rule:
     conditions: tuple[Condition, ...] = ()
     l7_fields: tuple[str, ...] = ()
     """Fields only an L7 proxy can evaluate (e.g. `to[0].operation.methods`)."""
+    l7_conditions: tuple[Condition, ...] = ()
+    """`when` entries whose key is not an L4 key (request.headers[...], request.auth.*, ...)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +162,8 @@ class AuthorizationPolicy(Resource):
     """No rules: the policy matches nothing (an ALLOW policy without rules denies all)."""
     dry_run: bool = False
     """annotation istio.io/dry-run: evaluated and logged, never enforced."""
+    provider: str | None = None
+    """spec.provider.name of a CUSTOM policy."""
 
 
 class MtlsMode(enum.Enum):

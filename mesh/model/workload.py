@@ -9,7 +9,84 @@ from ..identity import SpiffeId
 from .base import FrozenMap
 from .resources import ServicePort
 
-__all__ = ["TunnelProtocol", "Workload", "Endpoint", "ServiceInfo"]
+__all__ = ["TunnelProtocol", "Workload", "Endpoint", "ServiceInfo", "WAYPOINT_CLASS", "WAYPOINT_FOR_LABEL",
+           "WAYPOINT_NAMESPACE_LABEL", "WaypointFor", "BindingSource", "WaypointStatus", "WaypointBinding",
+           "Waypoint"]
+
+WAYPOINT_CLASS = "istio-waypoint"
+"""gatewayClassName of a Gateway that is a waypoint."""
+WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
+WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
+"""Beside istio.io/use-waypoint on the same object: the waypoint's namespace (default: the object's)."""
+
+
+class WaypointFor(enum.Enum):
+    """Which traffic a waypoint takes (its `istio.io/waypoint-for` label; default `service`)."""
+
+    SERVICE = "service"
+    """Traffic addressed to a Service (its VIP)."""
+    WORKLOAD = "workload"
+    """Traffic addressed to a pod IP."""
+    ALL = "all"
+    NONE = "none"
+
+    @property
+    def services(self) -> bool:
+        return self in (WaypointFor.SERVICE, WaypointFor.ALL)
+
+    @property
+    def workloads(self) -> bool:
+        return self in (WaypointFor.WORKLOAD, WaypointFor.ALL)
+
+
+class BindingSource(enum.Enum):
+    """The object whose istio.io/use-waypoint label made the binding."""
+
+    POD = "pod"
+    SERVICE = "service"
+    NAMESPACE = "namespace"
+
+
+class WaypointStatus(enum.Enum):
+    BOUND = "bound"
+    """The waypoint exists and takes this traffic: send it there."""
+    MISSING = "missing"
+    """No istio-waypoint Gateway of that name: REFUSE the traffic (Istio would bypass the
+    waypoint, skipping its L7 policy; we do not)."""
+    NOT_FOR_TRAFFIC = "not_for_traffic"
+    """The object's own label names a waypoint whose waypoint-for excludes this traffic: it
+    goes direct, as in Istio; kept so the config dump says why."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointBinding:
+    """Which waypoint a Service's (service-addressed) or a Workload's (pod-addressed) traffic uses."""
+
+    namespace: str
+    name: str
+    source: BindingSource
+    status: WaypointStatus
+    identity: SpiffeId | None = None
+    """The waypoint's identity (`spiffe://<td>/ns/<ns>/sa/<gateway name>`); None when missing."""
+
+    @property
+    def uid(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Waypoint:
+    """A Gateway with gatewayClassName istio-waypoint, as proxies need it."""
+
+    name: str
+    namespace: str
+    waypoint_for: WaypointFor = WaypointFor.SERVICE
+    identity: SpiffeId
+    """Its pods run as service account <gateway name> (Istio's waypoint deployment)."""
+
+    @property
+    def uid(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 class TunnelProtocol(enum.Enum):
@@ -38,7 +115,9 @@ class Workload:
     services: tuple[str, ...] = ()
     """`<namespace>/<service name>` of the services selecting this pod."""
     waypoint: str | None = None
-    """Value of istio.io/use-waypoint (pod, else namespace), when set."""
+    """Value of istio.io/use-waypoint (pod, else namespace), when set (raw; see waypoint_binding)."""
+    waypoint_binding: WaypointBinding | None = None
+    """The waypoint for traffic addressed to this pod's IP; None = direct."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +136,9 @@ class ServiceInfo:
     ports: tuple[ServicePort, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     waypoint: str | None = None
+    """Value of istio.io/use-waypoint (service, else namespace), when set (raw; see waypoint_binding)."""
+    waypoint_binding: WaypointBinding | None = None
+    """The waypoint for traffic addressed to this Service; None = direct."""
 
     @property
     def uid(self) -> str:
