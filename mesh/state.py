@@ -31,6 +31,7 @@ from .distribution.protocol import Delta, Snapshot, resource_ref
 from .model import FrozenMap, Namespace, PolicyObject, ServiceInfo, Workload
 from .model.policy import ROOT_NAMESPACE, AuthorizationPolicy, PeerAuthentication
 from .model.route import DestinationRule, HTTPRoute, VirtualService
+from .model.workload import Waypoint
 
 __all__ = ["ProxyState", "StateVersionError", "WorkloadPolicies"]
 
@@ -117,6 +118,7 @@ _KINDS: dict[str, Callable[[Any], Any]] = {
     "HTTPRoute": _by_name,
     "VirtualService": _by_name,
     "DestinationRule": _by_name,
+    "Waypoint": _by_name,
 }
 
 
@@ -344,6 +346,13 @@ class ProxyState:
 
     def peer_authentications(self) -> list[PeerAuthentication]:
         return self._kinds["PeerAuthentication"].items()
+
+    def waypoints(self) -> list[Waypoint]:
+        """The mesh's waypoints (istio-waypoint Gateways), sorted by namespace/name."""
+        return self._kinds["Waypoint"].items()
+
+    def waypoint(self, namespace: str, name: str) -> Waypoint | None:
+        return self._kinds["Waypoint"].by_uid.get(f"{namespace}/{name}")
 
     def http_routes(self) -> list[HTTPRoute]:
         """Sorted by namespace/name: the tie-break Gateway API precedence falls back to."""

@@ -132,6 +132,8 @@ def test_bindings_and_waypoints_round_trip_the_wire_and_reach_proxy_state():
     assert st.workload_by_ip(IP("10.244.0.2")).waypoint_binding == WaypointBinding(
         namespace="demo", name="wp", source=NS_S, status=B, identity=wp_id())
     assert st.service_by_vip(IP("10.96.0.10")).waypoint_binding.identity == wp_id()
+    assert [w.uid for w in st.waypoints()] == ["demo/wp"]
+    assert st.waypoint("demo", "wp").identity == wp_id() and st.waypoint("demo", "nope") is None
     delta = Delta(version=2, upserts=(out[("Waypoint", "demo/wp")],), removals=(("Waypoint", "demo/old"),))
     (obj,) = FrameDecoder().feed(encode(delta))
     assert decode(obj) == delta
