@@ -17,8 +17,9 @@ drops the user, the groups and every capability):
 3. /dev is a fresh tmpfs holding only null, zero, full, random, urandom, tty, a private devpts
    and /dev/shm (the host's block devices are owner-writable by uid 0), and the parts of /proc
    and /sys that runc makes read-only or masks are made so.
-4. ``--writable`` (the pod's working directory) is bind-mounted read-write over itself and
-   becomes the cwd, so the app's own files stay writable.
+4. /tmp is a fresh tmpfs (the pod's own, as a container's), and ``--writable`` (the pod's
+   working directory, carried into the new /tmp if it lies under /tmp) is bind-mounted
+   read-write over itself and becomes the cwd, so the app's own files stay writable.
 
 Stdlib only and no ``site`` (``-I -S``): it starts in ~15 ms and nothing from the host's
 Python path runs while it is still privileged.  Any failure exits 126 with the step and errno
@@ -138,6 +139,16 @@ def proc_and_sys() -> None:
             mount("/dev/null", path, None, MS_BIND)
 
 
+def private_tmp(work: str | None) -> None:
+    """A fresh /tmp, as a container's own; a working directory under /tmp is carried over."""
+    keep = os.open(work, os.O_PATH | os.O_DIRECTORY) if work and under(work, "/tmp") else None
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if keep is not None:
+        os.makedirs(work, mode=0o755)
+        mount(f"/proc/self/fd/{keep}", work, None, MS_BIND)
+        os.close(keep)
+
+
 def writable(path: str) -> None:
     mount(path, path, None, MS_BIND)
     mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
@@ -176,9 +187,12 @@ def main(argv: list[str]) -> None:
         private_dev()
         step = "masking /proc and /sys"
         proc_and_sys()
+        work = os.path.realpath(work) if work is not None else None
+        step = "a private /tmp"
+        private_tmp(work)
         if work is not None:
             step = f"a writable working directory {work}"
-            writable(os.path.realpath(work))
+            writable(work)
         step = f"exec {nxt[0]}"
         os.execv(nxt[0], nxt)
     except (OSError, StepFailed, IndexError) as e:

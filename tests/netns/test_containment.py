@@ -20,7 +20,7 @@ from localcluster.runner import run_as
 from mesh.linux import cgroup
 from mesh.model import Container, ObjectMeta, Pod
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, wait_for
+from .cluster_helper import ROOT, LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, wait_for
 
 NAME = f"ct{os.getpid() % 100000}"
 SEC_POD = textwrap.dedent("""
@@ -94,7 +94,9 @@ out = {
     "write_host_file": attempt(lambda: append(a["host_file"])),
     "write_host_binary_dir": attempt(lambda: append(os.path.dirname(sys.executable) + "/.pod-was-here")),
     "read_block_device": attempt(lambda: open(a["block_device"], "rb").close()),
+    "read_host_tmp": attempt(lambda: open(a["host_tmp_file"], "rb").close()),
 }
+open("/tmp/pod-tmp-is-writable", "w").close()
 status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
 out["caps"] = {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
 out["no_new_privs"] = status["NoNewPrivs"].strip()
@@ -123,6 +125,7 @@ EXPECTED = {
     "write_host_file": "EROFS",         # the host's files are read-only in the pod
     "write_host_binary_dir": "EROFS",
     "read_block_device": "ENOENT",      # /dev is a private tmpfs with the basic devices only
+    "read_host_tmp": "ENOENT",          # /tmp is the pod's own tmpfs
 }
 DEVICES = ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty",
            "urandom", "zero"]
@@ -153,8 +156,7 @@ def _pod(c, name):
 def _escape_args(c, tmp_path):
     st = c.status()
     n1 = next(n for n in st["nodes"] if n["name"] == "n1")
-    host_file = tmp_path / "host-file"
-    host_file.write_text("root's\n")
+    (tmp_path / "host-file").write_text("root's\n")
     block = next((os.path.join("/dev", d) for d in sorted(os.listdir("/dev"))
                   if d.startswith(("loop", "sd", "vd", "nvme", "xvd")) and
                   os.path.exists(os.path.join("/dev", d))), "/dev/loop0")
@@ -162,11 +164,13 @@ def _escape_args(c, tmp_path):
             "bootstrap_key": os.path.join(c.paths.node_dir("n1"), "bootstrap", "key.pem"),
             "cp_sock": c.paths.control_plane_socket, "cgroup_root": cgroup.cgroup2_root(),
             "ztunnel_cgroup": os.path.join(cgroup.cgroup2_root(), cgroup.cgroup_of(n1["ztunnel"]["pid"])),
-            "node_netns": n1["netns"], "ztunnel_pid": n1["ztunnel"]["pid"], "host_file": str(host_file),
+            "node_netns": n1["netns"], "ztunnel_pid": n1["ztunnel"]["pid"],
+            "host_file": os.path.join(ROOT, "pyproject.toml"),
+            "host_tmp_file": str(tmp_path / "host-file"),
             "block_device": block,
             "hidden_dirs": [c.paths.run_root, c.paths.state_root, "/var/run/netns", "/sys/fs/bpf"]}
     # Each target exists on the host: a refusal inside the pod is the containment's doing.
-    for k in ("ca_key", "bootstrap_key", "cp_sock", "host_file", "block_device"):
+    for k in ("ca_key", "bootstrap_key", "cp_sock", "host_file", "host_tmp_file", "block_device"):
         assert os.path.exists(args[k]), args[k]
     assert os.path.exists(os.path.join("/var/run/netns", args["node_netns"]))
     return args
@@ -185,7 +189,7 @@ def test_every_escape_is_refused_from_inside_a_pod(cluster, tmp_path, ns, pod):
     assert got["dev"] == DEVICES
     assert got["hidden_dirs"] == dict.fromkeys(args["hidden_dirs"], [])
     # Nothing changed on the host; the app's own directory was writable.
-    assert (tmp_path / "host-file").read_text() == "root's\n"
+    assert not os.path.exists("/tmp/pod-tmp-is-writable")
     assert cgroup.cgroup_of(args["ztunnel_pid"]) == zt_cg and "/ztunnel/" in zt_cg
     assert (cluster.dir / "written-by-pod").read_text() == "0"
     assert not os.path.exists(os.path.join(os.path.dirname(sys.executable), ".pod-was-here"))
@@ -261,7 +265,6 @@ def test_meshed_traffic_still_flows_between_contained_pods(cluster):
 
 @pytest.mark.root
 def test_exec_keeps_stdin_and_exit_status_and_pod_stop_is_prompt(cluster):
-    from .cluster_helper import ROOT
     p = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", NAME, "exec", "-n", "plain", "p1",
                         "--", "sh", "-c", "read x; echo got $x; exit 5"], input="line\n", text=True,
                        capture_output=True, cwd=ROOT, timeout=60)
@@ -306,14 +309,18 @@ def test_contained_argv_chain_drops_everything_and_is_fail_closed():
     assert "--no-new-privs" not in procs.pod_argv(["x"], netns=None, cgroup=None)
 
 
+MISSING = "/nonexistent/ambient-containment-test"
+
+
 @pytest.mark.root
 def test_a_failed_containment_step_does_not_run_the_program(tmp_path):
     marker = tmp_path / "ran"
     argv = procs.pod_argv(["sh", "-c", f"touch {marker}"], netns=None, cgroup=None,
-                          contain=procs.Containment(), cwd=str(tmp_path / "missing"))
+                          contain=procs.Containment(), cwd=MISSING)
     p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert p.returncode == 126
-    assert p.stderr.startswith(f"contain: a writable working directory {tmp_path / 'missing'} failed, "
+    assert not os.path.exists(MISSING)
+    assert p.stderr.startswith(f"contain: a writable working directory {MISSING} failed, "
                                "the container does not start: mount ")
     assert "No such file or directory (errno 2)" in p.stderr
     assert not marker.exists()
