@@ -120,11 +120,17 @@ def cmd_exec(paths: ClusterPaths, a: argparse.Namespace) -> int:
     if not a.command:
         raise ApiError("no command given: ambient exec [-n NS] POD -- CMD...", "bad_request")
     info = call(paths.runner_socket, "pod_info", namespace=a.namespace, name=a.pod)
-    from localcluster.procs import pod_argv
+    from localcluster.procs import Containment, pod_argv
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", ""))
-    argv = pod_argv(a.command, netns=info["netns"], cgroup=info["cgroup"])
-    if info.get("workdir") and os.path.isdir(info["workdir"]):
-        os.chdir(info["workdir"])  # the pod's working directory, as `kubectl exec` uses the image's
+    workdir = info.get("workdir") if info.get("workdir") and os.path.isdir(info["workdir"]) else None
+    if workdir is not None:
+        os.chdir(workdir)  # the pod's working directory, as `kubectl exec` uses the image's
+    c = info.get("contain")  # the container's containment: never run a command uncontained
+    if c is None:
+        raise ApiError(f"pod {a.namespace}/{a.pod} has no containment to run in", "not_found")
+    argv = pod_argv(a.command, netns=info["netns"], cgroup=info["cgroup"],
+                    contain=Containment(uid=c["uid"], gid=c["gid"], hide=tuple(c["hide"])),
+                    cwd=workdir)
     os.execvpe(argv[0], argv, env)
     return 127  # not reached
 

@@ -15,6 +15,23 @@ setns(2) and execs the program.  Why not the alternatives:
   wrapper does its work in a fresh process image, and its failures land in the log file.
 * Moving the PID into the cgroup from the parent after fork races with the program's start.
 
+Pods are contained (``contain=`` a :class:`Containment`), as a container runtime contains a
+container: after the cgroup and the netns, the argv chain is ::
+
+    unshare --mount --pid --fork --kill-child --mount-proc --
+      python3 -I -S localcluster/contain.py --hide DIR... [--writable CWD] --
+        setpriv --reuid=U --regid=G --clear-groups --inh-caps=-all --ambient-caps=-all
+                --bounding-set=-all --no-new-privs --
+          /bin/sh -c INIT mesh-init argv...
+
+``unshare`` gives the pod a private mount namespace and its own PID namespace (it cannot see,
+signal or ptrace the runner, the ztunnels or other pods); ``contain.py`` hides the mesh's state
+and makes the host read-only there (see its docstring); ``setpriv`` drops to the pod's
+user/group with no capability in any set and no_new_privs, so setns(2), bpf(2), SO_MARK and
+mounts are refused.  INIT is a few lines of shell, PID 1 of the pod, because PID 1 ignores
+signals it has no handler for: it forwards SIGTERM/SIGINT/SIGHUP to the program and exits with
+its status.  Each step either succeeds or exits non-zero before the program runs (fail closed).
+
 The process gets a new session (``start_new_session=True``): it is not killed with the
 terminal or the CLI that started the runner, and :func:`stop` can signal its whole process
 group.
@@ -25,10 +42,12 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-__all__ = ["SpawnError", "spawn", "stop", "pod_argv"]
+__all__ = ["SpawnError", "Containment", "spawn", "stop", "pod_argv"]
 
 _WRAPPER = (
     'cg=$1 ns=$2 nsenter=$3; shift 3; '
@@ -37,6 +56,26 @@ _WRAPPER = (
     'if [ -n "$ns" ]; then exec "$nsenter" --net="$ns" -- "$@"; fi; '
     'exec "$@"'
 )
+
+# PID 1 of a pod: it traps the signals (PID 1 drops those it has no handler for), the
+# program gets the caller's stdin (an asynchronous list would get /dev/null), and `wait`
+# returns early when a trapped signal arrives, so it loops until the program is gone.
+_INIT = (
+    'c=; for s in TERM INT HUP; do trap "[ -n \\"\\$c\\" ] && kill -$s \\$c" $s; done; '
+    'exec 3<&0; "$@" <&3 3<&- & c=$!; exec 3<&-; '
+    'while :; do wait "$c"; r=$?; kill -0 "$c" 2>/dev/null || exit $r; done'
+)
+_CONTAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "contain.py")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Containment:
+    """How a pod's processes are contained: who they run as, and what they must not see."""
+
+    uid: int = 0
+    gid: int = 0
+    hide: tuple[str, ...] = ()
+    """Directories covered by an empty tmpfs (the mesh's state, /var/run/netns, /sys/fs/bpf)."""
 
 
 class SpawnError(OSError):
@@ -55,20 +94,43 @@ def _resolve(prog: str, env: Mapping[str, str], cwd: str | None) -> str:
     return os.path.abspath(found)
 
 
-def pod_argv(argv: Sequence[str], *, netns: str | None, cgroup: str | None) -> list[str]:
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=os.defpath + ":/usr/sbin:/sbin")
+    if path is None:
+        raise SpawnError(f"{name} (util-linux) is required to contain a pod")
+    return path
+
+
+def contain_argv(argv: Sequence[str], c: Containment, cwd: str | None) -> list[str]:
+    """The part of the chain after the netns: namespaces, hidden state, user, capabilities."""
+    hide = [a for d in c.hide for a in ("--hide", d)]
+    return [_tool("unshare"), "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
+            sys.executable, "-I", "-S", _CONTAIN, *hide, *(("--writable", cwd) if cwd else ()), "--",
+            _tool("setpriv"), f"--reuid={c.uid}", f"--regid={c.gid}", "--clear-groups",
+            "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+            "/bin/sh", "-c", _INIT, "mesh-init", *argv]
+
+
+def pod_argv(argv: Sequence[str], *, netns: str | None, cgroup: str | None,
+             contain: Containment | None = None, cwd: str | None = None) -> list[str]:
     """The command line that runs `argv` inside `cgroup` and `netns` (what :func:`spawn` runs),
-    for callers that exec it themselves, such as `ambient exec`."""
+    for callers that exec it themselves, such as `ambient exec`.  With `contain`, `argv` runs
+    contained and `cwd` (the caller's working directory for it) stays writable."""
     ns_path = ""
     if netns is not None:
         from mesh.linux.netns import netns_path
         ns_path = netns_path(netns)
+    if contain is not None:
+        argv = contain_argv(argv, contain, cwd)
     return ["/bin/sh", "-c", _WRAPPER, "mesh-spawn", cgroup or "", ns_path,
             shutil.which("nsenter") or "nsenter", *argv]
 
 
 def spawn(argv: Sequence[str], *, netns: str | None, cgroup: str | None,
-          env: Mapping[str, str], cwd: str | None, log_path: str) -> subprocess.Popen:
-    """Start `argv` inside `cgroup` (absolute path) and the named `netns`, in a new session.
+          env: Mapping[str, str], cwd: str | None, log_path: str,
+          contain: Containment | None = None) -> subprocess.Popen:
+    """Start `argv` inside `cgroup` (absolute path) and the named `netns`, in a new session,
+    contained as a pod when `contain` is given (else with the caller's privileges).
 
     `env` is the complete environment of the program.  stdout and stderr are appended to
     `log_path`.  Either of `netns`/`cgroup` may be None to stay in the caller's.
@@ -90,7 +152,8 @@ def spawn(argv: Sequence[str], *, netns: str | None, cgroup: str | None,
     if netns is not None and nsenter is None:
         raise SpawnError("nsenter (util-linux) is required to enter a netns")
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    cmd = pod_argv([prog, *argv[1:]], netns=netns, cgroup=cgroup)
+    cmd = pod_argv([prog, *argv[1:]], netns=netns, cgroup=cgroup, contain=contain,
+                   cwd=os.path.abspath(cwd) if cwd is not None else None)
     with open(log_path, "ab", buffering=0) as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(env), cwd=cwd, start_new_session=True, close_fds=True)

@@ -36,12 +36,14 @@ from mesh.config import (ConfigError, ConfigErrors, Loaded, last_wins, parse_tex
 from controlplane.server import ControlPlane
 from controlplane.translate import enrolled
 from mesh.identity import NodeId
-from mesh.model import Namespace, Node, Pod, Resource, ResourceKey, Service
+from mesh.linux.netns import NETNS_DIR
+from mesh.model import Container, Namespace, Node, Pod, Resource, ResourceKey, Service
 from mesh.sandbox import Sandbox, SandboxDir
 from localcluster.api import ApiError
 from localcluster.addressing import AddressError, AddressPlan, ClusterAddressing
 from localcluster.network import ClusterNetwork
 from localcluster.paths import ClusterPaths
+from localcluster.procs import Containment
 from controlplane.store import ResourceStore
 from localcluster.system import Proc, ProcSpec, SystemWorkload, restart_delay
 
@@ -345,7 +347,8 @@ class Runner:
                 continue  # no command: the image's entrypoint, which local mode has not got
             proc = Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup,
                          env=env | dict(c.env), cwd=c.working_dir or pod.source_dir or None,
-                         log_path=self.paths.container_log(pod.namespace, pod.name, c.name))
+                         log_path=self.paths.container_log(pod.namespace, pod.name, c.name),
+                         contain=self._containment(pod, c))
             try:
                 proc.start()
             except OSError as e:
@@ -357,6 +360,14 @@ class Runner:
         # The CNI's hand-over to the node proxy: where this pod's netns and cgroup are.
         self._sandboxes(pod.node_name).write(Sandbox(uid=uid, netns=podnet.netns_path, cgroup=podnet.cgroup))
         log.info("pod %s up on %s at %s", uid, pod.node_name, pod.pod_ip)
+
+    def _containment(self, pod: Pod, c: Container | None) -> Containment:
+        """A container's sandbox: its securityContext's user and group (root without
+        capabilities by default), and the mesh's state hidden from it."""
+        uid, gid = run_as(pod, c)
+        hide = (self.paths.run_root, self.paths.state_root, NETNS_DIR, "/sys/fs/bpf",
+                *((self.settings.ca_dir,) if self.settings.ca_dir else ()))
+        return Containment(uid=uid, gid=gid, hide=hide)
 
     async def _remove_pod(self, uid: str) -> None:
         rt = self._pods.pop(uid)
@@ -479,8 +490,24 @@ class Runner:
             raise ApiError(f"no pod {namespace}/{name} (see `ambient status`)", "not_found")
         pod = self.store.get(ResourceKey("Pod", namespace, name))
         workdir = pod.source_dir if isinstance(pod, Pod) else None
+        # `kubectl exec` runs in the (first) container's security context.
+        contain = self._containment(pod, pod.containers[0] if pod.containers else None) \
+            if isinstance(pod, Pod) else None
         return {"netns": rt.net.netns, "netns_path": rt.net.netns_path, "cgroup": rt.net.cgroup,
-                "ip": str(rt.ip), "node": rt.node, "workdir": workdir}
+                "ip": str(rt.ip), "node": rt.node, "workdir": workdir,
+                "contain": None if contain is None else
+                {"uid": contain.uid, "gid": contain.gid, "hide": list(contain.hide)}}
+
+
+def run_as(pod: Pod, c: Container | None) -> tuple[int, int]:
+    """(uid, gid) of a container: its securityContext, else the pod's, else root (0, 0), as
+    Kubernetes resolves runAsUser/runAsGroup (with runAsGroup unset the primary group is 0)."""
+    def pick(attr: str) -> int:
+        for v in (getattr(c, attr, None), getattr(pod, attr)):
+            if v is not None:
+                return v
+        return 0
+    return pick("run_as_user"), pick("run_as_group")
 
 
 def remove_pins(pin_root: str) -> None:

@@ -71,6 +71,8 @@ class Proc:
     last_exit: int | None = None
     next_start: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    contain: procs.Containment | None = None
+    """A pod container's containment; None for system workloads (they need privileges)."""
 
     @classmethod
     def of(cls, spec: ProcSpec) -> Proc:
@@ -79,7 +81,7 @@ class Proc:
 
     def start(self) -> None:
         self.popen = procs.spawn(self.argv, netns=self.netns, cgroup=self.cgroup, env=self.env,
-                                 cwd=self.cwd, log_path=self.log_path)
+                                 cwd=self.cwd, log_path=self.log_path, contain=self.contain)
 
     @property
     def running(self) -> bool:

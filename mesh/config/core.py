@@ -132,7 +132,20 @@ def _container(ctx: Ctx, c: Any, path: Path) -> Container:
     _check_name(ctx, name, path + ("name",), "label")
     return Container(name=name, command=get_str_list(ctx, c, path + ("command",)),
                      args=get_str_list(ctx, c, path + ("args",)), env=_env(ctx, c, path + ("env",)),
-                     working_dir=get_str(ctx, c, path + ("workingDir",)))
+                     working_dir=get_str(ctx, c, path + ("workingDir",)),
+                     **_run_as(ctx, c, path + ("securityContext",)))
+
+
+def _run_as(ctx: Ctx, parent: Mapping[Any, Any], path: Path) -> dict[str, int | None]:
+    """runAsUser/runAsGroup of a (pod or container) securityContext, as Container/Pod fields."""
+    sc = get_map(ctx, parent, path)
+    out: dict[str, int | None] = {}
+    for key, attr in (("runAsUser", "run_as_user"), ("runAsGroup", "run_as_group")):
+        v = sc.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31):
+            ctx.fail(path + (key,), f"must be an integer in [0, 2147483647], got {describe(v)}")
+        out[attr] = v
+    return out
 
 
 def _service_account(ctx: Ctx, spec: Mapping[Any, Any]) -> str:
@@ -177,7 +190,8 @@ def _pod(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> Pod:
         first.setdefault(container.name, i)
         containers.append(container)
     return Pod(meta=meta, node_name=node, service_account=sa or "default",
-               containers=tuple(containers), pod_ip=ip)
+               containers=tuple(containers), pod_ip=ip,
+               **(ctx.collect(lambda: _run_as(ctx, spec, ("spec", "securityContext"))) or {}))
 
 
 def _service_port(ctx: Ctx, p: Any, path: Path, many: bool) -> ServicePort:

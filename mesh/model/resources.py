@@ -73,6 +73,10 @@ class Container:
     env: FrozenMap = field(default_factory=FrozenMap)
     """Plain `value` env vars only (name -> value)."""
     working_dir: str | None = None
+    run_as_user: int | None = None
+    """securityContext.runAsUser; None: the pod's, else the runtime's default."""
+    run_as_group: int | None = None
+    """securityContext.runAsGroup; None: the pod's, else the runtime's default."""
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -91,6 +95,10 @@ class Pod(Resource):
     source_dir: str = ""
     """Directory of the YAML file the pod came from: the default working directory of its
     containers in local mode (a local-mode convenience; Kubernetes ignores it)."""
+    run_as_user: int | None = None
+    """spec.securityContext.runAsUser: the default of containers that set none."""
+    run_as_group: int | None = None
+    """spec.securityContext.runAsGroup: the default of containers that set none."""
 
     @property
     def opted_out(self) -> bool:

@@ -33,6 +33,7 @@ from mesh.identity import SpiffeId  # noqa: E402
 SETUPS = ("direct", "ambient", "envoy")
 NAMESPACE = {"direct": "bench-plain", "ambient": "bench-mesh", "envoy": "bench-plain"}
 HTTP_PORT, IPERF_PORT = 8080, 5201
+NOBODY = 65534
 ENVOY_HBONE_PORT, ENVOY_HTTP_PORT, ENVOY_IPERF_PORT = 15009, 15001, 15002
 TRUST_DOMAIN = "cluster.local"
 BODY = "a" * 99 + "\n"  # the backend's 100-byte response body
@@ -147,6 +148,10 @@ def cluster_yaml(workdir: str, namespaces: list[str], ambient_ns: str) -> str:
         labels = "{istio.io/dataplane-mode: ambient}" if ns == ambient_ns else "{}"
         prefix = os.path.join(workdir, f"nginx-{ns}")
         os.makedirs(prefix, exist_ok=True)
+        # Pods have no capabilities: nginx as root could not chown its temp dirs or setuid its
+        # worker, so the server pod runs as nobody, which owns nginx's prefix.
+        os.chmod(workdir, 0o755)
+        os.chown(prefix, NOBODY, NOBODY)
         with open(os.path.join(workdir, f"nginx-{ns}.conf"), "w") as f:
             f.write(nginx_conf(prefix))
         nginx = ["nginx", "-c", os.path.join(workdir, f"nginx-{ns}.conf"), "-p", prefix, "-e", "stderr"]
@@ -170,6 +175,7 @@ def cluster_yaml(workdir: str, namespaces: list[str], ambient_ns: str) -> str:
             spec:
               nodeName: n2
               serviceAccountName: server
+              securityContext: {{runAsUser: {NOBODY}, runAsGroup: {NOBODY}}}
               containers:
               - {{name: nginx, command: {json.dumps(nginx)}}}
               - {{name: iperf3, command: [iperf3, -s, -p, "{IPERF_PORT}"]}}

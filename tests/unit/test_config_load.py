@@ -99,6 +99,24 @@ VALID = [
     pytest.param("""
         apiVersion: v1
         kind: Pod
+        metadata: {name: sec}
+        spec:
+          securityContext: {runAsUser: 1000, runAsGroup: 3000}
+          containers:
+          - name: inherits
+            command: [id]
+          - name: overrides
+            command: [id]
+            securityContext: {runAsUser: 0, runAsGroup: 2000}
+        """, Pod(
+            meta=ObjectMeta(name="sec", namespace="default"), run_as_user=1000, run_as_group=3000,
+            containers=(Container(name="inherits", command=("id",)),
+                        Container(name="overrides", command=("id",), run_as_user=0,
+                                  run_as_group=2000)),
+            source_dir=SRC_DIR), id="pod-security-context"),
+    pytest.param("""
+        apiVersion: v1
+        kind: Pod
         metadata: {name: minimal}
         spec:
           containers: [{name: c}]
@@ -360,6 +378,13 @@ BAD = [
                  "spec.containers[0].env[0].name", "is required", 7, id="env-no-name"),
     pytest.param(POD + "      serviceAccountName: a\n      serviceAccount: b\n", "bad_value",
                  "Pod demo/web", "spec.serviceAccount", "contradicts", 8, id="sa-contradiction"),
+    pytest.param(POD + "        securityContext: {runAsUser: -1}\n", "bad_value", "Pod demo/web",
+                 "spec.containers[0].securityContext.runAsUser", "integer in [0, 2147483647]", 7,
+                 id="run-as-user-negative"),
+    pytest.param(POD + "      securityContext: {runAsGroup: \"1000\"}\n", "bad_value", "Pod demo/web",
+                 "spec.securityContext.runAsGroup", "the string", 7, id="run-as-group-string"),
+    pytest.param(POD + "      securityContext: {runAsUser: true}\n", "bad_value", "Pod demo/web",
+                 "spec.securityContext.runAsUser", "the boolean", 7, id="run-as-user-bool"),
     pytest.param(POD + "      nodeName: Node_1\n", "bad_value", "Pod demo/web", "spec.nodeName",
                  "RFC 1123 subdomain", 7, id="bad-node-name"),
     pytest.param("apiVersion: v1\nkind: Node\nmetadata:\n  name: a\n  name: b\n", "duplicate",

@@ -1,0 +1,205 @@
+"""A pod's mount namespace, set up as a container runtime sets up a container's (run as a script).
+
+Theory of operation.  :mod:`localcluster.procs` runs this file as
+``python3 -I -S contain.py [--hide DIR]... [--writable DIR] -- NEXT...`` as the first program
+in a fresh mount and PID namespace (``unshare --mount --pid --fork --mount-proc``), still root
+with every capability.  It changes only this private mount namespace (propagation is private,
+so nothing reaches the host's), in this order, and then execs ``NEXT`` (``setpriv``, which
+drops the user, the groups and every capability):
+
+1. The mesh's state is taken away: every mount at or below each ``--hide`` directory is
+   detached (the netns bind mounts under /var/run/netns and the bpffs at /sys/fs/bpf stop
+   existing here, rather than merely being covered) and an empty read-only tmpfs covers the
+   directory, so the CA key, node bootstrap keys, sockets and netns names read as ENOENT.
+2. Every other mount becomes read-only (its nosuid/nodev/noexec/atime flags kept): a
+   capability-less root still owns the host's root-owned files, so without this it could
+   rewrite /usr/bin or /etc, or move itself to another cgroup through /sys/fs/cgroup.
+3. /dev is a fresh tmpfs holding only null, zero, full, random, urandom, tty, a private devpts
+   and /dev/shm (the host's block devices are owner-writable by uid 0), and the parts of /proc
+   and /sys that runc makes read-only or masks are made so.
+4. /tmp is a fresh tmpfs (the pod's own, as a container's), and ``--writable`` (the pod's
+   working directory, carried into the new /tmp if it lies under /tmp) is bind-mounted
+   read-write over itself and becomes the cwd, so the app's own files stay writable.
+
+Stdlib only and no ``site`` (``-I -S``): it starts in ~15 ms and nothing from the host's
+Python path runs while it is still privileged.  Any failure exits 126 with the step and errno
+on stderr (the container log), before the workload's program has run: fail closed.
+"""
+import ctypes
+import errno
+import os
+import stat
+import sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 0x20, 0x400, 0x800, 0x1000
+MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 0x4000, 0x40000, 0x200000, 0x1000000
+MNT_DETACH = 0x2
+_KEEP = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+         "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+# runc's defaults (readonlyPaths / maskedPaths of a non-privileged container).
+READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+          "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+          "/sys/firmware", "/sys/devices/virtual/powercap")
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
+           ("tty", 5, 0))
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class StepFailed(Exception):
+    pass
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise StepFailed(f"{what}: {os.strerror(e)} (errno {e})")
+
+
+def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = (lambda s: None if s is None else s.encode())
+    _check(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           f"mount {fstype or src} on {target}")
+
+
+def _unescape(s: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and len(s[i + 1:i + 4]) == 3 and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[tuple[str, int]]:
+    """(mount point, flags to keep on a remount) of this namespace, outermost first."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            flags = 0
+            for opt in fields[5].split(","):
+                flags |= _KEEP.get(opt, 0)
+            out.append((_unescape(fields[4]), flags))
+    return out
+
+
+def under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def hide(root: str) -> None:
+    for mp, _ in sorted(mounts(), key=lambda m: m[0].count("/"), reverse=True):
+        if under(mp, root) and _libc.umount2(mp.encode(), MNT_DETACH) != 0:
+            if ctypes.get_errno() != errno.EINVAL:  # EINVAL: gone with a detached parent
+                _check(-1, f"detach {mp}")
+    mount("tmpfs", root, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=4k")
+
+
+def readonly_all() -> None:
+    done = set()
+    for mp, keep in mounts():
+        if under(mp, "/proc") or mp in done:
+            continue  # /proc is this PID namespace's own; its sensitive parts follow below
+        done.add(mp)
+        mount(None, mp, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+
+
+def private_dev() -> None:
+    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for name, major, minor in DEVICES:
+        path = "/dev/" + name
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(path, 0o666)  # mknod's mode is masked by the umask
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("ptmx", "pts/ptmx")):
+        os.symlink(target, "/dev/" + name)
+    os.mkdir("/dev/pts")
+    mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    os.mkdir("/dev/shm")
+    os.chmod("/dev/shm", 0o1777)
+    mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=64m")
+
+
+def proc_and_sys() -> None:
+    for path in READONLY:
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path in MASKED:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0")
+        elif os.path.exists(path):
+            mount("/dev/null", path, None, MS_BIND)
+
+
+def private_tmp(work: str | None) -> None:
+    """A fresh /tmp, as a container's own; a working directory under /tmp is carried over."""
+    keep = os.open(work, os.O_PATH | os.O_DIRECTORY) if work and under(work, "/tmp") else None
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if keep is not None:
+        os.makedirs(work, mode=0o755)
+        mount(f"/proc/self/fd/{keep}", work, None, MS_BIND)
+        os.close(keep)
+
+
+def writable(path: str) -> None:
+    mount(path, path, None, MS_BIND)
+    mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+    os.chdir(path)  # the old cwd is the read-only mount's directory underneath
+
+
+def parse(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    hidden, work, i = [], None, 0
+    while i < len(argv) and argv[i] != "--":
+        if argv[i] == "--hide":
+            hidden.append(argv[i + 1])
+        elif argv[i] == "--writable":
+            work = argv[i + 1]
+        else:
+            raise StepFailed(f"unknown option {argv[i]!r}")
+        i += 2
+    if i + 1 >= len(argv):
+        raise StepFailed("no program after --")
+    return hidden, work, argv[i + 1:]
+
+
+def main(argv: list[str]) -> None:
+    step = "arguments"
+    try:
+        hidden, work, nxt = parse(argv)
+        step = "making / private"
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        for d in hidden:
+            step = f"hiding {d}"
+            d = os.path.realpath(d)
+            if os.path.isdir(d):
+                hide(d)
+        step = "making the host read-only"
+        readonly_all()
+        step = "a private /dev"
+        private_dev()
+        step = "masking /proc and /sys"
+        proc_and_sys()
+        work = os.path.realpath(work) if work is not None else None
+        step = "a private /tmp"
+        private_tmp(work)
+        if work is not None:
+            step = f"a writable working directory {work}"
+            writable(work)
+        step = f"exec {nxt[0]}"
+        os.execv(nxt[0], nxt)
+    except (OSError, StepFailed, IndexError) as e:
+        sys.stderr.write(f"contain: {step} failed, the container does not start: {e}\n")
+        sys.stderr.flush()
+        os._exit(126)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
