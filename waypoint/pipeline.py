@@ -227,6 +227,8 @@ class Pipeline:
         self.waypoint = waypoint
         self.waypoint_namespace = waypoint_namespace
         self.requests = 0
+        self.exchange = exchange
+        """One upstream attempt (`exchange`'s signature): the seam retries/timeouts/faults wrap."""
 
     # -- labels and results -----------------------------------------------------------------
 
@@ -364,7 +366,7 @@ class Pipeline:
                          target=target, route=plan.route_name, failure=reason)
             await self._finish_request_body(down, head)
             return
-        res = await exchange(up, up_head, down, plan.response_headers)
+        res = await self.exchange(up, up_head, down, plan.response_headers)
         self.upstreams.release(up, res.reusable)
         if res.client_error is not None:
             if not res.started and not down.lost:
