@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from mesh.model.route import ConsistentHash, HTTPCookie, LoadBalancer, TrafficPolicy, Warmup
-from waypoint.resilience.balancer import (Algorithm, Balancer, BalancerConfig, Endpoint, SlowStart, hash_key,
+from waypoint.resilience.balancer import (Algorithm, Balancer, BalancerConfig, WeightedEndpoint, SlowStart, hash_key,
                                           slow_start_factor)
 
-EPS = [Endpoint(address=f"10.0.0.{i}:80") for i in range(10)]
+EPS = [WeightedEndpoint(address=f"10.0.0.{i}:80") for i in range(10)]
 CH = ConsistentHash(http_header_name="x-user")
 
 
@@ -151,7 +151,7 @@ def test_new_endpoint_starts_at_the_default_rtt():
 
 @given(pending=st.lists(st.integers(0, 50), min_size=2, max_size=8, unique=True), seed=st.integers(0, 10**6))
 def test_p2c_never_picks_the_costliest(pending, seed):
-    eps = [Endpoint(address=f"e{i}") for i in range(len(pending))]
+    eps = [WeightedEndpoint(address=f"e{i}") for i in range(len(pending))]
     b = Balancer(BalancerConfig(), eps)
     for ep, n in zip(eps, pending):
         for _ in range(n):
@@ -177,13 +177,13 @@ def test_round_robin_rotates_and_weighs():
     rng = random.Random(0)
     assert [b.pick(0.0, rng).address for _ in range(6)] == [e.address for e in EPS[:3]] * 2
     w = Balancer(BalancerConfig(algorithm=Algorithm.ROUND_ROBIN),
-                 [Endpoint(address="a", weight=2), Endpoint(address="b", weight=1)])
+                 [WeightedEndpoint(address="a", weight=2), WeightedEndpoint(address="b", weight=1)])
     assert [w.pick(0.0, rng).address for _ in range(6)] == ["a", "b", "a"] * 2
 
 
 def test_random_follows_weights():
-    b = Balancer(BalancerConfig(algorithm=Algorithm.RANDOM), [Endpoint(address="a", weight=3),
-                                                              Endpoint(address="b", weight=1)])
+    b = Balancer(BalancerConfig(algorithm=Algorithm.RANDOM), [WeightedEndpoint(address="a", weight=3),
+                                                              WeightedEndpoint(address="b", weight=1)])
     rng = random.Random(5)
     picks = Counter(b.pick(0.0, rng).address for _ in range(8000))
     assert picks["a"] / 8000 == pytest.approx(0.75, abs=0.02)

@@ -1,6 +1,6 @@
 """Resilience decisions for the waypoint: retries, retry budgets, outlier detection, circuit
 breaking and load balancing -- pure or loop-owned state, time and randomness injected, no I/O."""
-from .balancer import Algorithm, Balancer, BalancerConfig, Endpoint, SlowStart, hash_key
+from .balancer import Algorithm, Balancer, BalancerConfig, WeightedEndpoint, SlowStart, hash_key
 from .budget import RetryBudget, RetryBudgetConfig, RetryBudgets, budget_config
 from .circuit import (Admission, CircuitLimits, ConnectionAction, ConnectionPlan, OverflowReason,
                       PoolCounters, admit_request, connection_reusable, idle_expired, plan_connection)
@@ -11,7 +11,7 @@ from .retry import (DEFAULT_RETRY_POLICY, NO_RETRY, AttemptOutcome, BudgetVerdic
                     policy_from_virtual_service, should_retry)
 
 __all__ = [
-    "Algorithm", "Balancer", "BalancerConfig", "Endpoint", "SlowStart", "hash_key",
+    "Algorithm", "Balancer", "BalancerConfig", "WeightedEndpoint", "SlowStart", "hash_key",
     "RetryBudget", "RetryBudgetConfig", "RetryBudgets", "budget_config",
     "Admission", "CircuitLimits", "ConnectionAction", "ConnectionPlan", "OverflowReason", "PoolCounters",
     "admit_request", "connection_reusable", "idle_expired", "plan_connection",

@@ -1,4 +1,4 @@
-"""Endpoint load balancing: peak-EWMA P2C by default, round robin, least request, random, ring hash.
+"""WeightedEndpoint load balancing: peak-EWMA P2C by default, round robin, least request, random, ring hash.
 
 Theory of operation
 -------------------
@@ -51,10 +51,11 @@ import math
 import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from mesh.model.route import ConsistentHash, LoadBalancer, TrafficPolicy
 
-__all__ = ["Algorithm", "SlowStart", "BalancerConfig", "Endpoint", "hash_key", "slow_start_factor",
+__all__ = ["Algorithm", "SlowStart", "BalancerConfig", "WeightedEndpoint", "hash_key", "slow_start_factor",
            "Balancer", "EWMA_DEFAULT_RTT", "EWMA_DECAY", "DEFAULT_RING_SIZE"]
 
 EWMA_DEFAULT_RTT = 0.030
@@ -113,14 +114,19 @@ class BalancerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Endpoint:
+class WeightedEndpoint:
+    """One endpoint as the balancer sees it (not mesh.model's Endpoint: just a key and a weight)."""
+
     address: str
     """The endpoint's key, e.g. "10.0.0.7:8080"."""
     weight: int = 1
 
 
-def hash_key(policy: ConsistentHash, *, headers: Mapping[str, str], cookies: Mapping[str, str] = {},
-             query: Mapping[str, str] = {}, source_ip: str | None = None) -> bytes | None:
+_NONE: Mapping[str, str] = MappingProxyType({})
+
+
+def hash_key(policy: ConsistentHash, *, headers: Mapping[str, str], cookies: Mapping[str, str] = _NONE,
+             query: Mapping[str, str] = _NONE, source_ip: str | None = None) -> bytes | None:
     """The request's consistent-hash key, or None when the request lacks it. `headers` keys
     are lowercase."""
     if policy.http_header_name is not None:
@@ -154,7 +160,7 @@ def _h64(data: bytes) -> int:
 class _State:
     __slots__ = ("ep", "added_at", "rtt", "stamp", "pending", "current")
 
-    def __init__(self, ep: Endpoint, added_at: float, default_rtt: float) -> None:
+    def __init__(self, ep: WeightedEndpoint, added_at: float, default_rtt: float) -> None:
         self.ep = ep
         self.added_at = added_at
         self.rtt = default_rtt
@@ -168,7 +174,7 @@ class Balancer:
 
     __slots__ = ("config", "_order", "_states", "_ring", "_ring_keys", "_points_per_weight")
 
-    def __init__(self, config: BalancerConfig, endpoints: Sequence[Endpoint] = (), *, now: float = 0.0) -> None:
+    def __init__(self, config: BalancerConfig, endpoints: Sequence[WeightedEndpoint] = (), *, now: float = 0.0) -> None:
         self.config = config
         self._states: dict[str, _State] = {}
         self._order: list[str] = []
@@ -182,12 +188,12 @@ class Balancer:
 
     # --- membership -----------------------------------------------------------------------
 
-    def set_endpoints(self, endpoints: Sequence[Endpoint], now: float) -> None:
+    def set_endpoints(self, endpoints: Sequence[WeightedEndpoint], now: float) -> None:
         """The destination's endpoints changed: new ones start (in slow start, if configured),
         removed ones are dropped, kept ones keep their load state."""
         self._set(endpoints, now, established=False)
 
-    def _set(self, endpoints: Sequence[Endpoint], now: float, *, established: bool) -> None:
+    def _set(self, endpoints: Sequence[WeightedEndpoint], now: float, *, established: bool) -> None:
         states: dict[str, _State] = {}
         for ep in endpoints:
             old = self._states.get(ep.address)
@@ -266,11 +272,13 @@ class Balancer:
         return base
 
     def pick(self, now: float, rng: random.Random, *, usable: Collection[str] | None = None,
-             avoid: Collection[str] = (), key: bytes | None = None) -> Endpoint | None:
+             avoid: Collection[str] = (), key: bytes | None = None) -> WeightedEndpoint | None:
         """Choose the endpoint for one attempt. `usable`: the endpoints outlier detection
         allows (None: all); `avoid`: the ones already tried by this request; `key`: the
         request's consistent-hash key (RING_HASH)."""
         algo = self.config.algorithm
+        if usable is not None and not isinstance(usable, (set, frozenset)):
+            usable = frozenset(usable)  # tested once per endpoint below
         if algo is Algorithm.RING_HASH and key is not None:
             return self._ring_pick(key, usable, avoid)
         cands = self._candidates(usable, avoid)
@@ -318,7 +326,7 @@ class Balancer:
                 return s
         return cands[-1]
 
-    def _ring_pick(self, key: bytes, usable: Collection[str] | None, avoid: Collection[str]) -> Endpoint | None:
+    def _ring_pick(self, key: bytes, usable: Collection[str] | None, avoid: Collection[str]) -> WeightedEndpoint | None:
         ring = self._ring
         if not ring:
             return None
