@@ -8,16 +8,17 @@ directResponse, delegate) stay `unsupported`.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from collections.abc import Mapping
 from typing import Any
 
 from ..model import FrozenMap, ObjectMeta
-from ..model.route import (MAX_WEIGHT, MESH_GATEWAY, ClientTLS, ConnectionPool, DestinationRule,
-                           H2UpgradePolicy, HTTPSettings, IstioStringMatch, LoadBalancer,
+from ..model.route import (ENVOY_RETRY_ON, MAX_WEIGHT, MESH_GATEWAY, ClientTLS, ConnectionPool,
+                           ConsistentHash, DestinationRule, H2UpgradePolicy, HTTPCookie, HTTPSettings, IstioStringMatch, LoadBalancer,
                            OutlierDetection, StringMatchType, Subset, TCPKeepalive, TCPSettings,
                            TLSMode, TrafficPolicy, VirtualService, VSDestination, VSFault,
                            VSFaultAbort, VSFaultDelay, VSHeaders, VSHTTPRoute, VSMatch, VSMirror,
-                           VSRetries, VSRewrite, VSRouteDestination)
+                           VSRetries, VSRewrite, VSRouteDestination, Warmup)
 from .source import Ctx, Invalid, Path, describe, get_map, get_str
 from .route_fields import (_known, _mapping, _int, _number, _items, _each, _regex, _duration,
                            _HEADER_NAME, _str_value, _no_dup_names, _header_modifier, _shape, _bool)
@@ -191,15 +192,44 @@ def _vs_retries(ctx: Ctx, v: Any, path: Path) -> VSRetries:
     _known(ctx, m, path, {"attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities",
                           "retryIgnorePreviousHosts", "backoff"})
     retry_on = get_str(ctx, m, path + ("retryOn",))
+    tokens = _retry_on(ctx, retry_on, path + ("retryOn",)) if retry_on else ()
+    attempts = _int(ctx, m, path + ("attempts",), 0) or 0
+    if attempts == 0 and "attempts" in m:
+        # Istio: "attempts: 0" disables retries, and other retry fields with it are an error.
+        for k in ("perTryTimeout", "retryOn", "retryRemoteLocalities"):
+            if m.get(k) is not None:
+                ctx.fail(path + (k,), "must not be set with attempts: 0 (retries disabled)")
     for k in ("retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"):
         if m.get(k) is not None:
             ctx.warn(path + (k,), "not enforced yet by the waypoint")
-    return VSRetries(attempts=_int(ctx, m, path + ("attempts",), 0) or 0,
+    return VSRetries(attempts=attempts,
                      per_try_timeout=_duration(ctx, m, path + ("perTryTimeout",), gep=False),
-                     retry_on=tuple(s.strip() for s in retry_on.split(",") if s.strip()) if retry_on else (),
+                     retry_on=tokens,
                      retry_remote_localities=_bool(ctx, m, path + ("retryRemoteLocalities",)),
                      retry_ignore_previous_hosts=_bool(ctx, m, path + ("retryIgnorePreviousHosts",)),
                      backoff=_duration(ctx, m, path + ("backoff",), gep=False))
+
+
+def _retry_on(ctx: Ctx, value: str, path: Path) -> tuple[str, ...]:
+    """Envoy retry conditions and HTTP status codes, comma-separated (Istio's parseRetryOn)."""
+    out = []
+    for raw in value.split(","):
+        tok = raw.strip()
+        if not tok:
+            continue
+        if tok != raw:
+            ctx.warn(path, f"{json.dumps(raw)} has surrounding spaces, which Istio rejects; "
+                     "write the conditions without spaces")
+        if tok.isdigit():
+            try:
+                HTTPStatus(int(tok))
+            except ValueError:
+                ctx.fail(path, f"{json.dumps(tok)} is not a known HTTP status code")
+        elif tok not in ENVOY_RETRY_ON:
+            ctx.fail(path, f"{json.dumps(tok)} is not a retry condition; use HTTP status codes or "
+                     + ", ".join(ENVOY_RETRY_ON))
+        out.append(tok)
+    return tuple(out)
 
 
 def _vs_mirror(ctx: Ctx, v: Any, path: Path) -> VSMirror:
@@ -415,32 +445,106 @@ def _tls(ctx: Ctx, v: Any, path: Path) -> ClientTLS:
                      subject_alt_names=_str_items(ctx, m, path + ("subjectAltNames",)))
 
 
-_LB_EXTRA = {"consistentHash": {"httpHeaderName": None, "httpCookie": {"name": None, "path": None, "ttl": None,
-                                                                       "attributes": None},
-                                "useSourceIp": None, "httpQueryParameterName": None,
-                                "ringHash": {"minimumRingSize": None}, "maglev": {"tableSize": None},
-                                "minimumRingSize": None},
-             "localityLbSetting": {"distribute": None, "failover": None, "failoverPriority": None,
-                                   "enabled": None},
-             "warmupDurationSecs": None, "warmup": {"duration": None, "minimumPercent": None,
-                                                    "aggression": None}}
+_LB_EXTRA = {"localityLbSetting": {"distribute": None, "failover": None, "failoverPriority": None,
+                                   "enabled": None}}
 
 
-def _load_balancer(ctx: Ctx, v: Any, lp: Path) -> LoadBalancer | None:
+def _consistent_hash(ctx: Ctx, v: Any, path: Path) -> ConsistentHash:
+    m = _mapping(ctx, v, path)
+    _known(ctx, m, path, {"httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName",
+                          "ringHash", "maglev", "minimumRingSize"})
+    keys = [k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
+            if m.get(k) not in (None, False)]
+    if len(keys) != 1:
+        ctx.fail(path, "must set exactly one of httpHeaderName, httpCookie, useSourceIp or "
+                 "httpQueryParameterName" + (f" (got {', '.join(keys)})" if keys else ""))
+    header = None
+    if m.get("httpHeaderName") is not None:
+        header = get_str(ctx, m, path + ("httpHeaderName",)) or ""
+        if not _HEADER_NAME.match(header):
+            ctx.fail(path + ("httpHeaderName",), f"{json.dumps(header)} is not a valid HTTP header name")
+        header = header.lower()
+    cookie = None
+    if m.get("httpCookie") is not None:
+        cp = path + ("httpCookie",)
+        c = _mapping(ctx, m["httpCookie"], cp)
+        _known(ctx, c, cp, {"name", "path", "ttl", "attributes"})
+        ttl = _duration(ctx, c, cp + ("ttl",), gep=False)
+        if ttl:
+            ctx.warn(cp + ("ttl",), "not enforced yet: the waypoint does not generate the cookie; "
+                     "requests without it are spread like RANDOM")
+        if c.get("attributes") is not None:
+            ctx.collect(lambda: _shape(ctx, c["attributes"], cp + ("attributes",), ({"name": None,
+                                                                                     "value": None},)))
+        cookie = HTTPCookie(name=get_str(ctx, c, cp + ("name",), required=True) or "",
+                            path=get_str(ctx, c, cp + ("path",)), ttl=ttl)
+    if "ringHash" in m and "maglev" in m:
+        ctx.fail(path, "ringHash and maglev are mutually exclusive")
+    ring = None
+    if m.get("ringHash") is not None:
+        rp = path + ("ringHash",)
+        r = _mapping(ctx, m["ringHash"], rp)
+        _known(ctx, r, rp, {"minimumRingSize"})
+        ring = _int(ctx, r, rp + ("minimumRingSize",), 1, 8_388_608)
+    old_ring = _int(ctx, m, path + ("minimumRingSize",), 1, 8_388_608)
+    if old_ring is not None:
+        ctx.warn(path + ("minimumRingSize",), "is deprecated; use ringHash.minimumRingSize", "deprecated")
+    table = None
+    if m.get("maglev") is not None:
+        mp = path + ("maglev",)
+        g = _mapping(ctx, m["maglev"], mp)
+        _known(ctx, g, mp, {"tableSize"})
+        table = _int(ctx, g, mp + ("tableSize",), 1)
+    src = _bool(ctx, m, path + ("useSourceIp",)) or False
+    return ConsistentHash(http_header_name=header, http_cookie=cookie, use_source_ip=src,
+                          http_query_parameter_name=get_str(ctx, m, path + ("httpQueryParameterName",)),
+                          minimum_ring_size=ring if ring is not None else old_ring,
+                          maglev_table_size=table)
+
+
+def _warmup(ctx: Ctx, lbm: Mapping[Any, Any], lp: Path) -> Warmup | None:
+    old = _duration(ctx, lbm, lp + ("warmupDurationSecs",), gep=False)
+    if old is not None:
+        ctx.warn(lp + ("warmupDurationSecs",), "is deprecated; use warmup.duration" + (
+            " (ignored: warmup is set)" if lbm.get("warmup") is not None else ""), "deprecated")
+    if lbm.get("warmup") is None:
+        return Warmup(duration=old) if old else None
+    wp = lp + ("warmup",)
+    w = _mapping(ctx, lbm["warmup"], wp)
+    _known(ctx, w, wp, {"duration", "minimumPercent", "aggression"})
+    duration = _duration(ctx, w, wp + ("duration",), gep=False)
+    if duration is None:
+        ctx.fail(wp + ("duration",), "is required", "missing_field")
+    aggression = _number(ctx, w, wp + ("aggression",), 1.0, 1e9)
+    return Warmup(duration=duration, minimum_percent=_number(ctx, w, wp + ("minimumPercent",), 0.0, 100.0),
+                  aggression=aggression)
+
+
+def _load_balancer(ctx: Ctx, v: Any, lp: Path
+                   ) -> tuple[LoadBalancer | None, ConsistentHash | None, Warmup | None]:
     lbm = _mapping(ctx, v, lp)
-    _known(ctx, lbm, lp, {"simple", *_LB_EXTRA})
+    _known(ctx, lbm, lp, {"simple", "consistentHash", "warmupDurationSecs", "warmup", *_LB_EXTRA})
     for k, schema in _LB_EXTRA.items():
         if lbm.get(k) is not None:
             ctx.collect(lambda: _shape(ctx, lbm[k], lp + (k,), schema))
-            ctx.warn(lp + (k,), "not enforced yet: only loadBalancer.simple is")
+            ctx.warn(lp + (k,), "not enforced: the mesh has no localities")
+    chash = ctx.collect(lambda: _consistent_hash(ctx, lbm["consistentHash"], lp + ("consistentHash",))
+                        if lbm.get("consistentHash") is not None else None)
+    warm = ctx.collect(lambda: _warmup(ctx, lbm, lp))
+    for k in ("consistentHash", "warmup", "warmupDurationSecs"):
+        if lbm.get(k) is not None:
+            ctx.warn(lp + (k,), "not enforced yet by the waypoint")
     s = get_str(ctx, lbm, lp + ("simple",))
+    if s is not None and lbm.get("consistentHash") is not None:
+        ctx.fail(lp + ("simple",), "simple and consistentHash are mutually exclusive")
     if s is None:
-        return None if any(k in lbm for k in _LB_EXTRA) else LoadBalancer.UNSPECIFIED
+        return (None if any(k in lbm for k in ("consistentHash", "warmupDurationSecs", "warmup", *_LB_EXTRA))
+                else LoadBalancer.UNSPECIFIED), chash, warm
     if s == "LEAST_CONN":  # deprecated alias, as Istio maps it
         ctx.warn(lp + ("simple",), "LEAST_CONN is deprecated; use LEAST_REQUEST", "deprecated")
-        return LoadBalancer.LEAST_REQUEST
+        return LoadBalancer.LEAST_REQUEST, chash, warm
     try:
-        return LoadBalancer(s)
+        return LoadBalancer(s), chash, warm
     except ValueError:
         ctx.fail(lp + ("simple",), "must be one of " + ", ".join(x.value for x in LoadBalancer)
                  + f"; got {describe(s)}")
@@ -473,9 +577,10 @@ def _traffic_policy(ctx: Ctx, v: Any, path: Path, *, port_level: bool = False) -
         return ctx.collect(lambda: fn(ctx, m[key], path + (key,)) if m.get(key) is not None else None)
     pool = opt("connectionPool", _connection_pool)
     outlier = opt("outlierDetection", _outlier_detection)
-    lb = opt("loadBalancer", _load_balancer)
+    lb, chash, warm = opt("loadBalancer", _load_balancer) or (None, None, None)
     tls = opt("tls", _tls)
-    return TrafficPolicy(connection_pool=pool, outlier_detection=outlier, load_balancer=lb, tls=tls)
+    return TrafficPolicy(connection_pool=pool, outlier_detection=outlier, load_balancer=lb, tls=tls,
+                         consistent_hash=chash, warmup=warm)
 
 
 def _subset(ctx: Ctx, v: Any, path: Path) -> Subset:

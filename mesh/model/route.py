@@ -27,6 +27,7 @@ __all__ = [
     "VSHTTPRoute", "VirtualService", "TCPSettings", "HTTPSettings", "ConnectionPool",
     "OutlierDetection", "LoadBalancer", "TrafficPolicy", "Subset", "DestinationRule", "MESH_GATEWAY",
     "TCPKeepalive", "H2UpgradePolicy", "TLSMode", "ClientTLS",
+    "ENVOY_RETRY_ON", "HTTPCookie", "ConsistentHash", "Warmup",
 ]
 
 MAX_WEIGHT = 1_000_000
@@ -268,6 +269,14 @@ class VSRouteDestination:
     headers: VSHeaders | None = None
 
 
+ENVOY_RETRY_ON = ("5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
+                  "envoy-ratelimited", "retriable-4xx", "refused-stream", "retriable-status-codes",
+                  "retriable-headers", "http3-post-connect-failure", "cancelled", "deadline-exceeded",
+                  "internal", "resource-exhausted", "unavailable")
+"""The `retryOn` conditions Istio's validation accepts (besides HTTP status codes), as Envoy names
+them (istio pkg/config/validation/agent/validation.go)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VSRetries:
     attempts: int = 0
@@ -428,12 +437,50 @@ class ClientTLS:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HTTPCookie:
+    name: str
+    path: str | None = None
+    ttl: float | None = None
+    """Seconds; when set, Envoy generates the cookie for requests that lack it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsistentHash:
+    """`loadBalancer.consistentHash`: exactly one hash key is set."""
+
+    http_header_name: str | None = None
+    """Lowercase."""
+    http_cookie: HTTPCookie | None = None
+    use_source_ip: bool = False
+    http_query_parameter_name: str | None = None
+    minimum_ring_size: int | None = None
+    """`ringHash.minimumRingSize` (or the deprecated top-level `minimumRingSize`); None: 1024."""
+    maglev_table_size: int | None = None
+    """`maglev.tableSize` when Maglev was asked for (served by the same ring here)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Warmup:
+    """`loadBalancer.warmup` (or deprecated `warmupDurationSecs`): Envoy's slow start."""
+
+    duration: float
+    """Seconds over which a new endpoint's weight ramps up."""
+    minimum_percent: float | None = None
+    """0..100, the weight a brand-new endpoint starts with; None: Envoy's 10 %."""
+    aggression: float | None = None
+    """>= 1; 1 = linear ramp; None: 1."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficPolicy:
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
     load_balancer: LoadBalancer | None = None
     """`loadBalancer.simple` (deprecated LEAST_CONN is mapped to LEAST_REQUEST)."""
     tls: ClientTLS | None = None
+    consistent_hash: ConsistentHash | None = None
+    """`loadBalancer.consistentHash` (exclusive with `simple`)."""
+    warmup: Warmup | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,200 @@
+"""Retry budget: Linkerd's ratio + floor over a bucketed window, maxRetries concurrency, annotations."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, strategies as st
+
+from mesh.model.route import ConnectionPool, HTTPSettings
+from waypoint.resilience.budget import (DEFAULT_BUDGET, RetryBudget, RetryBudgetConfig, RetryBudgets,
+                                        budget_config)
+from waypoint.resilience.retry import (AttemptOutcome, BudgetVerdict, GiveUpReason, OutcomeKind,
+                                       RetryDecision, RetryOn, RetryPolicy, should_retry)
+
+RETRY = RetryDecision(retry=True, backoff=0.0, next_attempt=2)
+
+
+def test_defaults_are_linkerds():
+    assert (DEFAULT_BUDGET.enabled, DEFAULT_BUDGET.retry_ratio, DEFAULT_BUDGET.min_retries_per_second,
+            DEFAULT_BUDGET.window) == (True, 0.2, 10.0, 10.0)
+
+
+def take(b: RetryBudget, now: float) -> BudgetVerdict:
+    v = b.check(now)
+    if v is BudgetVerdict.ALLOWED:
+        b.settle(RETRY, now)
+        b.retry_finished()
+    return v
+
+
+def test_floor_allows_min_retries_per_second_times_window_without_traffic():
+    b = RetryBudget()
+    assert [take(b, 1.0) for _ in range(100)] == [BudgetVerdict.ALLOWED] * 100
+    assert b.check(1.0) is BudgetVerdict.EXHAUSTED
+
+
+@pytest.mark.parametrize("requests, allowed", [(0, 100), (10, 102), (1000, 300), (5000, 1100)])
+def test_ratio_adds_a_share_of_requests(requests, allowed):
+    b = RetryBudget()
+    for _ in range(requests):
+        b.record_request(0.5)
+    n = 0
+    while take(b, 0.5) is BudgetVerdict.ALLOWED:
+        n += 1
+    assert n == allowed
+
+
+def test_window_forgets_old_retries_and_requests():
+    b = RetryBudget(RetryBudgetConfig(min_retries_per_second=1.0, retry_ratio=0.0, window=10.0))
+    while take(b, 0.0) is BudgetVerdict.ALLOWED:
+        pass
+    assert b.retries_in_window(0.0) == 10
+    assert b.check(9.99) is BudgetVerdict.EXHAUSTED  # still inside the window
+    assert b.check(10.0) is BudgetVerdict.ALLOWED  # bucket [0, 1) expired
+    assert b.retries_in_window(10.0) == 0
+
+
+def test_a_long_idle_gap_clears_everything():
+    b = RetryBudget()
+    for _ in range(50):
+        b.record_request(3.0)
+    take(b, 3.0)
+    assert (b.requests_in_window(1e9), b.retries_in_window(1e9)) == (0, 0)
+
+
+def test_max_retries_caps_retries_in_flight():
+    b = RetryBudget(RetryBudgetConfig(max_concurrent_retries=2))
+    for _ in range(2):
+        assert b.check(0.0) is BudgetVerdict.ALLOWED
+        b.settle(RETRY, 0.0)
+    assert b.check(0.0) is BudgetVerdict.OVERFLOW
+    b.retry_finished()
+    assert b.check(0.0) is BudgetVerdict.ALLOWED
+    with pytest.raises(RuntimeError):
+        b.retry_finished(), b.retry_finished(), b.retry_finished()
+
+
+def test_disabled_budget_keeps_the_concurrency_cap():
+    b = RetryBudget(RetryBudgetConfig(enabled=False, max_concurrent_retries=1))
+    assert all(take(b, 0.0) is BudgetVerdict.ALLOWED for _ in range(1000))
+    b.settle(RETRY, 0.0)
+    assert b.check(0.0) is BudgetVerdict.OVERFLOW
+
+
+def test_settle_counts_denials_by_reason():
+    b = RetryBudget()
+    b.settle(RetryDecision(retry=False, reason=GiveUpReason.BUDGET_EXHAUSTED), 0.0)
+    b.settle(RetryDecision(retry=False, reason=GiveUpReason.BUDGET_EXHAUSTED), 0.0)
+    b.settle(RetryDecision(retry=False, reason=GiveUpReason.RETRY_OVERFLOW), 0.0)
+    b.settle(RetryDecision(retry=False, reason=GiveUpReason.NOT_RETRIABLE), 0.0)
+    assert (b.denials(GiveUpReason.BUDGET_EXHAUSTED), b.denials(GiveUpReason.RETRY_OVERFLOW),
+            b.denials(GiveUpReason.NOT_RETRIABLE)) == (2, 1, 0)
+    assert b.retries_in_window(0.0) == 0
+
+
+def test_budget_stops_a_retry_cascade():
+    """A destination answering 503 to everything, retried on 5xx twice: without a budget the
+    waypoint triples its load; with the default budget it adds at most floor + 20 %."""
+    policy = RetryPolicy(num_retries=2, retry_on=RetryOn.FIVE_XX)
+    rng = random.Random(1)
+
+    refused = []
+
+    def run(budget: RetryBudget) -> int:
+        sent = 0
+        for i in range(1000):  # 100 requests per second for 10 s
+            now = i * 0.01
+            budget.record_request(now)
+            attempt = 1
+            sent += 1
+            while True:
+                d = should_retry(policy, AttemptOutcome(kind=OutcomeKind.RESPONSE, status=503),
+                                 attempt_no=attempt, budget=budget.check(now), body_replayable=True,
+                                 rng=rng, now=now)
+                budget.settle(d, now)
+                if not d.retry:
+                    refused.append(d.reason)
+                    break
+                sent += 1
+                attempt += 1
+                budget.retry_finished()
+        return sent
+
+    assert run(RetryBudget(RetryBudgetConfig(enabled=False))) == 3000
+    assert set(refused) == {GiveUpReason.ATTEMPTS_EXHAUSTED}
+    refused.clear()
+    b = RetryBudget()
+    sent = run(b)
+    assert sent <= 1000 + 100 + 200
+    assert sent >= 1000 + 200  # the budget is used, not just refused
+    assert b.denials(GiveUpReason.BUDGET_EXHAUSTED) == refused.count(GiveUpReason.BUDGET_EXHAUSTED) > 0
+
+
+@given(events=st.lists(st.tuples(st.sampled_from(["req", "retry", "check"]), st.floats(0, 3.0)),
+                       max_size=200))
+def test_bucketed_window_matches_a_brute_force_count(events):
+    cfg = RetryBudgetConfig(min_retries_per_second=0.5, retry_ratio=0.5, window=4.0, buckets=4)
+    b = RetryBudget(cfg)
+    log: list[tuple[str, int]] = []
+    now = 0.0
+    for kind, dt in events:
+        now += dt
+        epoch = int(now // 1.0)
+        if kind == "req":
+            b.record_request(now)
+            log.append(("req", epoch))
+        elif kind == "retry":
+            if b.check(now) is BudgetVerdict.ALLOWED:
+                b.settle(RETRY, now)
+                b.retry_finished()
+                log.append(("retry", epoch))
+        live = [k for k, e in log if e > epoch - 4]
+        assert b.requests_in_window(now) == live.count("req")
+        assert b.retries_in_window(now) == live.count("retry")
+        want = (BudgetVerdict.ALLOWED if live.count("retry") + 1 <= 2.0 + 0.5 * live.count("req")
+                else BudgetVerdict.EXHAUSTED)
+        assert b.check(now) is want
+
+
+@pytest.mark.parametrize("annotations, pool, want, problems", [
+    ({}, None, DEFAULT_BUDGET, 0),
+    ({"retry.ambient.dev/budget-percent": "50"}, None, RetryBudgetConfig(retry_ratio=0.5), 0),
+    ({"retry.ambient.dev/budget-min-retries-per-second": "2.5"}, None,
+     RetryBudgetConfig(min_retries_per_second=2.5), 0),
+    ({"retry.ambient.dev/budget-window": "30s"}, None, RetryBudgetConfig(window=30.0), 0),
+    ({"retry.ambient.dev/budget": "off"}, None, RetryBudgetConfig(enabled=False), 0),
+    ({"retry.ambient.dev/budget": "on"}, None, DEFAULT_BUDGET, 0),
+    ({}, ConnectionPool(http=HTTPSettings(max_retries=3)), RetryBudgetConfig(max_concurrent_retries=3), 0),
+    ({}, ConnectionPool(http=HTTPSettings(max_retries=0)), DEFAULT_BUDGET, 0),  # Istio: 0 = unset
+    ({"retry.ambient.dev/budget-percent": "lots"}, None, DEFAULT_BUDGET, 1),
+    ({"retry.ambient.dev/budget-percent": "-1"}, None, DEFAULT_BUDGET, 1),
+    ({"retry.ambient.dev/budget-percent": "nan"}, None, DEFAULT_BUDGET, 1),
+    ({"retry.ambient.dev/budget-window": "10"}, None, DEFAULT_BUDGET, 1),
+    ({"retry.ambient.dev/budget-window": "1h"}, None, DEFAULT_BUDGET, 1),
+    ({"retry.ambient.dev/budget": "maybe"}, None, DEFAULT_BUDGET, 1),
+])
+def test_budget_config_from_annotations_and_destination_rule(annotations, pool, want, problems):
+    cfg, found = budget_config(annotations, pool)
+    assert cfg == want
+    assert len(found) == problems
+    for p in found:
+        assert p.startswith("retry.ambient.dev/") and repr(next(iter(annotations.values()))) in p
+
+
+def test_budgets_per_service_are_independent_and_reconfigurable():
+    budgets = RetryBudgets()
+    a, b = budgets.for_service("demo/a"), budgets.for_service("demo/b")
+    while take(a, 0.0) is BudgetVerdict.ALLOWED:
+        pass
+    assert a.check(0.0) is BudgetVerdict.EXHAUSTED and b.check(0.0) is BudgetVerdict.ALLOWED
+    assert budgets.for_service("demo/a") is a
+    budgets.update("demo/a", RetryBudgetConfig(enabled=False))
+    assert budgets.for_service("demo/a").check(0.0) is BudgetVerdict.ALLOWED
+    budgets.forget("demo/a")
+    assert budgets.for_service("demo/a").config == DEFAULT_BUDGET
+
+
+def test_invalid_config_is_refused():
+    with pytest.raises(ValueError):
+        RetryBudgetConfig(window=0.0)

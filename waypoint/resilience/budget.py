@@ -1,0 +1,246 @@
+"""Retry budget per destination service: retries capped at a share of recent requests, ON by default.
+
+Theory of operation
+-------------------
+Retries multiply load exactly when a service is least able to take it: three callers that each
+retry twice turn one failing backend's trouble into a cascade (the seed article's incident).
+Envoy's per-request `num_retries` does not bound that; Linkerd's retry budget does, and this
+module is that budget, on by default for every destination service:
+
+* A retry is allowed while `retries in the window + 1 <= min_retries_per_second x window +
+  retry_ratio x requests in the window` (Linkerd's ServiceProfile `retryBudget` and tower's
+  TpsBudget: the ratio caps retries as a share of original requests, the floor lets a quiet
+  service still retry). Defaults are Linkerd's: ratio 0.2, floor 10 retries per second,
+  window (ttl) 10 s.
+* Independently, at most `max_concurrent_retries` retries may be in flight: DestinationRule
+  `trafficPolicy.connectionPool.http.maxRetries`, Envoy's `max_retries` circuit breaker
+  (Istio's default 2^32-1, i.e. off; overflow is Envoy's upstream_rq_retry_overflow).
+
+The window is `buckets` time buckets over an injected monotonic `now` (seconds): each event
+adds to the current bucket and to running sums; moving forward clears at most `buckets`
+expired buckets, so every operation is O(1) (bounded by the constant bucket count) and the
+window is exact to one bucket width (1 s by default).
+
+Usage by the data path, per destination service (`RetryBudgets.for_service`):
+`record_request(now)` for each original request; `check(now)` -> a `BudgetVerdict` passed to
+`retry.should_retry`; then `settle(decision, now)`, which counts an allowed retry (and holds a
+concurrency slot until `retry_finished()`), or counts a denial by reason (`denials`), which the
+data path turns into a metric and a response flag.
+
+Tuning (Service annotations, read once per Service update by `budget_config`):
+
+* `retry.ambient.dev/budget`: `off` disables the budget for the service (not the maxRetries cap);
+* `retry.ambient.dev/budget-percent`: the ratio as a percentage, 0..1000 (default `20`);
+* `retry.ambient.dev/budget-min-retries-per-second`: the floor (default `10`);
+* `retry.ambient.dev/budget-window`: the window, a Go duration such as `10s` (1 s .. 10 min).
+
+Annotations on the Service suit Istio users (the annotation idiom istio.io/* uses for per-service
+knobs) and keep the budget next to the service it protects; Istio's DestinationRule has no field
+for it. A bad annotation is reported and the default is kept: a typo must not switch the
+protection off.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from mesh.config.route_fields import parse_go_duration
+from mesh.model.route import ConnectionPool
+
+from .retry import BudgetVerdict, GiveUpReason, RetryDecision
+
+__all__ = ["RetryBudgetConfig", "DEFAULT_BUDGET", "UNLIMITED", "ANNOTATION_PREFIX",
+           "budget_config", "RetryBudget", "RetryBudgets"]
+
+UNLIMITED = 2 ** 32 - 1
+"""Istio's circuit-breaker thresholds when unset (cluster_traffic_policy.go)."""
+
+ANNOTATION_PREFIX = "retry.ambient.dev/"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryBudgetConfig:
+    enabled: bool = True
+    retry_ratio: float = 0.2
+    """Retries allowed per original request in the window (Linkerd: retryRatio 0.2)."""
+    min_retries_per_second: float = 10.0
+    """Retries always allowed, per second of window (Linkerd: minRetriesPerSecond 10)."""
+    window: float = 10.0
+    """Seconds of history considered (Linkerd: ttl 10s)."""
+    buckets: int = 10
+    max_concurrent_retries: int = UNLIMITED
+    """DestinationRule connectionPool.http.maxRetries."""
+
+    def __post_init__(self) -> None:
+        if self.window <= 0 or self.buckets < 1 or self.retry_ratio < 0 or self.min_retries_per_second < 0:
+            raise ValueError(f"invalid retry budget {self!r}")
+
+
+DEFAULT_BUDGET = RetryBudgetConfig()
+
+
+def _annotation_float(annotations: Mapping[str, str], key: str, lo: float, hi: float,
+                      problems: list[str]) -> float | None:
+    raw = annotations.get(ANNOTATION_PREFIX + key)
+    if raw is None:
+        return None
+    try:
+        v = float(raw)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not lo <= v <= hi:  # NaN fails too
+        problems.append(f"{ANNOTATION_PREFIX}{key}: {raw!r} is not a number between {lo:g} and {hi:g}; "
+                        "the default is used")
+        return None
+    return v
+
+
+def budget_config(annotations: Mapping[str, str], pool: ConnectionPool | None = None
+                  ) -> tuple[RetryBudgetConfig, tuple[str, ...]]:
+    """The budget for a destination service from its annotations and its DestinationRule's
+    connection pool; also the problems found (each names the annotation and the bad value)."""
+    problems: list[str] = []
+    cfg = DEFAULT_BUDGET
+    switch = annotations.get(ANNOTATION_PREFIX + "budget")
+    if switch is not None:
+        if switch.strip().lower() in ("off", "false", "disabled"):
+            cfg = replace(cfg, enabled=False)
+        elif switch.strip().lower() not in ("on", "true", "enabled"):
+            problems.append(f"{ANNOTATION_PREFIX}budget: {switch!r} is not on or off; the budget stays on")
+    pct = _annotation_float(annotations, "budget-percent", 0.0, 1000.0, problems)
+    if pct is not None:
+        cfg = replace(cfg, retry_ratio=pct / 100.0)
+    floor = _annotation_float(annotations, "budget-min-retries-per-second", 0.0, 1e6, problems)
+    if floor is not None:
+        cfg = replace(cfg, min_retries_per_second=floor)
+    raw = annotations.get(ANNOTATION_PREFIX + "budget-window")
+    if raw is not None:
+        w = parse_go_duration(raw) if isinstance(raw, str) else None
+        if w is None or not 1.0 <= w <= 600.0:
+            problems.append(f"{ANNOTATION_PREFIX}budget-window: {raw!r} is not a duration between 1s "
+                            "and 10m; the default is used")
+        else:
+            cfg = replace(cfg, window=w)
+    max_retries = pool.http.max_retries if pool is not None and pool.http is not None else None
+    if max_retries:  # Istio: zero means unset
+        cfg = replace(cfg, max_concurrent_retries=max_retries)
+    return cfg, tuple(problems)
+
+
+class RetryBudget:
+    """One destination service's window of requests and retries (single-threaded, loop-owned)."""
+
+    __slots__ = ("config", "_width", "_epoch", "_requests", "_retries", "_req_sum", "_ret_sum",
+                 "in_flight", "_denials")
+
+    def __init__(self, config: RetryBudgetConfig = DEFAULT_BUDGET) -> None:
+        self.config = config
+        self._width = config.window / config.buckets
+        self._epoch: int | None = None
+        """Index (now // width) of the newest bucket."""
+        self._requests = [0] * config.buckets
+        self._retries = [0] * config.buckets
+        self._req_sum = 0
+        self._ret_sum = 0
+        self.in_flight = 0
+        self._denials: dict[GiveUpReason, int] = {}
+
+    def _advance(self, now: float) -> int:
+        epoch = int(now // self._width)
+        if self._epoch is None:
+            self._epoch = epoch
+        elif epoch > self._epoch:
+            n = self.config.buckets
+            for e in range(self._epoch + 1, self._epoch + 1 + min(epoch - self._epoch, n)):
+                i = e % n
+                self._req_sum -= self._requests[i]
+                self._ret_sum -= self._retries[i]
+                self._requests[i] = self._retries[i] = 0
+            self._epoch = epoch
+        # A clock that steps back (it should not: monotonic) counts into the newest bucket.
+        return self._epoch % self.config.buckets
+
+    def record_request(self, now: float) -> None:
+        """An original request (not a retry) was sent to this service."""
+        i = self._advance(now)
+        self._requests[i] += 1
+        self._req_sum += 1
+
+    def requests_in_window(self, now: float) -> int:
+        self._advance(now)
+        return self._req_sum
+
+    def retries_in_window(self, now: float) -> int:
+        self._advance(now)
+        return self._ret_sum
+
+    def allowance(self, now: float) -> float:
+        """Retries the window allows in total right now (ratio share plus floor)."""
+        self._advance(now)
+        c = self.config
+        return c.min_retries_per_second * c.window + c.retry_ratio * self._req_sum
+
+    def check(self, now: float) -> BudgetVerdict:
+        """May one more retry start now? (Counts nothing: `settle` does.)"""
+        if self.in_flight >= self.config.max_concurrent_retries:
+            return BudgetVerdict.OVERFLOW
+        if self.config.enabled and self.retries_in_window(now) + 1 > self.allowance(now):
+            return BudgetVerdict.EXHAUSTED
+        return BudgetVerdict.ALLOWED
+
+    def settle(self, decision: RetryDecision, now: float) -> None:
+        """Record what `should_retry` decided: an allowed retry takes budget and a concurrency
+        slot (give it back with `retry_finished`); a budget or overflow refusal is counted."""
+        if decision.retry:
+            i = self._advance(now)
+            self._retries[i] += 1
+            self._ret_sum += 1
+            self.in_flight += 1
+        elif decision.reason in (GiveUpReason.BUDGET_EXHAUSTED, GiveUpReason.RETRY_OVERFLOW):
+            self._denials[decision.reason] = self._denials.get(decision.reason, 0) + 1
+
+    def retry_finished(self) -> None:
+        """A retry attempt started by `settle` ended (any outcome)."""
+        if self.in_flight <= 0:
+            raise RuntimeError("retry_finished without a retry in flight")
+        self.in_flight -= 1
+
+    def denials(self, reason: GiveUpReason) -> int:
+        return self._denials.get(reason, 0)
+
+    def reconfigure(self, config: RetryBudgetConfig) -> RetryBudget:
+        """The same service with new settings: the counts restart (window sizes may differ),
+        the retries in flight are kept."""
+        if config == self.config:
+            return self
+        fresh = RetryBudget(config)
+        fresh.in_flight = self.in_flight
+        fresh._denials = dict(self._denials)
+        return fresh
+
+
+class RetryBudgets:
+    """The budgets of all destination services, created on first use."""
+
+    __slots__ = ("_config_for", "_budgets")
+
+    def __init__(self, config_for: Callable[[str], RetryBudgetConfig] = lambda _key: DEFAULT_BUDGET) -> None:
+        self._config_for = config_for
+        self._budgets: dict[str, RetryBudget] = {}
+
+    def for_service(self, key: str) -> RetryBudget:
+        """`key`: the destination service (e.g. "ns/name" or its hostname)."""
+        b = self._budgets.get(key)
+        if b is None:
+            b = self._budgets[key] = RetryBudget(self._config_for(key))
+        return b
+
+    def update(self, key: str, config: RetryBudgetConfig) -> None:
+        """The service's annotations or DestinationRule changed."""
+        b = self._budgets.get(key)
+        self._budgets[key] = b.reconfigure(config) if b is not None else RetryBudget(config)
+
+    def forget(self, key: str) -> None:
+        """The service is gone."""
+        self._budgets.pop(key, None)
