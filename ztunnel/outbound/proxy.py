@@ -2,8 +2,8 @@
 
 connect4 redirects the pod's connects to this listener; the injected OriginalDst (eBPF's
 SO_ORIGINAL_DST in production) says where they were going. `plan_outbound` decides, this
-carries it out: a pooled HBONE tunnel to the destination pod's 15008 (the pool owns the
-relay), or a plain relay to a destination outside the mesh. Whatever happens, exactly one
+carries it out: a pooled HBONE tunnel to the destination pod's 15008, or to its waypoint's
+(the pool owns the relay), or a plain relay to a destination outside the mesh. Whatever happens, exactly one
 ConnectionResult is recorded, when the connection ends.
 """
 from __future__ import annotations
@@ -46,6 +46,8 @@ class OutboundProxy:
             plan = plan_outbound(ctx.state, w, dst[0], dst[1], ctx.rng)
             if plan.dst_workload is not None:
                 b.dst_uid = plan.dst_workload.uid
+            elif plan.waypoint is not None:  # service traffic: the waypoint is the peer (as Istio logs it)
+                b.dst_uid = ctx.workload_at(plan.connect[0])
             if plan.service is not None:
                 b.dst_service = f"{plan.service.name}.{plan.service.namespace}.svc.cluster.local"
             if plan.route is Route.HBONE:
