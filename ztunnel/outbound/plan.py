@@ -54,9 +54,14 @@ class Route(enum.Enum):
 class PlanError(Exception):
     """No way to reach the destination; `reason` is the metric label and log word."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, service: ServiceInfo | None = None,
+                 workload: Workload | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.service = service
+        """The Service the connection was addressed to, when known (for the result)."""
+        self.workload = workload
+        """The pod the connection was addressed to, when known."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,17 +92,21 @@ def _target_port(svc: ServiceInfo, port: int) -> int:
     raise PlanError("no_service_port", f"service {svc.uid} has no port {port}")
 
 
-def _bound_waypoint(state: Addresses, b: WaypointBinding | None, what: str) -> Waypoint | None:
+def _bound_waypoint(state: Addresses, b: WaypointBinding | None, svc: ServiceInfo | None,
+                    dst: Workload | None) -> Waypoint | None:
     """The waypoint `b` sends this traffic to; None to go direct; PlanError to refuse."""
     if b is None or b.status is WaypointStatus.NOT_FOR_TRAFFIC:
         return None
     wp = state.waypoint(b.namespace, b.name) if b.status is WaypointStatus.BOUND else None
+    what = f"service {svc.uid}" if svc is not None else f"pod {dst.uid}" if dst is not None else "destination"
     if wp is None:
         raise PlanError("waypoint_missing", f"{what} is bound to waypoint {b.uid}, which does not exist "
-                        "(no istio-waypoint Gateway of that name): refused rather than bypassing it")
+                        "(no istio-waypoint Gateway of that name): refused rather than bypassing it",
+                        service=svc, workload=dst)
     if wp.address is None:
         raise PlanError("waypoint_missing", f"{what} is bound to waypoint {b.uid}, which has no address "
-                        "yet (its pod is not scheduled or has no IP): refused rather than bypassing it")
+                        "yet (its pod is not scheduled or has no IP): refused rather than bypassing it",
+                        service=svc, workload=dst)
     return wp
 
 
@@ -112,10 +121,10 @@ def plan_outbound(state: Addresses, source: Workload, dst_ip: str, dst_port: int
     ip = dst_ip
     svc = state.service_at(ip)
     if svc is not None:
-        wp = _bound_waypoint(state, svc.waypoint_binding, f"service {svc.uid}")
+        wp = _bound_waypoint(state, svc.waypoint_binding, svc, None)
         if wp is not None:
             if not any(p.port == dst_port for p in svc.ports):
-                raise PlanError("no_service_port", f"service {svc.uid} has no port {dst_port}")
+                raise PlanError("no_service_port", f"service {svc.uid} has no port {dst_port}", service=svc)
             return _via(wp, f"{ip}:{dst_port}", svc, None)  # the waypoint picks the endpoint
         port = _target_port(svc, dst_port)
         if not svc.endpoints:
@@ -124,7 +133,7 @@ def plan_outbound(state: Addresses, source: Workload, dst_ip: str, dst_port: int
         ip, dst_port = str(ep.ip), port
     dst = state.workload_at(ip)
     if svc is None and dst is not None:
-        wp = _bound_waypoint(state, dst.waypoint_binding, f"pod {dst.uid}")
+        wp = _bound_waypoint(state, dst.waypoint_binding, None, dst)
         if wp is not None:
             return _via(wp, f"{ip}:{dst_port}", None, dst)
     if dst is not None and dst.protocol is TunnelProtocol.HBONE:
