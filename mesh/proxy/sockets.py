@@ -14,7 +14,7 @@ from typing import Protocol
 
 from mesh.linux.netns import socket_in_netns
 
-__all__ = ["SocketFactory", "NetnsSockets", "LoopbackSockets", "ZTUNNEL_MARK", "CONNECT_TIMEOUT"]
+__all__ = ["SocketFactory", "NetnsSockets", "LoopbackSockets", "HostSockets", "ZTUNNEL_MARK", "CONNECT_TIMEOUT"]
 
 ZTUNNEL_MARK = 0x539
 """SO_MARK on every ztunnel socket (Istio's 1337): capture lets these through."""
@@ -103,3 +103,13 @@ class LoopbackSockets(_Base):
 
     def listener(self, addr: tuple[str, int]) -> socket.socket:
         return super().listener((self.ip, addr[1]))
+
+
+class HostSockets(_Base):
+    """Unmarked sockets in this process's own network namespace (a waypoint, started inside its
+    pod's netns by the runner, whose pod is not captured)."""
+
+    def _new(self) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        return s

@@ -1,0 +1,58 @@
+"""Entry point: `python -m waypoint --gateway NS/GW --run-dir DIR --control-plane SOCK --trust-domain TD`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import signal
+import sys
+
+from mesh.clock import SystemClock
+from mesh.proxy.sockets import HostSockets
+
+from .app import Waypoint
+from .config import HBONE_PORT, WaypointConfig
+
+
+def _gateway(value: str) -> tuple[str, str]:
+    ns, sep, name = value.partition("/")
+    if not sep or not ns or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"--gateway wants NAMESPACE/NAME, got {value!r}")
+    return ns, name
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="waypoint", description="ambient L7 waypoint proxy")
+    p.add_argument("--gateway", required=True, type=_gateway, help="NAMESPACE/NAME of the istio-waypoint Gateway")
+    p.add_argument("--run-dir", required=True, help="holds bootstrap/ and admin.sock")
+    p.add_argument("--control-plane", required=True, help="control plane Unix socket")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--hbone-address", default=f"0.0.0.0:{HBONE_PORT}", help="HOST:PORT to serve HBONE on")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    host, _, port = a.hbone_address.rpartition(":")
+    cfg = WaypointConfig(namespace=a.gateway[0], name=a.gateway[1], run_dir=a.run_dir,
+                         control_plane=a.control_plane, trust_domain=a.trust_domain,
+                         hbone_host=host, hbone_port=int(port))
+    import uvloop
+    uvloop.install()
+
+    async def run() -> None:
+        wp = Waypoint(cfg, clock=SystemClock(), rng=random.Random(), sockets=HostSockets())
+        task = asyncio.ensure_future(wp.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

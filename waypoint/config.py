@@ -1,0 +1,40 @@
+"""The waypoint's settings: which Gateway it is, trust domain, control plane, files and ports."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["WaypointConfig", "HBONE_PORT"]
+
+HBONE_PORT = 15008
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointConfig:
+    namespace: str
+    """Namespace of the istio-waypoint Gateway this process serves."""
+    name: str
+    """Name of that Gateway (and of its service account: the identity is
+    `spiffe://<td>/ns/<namespace>/sa/<name>`)."""
+    trust_domain: str = "cluster.local"
+    run_dir: str
+    """`<cluster run dir>/waypoints/<ns>/<name>`: `bootstrap/` credentials and `admin.sock`."""
+    control_plane: str
+    """Unix socket of the control plane."""
+    hbone_host: str = "0.0.0.0"
+    """Where HBONE is served: all addresses of the waypoint pod's netns (tests: a loopback address)."""
+    hbone_port: int = HBONE_PORT
+    handshake_timeout: float = 10.0
+    """Seconds for an HBONE client's TLS handshake, then again for its HTTP/2 preface."""
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def admin_socket(self) -> str:
+        return os.path.join(self.run_dir, "admin.sock")
+
+    @property
+    def bootstrap_dir(self) -> str:
+        return os.path.join(self.run_dir, "bootstrap")
