@@ -78,6 +78,8 @@ def _tail(path: str, n: int = 20) -> str:
 def _print_applied(res: dict[str, Any]) -> None:
     for k in res["applied"]:
         print(f"{k} applied")
+    for k in res.get("deleted", []):
+        print(f"{k} deleted")  # what a Gateway that is no longer a waypoint had made
     if res["unchanged"]:
         print(f"{res['unchanged']} unchanged")
     for w in res.get("warnings", []):
