@@ -135,6 +135,7 @@ class Runner:
         async with self._lock:
             loaded = [dataclasses.replace(x, resource=self._keep_defaults(x.resource))
                       for x in self._parse(sources)]
+            self._guard_owned(loaded)
             validate_batch(loaded, self.store.objects)
             batch, orphans, addr = self._plan(loaded)
             changed = [r for r in batch if self.store.get(r.key) != r]
@@ -182,6 +183,23 @@ class Runner:
         """Keys of the synthesized objects that `owners` (Gateways) own."""
         wanted = set(owners)
         return [k for k, o in self.store.objects.items() if waypoints.owner_of(o) in wanted]
+
+    def _guard_owned(self, loaded: Sequence[Loaded]) -> None:
+        """A user's Pod must not take the key of a waypoint pod a Gateway made (or is making now)."""
+        making = {ResourceKey("Pod", x.resource.namespace, waypoints.pod_name(x.resource.name)): x.resource.key
+                  for x in loaded if waypoints.is_waypoint_gateway(x.resource)}
+        errors = []
+        for x in loaded:
+            k = x.resource.key
+            old = self.store.get(k)
+            owner = making.get(k) or (waypoints.owner_of(old) if old is not None else None)
+            if owner is not None and isinstance(x.resource, Pod):
+                o = x.origin
+                errors.append(ConfigError(f"this pod is made by {owner} for its waypoint; name yours otherwise",
+                                          reason="conflict", source=o.source, key=k, document=o.document,
+                                          item=o.item, line=o.line))
+        if errors:
+            raise ConfigErrors(errors)
 
     def _refuse_owned(self, deleting: Sequence[ResourceKey]) -> None:
         gone = set(deleting)
@@ -273,14 +291,6 @@ class Runner:
                 synthesized += [(x, o) for o in waypoints.synthesize(r, final)]
             else:  # no longer a waypoint: what it made goes
                 orphans += self._owned_by([r.key])
-        made = {o.key: x for x, o in synthesized}
-        for x in loaded:
-            k = x.resource.key
-            old = self.store.get(k)
-            owner = made[k].resource.key if k in made else waypoints.owner_of(old) if old is not None else None
-            if owner is not None and isinstance(x.resource, Pod):
-                raise refuse(x, None, f"this pod is made by {owner} for its waypoint; rename yours",
-                             "conflict")
         for x in loaded:
             r = x.resource
             if isinstance(r, Pod):
