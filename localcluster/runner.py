@@ -474,7 +474,7 @@ class Runner:
         return SandboxDir(os.path.join(self.paths.node_dir(node), "pods"))
 
     async def _supervise(self) -> None:
-        """Restart exited containers and ztunnels with capped exponential backoff."""
+        """Restart exited containers and system workloads (ztunnels, waypoints) with capped backoff."""
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -507,7 +507,8 @@ class Runner:
         return json.loads(body) if status == 200 else None
 
     async def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
-        """Until every ztunnel has the current state and every container is running."""
+        """Until every system workload (ztunnels, waypoints) has the current state and every
+        container is running."""
         deadline = time.monotonic() + timeout
         while True:
             pending = []

@@ -186,3 +186,14 @@ def test_deleting_the_gateway_removes_the_waypoint_and_its_objects(cluster):
     # And it comes back the same way.
     cluster.apply(gateway(), "wp-back.yaml")
     assert waypoint(cluster.status())["ready"]
+
+
+@pytest.mark.root
+def test_a_gateway_changed_to_another_class_gives_up_its_waypoint(cluster):
+    assert waypoint(cluster.status())["ready"]
+    out = cluster.apply(gateway().replace("istio-waypoint", "istio"), "wp-ingress.yaml")
+    assert "Pod shop/wp-waypoint deleted" in out.stdout and "ServiceAccount shop/wp deleted" in out.stdout, out.stdout
+    st = cluster.status()
+    assert waypoint(st) is None and not [p for p in st["pods"] if p["name"] == "wp-waypoint"]
+    cluster.apply(gateway(), "wp-back-again.yaml")
+    assert waypoint(cluster.status())["ready"]
