@@ -1,20 +1,55 @@
-"""The waypoint's HBONE handler: each CONNECT the waypoint terminates, to its L7 or L4 path."""
+"""The waypoint's HBONE handler: terminate each CONNECT, find what was dialled, sniff, then L7 or L4.
+
+For every CONNECT (`HboneServer` 2-argument handler) the `:authority` names the logical
+destination (plan.resolve: a Service VIP:port or a pod ip:port); one the state does not know
+is refused (400 `unknown_destination`). The stream is accepted in process and the client's
+SPIFFE identity from the mTLS handshake is the request source for policy and telemetry.
+
+Protocol: a Service port declared TCP (name `tcp`/`tcp-*`) is relayed at L4 straight away.
+Otherwise the first bytes are sniffed: an HTTP/1.x request line (an upper-case method token,
+then a space) goes to the L7 path (`DownstreamConn` + `Pipeline`, keep-alive and pipelined
+requests in order); anything else (TLS, HTTP/2 prior knowledge, a server-first protocol that
+stays silent for `detect_timeout`) is relayed at L4 to an endpoint over its own CONNECT.
+"""
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh.clock import Clock
-from mesh.hbone import ConnectRequest, HbonePool, PendingStream
+from mesh.hbone import ConnectRequest, HbonePool, HboneStream, PendingStream, TunnelError
 from mesh.identity import SpiffeId
+from mesh.model.base import ResourceKey
 from mesh.proxy.sockets import SocketFactory
 from mesh.state import ProxyState
 
+from .http import ConnectionClosed, HttpError, Limits, RequestHead, ServerConnection
+from .pipeline import ConnInfo, DownstreamConn, Pipeline, local_reply_bytes
+from .plan import Destination, Forward, resolve
 from .telemetry import WaypointMetrics
+from .upstream import Upstreams, endpoints, pick
 
-__all__ = ["Inbound", "InboundContext"]
+__all__ = ["Inbound", "InboundContext", "sniff_http1"]
+
+log = logging.getLogger("ambient.waypoint")
+
+_MAX_METHOD = 20
+_HTTP2_PREFACE = b"PRI * HTTP/2.0"
+
+
+def sniff_http1(buf: bytes) -> bool | None:
+    """True: an HTTP/1.x request line starts here; False: it cannot; None: need more bytes."""
+    for i, c in enumerate(buf[:_MAX_METHOD + 1]):
+        if c == 0x20:
+            return i > 0 and not _HTTP2_PREFACE.startswith(buf[:len(_HTTP2_PREFACE)])
+        if not 0x41 <= c <= 0x5A:       # method tokens in use are upper-case letters (and '-')
+            if c != 0x2D:
+                return False
+    return False if len(buf) > _MAX_METHOD else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,17 +65,206 @@ class InboundContext:
     clock: Clock
     rng: random.Random
     metrics: WaypointMetrics
+    limits: Limits | None = None
+    detect_timeout: float = 0.1
+    """Seconds to wait for a client's first bytes before treating the stream as opaque TCP."""
+
+
+class _Sniffer:
+    """Holds the first bytes of a stream until the protocol is known."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.eof = False
+        self.decided: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self.transport: HboneStream | None = None
+
+    def _decide(self, v: bool | None) -> None:
+        if not self.decided.done():
+            self.transport.pause_reading()   # later bytes wait in the stream (unacknowledged)
+            self.decided.set_result(v)
+
+    def connection_made(self, t) -> None:
+        self.transport = t
+
+    def data_received(self, data) -> None:
+        self.buf += data
+        v = sniff_http1(self.buf)
+        if v is not None:
+            self._decide(v)
+
+    def eof_received(self) -> None:
+        self.eof = True
+        self._decide(False)
+
+    def connection_lost(self, exc) -> None:
+        if not self.decided.done():
+            self.decided.set_result(None)
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+class _Half:
+    """One side of an in-process L4 relay between two transports (both HBONE, or HBONE and TCP)."""
+
+    def __init__(self, done: asyncio.Future[None] | None = None) -> None:
+        self.peer: _Half | None = None
+        self.transport = None
+        self.gone = False
+        self.done = done
+
+    def connection_made(self, t) -> None:
+        self.transport = t
+
+    def data_received(self, data) -> None:
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        p = self.peer.transport
+        if p.can_write_eof():
+            p.write_eof()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self.gone = True
+        peer = self.peer
+        if peer is not None and not peer.gone and peer.transport is not None:
+            peer.transport.abort() if exc is not None else peer.transport.close()
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.transport.resume_reading()
 
 
 class Inbound:
+    """The waypoint's CONNECT handler (see the module docstring)."""
+
     def __init__(self, ctx: InboundContext) -> None:
         self.ctx = ctx
-
-    async def handle(self, req: ConnectRequest, pending: PendingStream) -> None:
-        pending.reject(503, "no_data_path")
+        self.upstreams = Upstreams(identity=ctx.identity, pool=ctx.pool, sockets=ctx.sockets,
+                                   client_tls=ctx.client_tls, trust_domain=ctx.trust_domain, limits=ctx.limits)
+        self.pipeline = Pipeline(state=ctx.state, upstreams=self.upstreams, metrics=ctx.metrics, clock=ctx.clock,
+                                 rng=ctx.rng, waypoint=ResourceKey("Gateway", ctx.waypoint_namespace,
+                                                                   ctx.waypoint_name),
+                                 waypoint_namespace=ctx.waypoint_namespace)
+        self.counts = {"connects": 0, "unknown_destination": 0, "l7_streams": 0, "l4_streams": 0,
+                       "l4_connect_failures": 0, "codec_errors": 0}
+        self._tasks: set[asyncio.Task] = set()
 
     def stats(self) -> dict:
-        return {}
+        return {**self.counts, "requests": self.pipeline.requests, "upstream_opened": self.upstreams.opened,
+                "upstream_reused": self.upstreams.reused, "upstream_idle": self.upstreams.idle_count()}
 
     async def close(self) -> None:
-        pass
+        self.upstreams.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _conn_info(self, req: ConnectRequest, dst: Destination) -> ConnInfo:
+        peer_ip = req.peer_addr[0]
+        src = self.ctx.state.workload_at(peer_ip)
+        if src is None or src.identity != req.peer_identity:
+            src = next((w for w in self.ctx.state.workloads() if w.identity == req.peer_identity), None)
+        return ConnInfo(peer_identity=req.peer_identity, peer_ip=peer_ip, peer_addr=f"{peer_ip}:{req.peer_addr[1]}",
+                        local_addr=f"{req.local_addr[0]}:{req.local_addr[1]}", src_ip=req.local_addr[0],
+                        destination=dst, source=src)
+
+    async def handle(self, req: ConnectRequest, pending: PendingStream) -> None:
+        self.counts["connects"] += 1
+        dst = resolve(self.ctx.state, req.authority)
+        if dst is None:
+            self.counts["unknown_destination"] += 1
+            pending.reject(400, "unknown_destination")
+            return
+        stream = pending.accept()
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            info = self._conn_info(req, dst)
+            if dst.tcp:
+                await self._l4(stream, info, b"", False)
+                return
+            sniffer = _Sniffer()
+            stream.set_protocol(sniffer)
+            try:
+                http = await asyncio.wait_for(asyncio.shield(sniffer.decided), self.ctx.detect_timeout)
+            except asyncio.TimeoutError:
+                stream.pause_reading()
+                http = False
+            if http is None:
+                return                                   # gone before saying anything
+            if http:
+                await self._l7(stream, info, sniffer.buf, sniffer.eof)
+            else:
+                await self._l4(stream, info, sniffer.buf, sniffer.eof)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _l7(self, stream: HboneStream, info: ConnInfo, first: bytes, eof: bool) -> None:
+        self.counts["l7_streams"] += 1
+        down = DownstreamConn(ServerConnection(self.ctx.limits))
+        stream.set_protocol(down)
+        down.data_received(first)
+        if eof:
+            down.eof_received()
+        stream.resume_reading()
+        try:
+            while True:
+                try:
+                    ev = await down.next()
+                except HttpError as e:
+                    self.counts["codec_errors"] += 1
+                    down.write(local_reply_bytes(e.status, b""))
+                    self.pipeline.record_codec_error(info, e)
+                    break
+                if ev is None or type(ev) is ConnectionClosed:
+                    break
+                if type(ev) is RequestHead:
+                    await self.pipeline.handle(ev, down, info)
+                    if down.codec.should_close or down.lost:
+                        break
+        finally:
+            down.close()
+
+    async def _l4(self, stream: HboneStream, info: ConnInfo, first: bytes, eof: bool) -> None:
+        self.counts["l4_streams"] += 1
+        dst = info.destination
+        if dst.service is not None:
+            sp = dst.service_port
+            tp = sp.target_port if sp is not None and isinstance(sp.target_port, int) else dst.port
+            fwd = Forward(service=dst.service, port=dst.port, target_port=tp)
+        else:
+            fwd = Forward(service=None, port=dst.port, target_port=dst.port, workload=dst.workload)
+        target = pick(endpoints(self.ctx.state, fwd), self.ctx.rng)
+        if target is None:
+            stream.abort("no_healthy_upstream")
+            return
+        loop = asyncio.get_running_loop()
+        done_down, done_up = loop.create_future(), loop.create_future()
+        down, up = _Half(done_down), _Half(done_up)
+        down.peer, up.peer = up, down
+        try:
+            await self.upstreams.open_transport(target, info.src_ip, up)
+        except (TunnelError, OSError) as e:
+            self.counts["l4_connect_failures"] += 1
+            log.info("waypoint L4 %s -> %s: upstream connect failed: %s", info.peer_identity, target.address, e)
+            stream.abort("upstream_connect_failed")
+            return
+        stream.set_protocol(down)
+        if first:
+            up.transport.write(first)
+        if eof:
+            down.eof_received()
+        stream.resume_reading()
+        await asyncio.gather(done_down, done_up)

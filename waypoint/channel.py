@@ -1,0 +1,158 @@
+"""HttpChannel: an asyncio.Protocol that turns a transport's bytes into codec events the request tasks pull.
+
+Theory of operation
+-------------------
+The transport (an HBONE stream, or TCP to a plain upstream) pushes bytes; the sans-IO codec
+turns each read into events; the request task that owns the connection pulls them in order
+with `await next()`. Flow control is end to end: queued body bytes above `high` pause the
+transport's reading (an HBONE stream then stops returning flow-control credit, so the peer
+stops sending after one window) and pulling below `low` resumes it. Writing is the mirror
+image: the transport calls `pause_writing` when its peer is slow and `drain()` waits for
+`resume_writing`. So memory per connection is bounded by the two water marks plus the
+transport's own buffers, whatever the body size.
+
+A codec error is delivered in order, as the HttpError raised by `next()` after the events
+that preceded it; the end of the connection is `None`.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from .http import Body, Event, HttpError
+
+__all__ = ["HttpChannel", "HIGH_WATER", "LOW_WATER"]
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class HttpChannel(asyncio.Protocol):
+    """One HTTP/1.1 connection's receive queue and write side (see the module docstring)."""
+
+    __slots__ = ("_receive", "transport", "_events", "_queued", "_waiter", "_paused_reading",
+                 "_write_ok", "ended", "error", "lost", "high", "low")
+
+    def __init__(self, receive: Callable[[bytes], list[Event]], *, high: int = HIGH_WATER,
+                 low: int = LOW_WATER) -> None:
+        self._receive = receive
+        self.transport: asyncio.BaseTransport | None = None
+        self._events: deque[Event | HttpError] = deque()
+        self._queued = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self._write_ok: asyncio.Future[None] | None = None   # set while writing is paused
+        self.ended = False
+        """No more events will come (peer EOF processed, error, or connection lost)."""
+        self.error: HttpError | None = None
+        self.lost = False
+        """The transport is gone (reset or closed): nothing more can be written."""
+        self.high = high
+        self.low = low
+
+    # -- protocol side ----------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data) -> None:
+        if self.ended:
+            return
+        try:
+            events = self._receive(data)   # llhttp reads memoryviews in place
+        except HttpError as e:
+            events = ()
+            self.error = e
+        q = self._events
+        for ev in events:
+            q.append(ev)
+            if type(ev) is Body:
+                self._queued += len(ev.data)
+        if self.error is not None:
+            q.append(self.error)
+            self.ended = True
+        if self._queued > self.high and not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if not self.ended:
+            try:
+                self._events.extend(self._receive(b""))
+            except HttpError as e:
+                self.error = e
+                self._events.append(e)
+            self.ended = True
+            self._wake()
+        return True   # keep our sending side open: the response may still be on its way
+
+    def connection_lost(self, exc) -> None:
+        self.ended = True
+        self.lost = True
+        self._wake()
+        w = self._write_ok
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._write_ok is None:
+            self._write_ok = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        w, self._write_ok = self._write_ok, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- consumer side ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    async def next(self) -> Event | None:
+        """The next event; None when the connection ended; raises the codec's HttpError."""
+        q = self._events
+        while not q:
+            if self.ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        ev = q.popleft()
+        if type(ev) is Body:
+            self._queued -= len(ev.data)
+            if self._paused_reading and self._queued <= self.low and self.transport is not None:
+                self._paused_reading = False
+                self.transport.resume_reading()
+        elif isinstance(ev, HttpError):
+            raise ev
+        return ev
+
+    def write(self, data: bytes | memoryview) -> None:
+        if data and not self.lost:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        """Wait while the transport's peer is slow (pause_writing until resume_writing)."""
+        w = self._write_ok
+        if w is not None:
+            await w
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._write_ok is not None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            if hasattr(self.transport, "abort"):
+                self.transport.abort()
+            else:
+                self.transport.close()

@@ -1,0 +1,309 @@
+"""What the waypoint does with one request, decided purely: logical -> route -> backend -> endpoint set.
+
+`resolve` turns the CONNECT `:authority` into the logical destination (a Service VIP:port or a
+pod ip:port) and says whether that port is plain TCP (port name `tcp`/`tcp-*`, Istio's port
+naming; such traffic is relayed at L4). `plan_request` takes the request's routing view and
+returns either a `Forward` (the backend Service, port, subset labels, header and URL rewrites)
+or a `Reply` the waypoint sends itself (404 NR, redirect, 500 for a rule without backends,
+503 NC for an undefined subset).
+
+Route sources, in Istio's order at a waypoint: HTTPRoutes bound to the Service (GAMMA: parentRef
+Service, optional port; consumer routes in the client's namespace replace producer routes);
+else VirtualServices naming the Service's host, from the Service's or the waypoint's namespace;
+else the default route (every endpoint of the addressed Service). When routes attach and none
+matches, 404 with flag NR (a waypoint adds no fallback route).
+"""
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mesh.model import ServiceInfo, Workload
+from mesh.model.base import FrozenMap
+from mesh.model.route import (DestinationRule, HeaderModifier, HTTPFilters, HTTPRoute, PathMatchType,
+                              PathModifier, PathModifierType, StringMatchType, VirtualService, VSHeaders)
+from mesh.model.resources import ServicePort
+from mesh.state import ProxyState
+
+from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
+                      pick_backend, pick_vs_destination)
+
+__all__ = ["Destination", "Forward", "Reply", "resolve", "plan_request", "service_fqdn", "RouteSet"]
+
+DOMAIN = "cluster.local"
+
+
+def service_fqdn(svc: ServiceInfo, domain: str = DOMAIN) -> str:
+    return f"{svc.name}.{svc.namespace}.svc.{domain}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Destination:
+    """The logical destination of a CONNECT: what the client dialled."""
+
+    ip: str
+    port: int
+    service: ServiceInfo | None = None
+    """The Service whose VIP was dialled (service-addressed)."""
+    service_port: ServicePort | None = None
+    workload: Workload | None = None
+    """The pod whose IP was dialled (pod-addressed)."""
+    tcp: bool = False
+    """The port is declared TCP: relay bytes, never parse HTTP."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """A response the waypoint sends itself (Envoy local reply)."""
+
+    status: int
+    body: bytes = b""
+    flags: str = "-"
+    """Envoy %RESPONSE_FLAGS%."""
+    details: str = ""
+    """Envoy %RESPONSE_CODE_DETAILS%."""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    route_name: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forward:
+    """Send the request to one endpoint of `service` (or to the dialled pod)."""
+
+    service: ServiceInfo | None
+    port: int
+    """The Service port (pod-addressed: the dialled port)."""
+    target_port: int
+    """The endpoint's port."""
+    subset_labels: FrozenMap | None = None
+    """Only endpoints whose pod carries all these labels (a DestinationRule subset)."""
+    workload: Workload | None = None
+    """Pod-addressed: this pod, no load balancing."""
+    request_headers: tuple[HeaderModifier, ...] = ()
+    """Applied in order (route level, then backend level)."""
+    response_headers: tuple[HeaderModifier, ...] = ()
+    target: bytes | None = None
+    """Rewritten request-target (path + query); None = as sent."""
+    authority: bytes | None = None
+    """Rewritten Host; None = as sent."""
+    route_name: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteSet:
+    """The route objects a request is planned against (a ProxyState view)."""
+
+    http_routes: Sequence[HTTPRoute] = ()
+    virtual_services: Sequence[VirtualService] = ()
+    destination_rules: Sequence[DestinationRule] = ()
+
+    @classmethod
+    def of(cls, state: ProxyState) -> RouteSet:
+        return cls(http_routes=state.http_routes(), virtual_services=state.virtual_services(),
+                   destination_rules=state.destination_rules())
+
+
+def _is_tcp(sp: ServicePort | None) -> bool:
+    if sp is None:
+        return False
+    n = sp.name.lower()
+    return n == "tcp" or n.startswith("tcp-")
+
+
+def resolve(state: ProxyState, authority: str) -> Destination | None:
+    """The destination `ip:port` names: a Service VIP port, else a pod; None when neither."""
+    host, sep, port_s = authority.rpartition(":")
+    if not sep or not port_s.isdigit():
+        return None
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    port = int(port_s)
+    svc = state.service_by_vip(ip)
+    if svc is not None:
+        sp = next((p for p in svc.ports if p.port == port), None)
+        if sp is None:
+            return None
+        return Destination(ip=host, port=port, service=svc, service_port=sp, tcp=_is_tcp(sp))
+    w = state.workload_by_ip(ip)
+    if w is None:
+        return None
+    # Pod-addressed: a port of a Service selecting the pod may say TCP.
+    sp = None
+    for uid in w.services:
+        s = state.service(uid)
+        if s is not None:
+            sp = next((p for p in s.ports if _target(p) == port), sp)
+    return Destination(ip=host, port=port, workload=w, service_port=sp, tcp=_is_tcp(sp))
+
+
+def _target(sp: ServicePort) -> int:
+    # A named targetPort cannot be resolved without container ports: use the service port.
+    return sp.target_port if isinstance(sp.target_port, int) else sp.port
+
+
+_NO_ROUTE = Reply(status=404, flags="NR", details="route_not_found")
+
+
+def _find_service(state: ProxyState, namespace: str, name: str) -> ServiceInfo | None:
+    return state.service(f"{namespace}/{name}")
+
+
+def _service_by_host(state: ProxyState, host: str, namespace: str) -> ServiceInfo | None:
+    """A VirtualService/DestinationRule host: a short name (in `namespace`) or an FQDN."""
+    parts = host.split(".")
+    if len(parts) == 1:
+        return _find_service(state, namespace, host)
+    if len(parts) >= 2 and (len(parts) == 2 or parts[2] == "svc"):
+        return _find_service(state, parts[1], parts[0])
+    return None
+
+
+def _forward_to(svc: ServiceInfo, port: int | None, default_port: int, **kw) -> Forward | Reply:
+    sp = next((p for p in svc.ports if p.port == (port or default_port)), None)
+    if sp is None and port is None and len(svc.ports) == 1:
+        sp = svc.ports[0]
+    if sp is None:
+        return Reply(status=500, flags="NC", details="cluster_not_found", route_name=kw.get("route_name", ""))
+    return Forward(service=svc, port=sp.port, target_port=_target(sp), **kw)
+
+
+def _subset_labels(drs: Sequence[DestinationRule], svc: ServiceInfo, subset: str) -> FrozenMap | None:
+    fqdn = service_fqdn(svc)
+    for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
+        h = dr.host
+        names = h == fqdn or (h == svc.name and dr.namespace == svc.namespace) or h == f"{svc.name}.{svc.namespace}"
+        if names:
+            for s in dr.subsets:
+                if s.name == subset:
+                    return s.labels
+    return None
+
+
+def _with_query(path: str, req: RequestInfo, raw_query: bytes) -> bytes:
+    return path.encode() + (b"?" + raw_query if raw_query else b"")
+
+
+def _modified_path(mod: PathModifier, matched_prefix: str | None, path: str) -> str:
+    if mod.type is PathModifierType.REPLACE_FULL_PATH:
+        return mod.value
+    prefix = (matched_prefix or "/").rstrip("/")
+    rest = path[len(prefix):]
+    value = mod.value.rstrip("/")
+    if not rest:
+        return value or "/"
+    return (value + rest) if rest.startswith("/") else f"{value}/{rest}"
+
+
+_WELL_KNOWN = {"http": 80, "https": 443}
+
+
+def _redirect(filters: HTTPFilters, req: RequestInfo, raw_query: bytes, matched_prefix: str | None,
+              route_name: str) -> Reply:
+    r = filters.redirect
+    assert r is not None
+    scheme = r.scheme or "http"
+    host = r.hostname or req.host
+    if r.port is not None:
+        port = r.port
+    elif r.scheme is not None:
+        port = _WELL_KNOWN.get(scheme, req.port)
+    else:
+        port = req.port  # the listener port: for a mesh route, the Service port dialled
+    port_part = "" if _WELL_KNOWN.get(scheme) == port else f":{port}"
+    path = _modified_path(r.path, matched_prefix, req.path) if r.path is not None else req.path
+    location = f"{scheme}://{host}{port_part}".encode() + _with_query(path, req, raw_query)
+    return Reply(status=r.status_code, flags="-", details="via_upstream", headers=((b"location", location),),
+                 route_name=route_name)
+
+
+def _plan_http_route(state: ProxyState, routes: Sequence[HTTPRoute], req: RequestInfo, raw_query: bytes,
+                     default: ServiceInfo, port: int, rng: random.Random) -> Forward | Reply:
+    m = find_route(routes, req)
+    if m is None:
+        return _NO_ROUTE
+    name = f"{m.route.namespace}.{m.route.name}.{m.rule_index}"
+    f = m.rule.filters
+    prefix = m.match.path.value if m.match.path.type is PathMatchType.PREFIX else None
+    if f.redirect is not None:
+        return _redirect(f, req, raw_query, prefix, name)
+    backend = pick_backend(m.rule.backend_refs, rng)
+    if backend is None:
+        return Reply(status=500, flags="NC", details="cluster_not_found", route_name=name)
+    svc = _find_service(state, backend.namespace, backend.name) if backend.kind == "Service" else None
+    if svc is None:
+        return Reply(status=500, flags="NC", details="cluster_not_found", route_name=name)
+    target = authority = None
+    if f.rewrite is not None:
+        if f.rewrite.path is not None:
+            target = _with_query(_modified_path(f.rewrite.path, prefix, req.path), req, raw_query)
+        if f.rewrite.hostname is not None:
+            authority = f.rewrite.hostname.encode()
+    bf = backend.filters
+    req_mods = tuple(x for x in (f.request_headers, bf.request_headers) if x is not None)
+    resp_mods = tuple(x for x in (f.response_headers, bf.response_headers) if x is not None)
+    return _forward_to(svc, backend.port, port, request_headers=req_mods, response_headers=resp_mods,
+                       target=target, authority=authority, route_name=name)
+
+
+def _vs_mods(*hs: VSHeaders | None) -> tuple[tuple[HeaderModifier, ...], tuple[HeaderModifier, ...]]:
+    return (tuple(h.request for h in hs if h is not None and h.request is not None),
+            tuple(h.response for h in hs if h is not None and h.response is not None))
+
+
+def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[DestinationRule], req: RequestInfo,
+             raw_query: bytes, port: int, rng: random.Random) -> Forward | Reply:
+    m = find_vs_route(vss, req)
+    if m is None:
+        return _NO_ROUTE
+    vs, route = m.virtual_service, m.route
+    name = route.name or f"{vs.namespace}.{vs.name}.{m.route_index}"
+    dest = pick_vs_destination(route.route, rng)
+    if dest is None:
+        return Reply(status=500, flags="NC", details="cluster_not_found", route_name=name)
+    svc = _service_by_host(state, dest.destination.host, vs.namespace)
+    if svc is None:
+        return Reply(status=503, flags="NC", details="cluster_not_found", route_name=name)
+    labels = None
+    if dest.destination.subset is not None:
+        labels = _subset_labels(drs, svc, dest.destination.subset)
+        if labels is None:  # a subset no DestinationRule defines: Envoy's cluster_not_found
+            return Reply(status=503, flags="NC", details="cluster_not_found", route_name=name)
+    target = authority = None
+    if route.rewrite is not None:
+        if route.rewrite.uri is not None:
+            uri = m.match.uri if m.match is not None else None
+            if uri is not None and uri.type is StringMatchType.PREFIX:
+                path = route.rewrite.uri + req.path[len(uri.value):]
+            else:
+                path = route.rewrite.uri
+            target = _with_query(path or "/", req, raw_query)
+        if route.rewrite.authority is not None:
+            authority = route.rewrite.authority.encode()
+    req_mods, resp_mods = _vs_mods(route.headers, dest.headers)
+    return _forward_to(svc, dest.destination.port, port, subset_labels=labels, request_headers=req_mods,
+                       response_headers=resp_mods, target=target, authority=authority, route_name=name)
+
+
+def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_query: bytes, *,
+                 client_namespace: str | None, waypoint_namespace: str, rng: random.Random,
+                 routes: RouteSet | None = None) -> Forward | Reply:
+    """The decision for one request to `dst` (see the module docstring)."""
+    if dst.service is None:
+        assert dst.workload is not None
+        return Forward(service=None, port=dst.port, target_port=dst.port, workload=dst.workload)
+    svc = dst.service
+    rs = routes or RouteSet.of(state)
+    bound = bound_routes(rs.http_routes, service_namespace=svc.namespace, service_name=svc.name, port=dst.port,
+                         client_namespace=client_namespace)
+    if bound:
+        return _plan_http_route(state, bound, req, raw_query, svc, dst.port, rng)
+    vss = [v for v in bound_virtual_services(rs.virtual_services, service_namespace=svc.namespace,
+                                             service_name=svc.name)
+           if v.namespace in (svc.namespace, waypoint_namespace)]
+    if vss:
+        return _plan_vs(state, vss, rs.destination_rules, req, raw_query, dst.port, rng)
+    return _forward_to(svc, dst.port, dst.port, route_name="default")
