@@ -37,8 +37,8 @@ from mesh.config import (ConfigError, ConfigErrors, Loaded, last_wins, parse_tex
                          validate_deletion)
 from controlplane.server import ControlPlane
 from controlplane.translate import enrolled
-from mesh.identity import NodeId, SpiffeId
-from mesh.model import Namespace, Node, Pod, PolicyObject, Resource, ResourceKey, Service
+from mesh.identity import NodeId
+from mesh.model import Namespace, Node, Pod, Resource, ResourceKey, Service
 from mesh.sandbox import Sandbox, SandboxDir
 from localcluster.api import ApiError
 from localcluster.addressing import AddressError, AddressPlan, ClusterAddressing
@@ -47,6 +47,8 @@ from localcluster.paths import ClusterPaths
 from controlplane.store import ResourceStore
 from localcluster.system import Proc, ProcSpec, SystemWorkload, restart_delay
 from localcluster import waypoints
+from mesh.identity import SpiffeId
+from mesh.model import PolicyObject
 
 __all__ = ["ClusterSettings", "Runner"]
 
