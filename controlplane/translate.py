@@ -17,6 +17,8 @@ waypoint is for services), an object-level one stays visible as NOT_FOR_TRAFFIC.
 waypoint that does not exist is MISSING, so the data path refuses instead of silently
 bypassing L7 policy as Istio does; for pod traffic inherited from the namespace a missing
 waypoint is assumed to have the default waypoint-for (service), i.e. no binding.
+A waypoint's `address` is the IP of its pod (labelled gateway-name: <name> in its namespace; the
+first by name if several), None until one is scheduled with an IP.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from mesh.model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, 
                      Service, ServiceInfo, TunnelProtocol, Workload)
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
 from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
-from mesh.model.workload import (WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WAYPOINT_NAMESPACE_LABEL, BindingSource,
-                                 Waypoint, WaypointBinding, WaypointFor, WaypointStatus)
+from mesh.model.workload import (GATEWAY_NAME_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WAYPOINT_NAMESPACE_LABEL,
+                                 BindingSource, Waypoint, WaypointBinding, WaypointFor, WaypointStatus)
 from mesh.distribution.protocol import resource_ref
 
 __all__ = ["translate", "diff", "enrolled", "waypoints_of", "waypoint_binding"]
@@ -45,8 +47,14 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def waypoints_of(objects: Iterable[Any], *, trust_domain: str) -> dict[tuple[str, str], Waypoint]:
-    """The waypoints among `objects`, keyed by (namespace, name)."""
+def waypoints_of(objects: Iterable[Any], *, trust_domain: str, pods: Iterable[Pod] = ()
+                 ) -> dict[tuple[str, str], Waypoint]:
+    """The waypoints among `objects`, keyed by (namespace, name), addressed by their pods among `pods`."""
+    addresses: dict[tuple[str, str], Any] = {}
+    for p in sorted(pods, key=lambda p: p.name, reverse=True):  # the first by name wins
+        gw = p.labels.get(GATEWAY_NAME_LABEL)
+        if gw and p.pod_ip is not None and p.node_name:
+            addresses[(p.namespace, gw)] = p.pod_ip
     out = {}
     for o in objects:
         if not (isinstance(o, PolicyObject) and o.policy_kind == "Gateway"
@@ -58,7 +66,8 @@ def waypoints_of(objects: Iterable[Any], *, trust_domain: str) -> dict[tuple[str
             wfor = WaypointFor.SERVICE  # Istio reads an unknown value as the default
         out[(o.namespace, o.name)] = Waypoint(
             name=o.name, namespace=o.namespace, waypoint_for=wfor,
-            identity=SpiffeId(trust_domain=trust_domain, namespace=o.namespace, service_account=o.name))
+            identity=SpiffeId(trust_domain=trust_domain, namespace=o.namespace, service_account=o.name),
+            address=addresses.get((o.namespace, o.name)))
     return out
 
 
@@ -106,7 +115,7 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
 
     live = [p for p in pods if p.pod_ip is not None and p.node_name]
     out: dict[tuple[str, str], Any] = {}
-    waypoints = waypoints_of(policies, trust_domain=trust_domain)
+    waypoints = waypoints_of(policies, trust_domain=trust_domain, pods=live)
     for wp in waypoints.values():
         out[resource_ref(wp)] = wp
     svc_of: dict[str, list[str]] = {}

@@ -78,6 +78,8 @@ def _tail(path: str, n: int = 20) -> str:
 def _print_applied(res: dict[str, Any]) -> None:
     for k in res["applied"]:
         print(f"{k} applied")
+    for k in res.get("deleted", []):
+        print(f"{k} deleted")  # what a Gateway that is no longer a waypoint had made
     if res["unchanged"]:
         print(f"{res['unchanged']} unchanged")
     for w in res.get("warnings", []):
@@ -178,6 +180,15 @@ def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
         print("\nSERVICES")
         _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS"], [
             [s["namespace"], s["name"], s["cluster_ip"], ",".join(map(str, s["ports"]))] for s in st["services"]])
+    if st.get("waypoints") or st.get("missing_waypoints"):
+        print("\nWAYPOINTS")
+        _table(["NAMESPACE", "NAME", "NODE", "IP", "STATE", "RESTARTS", "USED BY"], [
+            [w["namespace"], w["name"], w["node"] or "-", w["ip"] or "-",
+             ("ready" if w["ready"] else "running, not ready" if w["running"] else "not running")
+             + ("" if w["connected"] or not w["running"] else ", disconnected"),
+             str(w["restarts"]), _users(w["used_by"])] for w in st.get("waypoints", [])]
+            + [[*m["waypoint"].split("/", 1), "-", "-", "MISSING (traffic refused)", "-", _users(m["used_by"])]
+               for m in st.get("missing_waypoints", [])])
     if st["policies"]:
         print("\nPOLICIES")
         for p in st["policies"]:
@@ -188,6 +199,12 @@ def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
             for w in ws:
                 print(f"  {w}")
     return 0
+
+
+def _users(u: dict[str, list[str]]) -> str:
+    parts = [f"namespace {n}" for n in u["namespaces"]] + [f"svc {x}" for x in u["services"]] + [
+        f"pod {x}" for x in u["pods"]]
+    return ", ".join(parts) or "-"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> None:

@@ -70,5 +70,9 @@ class ClusterPaths:
     def node_dir(self, node: str) -> str:
         return os.path.join(self.run_dir, "nodes", node)
 
+    def waypoint_dir(self, namespace: str, gateway: str) -> str:
+        """A waypoint's run dir (`bootstrap/`, `admin.sock`), as its command line names it."""
+        return os.path.join(self.run_dir, "waypoints", namespace, gateway)
+
     def container_log(self, namespace: str, pod: str, container: str) -> str:
         return os.path.join(self.logs_dir, f"{namespace}_{pod}_{container}.log")

@@ -6,6 +6,8 @@ anything is applied (a bad batch changes nothing), then reconciles the host to t
     Node      -> a network namespace on the fabric, bootstrap credentials, one ztunnel process
     Pod       -> a network namespace + cgroup wired to its node, one process per container
     Service   -> a cluster VIP (used by the mesh; local mode has no kube-proxy)
+    Gateway (istio-waypoint) -> a synthesized ServiceAccount + Pod (localcluster/waypoints.py)
+                 and the waypoint process in that pod's netns, with bootstrap credentials
     policies  -> kept in the store and distributed by the control plane
 
 The control plane runs inside this process and watches the store, as istiod watches the
@@ -46,6 +48,9 @@ from localcluster.paths import ClusterPaths
 from localcluster.procs import Containment
 from controlplane.store import ResourceStore
 from localcluster.system import Proc, ProcSpec, SystemWorkload, restart_delay
+from localcluster import waypoints
+from mesh.identity import SpiffeId
+from mesh.model import PolicyObject
 
 __all__ = ["ClusterSettings", "Runner"]
 
@@ -134,11 +139,12 @@ class Runner:
         async with self._lock:
             loaded = [dataclasses.replace(x, resource=self._keep_defaults(x.resource))
                       for x in self._parse(sources)]
+            self._guard_owned(loaded)
             validate_batch(loaded, self.store.objects)
-            batch, addr = self._plan(loaded)
+            batch, orphans, addr = self._plan(loaded)
             changed = [r for r in batch if self.store.get(r.key) != r]
             self.addr = addr
-            self.store.commit(changed)
+            self.store.commit(changed, deletes=orphans)
             self.committed_at = self.clock.now()
             # Accepted-but-not-enforced fields etc.: shown by apply now and by status later.
             for x in loaded:
@@ -146,7 +152,7 @@ class Runner:
             await self._reconcile()
         if wait:
             await self.wait_ready()
-        return {"applied": [str(r.key) for r in changed],
+        return {"applied": [str(r.key) for r in changed], **({"deleted": [str(k) for k in orphans]} if orphans else {}),
                 "warnings": [str(w) for x in loaded for w in x.warnings],
                 "unchanged": len(batch) - len(changed), "committed_at": self.committed_at,
                 "version": self.cp.version}
@@ -155,6 +161,8 @@ class Runner:
         async with self._lock:
             keys = [x.resource.key for x in self._parse(sources)]
             present = [k for k in keys if self.store.get(k) is not None]
+            present += [k for k in self._owned_by(present) if k not in present]  # a Gateway's pod and SA go with it
+            self._refuse_owned(present)
             validate_deletion(present, self.store.objects)
             addr = copy.deepcopy(self.addr)
             for k in present:
@@ -174,6 +182,40 @@ class Runner:
             self.addr = addr
         return {"deleted": [str(k) for k in present],
                 "not_found": [str(k) for k in keys if k not in present]}
+
+    def _owned_by(self, owners: Sequence[ResourceKey]) -> list[ResourceKey]:
+        """Keys of the synthesized objects that `owners` (Gateways) own."""
+        wanted = set(owners)
+        return [k for k, o in self.store.objects.items() if waypoints.owner_of(o) in wanted]
+
+    def _guard_owned(self, loaded: Sequence[Loaded]) -> None:
+        """A user's Pod must not take the key of a waypoint pod a Gateway made (or is making now)."""
+        making = {ResourceKey("Pod", x.resource.namespace, waypoints.pod_name(x.resource.name)): x.resource.key
+                  for x in loaded if waypoints.is_waypoint_gateway(x.resource)}
+        errors = []
+        for x in loaded:
+            k = x.resource.key
+            old = self.store.get(k)
+            owner = making.get(k) or (waypoints.owner_of(old) if old is not None else None)
+            if owner is not None and isinstance(x.resource, Pod):
+                o = x.origin
+                errors.append(ConfigError(f"this pod is made by {owner} for its waypoint; name yours otherwise",
+                                          reason="conflict", source=o.source, key=k, document=o.document,
+                                          item=o.item, line=o.line))
+        if errors:
+            raise ConfigErrors(errors)
+
+    def _refuse_owned(self, deleting: Sequence[ResourceKey]) -> None:
+        gone = set(deleting)
+        errors = []
+        for k in deleting:
+            o = self.store.get(k)
+            owner = waypoints.owner_of(o) if o is not None else None
+            if owner is not None and owner not in gone:
+                errors.append(ConfigError(f"made by {owner} for its waypoint; delete the Gateway instead",
+                                          reason="forbidden", source="<delete>", key=k))
+        if errors:
+            raise ConfigErrors(errors)
 
     def _parse(self, sources: Sequence[dict[str, str]]) -> list[Loaded]:
         batch: list[Loaded] = []
@@ -200,8 +242,9 @@ class Runner:
             return dataclasses.replace(r, pod_cidr=r.pod_cidr or old.pod_cidr)
         return r
 
-    def _plan(self, loaded: list[Loaded]) -> tuple[list[Resource], ClusterAddressing]:
-        """Schedule pods and allocate addresses on a copy of the allocator: all or nothing."""
+    def _plan(self, loaded: list[Loaded]) -> tuple[list[Resource], list[ResourceKey], ClusterAddressing]:
+        """Schedule pods, allocate addresses and synthesize waypoint objects on a copy of the
+        allocator: all or nothing. Returns (objects to store, owned objects to delete, addresses)."""
         addr = copy.deepcopy(self.addr)
         out: list[Resource] = []
 
@@ -222,22 +265,40 @@ class Runner:
         for p in self.store.of(Pod):
             if p.node_name in load:
                 load[p.node_name] += 1
+
+        def place(x: Loaded, r: Pod, what: str = "") -> Pod:
+            node = r.node_name
+            if node is None:  # the scheduler: the node with the fewest pods
+                if not load:
+                    raise refuse(x, "spec.nodeName", f"no node to schedule {what or 'the pod'} on; add a Node",
+                                 "unschedulable")
+                node = min(load, key=lambda n: (load[n], n))
+            if r.key not in existing:
+                load[node] = load.get(node, 0) + 1
+            try:
+                ip = addr.allocate_pod(r.key, node, r.pod_ip)
+            except AddressError as e:
+                raise refuse(x, "status.podIP", f"{what}: {e}" if what else str(e)) from None
+            return dataclasses.replace(r, node_name=node, pod_ip=ip)
+
+        final = {**self.store.objects, **{x.resource.key: x.resource for x in loaded}}
+        synthesized: list[tuple[Loaded, Resource]] = []
+        orphans: list[ResourceKey] = []
+        for x in loaded:
+            r = x.resource
+            if r.key.kind != "Gateway":
+                continue
+            if waypoints.is_waypoint_gateway(r):
+                problem = waypoints.gateway_problem(r)
+                if problem is not None:
+                    raise refuse(x, *problem)
+                synthesized += [(x, o) for o in waypoints.synthesize(r, final)]
+            else:  # no longer a waypoint: what it made goes
+                orphans += self._owned_by([r.key])
         for x in loaded:
             r = x.resource
             if isinstance(r, Pod):
-                node = r.node_name
-                if node is None:  # the scheduler: the node with the fewest pods
-                    if not load:
-                        raise refuse(x, "spec.nodeName", "no node to schedule the pod on; add a Node",
-                                     "unschedulable")
-                    node = min(load, key=lambda n: (load[n], n))
-                if r.key not in existing:
-                    load[node] = load.get(node, 0) + 1
-                try:
-                    ip = addr.allocate_pod(r.key, node, r.pod_ip)
-                except AddressError as e:
-                    raise refuse(x, "status.podIP", str(e)) from None
-                out.append(dataclasses.replace(r, node_name=node, pod_ip=ip))
+                out.append(place(x, r))
             elif isinstance(r, Service):
                 try:
                     vip = addr.allocate_service(r.key, r.cluster_ip)
@@ -246,13 +307,22 @@ class Runner:
                 out.append(dataclasses.replace(r, cluster_ip=vip))
             elif not isinstance(r, Node):
                 out.append(r)
-        return out, addr
+        for x, o in synthesized:
+            out.append(place(x, o, f"waypoint pod {o.namespace}/{o.name}") if isinstance(o, Pod) else o)
+        for k in orphans:
+            if k.kind == "Pod":
+                addr.release_pod(k)
+        return out, orphans, addr
 
     # -- reconciliation --
 
     async def _reconcile(self) -> None:
         nodes = {n.name: n for n in self.store.of(Node)}
         pods = {f"{p.namespace}/{p.name}": p for p in self.store.of(Pod)}
+        gateways = {f"{g.namespace}/{g.name}": g for g in self.store.of(PolicyObject)
+                    if waypoints.is_waypoint_gateway(g)}
+        for target in [t for kind, t in self._system if kind == "waypoint" and t not in gateways]:
+            self._remove_waypoint(target)  # before its pod's netns goes
         for uid in [u for u in self._pods if u not in pods]:
             await self._remove_pod(uid)
         for name in [n for n in self._nodes() if n not in nodes]:
@@ -266,6 +336,9 @@ class Runner:
         for uid, p in pods.items():
             if uid not in self._pods:
                 await self._add_pod(uid, p)
+        for target, gw in gateways.items():
+            if ("waypoint", target) not in self._system and f"{gw.namespace}/{waypoints.pod_name(gw.name)}" in self._pods:
+                self._add_waypoint(gw)
 
     def _routes(self, node: str) -> dict[Any, Any]:
         return self.addr.routes_for(node)
@@ -274,7 +347,8 @@ class Runner:
         na = self.addr.node(name)
         await asyncio.to_thread(self.net.add_node, name, na.ip, na.pod_cidr, self._routes(name))
         ndir = self.paths.node_dir(name)
-        self._write_bootstrap(name, os.path.join(ndir, "bootstrap"))
+        self._write_bootstrap(NodeId(trust_domain=self.settings.trust_domain, node=name),
+                              os.path.join(ndir, "bootstrap"))
         self._start_system(self._ztunnel_workload(name))
         log.info("node %s up: ip %s pods %s", name, na.ip, na.pod_cidr)
 
@@ -286,7 +360,7 @@ class Runner:
         ndir = self.paths.node_dir(node)
         argv = (sys.executable, "-m", "ztunnel", "--node", node, "--run-dir", ndir,
                 "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain)
-        env = tuple(sorted((_base_env() | _ztunnel_env()).items()))
+        env = tuple(sorted((_base_env() | _prefixed_env("ZTUNNEL_")).items()))
         replicas = []
         for i in range(self.settings.ztunnel_workers):
             extra = (("--pin-dir", os.path.join(self.paths.bpf_pin_dir, node),
@@ -317,9 +391,41 @@ class Runner:
         for p in self._system.pop((kind, target), []):
             p.stop()
 
-    def _write_bootstrap(self, node: str, directory: str) -> None:
+    def _add_waypoint(self, gw: PolicyObject) -> None:
+        wdir = self.paths.waypoint_dir(gw.namespace, gw.name)
+        ident = SpiffeId(trust_domain=self.settings.trust_domain, namespace=gw.namespace, service_account=gw.name)
+        self._write_bootstrap(ident, os.path.join(wdir, "bootstrap"))
+        self._start_system(self._waypoint_workload(gw))
+        rt = self._pods[f"{gw.namespace}/{waypoints.pod_name(gw.name)}"]
+        log.info("waypoint %s/%s up on %s at %s", gw.namespace, gw.name, rt.node, rt.ip)
+
+    def _waypoint_workload(self, gw: PolicyObject) -> SystemWorkload:
+        """A Gateway's waypoint (the Deployment istiod would make): one process in the synthesized
+        pod's netns and cgroup -- a mesh component like ztunnel, not a contained user container."""
+        target = f"{gw.namespace}/{gw.name}"
+        wdir = self.paths.waypoint_dir(gw.namespace, gw.name)
+        rt = self._pods[f"{gw.namespace}/{waypoints.pod_name(gw.name)}"]
+        env = _base_env() | _prefixed_env("WAYPOINT_") | {
+            "POD_NAME": waypoints.pod_name(gw.name), "POD_NAMESPACE": gw.namespace, "POD_IP": str(rt.ip),
+            "NODE_NAME": rt.node, "SERVICE_ACCOUNT": gw.name}
+        spec = ProcSpec(
+            argv=(sys.executable, "-m", "waypoint", "--gateway", target, "--run-dir", wdir,
+                  "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain),
+            netns=rt.net.netns, cgroup=rt.net.cgroup, env=tuple(sorted(env.items())),
+            log_path=os.path.join(self.paths.logs_dir, f"waypoint-{gw.namespace}-{gw.name}.log"),
+            admin_socket=os.path.join(wdir, "admin.sock"), label=f"waypoint {target}")
+        return SystemWorkload(kind="waypoint", target=target, replicas=(spec,))
+
+    def _remove_waypoint(self, target: str) -> None:
+        self._stop_system("waypoint", target)
+        ns, name = target.split("/", 1)
+        shutil.rmtree(self.paths.waypoint_dir(ns, name), ignore_errors=True)
+        log.info("waypoint %s removed", target)
+
+    def _write_bootstrap(self, identity: NodeId | SpiffeId, directory: str) -> None:
+        """Credentials a system workload starts with (then renews by CSR): key, chain, roots."""
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        issued = self.ca.issue(NodeId(trust_domain=self.settings.trust_domain, node=node), _BOOTSTRAP_TTL)
+        issued = self.ca.issue(identity, _BOOTSTRAP_TTL)
         files = {"key.pem": issued.key_pem, "cert-chain.pem": b"".join(issued.chain_pem),
                  "root-cert.pem": self.ca.roots_pem}
         for fname, data in files.items():
@@ -381,7 +487,7 @@ class Runner:
         return SandboxDir(os.path.join(self.paths.node_dir(node), "pods"))
 
     async def _supervise(self) -> None:
-        """Restart exited containers and ztunnels with capped exponential backoff."""
+        """Restart exited containers and system workloads (ztunnels, waypoints) with capped backoff."""
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -414,7 +520,8 @@ class Runner:
         return json.loads(body) if status == 200 else None
 
     async def wait_ready(self, timeout: float = _READY_TIMEOUT) -> None:
-        """Until every ztunnel has the current state and every container is running."""
+        """Until every system workload (ztunnels, waypoints) has the current state and every
+        container is running."""
         deadline = time.monotonic() + timeout
         while True:
             pending = []
@@ -464,11 +571,13 @@ class Runner:
                 "phase": phase, "restarts": sum(c.restarts for c in cs.values()),
                 "service_account": p.service_account,
                 "ambient": enrolled(p, nss.get(p.namespace)),
+                "owner": str(owner) if (owner := waypoints.owner_of(p)) is not None else None,
                 "netns": rt.net.netns if rt else None, "cgroup": rt.net.cgroup if rt else None,
                 "containers": {n: {"running": c.running, "pid": c.popen.pid if c.popen else None,
                                    "restarts": c.restarts, "last_exit": c.last_exit, "log": c.log_path}
                                for n, c in cs.items()},
             })
+        waypoint_list, missing = await self._waypoint_status()
         services = [{"namespace": s.namespace, "name": s.name, "cluster_ip": str(s.cluster_ip),
                      "ports": [p.port for p in s.ports]} for s in self.store.of(Service)]
         return {
@@ -477,12 +586,42 @@ class Runner:
                               "socket": self.paths.control_plane_socket, **self.cp.stats},
             "namespaces": [{"name": n.name, "ambient": n.ambient, "labels": n.labels.thaw()}
                            for n in nss.values()],
-            "nodes": nodes, "pods": pods, "services": services,
+            "nodes": nodes, "pods": pods, "services": services, "waypoints": waypoint_list,
+            "missing_waypoints": missing,
             "policies": [str(k) for k in self.store.objects if k.kind not in
                          ("Namespace", "Node", "Pod", "Service", "ServiceAccount")],
             "warnings": {str(k): w for k, w in sorted(self._warnings.items(), key=lambda kv: str(kv[0]))
                          if w and k in self.store.objects},
         }
+
+    async def _waypoint_status(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Each waypoint (placement, process, readiness, who binds to it), and the bindings that
+        name a waypoint that does not exist (their traffic is refused)."""
+        bound, missing = waypoints.users_of(self.cp.snapshot().resources)
+        out = []
+        for g in self.store.of(PolicyObject):
+            if not waypoints.is_waypoint_gateway(g):
+                continue
+            target = f"{g.namespace}/{g.name}"
+            replicas = self._system.get(("waypoint", target), [])
+            proc = replicas[0] if replicas else None
+            pod = self.store.get(ResourceKey("Pod", g.namespace, waypoints.pod_name(g.name)))
+            dump = await self._dump(proc.admin_socket if proc else None)
+            version = dump.get("version") if dump else None
+            out.append({
+                "namespace": g.namespace, "name": g.name, "pod": waypoints.pod_name(g.name),
+                "node": pod.node_name if isinstance(pod, Pod) else None,
+                "ip": str(pod.pod_ip) if isinstance(pod, Pod) and pod.pod_ip else None,
+                "identity": str(SpiffeId(trust_domain=self.settings.trust_domain, namespace=g.namespace,
+                                         service_account=g.name)),
+                "running": bool(proc and proc.running), "restarts": proc.restarts if proc else 0,
+                "pid": proc.pid if proc and proc.running else None, "last_exit": proc.last_exit if proc else None,
+                "ready": bool(dump and dump.get("synced") and (version or 0) >= self.cp.version),
+                "connected": bool(dump and dump.get("connected")), "version": version,
+                "log": proc.log_path if proc else None,
+                "used_by": bound.get(target, waypoints.WaypointUsers()).as_dict(),
+            })
+        return out, [{"waypoint": uid, "used_by": u.as_dict()} for uid, u in missing.items()]
 
     def pod_info(self, namespace: str, name: str) -> dict[str, Any]:
         rt = self._pods.get(f"{namespace}/{name}")
@@ -524,9 +663,9 @@ def remove_pins(pin_root: str) -> None:
     shutil.rmtree(pin_root, ignore_errors=True)
 
 
-def _ztunnel_env() -> dict[str, str]:
-    """ZTUNNEL_* settings (e.g. ZTUNNEL_HANDSHAKE_TIMEOUT) from `ambient up`'s environment."""
-    return {k: v for k, v in os.environ.items() if k.startswith("ZTUNNEL_")}
+def _prefixed_env(prefix: str) -> dict[str, str]:
+    """`prefix`* settings (e.g. ZTUNNEL_HANDSHAKE_TIMEOUT) from `ambient up`'s environment."""
+    return {k: v for k, v in os.environ.items() if k.startswith(prefix)}
 
 
 def _base_env() -> dict[str, str]:

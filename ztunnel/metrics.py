@@ -17,6 +17,13 @@ metric for connections refused before a request exists):
   ...) and plaintext connections to ztunnel's own ports on 15006: counted here AND, being
   ordinary connection records, in istio_tcp_connections_failed with response_flags "DPE".
 
+Outbound connections refused for want of a route (Kind.NO_ROUTE: waypoint_missing,
+no_healthy_upstream, no_service_port, ...) are in istio_tcp_connections_failed with their
+response flag (UH, NR), which several reasons share; the reason itself is counted by
+
+    ztunnel_outbound_refused_total{reason, source_workload, source_workload_namespace,
+                                   destination_service}
+
 Policy denials stay istio_tcp_connections_failed{response_flags="DENY"} only.
 """
 from __future__ import annotations
@@ -27,7 +34,7 @@ from mesh.metrics import Registry
 from mesh.proxy.reason import Direction, Kind
 from mesh.proxy.result import ConnectionResult
 
-__all__ = ["TcpMetrics", "TcpLabels", "RejectedLabels"]
+__all__ = ["TcpMetrics", "TcpLabels", "RejectedLabels", "RefusedLabels"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,7 +82,21 @@ class RejectedLabels:
         return (self.listener, self.reason, self.destination_workload, self.destination_workload_namespace)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefusedLabels:
+    """The labels of ztunnel_outbound_refused_total."""
+
+    reason: str
+    source_workload: str
+    source_workload_namespace: str
+    destination_service: str
+
+    def values(self) -> tuple[str, ...]:
+        return (self.reason, self.source_workload, self.source_workload_namespace, self.destination_service)
+
+
 _TCP_LABELS = tuple(f.name for f in fields(TcpLabels))
+_REFUSED_LABELS = tuple(f.name for f in fields(RefusedLabels))
 _REJECTED_LABELS = tuple(f.name for f in fields(RejectedLabels))
 
 
@@ -91,6 +112,9 @@ class TcpMetrics:
         self.rejected = self.registry.counter(
             "ztunnel_inbound_rejected", "Inbound connections or CONNECTs refused for what the peer sent "
             "(hostile/malformed input, limits), by stable reason", _REJECTED_LABELS)
+        self.refused = self.registry.counter(
+            "ztunnel_outbound_refused", "Outbound connections refused for want of a route (a missing "
+            "waypoint, no endpoints, no such port), by stable reason", _REFUSED_LABELS)
 
     def record(self, r: ConnectionResult) -> None:
         reason = r.reason
@@ -100,6 +124,11 @@ class TcpMetrics:
                 destination_workload_namespace=r.dst.namespace or "unknown").values()).inc(r.count)
         if r.rejected:
             return
+        if reason is not None and r.direction is Direction.OUTBOUND and reason.kind is Kind.NO_ROUTE:
+            self.refused.labels(*RefusedLabels(
+                reason=reason.label, source_workload=r.src.workload or "unknown",
+                source_workload_namespace=r.src.namespace or "unknown",
+                destination_service=r.dst_service or "unknown").values()).inc()
         labels = TcpLabels.of(r).values()
         self.opened.labels(*labels).inc()
         self.closed.labels(*labels).inc()

@@ -10,14 +10,16 @@ from .base import FrozenMap
 from .resources import ServicePort
 
 __all__ = ["TunnelProtocol", "Workload", "Endpoint", "ServiceInfo", "WAYPOINT_CLASS", "WAYPOINT_FOR_LABEL",
-           "WAYPOINT_NAMESPACE_LABEL", "WaypointFor", "BindingSource", "WaypointStatus", "WaypointBinding",
-           "Waypoint"]
+           "WAYPOINT_NAMESPACE_LABEL", "GATEWAY_NAME_LABEL", "WaypointFor", "BindingSource", "WaypointStatus",
+           "WaypointBinding", "Waypoint"]
 
 WAYPOINT_CLASS = "istio-waypoint"
 """gatewayClassName of a Gateway that is a waypoint."""
 WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
 WAYPOINT_NAMESPACE_LABEL = "istio.io/use-waypoint-namespace"
 """Beside istio.io/use-waypoint on the same object: the waypoint's namespace (default: the object's)."""
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+"""On a Gateway's pods (the waypoint deployment's): the Gateway's name."""
 
 
 class WaypointFor(enum.Enum):
@@ -83,6 +85,9 @@ class Waypoint:
     waypoint_for: WaypointFor = WaypointFor.SERVICE
     identity: SpiffeId
     """Its pods run as service account <gateway name> (Istio's waypoint deployment)."""
+    address: ipaddress.IPv4Address | None = None
+    """The IP of its pod (labelled gateway-name: <name> in its namespace); None until it has one,
+    and traffic bound to it is refused meanwhile (fail closed)."""
 
     @property
     def uid(self) -> str:

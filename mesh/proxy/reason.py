@@ -142,6 +142,9 @@ class Reason(enum.Enum):
     NO_SERVICE_PORT = ("no_service_port", Kind.NO_ROUTE, "NR", None, False)
     NAMED_TARGET_PORT = ("named_target_port", Kind.NO_ROUTE, "NR", None, False)
     NO_HEALTHY_UPSTREAM = ("no_healthy_upstream", Kind.NO_ROUTE, "UH", 503, False)
+    WAYPOINT_MISSING = ("waypoint_missing", Kind.NO_ROUTE, "UH", 503, False)
+    """The destination is bound to a waypoint that does not exist or has no address yet: refused
+    (fail closed) rather than sent around the waypoint's L7 policy."""
 
     # -- the destination could not be reached (503) --
     CONNECT_FAILED = ("connect_failed", Kind.UPSTREAM, "UF", 503, False)

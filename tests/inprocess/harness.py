@@ -19,9 +19,10 @@ from mesh import tls
 from mesh.clock import SystemClock
 from mesh.config import load_text
 from mesh.distribution.protocol import Snapshot
-from mesh.hbone import HbonePool
+from mesh.hbone import ConnectRequest, HbonePool, HboneServer, PendingStream
 from mesh.identity import SpiffeId
 from mesh.model import Endpoint, ServiceInfo, TunnelProtocol, Workload
+from mesh.model.workload import BindingSource, Waypoint, WaypointBinding, WaypointStatus
 from mesh.model.resources import ServicePort
 from mesh.proxy.access_log import Recorder
 from mesh.proxy.result import ConnectionResult
@@ -80,6 +81,41 @@ class App(asyncio.Protocol):
         return True
 
 
+class WaypointStandIn:
+    """An HboneServer at the waypoint's address with the waypoint's certificate: records each
+    CONNECT (authority, peer identity) and answers in process with `waypoint <authority>\n`,
+    then echoes. It tests ztunnel's side of ztunnel -> waypoint, not a waypoint."""
+
+    def __init__(self, waypoint: Waypoint) -> None:
+        self.waypoint = waypoint
+        self.requests: list[ConnectRequest] = []
+        self.server: HboneServer | None = None
+
+    async def handler(self, req: ConnectRequest, pending: PendingStream) -> None:
+        self.requests.append(req)
+        stream = pending.accept()
+        stream.set_protocol(_Greeter(f"waypoint {req.authority}\n".encode()))
+
+    def greeting(self, authority: str) -> bytes:
+        return f"waypoint {authority}\n".encode()
+
+
+class _Greeter(asyncio.Protocol):
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+
+    def connection_made(self, transport):
+        self.t = transport
+        transport.write(self.first)
+
+    def data_received(self, data):
+        self.t.write(bytes(data))
+
+    def eof_received(self):
+        self.t.write_eof()
+        return True
+
+
 @dataclass
 class Pod:
     workload: Workload
@@ -109,6 +145,7 @@ class LoopbackMesh:
         self.objects: list = []
         self.pods: dict[str, Pod] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._hbone_servers: list[HboneServer] = []
         self._version = 0
 
     def ip(self) -> str:
@@ -130,12 +167,13 @@ class LoopbackMesh:
         self._servers.append(s)
         return s
 
-    async def pod(self, name: str, ns: str = "mesh", sa: str = "default", *, meshed: bool = True) -> Pod:
+    async def pod(self, name: str, ns: str = "mesh", sa: str = "default", *, meshed: bool = True,
+                  waypoint: WaypointBinding | None = None) -> Pod:
         ip = self.ip()
         ident = SpiffeId(trust_domain=TD, namespace=ns, service_account=sa)
         w = Workload(uid=f"{ns}/{name}", name=name, namespace=ns, node="n1", ip=ipaddress.IPv4Address(ip),
                      service_account=sa, identity=ident,
-                     protocol=TunnelProtocol.HBONE if meshed else TunnelProtocol.NONE)
+                     protocol=TunnelProtocol.HBONE if meshed else TunnelProtocol.NONE, waypoint_binding=waypoint)
         self.objects.append(w)
         self.publish()
         app = await self.app(name, ip)
@@ -151,10 +189,36 @@ class LoopbackMesh:
         pod = self.pods[name] = Pod(w, app, proxy)
         return pod
 
-    def service(self, name: str, ns: str, vip: str, port: int, pods: list[Pod]) -> ServiceInfo:
+    async def waypoint(self, name: str, ns: str = "mesh", *, addressed: bool = True) -> WaypointStandIn:
+        """A waypoint `ns/name` (identity sa `name`), its pod (not captured) and a stand-in
+        HBONE server on its address; `addressed=False`: published without an address."""
+        ident = SpiffeId(trust_domain=TD, namespace=ns, service_account=name)
+        ip = self.ip()
+        wp = Waypoint(name=name, namespace=ns, identity=ident,
+                      address=ipaddress.IPv4Address(ip) if addressed else None)
+        stand_in = WaypointStandIn(wp)
+        if addressed:
+            self.objects.append(Workload(uid=f"{ns}/{name}-waypoint", name=f"{name}-waypoint", namespace=ns,
+                                         node="n1", ip=ipaddress.IPv4Address(ip), service_account=name,
+                                         identity=ident, protocol=TunnelProtocol.NONE))
+            cert = self.ca.issue(ident)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, 15008))
+            sock.listen(64)
+            stand_in.server = await HboneServer.start(sock, tls.server_context(cert, self.ca.roots_pem),
+                                                      stand_in.handler, trust_domain=TD)
+            self._hbone_servers.append(stand_in.server)
+        self.objects.append(wp)
+        self.publish()
+        return stand_in
+
+    def service(self, name: str, ns: str, vip: str, port: int, pods: list[Pod], *,
+                waypoint: WaypointBinding | None = None) -> ServiceInfo:
         svc = ServiceInfo(name=name, namespace=ns, vip=ipaddress.IPv4Address(vip),
                           ports=(ServicePort(port=port, target_port=APP_PORT),),
-                          endpoints=tuple(Endpoint(workload_uid=p.workload.uid, ip=p.workload.ip) for p in pods))
+                          endpoints=tuple(Endpoint(workload_uid=p.workload.uid, ip=p.workload.ip) for p in pods),
+                          waypoint_binding=waypoint)
         self.objects.append(svc)
         self.publish()
         return svc
@@ -210,7 +274,17 @@ class LoopbackMesh:
                 await p.proxy.close()
         for s in self._servers:
             s.close()
+        for h in self._hbone_servers:
+            h.close()
         await self.pool.close()
+
+
+def binding(name: str, ns: str = "mesh", *, status: WaypointStatus = WaypointStatus.BOUND,
+            source: BindingSource = BindingSource.SERVICE) -> WaypointBinding:
+    """A waypoint binding as the control plane makes it (identity only when the waypoint exists)."""
+    ident = (SpiffeId(trust_domain=TD, namespace=ns, service_account=name)
+             if status is not WaypointStatus.MISSING else None)
+    return WaypointBinding(namespace=ns, name=name, source=source, status=status, identity=ident)
 
 
 async def roundtrip(reader, writer, payload: bytes, chunk: int = 64 * 1024) -> bytes:

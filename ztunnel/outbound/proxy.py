@@ -2,8 +2,8 @@
 
 connect4 redirects the pod's connects to this listener; the injected OriginalDst (eBPF's
 SO_ORIGINAL_DST in production) says where they were going. `plan_outbound` decides, this
-carries it out: a pooled HBONE tunnel to the destination pod's 15008 (the pool owns the
-relay), or a plain relay to a destination outside the mesh. Whatever happens, exactly one
+carries it out: a pooled HBONE tunnel to the destination pod's 15008, or to its waypoint's
+(the pool owns the relay), or a plain relay to a destination outside the mesh. Whatever happens, exactly one
 ConnectionResult is recorded, when the connection ends.
 """
 from __future__ import annotations
@@ -14,16 +14,24 @@ import ssl
 from collections.abc import Callable
 
 from mesh.hbone import HbonePool, PoolKey
+from mesh.model import ServiceInfo, Workload
 from mesh.proxy.reason import Direction, Reason
 from mesh.proxy.result import Listener, ResultBuilder, SecurityPolicy
 
 from ..pod_context import PodContext, addr_str
 from ..relay import relay
-from .plan import Route, plan_outbound
+from .plan import PlanError, Route, plan_outbound
 
 __all__ = ["OutboundProxy"]
 
 log = logging.getLogger("ambient.ztunnel")
+
+
+def _describe(b: ResultBuilder, dst: Workload | None, svc: ServiceInfo | None) -> None:
+    if dst is not None:
+        b.dst_uid = dst.uid
+    if svc is not None:
+        b.dst_service = f"{svc.name}.{svc.namespace}.svc.cluster.local"
 
 
 class OutboundProxy:
@@ -43,11 +51,14 @@ class OutboundProxy:
         try:
             dst = ctx.original_dst.outbound(down.get_extra_info("socket"))
             b.dst_addr = addr_str(dst)
-            plan = plan_outbound(ctx.state, w, dst[0], dst[1], ctx.rng)
-            if plan.dst_workload is not None:
-                b.dst_uid = plan.dst_workload.uid
-            if plan.service is not None:
-                b.dst_service = f"{plan.service.name}.{plan.service.namespace}.svc.cluster.local"
+            try:
+                plan = plan_outbound(ctx.state, w, dst[0], dst[1], ctx.rng)
+            except PlanError as e:  # refused: say what it was addressed to
+                _describe(b, e.workload, e.service)
+                raise
+            _describe(b, plan.dst_workload, plan.service)
+            if plan.dst_workload is None and plan.waypoint is not None:
+                b.dst_uid = ctx.workload_at(plan.connect[0])  # service traffic: the waypoint is the peer
             if plan.route is Route.HBONE:
                 b.security = SecurityPolicy.MUTUAL_TLS
                 b.dst_hbone_addr = addr_str(plan.connect)
