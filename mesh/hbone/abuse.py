@@ -1,0 +1,102 @@
+"""Sans-IO HTTP/2 abuse accounting for one connection: limits, token buckets and the flood checks.
+
+Theory of operation
+-------------------
+A peer holding a valid mesh certificate (a compromised node) can still make a connection cost
+far more than it should, without breaking any framing rule. The checks here bound that cost;
+each one is O(1) per frame and is touched only by the frames it is about (never by DATA with
+a payload, the hot path). Past a bound `H2Connection` raises
+`ProtocolError(ENHANCE_YOUR_CALM, reason)`: GOAWAY goes out and the connection closes, and the
+server reports the reason as a Rejection at stage "h2".
+
+* Rapid reset (CVE-2023-44487; Envoy's premature-reset accounting, the h2 crate's
+  `max_pending_accept_reset_streams`). A stream the peer resets before we answered it cost us
+  work (a handler, an upstream connect) and freed its MAX_CONCURRENT_STREAMS slot at once, so
+  the concurrency limit does not bound it. Counted per connection: `rapid_reset` when the
+  premature resets outrun `premature_reset_rate` by more than `max_premature_resets` (a token
+  bucket), or when there are `max_premature_resets` of them and they are at least half of the
+  connection's streams (Envoy's rule, which catches a slow attack and never closes a
+  long-lived pooled connection that saw the odd cancelled connect).
+* New streams (`new_stream_rate` per second, bursts of `new_stream_burst`). Beyond it a new
+  stream is refused with RST_STREAM(REFUSED_STREAM) (reason `stream_rate_limited`); the bucket
+  keeps going negative while the peer keeps pushing, and a deficit of a whole burst (an
+  excess sustained for burst/rate seconds) closes the connection (`stream_rate_exceeded`).
+* Control frames we must answer. Every PING needs a PING ACK and every SETTINGS a SETTINGS
+  ACK: rate-limited (`ping_flood`, `settings_flood`), and every control frame we queue in
+  reply to the peer (ACKs, RST_STREAM, refusals) counts against `max_pending_control_frames`
+  until the I/O layer says it was written (Envoy's `max_outbound_control_frames`: a peer that
+  does not read cannot make us buffer answers; `control_frame_flood`).
+* Frames that carry nothing (empty DATA without END_STREAM): at most
+  `max_consecutive_empty_frames` in a row (Envoy's
+  `max_consecutive_inbound_frames_with_empty_payload`; `empty_frame_flood`; counted by the
+  frame parser, which drops such frames).
+* WINDOW_UPDATE: each may wake every blocked stream, so their number is bounded by what we
+  send (Envoy's rule: at most 1 + 2 * (streams + `max_window_updates_per_data_frame` * DATA
+  frames sent); `window_update_flood`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["AbuseLimits", "TokenBucket"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbuseLimits:
+    """Per-connection bounds on what a peer may make us do (see the module docstring)."""
+
+    max_premature_resets: int = 100
+    """Streams the peer may reset before we answered them: the burst of the rate below, and
+    the count past which a connection whose streams are mostly premature resets is closed."""
+    premature_reset_rate: float = 20.0
+    """Sustained premature resets per second a connection may have (refill of the burst)."""
+    new_stream_rate: float = 2000.0
+    """New streams per second per connection, sustained. Our own pool opens one stream per
+    downstream TCP connection; on loopback a single pooled connection peaks at a few hundred
+    streams per second, so this is far above real traffic."""
+    new_stream_burst: int = 4000
+    """New streams a connection may open at once before the rate applies."""
+    ping_rate: float = 50.0
+    """PINGs per second (each needs an ACK), sustained."""
+    ping_burst: int = 500
+    settings_rate: float = 10.0
+    """SETTINGS frames per second (each needs an ACK), sustained."""
+    settings_burst: int = 100
+    max_pending_control_frames: int = 1000
+    """Control frames we queued in reply to the peer and could not write yet."""
+    max_consecutive_empty_frames: int = 100
+    """Frames in a row with an empty payload and no END_STREAM."""
+    max_window_updates_per_data_frame: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_premature_resets", "new_stream_burst", "ping_burst", "settings_burst",
+                     "max_pending_control_frames", "max_consecutive_empty_frames",
+                     "max_window_updates_per_data_frame"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AbuseLimits.{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("premature_reset_rate", "new_stream_rate", "ping_rate", "settings_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"AbuseLimits.{name} must be > 0, not {getattr(self, name)}")
+
+
+class TokenBucket:
+    """`burst` tokens, refilled at `rate` per second; `take(now)` spends one and returns what is
+    left, which goes below zero while the caller keeps taking from an empty bucket (the
+    deficit is how far beyond the rate the peer went)."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.stamp = now
+            tokens = self.tokens + elapsed * self.rate
+            self.tokens = tokens if tokens < self.burst else float(self.burst)
+        self.tokens -= 1.0
+        return self.tokens
