@@ -5,7 +5,8 @@ Theory of operation
 A peer holding a valid mesh certificate (a compromised node) can still make a connection cost
 far more than it should, without breaking any framing rule. The checks here bound that cost;
 each one is O(1) per frame and is touched only by the frames it is about (never by DATA with
-a payload, the hot path). Past a bound `H2Connection` raises
+a payload, the hot path). `AbuseGuard` keeps one connection's counters and buckets on the
+connection's injected clock. Past a bound `H2Connection` raises
 `ProtocolError(ENHANCE_YOUR_CALM, reason)`: GOAWAY goes out and the connection closes, and the
 server reports the reason as a Rejection at stage "h2".
 
@@ -36,9 +37,12 @@ server reports the reason as a Rejection at stage "h2".
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["AbuseLimits", "TokenBucket"]
+from .frames import ErrorCode, ProtocolError
+
+__all__ = ["AbuseLimits", "AbuseGuard", "TokenBucket"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,3 +104,75 @@ class TokenBucket:
             self.tokens = tokens if tokens < self.burst else float(self.burst)
         self.tokens -= 1.0
         return self.tokens
+
+
+class AbuseGuard:
+    """One connection's accounting against `AbuseLimits`: each method is called by the
+    connection for the frame it is about and raises `ProtocolError(ENHANCE_YOUR_CALM, reason)`
+    past a bound. `clock` is the connection's (seconds, monotonic)."""
+
+    __slots__ = ("limits", "clock", "streams", "resets", "pings", "settings", "streams_accepted",
+                 "premature_resets", "control_pending", "window_updates")
+
+    def __init__(self, limits: AbuseLimits, clock: Callable[[], float]) -> None:
+        now = clock()
+        self.limits = limits
+        self.clock = clock
+        self.streams = TokenBucket(limits.new_stream_rate, limits.new_stream_burst, now)
+        self.resets = TokenBucket(limits.premature_reset_rate, limits.max_premature_resets, now)
+        self.pings = TokenBucket(limits.ping_rate, limits.ping_burst, now)
+        self.settings = TokenBucket(limits.settings_rate, limits.settings_burst, now)
+        self.streams_accepted = 0       # server: streams the peer opened that we took
+        self.premature_resets = 0       # ... that it reset before our response
+        self.control_pending = 0        # answers queued, not yet written by the I/O layer
+        self.window_updates = 0
+
+    def new_stream(self) -> bool:
+        """Server: the peer opens a stream. False: refuse it (above the rate)."""
+        tokens = self.streams.take(self.clock())
+        if tokens >= 0:
+            return True
+        lim = self.limits
+        if tokens <= -lim.new_stream_burst:
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "stream_rate_exceeded",
+                                f"new streams above {lim.new_stream_rate:g}/s for too long "
+                                f"({lim.new_stream_burst} refused)")
+        return False
+
+    def premature_reset(self) -> None:
+        """Server: the peer reset a stream before we answered it."""
+        self.premature_resets += 1
+        n, lim = self.premature_resets, self.limits
+        if self.resets.take(self.clock()) < 0 or (n >= lim.max_premature_resets and 2 * n >= self.streams_accepted):
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "rapid_reset",
+                                f"{n} of {self.streams_accepted} streams reset by the peer before they were "
+                                f"answered (limit {lim.max_premature_resets}, {lim.premature_reset_rate:g}/s)")
+
+    def ping(self) -> None:
+        if self.pings.take(self.clock()) < 0:
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "ping_flood",
+                                f"more than {self.limits.ping_burst} PINGs at over {self.limits.ping_rate:g}/s")
+        self.owe_control()
+
+    def settings_frame(self) -> None:
+        if self.settings.take(self.clock()) < 0:
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "settings_flood",
+                                f"more than {self.limits.settings_burst} SETTINGS at over "
+                                f"{self.limits.settings_rate:g}/s")
+        self.owe_control()
+
+    def owe_control(self) -> None:
+        """We queue a frame in answer to the peer (an ACK, a reset, a refusal)."""
+        self.control_pending += 1
+        if self.control_pending > self.limits.max_pending_control_frames:
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "control_frame_flood",
+                                f"more than {self.limits.max_pending_control_frames} control frames owed "
+                                "to a peer that does not read them")
+
+    def window_update(self, streams: int, data_frames_sent: int) -> None:
+        """A WINDOW_UPDATE arrived; `streams` ever opened (both sides), DATA frames we sent."""
+        self.window_updates += 1
+        if self.window_updates > 1 + 2 * (streams + self.limits.max_window_updates_per_data_frame
+                                          * data_frames_sent):
+            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "window_update_flood",
+                                f"{self.window_updates} WINDOW_UPDATEs for {data_frames_sent} DATA frames sent")

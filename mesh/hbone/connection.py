@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import frames as f
-from .abuse import AbuseLimits, TokenBucket
+from .abuse import AbuseGuard, AbuseLimits
 from .connect_rules import regular_headers, validate_connect
 from .events import (GoAway, HandshakeCompleted, RequestReceived, RequestRejected, ResponseReceived,
                      SendUnblocked, StreamEnded, StreamReset)
@@ -172,19 +172,9 @@ class H2Connection:
         self.goaway_received: GoAway | None = None
         self.goaway_sent = False
         self.closed = False
-        # Abuse accounting (abuse.py).
-        self._clock = clock
-        now = clock()
-        self._abuse = abuse
-        self._stream_bucket = TokenBucket(abuse.new_stream_rate, abuse.new_stream_burst, now)
-        self._reset_bucket = TokenBucket(abuse.premature_reset_rate, abuse.max_premature_resets, now)
-        self._ping_bucket = TokenBucket(abuse.ping_rate, abuse.ping_burst, now)
-        self._settings_bucket = TokenBucket(abuse.settings_rate, abuse.settings_burst, now)
-        self.streams_accepted = 0               # server: streams the peer opened that we took
-        self.premature_resets = 0               # server: ... that it reset before our response
-        self._control_pending = 0               # answers queued, not yet written by the I/O layer
+        self.abuse = AbuseGuard(abuse, clock)
+        """Rapid-reset and flood accounting (abuse.py)."""
         self._data_frames_sent = 0
-        self._window_updates_received = 0
 
     # -- output -------------------------------------------------------------------------
 
@@ -246,7 +236,7 @@ class H2Connection:
         """The I/O layer wrote out what it took (its own buffers are below their high-water
         mark): the control frames we owed the peer no longer count against
         `max_pending_control_frames`."""
-        self._control_pending = 0
+        self.abuse.control_pending = 0
 
     # -- queries ------------------------------------------------------------------------
 
@@ -459,7 +449,7 @@ class H2Connection:
         events.append(ev)
 
     def _stream_error(self, s: _Stream, code: int, reason: str, events: list, credit: int = 0) -> None:
-        self._owe_control()
+        self.abuse.owe_control()
         self.reset_stream(s.sid, code)
         if credit:
             self.acknowledge_received_data(s.sid, credit)
@@ -485,45 +475,20 @@ class H2Connection:
                 return
             self._transition(s, "reset")
             if not s.response_seen and not self._client:
-                self._premature_reset()
+                self.abuse.premature_reset()
             events.append(StreamReset(ev.stream_id, ev.error_code, True, "peer_reset"))
         elif t is f.PingReceived:
             if not ev.ack:
-                if self._ping_bucket.take(self._clock()) < 0:
-                    raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "ping_flood",
-                                        f"more than {self._abuse.ping_burst} PINGs at over "
-                                        f"{self._abuse.ping_rate:g}/s")
-                self._owe_control()
+                self.abuse.ping()
                 self._out.append(f.ping_frame(ev.opaque, ack=True))
         elif t is f.GoAwayReceived:
             self._on_goaway(ev, events)
         # PriorityReceived: nothing to do.
 
-    def _premature_reset(self) -> None:
-        """The peer reset a stream before we answered it (see abuse.py, rapid reset)."""
-        self.premature_resets += 1
-        n, limit = self.premature_resets, self._abuse.max_premature_resets
-        if self._reset_bucket.take(self._clock()) < 0 or (n >= limit and 2 * n >= self.streams_accepted):
-            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "rapid_reset",
-                                f"{n} of {self.streams_accepted} streams reset by the peer before "
-                                f"they were answered (limit {limit}, {self._abuse.premature_reset_rate:g}/s)")
-
-    def _owe_control(self) -> None:
-        """We queue a frame in answer to the peer (an ACK, a reset, a refusal)."""
-        self._control_pending += 1
-        if self._control_pending > self._abuse.max_pending_control_frames:
-            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "control_frame_flood",
-                                f"more than {self._abuse.max_pending_control_frames} control frames owed "
-                                "to a peer that does not read them")
-
     def _on_settings(self, ev: f.SettingsReceived, events: list) -> None:
         if ev.ack:
             return
-        if self._settings_bucket.take(self._clock()) < 0:
-            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "settings_flood",
-                                f"more than {self._abuse.settings_burst} SETTINGS at over "
-                                f"{self._abuse.settings_rate:g}/s")
-        self._owe_control()
+        self.abuse.settings_frame()
         window = None
         for key, value in ev.settings:
             if key == Setting.INITIAL_WINDOW_SIZE:
@@ -560,13 +525,7 @@ class H2Connection:
 
     def _on_window_update(self, ev: f.WindowUpdateReceived, events: list) -> None:
         sid, inc = ev.stream_id, ev.increment
-        self._window_updates_received += 1
-        streams = self.streams_accepted + (self._next_sid >> 1)     # theirs + ours
-        if self._window_updates_received > 1 + 2 * (streams + (
-                self._abuse.max_window_updates_per_data_frame * self._data_frames_sent)):
-            raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "window_update_flood",
-                                f"{self._window_updates_received} WINDOW_UPDATEs for "
-                                f"{self._data_frames_sent} DATA frames sent")
+        self.abuse.window_update(self.abuse.streams_accepted + (self._next_sid >> 1), self._data_frames_sent)
         if sid == 0:
             if inc == 0:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "zero_window_increment",
@@ -672,24 +631,19 @@ class H2Connection:
             raise ProtocolError(ErrorCode.STREAM_CLOSED, "headers_on_closed_stream",
                                 f"HEADERS on closed or non-increasing stream {sid}")
         self._highest_peer_sid = sid
-        tokens = self._stream_bucket.take(self._clock())
-        if tokens < 0:
-            if tokens <= -self._abuse.new_stream_burst:
-                raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "stream_rate_exceeded",
-                                    f"new streams above {self._abuse.new_stream_rate:g}/s for too long "
-                                    f"({self._abuse.new_stream_burst} refused)")
-            self._owe_control()
+        if not self.abuse.new_stream():
+            self.abuse.owe_control()
             self._out.append(f.rst_stream_frame(sid, ErrorCode.REFUSED_STREAM))
             events.append(RequestRejected(sid, 0, "stream_rate_limited"))
             return
         if self.goaway_sent or len(self._streams) >= self.config.max_concurrent_streams:
-            self._owe_control()
+            self.abuse.owe_control()
             self._out.append(f.rst_stream_frame(sid, ErrorCode.REFUSED_STREAM))
             events.append(RequestRejected(sid, 0, "goaway" if self.goaway_sent else "max_concurrent_streams"))
             return
         result = validate_connect(ev.headers)
         if isinstance(result, str):
-            self._owe_control()
+            self.abuse.owe_control()
             # Malformed request (§8.1.1): answer 400 and close the stream; RST_STREAM(NO_ERROR)
             # tells the client to stop sending without discarding the response (§8.1).
             self._out.append(f.headers_frames(sid, f.encode_status_block(400), end_stream=True,
@@ -701,7 +655,7 @@ class H2Connection:
         authority, regular = result
         s = _Stream(sid, self._peer_initial_window, self.config.initial_window_size)
         self._streams[sid] = s
-        self.streams_accepted += 1
+        self.abuse.streams_accepted += 1
         if ev.end_stream:
             self._transition(s, "recv_end")
         events.append(RequestReceived(sid, authority, regular, ev.end_stream))

@@ -31,6 +31,13 @@ by their arity, once, at start):
   `HboneStream` is served in process: a waypoint runs HTTP over it), or raise `Reject` /
   `pending.reject(...)`. Returning a socket means splice it; returning None undecided -> 503.
 
+A stream reset before the handler answered (by the peer, or with its connection) stops it:
+a handler that has not started yet is never called, a running one is cancelled (its upstream
+connect with it), so a rapid reset costs no connects to the application; `on_result` still
+sees the stream's end. Rapid reset and floods themselves are bounded by the connection
+(abuse.py) and close it with GOAWAY ENHANCE_YOUR_CALM, reported through `on_reject` (stage
+"h2").
+
 A splice sends `:status 200` only once the socket is attached to the event loop -- so a 200
 from a splice always means "upstream connected" (as ztunnel does). Bytes the client sent
 early are held (they are unacknowledged, so bounded by our stream window) and go to the

@@ -102,7 +102,7 @@ def test_rapid_reset_events_before_the_bound_are_requests_and_peer_resets():
     closed_at, events = feed_until_goaway(conn, atk.rapid_reset(1, 100))
     assert closed_at == 5
     assert [type(e) for e in events] == [RequestReceived, StreamReset] * 4
-    assert conn.premature_resets == 5 and conn.streams_accepted == 5
+    assert conn.abuse.premature_resets == 5 and conn.abuse.streams_accepted == 5
 
 
 def test_premature_resets_below_the_rate_and_a_minority_never_trip():
@@ -120,7 +120,7 @@ def test_premature_resets_below_the_rate_and_a_minority_never_trip():
             conn.receive_data(atk.rst(sid))         # reset after the answer: not premature
         conn.data_to_send()
         conn.control_frames_written()
-    assert not conn.closed and conn.premature_resets == 1000 and conn.streams_accepted == 4000
+    assert not conn.closed and conn.abuse.premature_resets == 1000 and conn.abuse.streams_accepted == 4000
 
 
 def test_a_slow_rapid_reset_trips_on_the_majority_rule():
@@ -160,7 +160,7 @@ def test_many_streams_opened_answered_and_closed_never_trip():
         conn.data_to_send()
         conn.control_frames_written()
         clock.now += 0.01
-    assert not conn.closed and conn.open_streams == 0 and conn.premature_resets == 0
+    assert not conn.closed and conn.open_streams == 0 and conn.abuse.premature_resets == 0
 
 
 def test_new_stream_rate_refuses_then_closes_on_a_sustained_excess():
