@@ -57,7 +57,8 @@ class AbuseLimits:
     new_stream_rate: float = 10_000.0
     """New streams per second per connection, sustained. Our own pool opens one stream per
     downstream TCP connection; under connection-per-request load on loopback (16-256 clients)
-    one pooled connection peaked at about 2,400 streams/s, so this is four times that."""
+    one pooled connection peaked at about 2,600 streams/s (tests/bench/bench_hbone_stream_rate.py),
+    so this is about four times that."""
     new_stream_burst: int = 10_000
     """New streams a connection may open at once before the rate applies."""
     ping_rate: float = 50.0
