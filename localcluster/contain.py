@@ -1,7 +1,7 @@
 """A pod's mount namespace, set up as a container runtime sets up a container's (run as a script).
 
 Theory of operation.  :mod:`localcluster.procs` runs this file as
-``python3 -I -S contain.py [--hide DIR]... [--writable DIR] -- NEXT...`` as the first program
+``python3 -I -S contain.py [--hide DIR]... [--keep DIR]... [--writable DIR] -- NEXT...`` as the first program
 in a fresh mount and PID namespace (``unshare --mount --pid --fork --mount-proc``), still root
 with every capability.  It changes only this private mount namespace (propagation is private,
 so nothing reaches the host's), in this order, and then execs ``NEXT`` (``setpriv``, which
@@ -139,14 +139,21 @@ def proc_and_sys() -> None:
             mount("/dev/null", path, None, MS_BIND)
 
 
-def private_tmp(work: str | None) -> None:
-    """A fresh /tmp, as a container's own; a working directory under /tmp is carried over."""
-    keep = os.open(work, os.O_PATH | os.O_DIRECTORY) if work and under(work, "/tmp") else None
+def private_tmp(work: str | None, keep_ro: list[str]) -> None:
+    """A fresh /tmp, as a container's own. Carried over from the host's /tmp: the working
+    directory, and read-only the `--keep` directories (the project and its interpreter, when a
+    checkout lives under /tmp, as CI's clone may)."""
+    carry = [(d, True) for d in keep_ro if under(d, "/tmp") and os.path.isdir(d)]
+    if work and under(work, "/tmp"):
+        carry.append((work, False))
+    fds = [(os.open(d, os.O_PATH | os.O_DIRECTORY), d, ro) for d, ro in carry]
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    if keep is not None:
-        os.makedirs(work, mode=0o755)
-        mount(f"/proc/self/fd/{keep}", work, None, MS_BIND)
-        os.close(keep)
+    for fd, d, ro in fds:
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", d, None, MS_BIND)
+        os.close(fd)
+        if ro:
+            mount(None, d, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def writable(path: str) -> None:
@@ -155,11 +162,13 @@ def writable(path: str) -> None:
     os.chdir(path)  # the old cwd is the read-only mount's directory underneath
 
 
-def parse(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-    hidden, work, i = [], None, 0
+def parse(argv: list[str]) -> tuple[list[str], str | None, list[str], list[str]]:
+    hidden, work, keep, i = [], None, [], 0
     while i < len(argv) and argv[i] != "--":
         if argv[i] == "--hide":
             hidden.append(argv[i + 1])
+        elif argv[i] == "--keep":
+            keep.append(os.path.realpath(argv[i + 1]))
         elif argv[i] == "--writable":
             work = argv[i + 1]
         else:
@@ -167,13 +176,13 @@ def parse(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
         i += 2
     if i + 1 >= len(argv):
         raise StepFailed("no program after --")
-    return hidden, work, argv[i + 1:]
+    return hidden, work, argv[i + 1:], keep
 
 
 def main(argv: list[str]) -> None:
     step = "arguments"
     try:
-        hidden, work, nxt = parse(argv)
+        hidden, work, nxt, keep = parse(argv)
         step = "making / private"
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         for d in hidden:
@@ -189,7 +198,7 @@ def main(argv: list[str]) -> None:
         proc_and_sys()
         work = os.path.realpath(work) if work is not None else None
         step = "a private /tmp"
-        private_tmp(work)
+        private_tmp(work, keep)
         if work is not None:
             step = f"a writable working directory {work}"
             writable(work)

@@ -101,11 +101,18 @@ def _tool(name: str) -> str:
     return path
 
 
+# The project and its interpreter stay visible (read-only) if they live under /tmp, which the
+# pod gets a private one of.
+_KEEP = tuple(a for d in sorted({os.path.dirname(os.path.dirname(_CONTAIN)), sys.prefix,
+                                 os.path.dirname(os.path.realpath(sys.executable))})
+              for a in ("--keep", d))
+
+
 def contain_argv(argv: Sequence[str], c: Containment, cwd: str | None) -> list[str]:
     """The part of the chain after the netns: namespaces, hidden state, user, capabilities."""
     hide = [a for d in c.hide for a in ("--hide", d)]
     return [_tool("unshare"), "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
-            sys.executable, "-I", "-S", _CONTAIN, *hide, *(("--writable", cwd) if cwd else ()), "--",
+            sys.executable, "-I", "-S", _CONTAIN, *hide, *_KEEP, *(("--writable", cwd) if cwd else ()), "--",
             _tool("setpriv"), f"--reuid={c.uid}", f"--regid={c.gid}", "--clear-groups",
             "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
             "/bin/sh", "-c", _INIT, "mesh-init", *argv]
