@@ -300,7 +300,12 @@ def test_contained_argv_chain_drops_everything_and_is_fail_closed():
     assert argv[4:6] == ["/cg", "/var/run/netns/x"] and chain[0].endswith("/unshare")
     assert chain[1:7] == ["--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--"]
     i = chain.index("--writable")
-    assert chain[i - 4:i + 3] == ["--hide", "/a", "--hide", "/b", "--writable", "/w", "--"]
+    assert chain[i:i + 3] == ["--writable", "/w", "--"]
+    h = chain.index("--hide")
+    assert chain[h:h + 4] == ["--hide", "/a", "--hide", "/b"]
+    # The project (and its venv) are kept visible read-only in the pod's private /tmp.
+    kept = [chain[k + 1] for k in range(h, i) if chain[k] == "--keep"]
+    assert os.path.dirname(os.path.dirname(os.path.abspath(procs.__file__))) in kept and sys.prefix in kept
     j = chain.index("--reuid=5")
     assert chain[j:j + 8] == ["--reuid=5", "--regid=6", "--clear-groups", "--inh-caps=-all",
                               "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
