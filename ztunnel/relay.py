@@ -12,6 +12,8 @@ import asyncio
 import socket
 from dataclasses import dataclass
 
+from mesh.hbone.tunnel import retire
+
 __all__ = ["RelayResult", "relay", "HIGH_WATER", "LOW_WATER"]
 
 HIGH_WATER = 512 * 1024
@@ -95,6 +97,7 @@ class _Side(asyncio.Protocol):
                     t.abort()
                 else:
                     t.close()
+            retire(t)
         if not self.done.done():
             self.done.set_result(None)
 

@@ -46,6 +46,22 @@ TCP_HIGH_WATER = 1024 * 1024
 TCP_LOW_WATER = 256 * 1024
 
 
+def retire(transport: asyncio.BaseTransport) -> None:
+    """Keep a closed TCP transport referenced for a moment. uvloop (0.23) frees a stream whose
+    half-close (write_eof) is still pending from inside libuv's close callback when that
+    request holds the last reference, and crashes there (SIGSEGV in UVStream dealloc from
+    __uv_stream_on_shutdown, seen in the Envoy interop test); holding it past the close makes
+    the final dealloc happen in ordinary Python code."""
+    try:
+        asyncio.get_running_loop().call_later(0.5, _keep, transport)
+    except RuntimeError:
+        pass
+
+
+def _keep(_transport: object) -> None:
+    pass
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -160,6 +176,8 @@ class Tunnel(StreamCore, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done.done():
             return
+        if self.transport is not None:
+            retire(self.transport)
         self.transport = None
         self.conn.reset_stream(self.sid, ErrorCode.CONNECT_ERROR if exc else ErrorCode.CANCEL)
         self.session.want_flush()
@@ -289,6 +307,7 @@ class Tunnel(StreamCore, asyncio.Protocol):
                 t.close()                           # flushes what is buffered, then FIN
             else:
                 t.abort()
+            retire(t)
         self._resolve(error)
 
 
