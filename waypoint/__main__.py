@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import random
-import signal
 import sys
 
 from mesh.clock import SystemClock
+from mesh.proxy.bootstrap import run_until_signalled, setup_logging
 from mesh.proxy.sockets import HostSockets
 
 from .app import Waypoint
@@ -31,26 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hbone-address", default=f"0.0.0.0:{HBONE_PORT}", help="HOST:PORT to serve HBONE on")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(a.log_level)
     host, _, port = a.hbone_address.rpartition(":")
     cfg = WaypointConfig(namespace=a.gateway[0], name=a.gateway[1], run_dir=a.run_dir,
                          control_plane=a.control_plane, trust_domain=a.trust_domain,
                          hbone_host=host, hbone_port=int(port))
-    import uvloop
-    uvloop.install()
-
-    async def run() -> None:
-        wp = Waypoint(cfg, clock=SystemClock(), rng=random.Random(), sockets=HostSockets())
-        task = asyncio.ensure_future(wp.run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-    asyncio.run(run())
+    run_until_signalled(lambda: Waypoint(cfg, clock=SystemClock(), rng=random.Random(),
+                                         sockets=HostSockets()).run())
     return 0
 
 

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import random
-import signal
 import sys
 
 from mesh.clock import SystemClock
+from mesh.proxy.bootstrap import run_until_signalled, setup_logging
 
 from .app import Ztunnel
 from .config import ZtunnelConfig
@@ -42,15 +40,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="worker index; workers > 0 share the in-pod ports and leave capture to worker 0")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(a.log_level)
     cfg = ZtunnelConfig(node=a.node, run_dir=a.run_dir, control_plane=a.control_plane,
                         trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
                         sandbox_dir=a.sandbox_dir, pin_dir=a.pin_dir if a.worker == 0 else "",
                         fail_open=a.fail_open, worker=a.worker)
     _tune_malloc()
-    import uvloop
-    uvloop.install()
 
     async def run() -> None:
         capture = None
@@ -60,16 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             capture = Capture(cfg.pin_dir, ztunnel_cgroup=cgroup.abspath(cgroup.cgroup_of(os.getpid()) or ""),
                               fail_open=cfg.fail_open)
             capture.start()
-        zt = Ztunnel(cfg, clock=SystemClock(), rng=random.Random(), capture=capture)
-        task = asyncio.ensure_future(zt.run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-    asyncio.run(run())
+        await Ztunnel(cfg, clock=SystemClock(), rng=random.Random(), capture=capture).run()
+    run_until_signalled(run)
     return 0
 
 

@@ -1,14 +1,42 @@
-"""A proxy's bootstrap: the node/gateway credential it authenticates with, and TLS contexts per workload identity."""
+"""A proxy's bootstrap: logging, the process's run-until-signalled loop, the node/gateway credential it authenticates with, and TLS contexts per workload identity."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import ssl
+import sys
+from collections.abc import Awaitable, Callable
 
 from mesh import tls
 from mesh.ca import SecretManager, WorkloadCert
 from mesh.identity import SpiffeId
 
-__all__ = ["load_bootstrap", "TlsContexts"]
+__all__ = ["setup_logging", "run_until_signalled", "load_bootstrap", "TlsContexts"]
+
+
+def setup_logging(level: str) -> None:
+    """stderr, one line per record: the runner collects each proxy's stderr into its log file."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def run_until_signalled(main: Callable[[], Awaitable[None]]) -> None:
+    """Run a proxy's `main()` on uvloop until it returns or SIGTERM/SIGINT cancels it."""
+    import uvloop
+    uvloop.install()
+
+    async def run() -> None:
+        task = asyncio.ensure_future(main())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    asyncio.run(run())
 
 
 def load_bootstrap(directory: str) -> tuple[WorkloadCert, bytes]:
