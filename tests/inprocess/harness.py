@@ -8,17 +8,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
-import os
 import random
 import socket
-import textwrap
 from dataclasses import dataclass
 
-from controlplane.ca import CertificateAuthority
 from mesh import tls
 from mesh.clock import SystemClock
-from mesh.config import load_text
-from mesh.distribution.protocol import Snapshot
 from mesh.hbone import ConnectRequest, HbonePool, HboneServer, PendingStream
 from mesh.identity import SpiffeId
 from mesh.model import Endpoint, ServiceInfo, TunnelProtocol, Workload
@@ -27,13 +22,13 @@ from mesh.model.resources import ServicePort
 from mesh.proxy.access_log import Recorder
 from mesh.proxy.result import ConnectionResult
 from mesh.proxy.sockets import LoopbackSockets
-from mesh.state import ProxyState
 from ztunnel.config import InboundLimits
 from ztunnel.inpod import PodProxy
 from ztunnel.metrics import TcpMetrics
 from ztunnel.pod_context import PodContext
 
-TD = "cluster.local"
+from .mesh_objects import TD, MeshObjects
+
 APP_PORT = 8080
 
 
@@ -130,34 +125,19 @@ class Pod:
         return f"hello from {self.workload.name}\n".encode()
 
 
-class LoopbackMesh:
+class LoopbackMesh(MeshObjects):
     def __init__(self) -> None:
-        r = random.Random()
-        # A /24 of its own per run: parallel runs (other worktrees) must not collide on 15008.
-        self.prefix = f"127.{100 + os.getpid() % 100}.{r.randrange(1, 255)}."
-        self._next = 1
-        self.ca = CertificateAuthority.generate(TD, clock=SystemClock())
-        self.state = ProxyState()
+        super().__init__()
         self.metrics = TcpMetrics()
         self.log = Recorder(self.metrics.record)
         self.pool = HbonePool()
         self.redirects = Redirects()
-        self.objects: list = []
         self.pods: dict[str, Pod] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._hbone_servers: list[HboneServer] = []
-        self._version = 0
 
-    def ip(self) -> str:
-        ip = self.prefix + str(self._next)
-        self._next += 1
-        return ip
-
-    def publish(self) -> None:
-        """Give the proxies the current objects (as the control-plane client would) and re-check
-        live connections against the policies (as ztunnel's on_update does)."""
-        self._version += 1
-        self.state.apply_snapshot(Snapshot(version=self._version, resources=tuple(self.objects)))
+    def published(self) -> None:
+        """Re-check live connections against the policies (as ztunnel's on_update does)."""
         for p in self.pods.values():
             if p.proxy is not None:
                 p.proxy.reauthorize()
@@ -222,16 +202,6 @@ class LoopbackMesh:
         self.objects.append(svc)
         self.publish()
         return svc
-
-    def apply(self, yaml: str) -> list:
-        objs = load_text(textwrap.dedent(yaml), "test.yaml")
-        self.objects.extend(objs)
-        self.publish()
-        return objs
-
-    def remove(self, objs: list) -> None:
-        self.objects = [o for o in self.objects if all(o is not x for x in objs)]
-        self.publish()
 
     # -- clients --
 

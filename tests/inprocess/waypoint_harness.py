@@ -11,27 +11,22 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
 import random
 import socket
-import textwrap
 
-from controlplane.ca import CertificateAuthority
 from mesh import tls
 from mesh.clock import SystemClock
-from mesh.config import load_text
-from mesh.distribution.protocol import Snapshot
 from mesh.hbone import HbonePool, HboneServer, PoolKey
 from mesh.identity import SpiffeId
 from mesh.model import Endpoint, ServiceInfo, TunnelProtocol, Workload
 from mesh.model.base import FrozenMap
 from mesh.model.resources import ServicePort
 from mesh.proxy.sockets import LoopbackSockets
-from mesh.state import ProxyState
 from waypoint.inbound import Inbound, InboundContext
 from waypoint.telemetry import WaypointMetrics
 
-TD = "cluster.local"
+from .mesh_objects import TD, MeshObjects
+
 APP_PORT = 8080
 CHUNK = b"x" * 65536
 
@@ -166,34 +161,19 @@ class Client:
         self.writer.close()
 
 
-class WaypointMesh:
+class WaypointMesh(MeshObjects):
     def __init__(self, *, rng: random.Random | None = None) -> None:
-        r = random.Random()
-        self.prefix = f"127.{100 + os.getpid() % 100}.{r.randrange(1, 255)}."
-        self._next = 1
-        self.ca = CertificateAuthority.generate(TD, clock=SystemClock())
-        self.state = ProxyState()
-        self.objects: list = []
+        super().__init__()
         self.pods: dict[str, Pod] = {}
         self.metrics = WaypointMetrics()
         self.client_pool = HbonePool()
         self.wp_pool = HbonePool()
         self._servers: list = []
-        self._version = 0
         self.rng = rng or random.Random(7)
         self.wp_ip = self.ip()
         self.wp_identity = SpiffeId(trust_domain=TD, namespace="shop", service_account="waypoint")
         self.inbound: Inbound | None = None
         self.server: HboneServer | None = None
-
-    def ip(self) -> str:
-        ip = self.prefix + str(self._next)
-        self._next += 1
-        return ip
-
-    def publish(self) -> None:
-        self._version += 1
-        self.state.apply_snapshot(Snapshot(version=self._version, resources=tuple(self.objects)))
 
     async def start(self) -> None:
         cert = self.ca.issue(self.wp_identity)
@@ -243,16 +223,6 @@ class WaypointMesh:
         self.objects.append(svc)
         self.publish()
         return svc
-
-    def apply(self, yaml: str) -> list:
-        objs = load_text(textwrap.dedent(yaml), "test.yaml")
-        self.objects.extend(objs)
-        self.publish()
-        return objs
-
-    def remove(self, objs: list) -> None:
-        self.objects = [o for o in self.objects if all(o is not x for x in objs)]
-        self.publish()
 
     async def client(self, authority: str, *, ns: str = "shop", sa: str = "client", ip: str | None = None) -> Client:
         """An HBONE stream from a client workload to the waypoint, `:authority` = `authority`."""
