@@ -47,7 +47,7 @@ from localcluster.network import ClusterNetwork
 from localcluster.paths import ClusterPaths
 from localcluster.procs import Containment
 from controlplane.store import ResourceStore
-from localcluster.system import Proc, ProcSpec, SystemWorkload, restart_delay
+from localcluster.system import RESTART_BACKOFF_MAX, Proc, ProcSpec, SystemWorkload, restart_delay
 from localcluster import waypoints
 from mesh.identity import SpiffeId
 from mesh.model import PolicyObject
@@ -506,7 +506,7 @@ class Runner:
                         p.start()
                     except OSError as e:
                         log.warning("restart of %s failed: %s", p.argv[:3], e)
-                        p.next_start = now + restart_delay(99)
+                        p.next_start = now + RESTART_BACKOFF_MAX
 
     # -- readiness and status --
 

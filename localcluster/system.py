@@ -10,7 +10,7 @@ returns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from localcluster import procs
@@ -70,7 +70,6 @@ class Proc:
     restarts: int = 0
     last_exit: int | None = None
     next_start: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
     contain: procs.Containment | None = None
     """A pod container's containment; None for system workloads (they need privileges)."""
 

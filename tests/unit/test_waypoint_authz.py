@@ -136,7 +136,7 @@ CASES = [
     ("not-namespaces-same-ns", [deny("{from: [{source: {notNamespaces: [foo]}}]}")], req(src=SLEEP), True, "allowed"),
     ("ip-blocks", [allow("{from: [{source: {ipBlocks: [10.244.1.0/24]}}]}")], req(ip="10.244.1.9"), True, "allowed"),
     ("ip-blocks-miss", [allow("{from: [{source: {ipBlocks: [10.244.1.0/24]}}]}")], req(ip="10.244.2.9"), False, "no_allow_match"),
-    ("not-ip-blocks", [deny("{from: [{source: {notIpBlocks: [10.244.0.0/16]}}]}")], req(ip="192.168.0.1"), False, "denied_by_policy"),
+    ("not-ip-blocks", [deny("{from: [{source: {notIpBlocks: [10.244.0.0/16]}}]}")], req(ip="172.29.0.1"), False, "denied_by_policy"),
     ("remote-ip-blocks-uses-remote", [allow("{from: [{source: {remoteIpBlocks: [192.0.2.0/24]}}]}")],
      req(ip="10.244.1.7", remote="192.0.2.5"), True, "allowed"),
     ("remote-ip-blocks-defaults-to-peer", [allow("{from: [{source: {remoteIpBlocks: [192.0.2.0/24]}}]}")],

@@ -118,7 +118,7 @@ class WeightedEndpoint:
     """One endpoint as the balancer sees it (not mesh.model's Endpoint: just a key and a weight)."""
 
     address: str
-    """The endpoint's key, e.g. "10.0.0.7:8080"."""
+    """The endpoint's key, e.g. "10.244.1.7:8080"."""
     weight: int = 1
 
 
