@@ -47,11 +47,12 @@ TCP_LOW_WATER = 256 * 1024
 
 
 def retire(transport: asyncio.BaseTransport) -> None:
-    """Keep a closed TCP transport referenced for a moment. uvloop (0.23) frees a stream whose
-    half-close (write_eof) is still pending from inside libuv's close callback when that
-    request holds the last reference, and crashes there (SIGSEGV in UVStream dealloc from
-    __uv_stream_on_shutdown, seen in the Envoy interop test); holding it past the close makes
-    the final dealloc happen in ordinary Python code."""
+    """Keep a closed TCP transport referenced for a moment (belt and braces). The uvloop 0.23
+    crash (tests/bench/repro_uvloop_shutdown_crash.py) needs a transport freed while still OPEN
+    with a write_eof() shutdown pending: its dealloc calls uv_close, libuv cancels the shutdown and
+    __uv_stream_on_shutdown revives the dying object (refcnt 0) and frees it twice. close()/abort()
+    already prevents that (uvloop holds the handle until its close callback); the invariant that
+    matters is: never drop the last reference to an open, half-closed transport."""
     try:
         asyncio.get_running_loop().call_later(0.5, _keep, transport)
     except RuntimeError:
