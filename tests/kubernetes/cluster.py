@@ -124,6 +124,7 @@ current-context: test
             # an old resourceVersion answer 410 Gone there, as it does everywhere once the
             # watch cache's window has moved on: the tests provoke a real 410 with it.
             "--watch-cache-sizes=serviceaccounts#0",
+            "--allow-privileged=true",  # as kubeadm and every managed cluster: ztunnel is privileged
             "--v=1"])
         self.server = f"https://127.0.0.1:{p_api}"
         self._write_kubeconfig(self.kubeconfig, ADMIN_TOKEN)
@@ -208,7 +209,7 @@ current-context: test
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5  # the state is thrown away: no need for a long drain
         for p in procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
