@@ -28,10 +28,16 @@ export DEBIAN_FRONTEND=noninteractive
 
 # deb-src entries mirroring the machine's deb entries (same URIs/suites), once.
 src=/etc/apt/sources.list.d/ambient-deb-src.sources
-if [ ! -e "$src" ]; then
-  sed -n '/^Types: deb$/,/^$/p' /etc/apt/sources.list.d/debian.sources \
-    | sed 's/^Types: deb$/Types: deb-src/' > "$src"
-  grep -q '^Types: deb-src' "$src" || { echo "kube-build.sh: no deb entries to mirror" >&2; exit 1; }
+list=/etc/apt/sources.list.d/ambient-deb-src.list
+if [ ! -e "$src" ] && [ ! -e "$list" ]; then
+  if [ -e /etc/apt/sources.list.d/debian.sources ]; then  # deb822 (Debian 12's default)
+    sed -n '/^Types: deb$/,/^$/p' /etc/apt/sources.list.d/debian.sources \
+      | sed 's/^Types: deb$/Types: deb-src/' > "$src"
+    grep -q '^Types: deb-src' "$src" || { rm -f "$src"; echo "kube-build.sh: no deb entries to mirror" >&2; exit 1; }
+  else  # one-line format
+    grep -hE '^deb ' /etc/apt/sources.list 2>/dev/null | sed 's/^deb /deb-src /' > "$list"
+    [ -s "$list" ] || { rm -f "$list"; echo "kube-build.sh: no deb entries to mirror" >&2; exit 1; }
+  fi
 fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends golang-go rsync make \

@@ -51,7 +51,7 @@ class Relisted:
     kind: WatchedKind
     upserts: tuple[Upsert, ...]
     deletes: tuple[Delete, ...]
-    cause: str  # "initial", "gone", "error", "not_served"
+    cause: str  # "initial"; "gone" (410); "retry" (after a failed list); "not_served" (404: empty)
 
 
 Event = Upsert | Delete | Relisted
@@ -96,20 +96,23 @@ class Reflector:
         "lists": 0, "relists_gone": 0, "errors": 0, "events": 0, "watches": 0})
 
     async def run(self) -> None:
-        failures, cause = 0, "initial"
+        failures, gone_streak, cause = 0, 0, "initial"
         while True:
             try:
+                if gone_streak > 1:  # relisted, and gone again at once: do not spin on it
+                    await self.sleep(backoff_delay(gone_streak - 1, self.jitter()))
                 if not self.resource_version:
                     await self._list(cause)
                     failures = 0
                 if await self._watch():
-                    failures = 0
+                    failures = gone_streak = 0
                 else:  # a watch that ends with nothing in it must not become a busy loop
                     failures += 1
                     await self.sleep(backoff_delay(failures, self.jitter()))
             except Gone as e:
                 log.info("%s: watch from %s is gone (%s): relisting", self.kind.kind, self.resource_version, e)
                 self.stats["relists_gone"] += 1
+                gone_streak += 1
                 self.resource_version, cause = "", "gone"
             except ApiError as e:
                 failures += 1
@@ -121,7 +124,7 @@ class Reflector:
                             "%s: %s is not served (CRD not installed?); retrying", self.kind.kind, self.kind.path)
                 else:
                     log.warning("%s: %s; retrying (failure %d)", self.kind.kind, e, failures)
-                cause = "error" if e.status != 404 else "not_served"
+                cause = "retry"
                 await self.sleep(backoff_delay(failures, self.jitter()))
 
     async def _list(self, cause: str) -> None:

@@ -2,10 +2,14 @@
 what a relist passes on, and the watch backoff."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from controlplane.kube.api import ApiError, Gone, _error
 from controlplane.kube.kinds import WATCHED, project
-from controlplane.kube.reflector import BACKOFF_MAX, backoff_delay, relist_changes
+from controlplane.kube.reflector import (BACKOFF_MAX, Delete, Reflector, Relisted, Upsert, backoff_delay,
+                                         relist_changes)
 from mesh.config import convert
 from mesh.model import ResourceKey
 
@@ -90,3 +94,103 @@ def test_paths_of_core_and_custom_kinds():
     assert KIND["Pod"].path == "/api/v1/pods"
     assert KIND["AuthorizationPolicy"].path == "/apis/security.istio.io/v1/authorizationpolicies"
     assert KIND["Namespace"].namespaced is False and KIND["Gateway"].namespaced is True
+
+
+# --- the watch loop, against a scripted API ---------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+class ScriptedApi:
+    """Answers list/watch calls from a script; each entry is a result or an exception."""
+
+    def __init__(self, lists, watches):
+        self.lists, self.watches, self.watched_from = list(lists), list(watches), []
+
+    async def list(self, kind):
+        r = self.lists.pop(0)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    async def watch(self, kind, rv, *, timeout_seconds):
+        self.watched_from.append(rv)
+        if not self.watches:
+            raise _Stop
+        script = self.watches.pop(0)
+        if isinstance(script, Exception):
+            raise script
+        for item in script:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+def _run(api, max_sleeps=10):
+    events, sleeps = [], []
+
+    async def sleep(d):
+        sleeps.append(d)
+        if len(sleeps) >= max_sleeps:
+            raise _Stop
+
+    r = Reflector(api, KIND["ServiceAccount"], events.append, sleep=sleep, jitter=lambda: 0.0)
+
+    async def main():
+        try:
+            await r.run()
+        except _Stop:
+            pass
+    asyncio.run(main())
+    return r, events, sleeps
+
+
+def test_a_watch_that_ends_resumes_from_its_last_version_without_relisting():
+    api = ScriptedApi(lists=[([_sa("a", "10")], "10")],
+                      watches=[[("ADDED", _sa("b", "11")), ("BOOKMARK", {"metadata": {"resourceVersion": "15"}})],
+                               [("DELETED", _sa("a", "16"))]])
+    r, events, sleeps = _run(api)
+    assert api.watched_from == ["10", "15", "16"]  # the bookmark moved it on; no second list
+    assert r.stats["lists"] == 1 and sleeps == []
+    assert [type(e).__name__ for e in events] == ["Relisted", "Upsert", "Delete"]
+    assert isinstance(events[1], Upsert) and events[1].key.name == "b"
+    assert isinstance(events[2], Delete) and events[2].key.name == "a"
+    assert r.known == {ResourceKey("ServiceAccount", "ns", "b"): "11"}
+
+
+def test_gone_relists_and_errors_back_off_then_resume_from_the_same_version():
+    api = ScriptedApi(lists=[([_sa("a", "10")], "10"), ([_sa("a", "10"), _sa("c", "30")], "30")],
+                      watches=[Gone(410, "Expired", "too old"),
+                               ApiError(0, "ClientOSError", "reset"), ApiError(500, "InternalError", "x"),
+                               [("ADDED", _sa("d", "31"))]])
+    r, events, sleeps = _run(api)
+    relists = [e for e in events if isinstance(e, Relisted)]
+    assert [e.cause for e in relists] == ["initial", "gone"]
+    assert [u.key.name for u in relists[1].upserts] == ["c"]  # a did not change
+    assert api.watched_from == ["10", "30", "30", "30", "31"]  # errors do not relist
+    assert sleeps == [pytest.approx(0.1), pytest.approx(0.2)]  # backoff 0.2 s doubling, jitter 0 halves it
+    assert r.stats == {"lists": 2, "relists_gone": 1, "errors": 2, "events": 1, "watches": 5}
+
+
+def test_a_kind_that_is_not_served_is_empty_and_retried_with_backoff():
+    api = ScriptedApi(lists=[ApiError(404, "NotFound", "no CRD")] * 3 + [([_sa("a", "5")], "5")], watches=[])
+    r, events, sleeps = _run(api)
+    assert [e.cause for e in events] == ["not_served"] * 3 + ["retry"]
+    assert [u.key.name for u in events[-1].upserts] == ["a"]
+    assert r.synced.is_set()
+    assert sleeps == [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.4)]
+
+
+def test_gone_again_right_after_a_relist_backs_off_instead_of_spinning():
+    api = ScriptedApi(lists=[([], "1"), ([], "2"), ([], "3")],
+                      watches=[Gone(410, "Expired", "x"), Gone(410, "Expired", "x"), [("ADDED", _sa("a", "4"))]])
+    r, events, sleeps = _run(api)
+    assert r.stats["relists_gone"] == 2 and sleeps == [pytest.approx(0.1)]
+
+
+def test_an_error_event_in_the_stream_is_a_relist_when_it_says_410():
+    assert isinstance(_error(410, {"reason": "Expired", "message": "too old", "code": 410}), Gone)
+    e = _error(403, b'{"reason": "Forbidden", "message": "no"}')
+    assert type(e) is ApiError and (e.status, e.reason) == (403, "Forbidden")
