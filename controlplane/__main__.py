@@ -1,9 +1,11 @@
-"""Entry point: `python -m controlplane --socket PATH --ca-dir DIR [FILE...]`.
+"""Entry point: `python -m controlplane --socket PATH --ca-dir DIR [FILE... | --kubernetes]`.
 
-Serves proxies on a Unix socket from a static config source (Kubernetes-style YAML files, the
-same config edge as `ambient apply`). Local mode's runner hosts the same ControlPlane in its
-own process and feeds it from its resource store instead; Kubernetes mode will feed it from
-the API server.
+Serves proxies on a Unix socket from one resource source, both through the same config edge
+(mesh.config) into the same ResourceStore the ControlPlane watches:
+  * static Kubernetes-style YAML files (as `ambient apply` takes them), or
+  * `--kubernetes`: list+watch of an API server (controlplane.kube; `--kubeconfig PATH`, or
+    the pod's ServiceAccount when in a cluster); proxies are served once every kind is listed.
+Local mode's runner hosts the same ControlPlane in its own process, fed by its own store.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ from .server import ControlPlane
 from .store import ResourceStore
 
 
+_SYNC_TIMEOUT = 120.0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="controlplane", description="ambient mesh control plane")
     p.add_argument("--socket", required=True, help="Unix socket to serve proxies on (mTLS)")
@@ -29,10 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cert-ttl", type=float, default=24 * 3600.0, help="workload certificate lifetime, seconds")
     p.add_argument("--check", action="store_true", help="load and validate FILEs, print a summary, exit")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--kubernetes", action="store_true", help="watch a Kubernetes API server instead of FILEs")
+    p.add_argument("--kubeconfig", help="with --kubernetes: kubeconfig file (default: in-cluster config)")
     p.add_argument("files", nargs="*", help="YAML files with the cluster's resources")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if a.kubernetes and (a.files or a.check):
+        print("controlplane: --kubernetes takes no FILEs and no --check", file=sys.stderr)
+        return 2
     try:
         loaded = parse_paths(a.files) if a.files else []
         validate_batch(loaded, {})
@@ -48,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ca = CertificateAuthority.load_or_create(a.ca_dir, a.trust_domain, clock=clock)
 
     async def run() -> None:
+        source = None
+        if a.kubernetes:  # imported here: file mode should not load aiohttp and the API client
+            from .kube.api import KubeApi
+            from .kube.source import KubeSource
+            api = await KubeApi.from_kubeconfig(a.kubeconfig)
+            source = KubeSource(api, store)
+            await source.start()
+            await source.wait_synced(_SYNC_TIMEOUT)  # no empty snapshot to proxies before the first list
         cp = ControlPlane(ca=ca, socket_path=a.socket, clock=clock, cert_ttl=a.cert_ttl,
                           resources=store.objects.values())
         store.watch(cp.resources_changed)
@@ -58,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await cp.stop()
+        if source is not None:
+            await source.stop()
+            await source.api.close()
 
     asyncio.run(run())
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 from localcluster.api import ApiError, call
 from localcluster.paths import DEFAULT_CLUSTER, ClusterPaths, check_cluster_name
 from mesh.config import ConfigError, load_text
+from kubemode import cli as kube_cli
 
 _START_TIMEOUT = 30.0
 
@@ -306,6 +307,7 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("control-plane", help="stop or start the control plane (failure drills)")
     cp.add_argument("action", choices=["start", "stop"])
     cp.set_defaults(fn=cmd_control_plane)
+    kube_cli.register(sub)  # install, uninstall, check: Kubernetes mode
     return p
 
 
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if getattr(a, "command", None) and a.command[:1] == ["--"]:
         a.command = a.command[1:]
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and getattr(a, "needs_root", True):
         print("ambient: must run as root (network namespaces, cgroups, eBPF)", file=sys.stderr)
         return 1
     paths = ClusterPaths(a.cluster)

@@ -48,4 +48,7 @@ if [ ! -e "$stamp" ]; then
 fi
 .venv/bin/python -c 'import bcc, pyroute2, cryptography, uvloop, yaml, h2' \
   || { echo "install.sh: venv imports failed" >&2; exit 1; }
+# A real Kubernetes control plane (etcd + kube-apiserver/-controller-manager/-scheduler 1.20.2)
+# for the tests/kubernetes tier: built from Debian's source package once, cached outside the repo.
+bash scripts/kube-build.sh
 echo "install.sh: ready ($root/.venv)"

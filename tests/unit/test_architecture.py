@@ -16,7 +16,7 @@ def test_import_contracts_hold():
 def test_every_package_directory_is_a_package():
     # A directory without __init__.py is invisible to the contracts above.
     missing = []
-    for top in ("mesh", "controlplane", "localcluster", "ztunnel", "waypoint", "ebpf"):
+    for top in ("mesh", "controlplane", "localcluster", "ztunnel", "waypoint", "ebpf", "kubemode"):
         for d, dirs, files in os.walk(os.path.join(ROOT, top)):
             dirs[:] = [x for x in dirs if x != "__pycache__" and not x.startswith(".")]
             if any(f.endswith(".py") for f in files) and "__init__.py" not in files:
@@ -29,7 +29,7 @@ def test_every_module_imports():
     import importlib
     import pkgutil
     failed = []
-    for top in ("mesh", "controlplane", "localcluster", "ztunnel", "waypoint", "ebpf"):
+    for top in ("mesh", "controlplane", "localcluster", "ztunnel", "waypoint", "ebpf", "kubemode"):
         pkg = importlib.import_module(top)
         for m in pkgutil.walk_packages(pkg.__path__, top + "."):
             if m.name.endswith("__main__"):

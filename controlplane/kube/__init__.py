@@ -1,0 +1,1 @@
+"""Kubernetes mode's resource source: list+watch of the API server into the control plane's store."""

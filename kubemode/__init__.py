@@ -1,0 +1,1 @@
+"""Kubernetes mode's install side: the manifests `ambient install` prints (CRDs, RBAC, workloads)."""

@@ -1,0 +1,163 @@
+"""The manifests `ambient install` prints: `ambient install | kubectl apply -f -` (pure).
+
+In order: CRDs (Istio kinds; Gateway API ones unless the cluster has them), the mesh namespace,
+the control plane (ServiceAccount, ClusterRole/Binding, Deployment, Service) and ztunnel
+(ServiceAccount, DaemonSet). Names follow Istio's (istio-system, istiod, ztunnel) because the
+mesh's identities do: the control plane is spiffe://<td>/ns/istio-system/sa/istiod.
+
+RBAC is least privilege for what the control plane does today: list+watch of the watched
+kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED: the one table both sides read) and
+creating Events for rejected objects; ztunnel gets no API access at all (its token is mounted only as a
+projected token for the mesh CA's audience, not the API's).
+
+How ztunnel finds each pod's network namespace and cgroup on a node (hostPID, /proc and the
+cgroup v2 hierarchy mounted read-only): a pod's cgroup is the directory named after its UID
+under the kubelet's hierarchy (`.../kubepods*/pod<uid>/` with cgroupfs, `...pod<uid_>.slice`
+with the systemd driver); any PID in its `cgroup.procs` gives `/proc/<pid>/ns/net`, which
+ztunnel enters to open the pod's listeners, and the cgroup directory is where the capture
+programs attach (bpffs at /sys/fs/bpf holds the pins). Not yet wired end to end: ztunnel's
+control-plane connection is a Unix socket in local mode, and the TCP + ServiceAccount-token
+bootstrap (issue 13, "CA in Kubernetes") is still to come; the DaemonSet carries the arguments
+it will take.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane.kube.kinds import WATCHED
+
+from .crds import crds
+
+__all__ = ["InstallOptions", "manifests", "MESH_NAMESPACE", "CA_AUDIENCE", "watch_rules"]
+
+MESH_NAMESPACE = "istio-system"
+CA_AUDIENCE = "istio-ca"
+"""The audience of ztunnel's projected ServiceAccount token, as Istio's ztunnel uses."""
+CONTROL_PLANE_PORT = 15012
+_PART_OF = {"app.kubernetes.io/part-of": "ambient"}
+
+
+
+def watch_rules() -> list[tuple[str, tuple[str, ...]]]:
+    """(apiGroup, resources) the control plane lists and watches, by group."""
+    groups: dict[str, set[str]] = {}
+    for k in WATCHED:
+        groups.setdefault(k.group, set()).add(k.plural)
+    return [(g, tuple(sorted(r))) for g, r in sorted(groups.items())]
+
+
+@dataclass(frozen=True, slots=True)
+class InstallOptions:
+    image: str = "ambient-mesh:0.1.0"
+    trust_domain: str = "cluster.local"
+    gateway_api_crds: bool = True
+    image_pull_policy: str = "IfNotPresent"
+
+
+def _meta(name: str, namespaced: bool = True, **labels: str) -> dict[str, Any]:
+    m: dict[str, Any] = {"name": name, "labels": {**_PART_OF, **labels}}
+    if namespaced:
+        m["namespace"] = MESH_NAMESPACE
+    return m
+
+
+def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
+    app = {"app": "istiod"}
+    rules = [{"apiGroups": [g], "resources": list(r), "verbs": ["list", "watch"]} for g, r in watch_rules()]
+    rules.append({"apiGroups": [""], "resources": ["events"], "verbs": ["create"]})
+    container = {
+        "name": "discovery", "image": o.image, "imagePullPolicy": o.image_pull_policy,
+        "command": ["python3", "-m", "controlplane", "--kubernetes", "--socket", "/var/run/ambient/cp.sock",
+                    "--ca-dir", "/var/lib/ambient/ca", "--trust-domain", o.trust_domain],
+        "ports": [{"name": "tls-ambient-cp", "containerPort": CONTROL_PLANE_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1337, "runAsGroup": 1337,
+                            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "run", "mountPath": "/var/run/ambient"},
+                         {"name": "ca", "mountPath": "/var/lib/ambient/ca"}],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta("istiod", **app)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": _meta("ambient-istiod", namespaced=False, **app), "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": _meta("ambient-istiod", namespaced=False, **app),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ambient-istiod"},
+         "subjects": [{"kind": "ServiceAccount", "name": "istiod", "namespace": MESH_NAMESPACE}]},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("istiod", **app),
+         "spec": {"replicas": 1, "selector": {"matchLabels": app},
+                  "strategy": {"type": "Recreate"},  # one writer of the CA directory at a time
+                  "template": {"metadata": {"labels": {**_PART_OF, **app}},
+                               "spec": {"serviceAccountName": "istiod", "containers": [container],
+                                        # the root CA moves into a Secret with issue 13's CA work
+                                        "volumes": [{"name": "run", "emptyDir": {}},
+                                                    {"name": "ca", "emptyDir": {}}]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": _meta("istiod", **app),
+         "spec": {"selector": app, "ports": [{"name": "tls-ambient-cp", "port": CONTROL_PLANE_PORT,
+                                              "targetPort": CONTROL_PLANE_PORT, "protocol": "TCP"}]}},
+    ]
+
+
+def _host(name: str, path: str, type_: str) -> dict[str, Any]:
+    return {"name": name, "hostPath": {"path": path, "type": type_}}
+
+
+def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
+    app = {"app": "ztunnel"}
+    container = {
+        "name": "ztunnel", "image": o.image, "imagePullPolicy": o.image_pull_policy,
+        "command": ["python3", "-m", "ztunnel", "--node", "$(NODE_NAME)", "--run-dir", "/var/run/ambient",
+                    "--control-plane", f"istiod.{MESH_NAMESPACE}.svc:{CONTROL_PLANE_PORT}",
+                    "--trust-domain", o.trust_domain, "--pin-dir", "/sys/fs/bpf/ambient"],
+        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "CA_TOKEN", "value": "/var/run/secrets/tokens/istio-token"}],
+        "ports": [{"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
+                  {"name": "readiness", "containerPort": 15021, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}},
+        # Privileged: it enters pods' network namespaces (setns), loads and attaches eBPF
+        # programs to their cgroups, and opens listeners with SO_MARK inside them.
+        "securityContext": {"privileged": True, "runAsUser": 0},
+        "volumeMounts": [
+            {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"},
+            {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": True},
+            {"name": "host-proc", "mountPath": "/host/proc", "readOnly": True},
+            {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
+            {"name": "run", "mountPath": "/var/run/ambient"},
+            {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True},
+        ],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta("ztunnel", **app),
+         "automountServiceAccountToken": False},
+        {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta("ztunnel", **app),
+         "spec": {"selector": {"matchLabels": app},
+                  "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+                  "template": {"metadata": {"labels": {**_PART_OF, **app}}, "spec": {
+                      "serviceAccountName": "ztunnel", "automountServiceAccountToken": False,
+                      "hostPID": True,  # /proc of the node: each pod's processes, hence its netns
+                      "priorityClassName": "system-node-critical",
+                      "tolerations": [{"operator": "Exists"}],  # every node, tainted or not
+                      "nodeSelector": {"kubernetes.io/os": "linux"},
+                      "terminationGracePeriodSeconds": 30,
+                      "containers": [container],
+                      "volumes": [
+                          _host("bpffs", "/sys/fs/bpf", "Directory"),
+                          _host("cgroup", "/sys/fs/cgroup", "Directory"),
+                          _host("host-proc", "/proc", "Directory"),
+                          _host("netns", "/var/run/netns", "DirectoryOrCreate"),
+                          _host("run", "/var/run/ambient", "DirectoryOrCreate"),
+                          {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+                              "audience": CA_AUDIENCE, "expirationSeconds": 43200, "path": "istio-token"}}]}},
+                      ]}}}},
+    ]
+
+
+def manifests(o: InstallOptions = InstallOptions()) -> list[dict[str, Any]]:
+    """Every object of the install, in apply order."""
+    ns = {"apiVersion": "v1", "kind": "Namespace",
+          "metadata": {"name": MESH_NAMESPACE, "labels": dict(_PART_OF)}}
+    return [*crds(gateway_api=o.gateway_api_crds), ns, *_control_plane(o), *_ztunnel(o)]

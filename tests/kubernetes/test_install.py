@@ -1,0 +1,102 @@
+"""`ambient install | kubectl apply -f -` against the real API server: every manifest passes
+kubernetes-validate --strict and a server-side dry run, the install comes up as objects the
+cluster's controllers act on, RBAC grants the mesh's ServiceAccounts only what they use, and
+`ambient uninstall | kubectl delete -f -` takes it away again (keeping the CRDs)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import yaml
+
+from .cluster import KubeCluster
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _ambient(*args: str) -> str:
+    p = subprocess.run([os.path.join(BIN, "ambient"), *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def _can_i(kube: KubeCluster, sa: str) -> dict[str, set[str]]:
+    """`kubectl auth can-i --list` for a ServiceAccount: resource -> verbs."""
+    out = kube.kubectl("auth", "can-i", "--list", f"--as=system:serviceaccount:istio-system:{sa}").stdout
+    rules: dict[str, set[str]] = {}
+    for line in out.splitlines()[1:]:
+        cols = line.split()
+        if not cols or cols[0].startswith("["):
+            continue  # non-resource URLs (/healthz, /version...) every authenticated user has
+        verbs = re.search(r"\[([^\]]*)\]\s*$", line)  # the last column: [get list watch]
+        rules[cols[0]] = set(verbs.group(1).split()) if verbs else set()
+    return rules
+
+
+def test_every_manifest_validates_strictly_offline(tmp_path) -> None:
+    docs = list(yaml.safe_load_all(_ambient("install")))
+    kinds = [d["kind"] for d in docs]
+    assert {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+            "Deployment", "Service", "DaemonSet"} == set(kinds)
+    f = tmp_path / "install.yaml"
+    f.write_text(yaml.safe_dump_all(docs))
+    p = subprocess.run([os.path.join(BIN, "kubernetes-validate"), "--strict", str(f)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("passed for resource") == len(docs)
+    # Without the Gateway API CRDs (a cluster that has them): only the Istio ones.
+    crds = [d["metadata"]["name"] for d in yaml.safe_load_all(_ambient("install", "--skip-gateway-api-crds"))
+            if d["kind"] == "CustomResourceDefinition"]
+    assert crds and not [c for c in crds if c.endswith(".k8s.io")]
+
+
+def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(mesh_crds: KubeCluster) -> None:
+    kube = mesh_crds
+    manifest = _ambient("install")
+    kube.apply(yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}}))
+    # A server-side dry run runs admission and validation (selector/template match, enums).
+    out = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest).stdout
+    assert out.count("(server dry run)") == len(list(yaml.safe_load_all(manifest)))
+    kube.kubectl("apply", "-f", "-", input=manifest)
+
+    # The cluster's own controllers act on it: the Deployment gets its ReplicaSet and pod.
+    deadline = time.monotonic() + 30
+    while True:
+        pods = json.loads(kube.kubectl("get", "pods", "-n", "istio-system", "-l", "app=istiod", "-o", "json").stdout)
+        if pods["items"]:
+            break
+        assert time.monotonic() < deadline, "no istiod pod created"
+        time.sleep(0.2)
+    [pod] = pods["items"]
+    assert pod["spec"]["serviceAccountName"] == "istiod"
+    ds = json.loads(kube.kubectl("get", "daemonset", "ztunnel", "-n", "istio-system", "-o", "json").stdout)
+    assert ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] is True
+
+    cp = _can_i(kube, "istiod")
+    for res in ("pods", "services", "namespaces", "nodes", "serviceaccounts",
+                "authorizationpolicies.security.istio.io", "peerauthentications.security.istio.io",
+                "virtualservices.networking.istio.io", "destinationrules.networking.istio.io",
+                "gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"):
+        assert cp.pop(res) == {"list", "watch"}, res
+    assert cp.pop("events") == {"create"}
+    # What is left is what every authenticated identity may do (reviews about itself).
+    assert set(cp) <= {"selfsubjectaccessreviews.authorization.k8s.io", "selfsubjectrulesreviews.authorization.k8s.io"}
+    zt = _can_i(kube, "ztunnel")
+    assert set(zt) <= {"selfsubjectaccessreviews.authorization.k8s.io", "selfsubjectrulesreviews.authorization.k8s.io"}
+    for verb, res in (("get", "secrets"), ("create", "pods"), ("list", "pods")):
+        no = kube.kubectl("auth", "can-i", verb, res, "--as=system:serviceaccount:istio-system:istiod", check=False)
+        assert no.stdout.strip() == ("yes" if (verb, res) == ("list", "pods") else "no")
+
+    kube.kubectl("delete", "-f", "-", "--wait=false", input=_ambient("uninstall"))
+    for what in ("clusterrole/ambient-istiod", "clusterrolebinding/ambient-istiod"):
+        assert kube.kubectl("get", what, check=False).returncode != 0
+    ns = kube.kubectl("get", "namespace", "istio-system", "-o", "json", check=False)
+    assert ns.returncode != 0 or json.loads(ns.stdout)["status"]["phase"] == "Terminating"
+    # The CRDs stay (and with them every user's policy), unless --purge.
+    assert kube.kubectl("get", "crd", "authorizationpolicies.security.istio.io", check=False).returncode == 0
+    purge = [d["kind"] for d in yaml.safe_load_all(_ambient("uninstall", "--purge"))]
+    assert purge.count("CustomResourceDefinition") == 7 and purge[-1] == "CustomResourceDefinition"
