@@ -1,22 +1,21 @@
-"""One request through the waypoint, in Istio's filter order: authz -> route -> endpoint -> upstream exchange.
+"""One request through the waypoint, in Istio's filter order: authz -> route -> attempts (endpoint, upstream exchange, retries).
 
 `Pipeline.handle(head, down)` runs a request that arrived on a downstream connection to its
 end and records exactly one `RequestResult` (metrics + one access-log line on `ambient.access`):
 
 1. `x-request-id` is kept, or generated (uuid4 from the injected rng) and sent upstream;
 2. L7 AuthorizationPolicy (waypoint/authz.py): a deny is its LocalReply (403 `RBAC: access denied`);
-3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward;
-4. endpoint: the plan's endpoints, one picked; none -> 503 `no healthy upstream` (UH);
-5. `exchange()` over a kept-alive or new upstream connection; a connect failure -> 503 UF with
-   Envoy's body. `exchange` is the seam the resilience layer (retries, timeouts, faults) wraps:
-   it takes one attempt's upstream connection and streams the request body up and the
-   response down, returning a typed `ExchangeResult`.
+3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward, which
+   carries the route's retry policy and timeouts;
+4. `Attempts.forward` (waypoint/attempts.py): endpoint choice, upstream connections and the
+   attempt loop under the retry policy, retry budget, route and per-try timeouts; a response
+   or Envoy's local reply (503 UH / UF / UC, 504 UT, ...) goes downstream.
 
-Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered.
+Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`); only a request
+body's first 64 KiB are kept, for a retry.
 """
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import random
@@ -25,29 +24,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mesh.clock import Clock
-from mesh.hbone import TunnelError
 from mesh.identity import SpiffeId
 from mesh.model import Workload
 from mesh.model.base import ResourceKey
-from mesh.model.route import HeaderModifier
 from mesh.state import ProxyState
 
 from . import authz
+from .attempts import Attempts
+from .attempts import apply_header_mods as _apply
 from .channel import HttpChannel
-from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
-                   ResponseHead, ServerConnection)
+from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, ServerConnection
 from .plan import Destination, Forward, Reply, plan_request, service_fqdn
 from .routing import RequestInfo
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
-from .upstream import EndpointTarget, UpstreamConn, Upstreams, endpoints, pick
+from .upstream import EndpointTarget, Upstreams
 
-__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "local_reply_bytes"]
+__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "local_reply_bytes"]
 
 access = logging.getLogger("ambient.access")
 log = logging.getLogger("ambient.waypoint")
 
-_NO_HEALTHY = Reply(status=503, body=b"no healthy upstream", flags="UH", details="no_healthy_upstream")
-_UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
 
 
 class DownstreamConn(HttpChannel):
@@ -75,26 +71,6 @@ class ConnInfo:
     """The client workload, when the state knows one with the peer's identity and IP."""
 
 
-@dataclass(slots=True, kw_only=True)
-class ExchangeResult:
-    """How one upstream attempt went."""
-
-    status: int = 0
-    """Status sent downstream (0: none was)."""
-    request_bytes: int = 0
-    response_bytes: int = 0
-    flags: str = "-"
-    details: str = "via_upstream"
-    reusable: bool = False
-    """The upstream connection may carry another request."""
-    started: bool = False
-    """A response head went downstream (nothing can be retried or replaced any more)."""
-    failure: str = ""
-    """Upstream transport failure reason, if any."""
-    client_error: HttpError | None = None
-    """The client's request body was malformed (the codec's error: its status goes downstream)."""
-
-
 def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = (), *,
                       close: bool = True) -> bytes:
     """A complete local reply outside any codec state (for requests the codec refused)."""
@@ -104,114 +80,6 @@ def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, b
         extra.append(b"connection: close")
     hs = tuple(headers) + ((b"content-type", b"text/plain"),) if body else tuple(headers)
     return serialize_head(status_line(status, b""), hs, extra) + body
-
-
-def _apply(headers: list[tuple[bytes, bytes]], mods: Iterable[HeaderModifier]) -> list[tuple[bytes, bytes]]:
-    for m in mods:
-        if m.remove:
-            drop = {n.lower().encode() for n in m.remove}
-            headers = [h for h in headers if h[0] not in drop]
-        for n, v in m.set:
-            name = n.lower().encode()
-            headers = [h for h in headers if h[0] != name]
-            headers.append((name, v.encode()))
-        for n, v in m.add:
-            headers.append((n.lower().encode(), v.encode()))
-    return headers
-
-
-async def _pump_request_body(down: DownstreamConn, up: UpstreamConn, res: ExchangeResult) -> bool:
-    """Copy the request body up to its EndOfMessage. If the client goes away or its body is
-    malformed, the upstream attempt is aborted (it would wait for the rest forever)."""
-    while True:
-        try:
-            ev = await down.next()
-        except HttpError as e:
-            res.client_error = e
-            up.abort()
-            return False
-        if ev is None:
-            up.abort()
-            return False
-        t = type(ev)
-        if t is Body:
-            res.request_bytes += len(ev.data)
-            up.write(up.codec.send(ev))
-            if up.writing_paused:
-                await up.drain()
-        elif t is EndOfMessage:
-            up.write(up.codec.send(ev))
-            return True
-
-
-async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
-                   response_mods: tuple[HeaderModifier, ...]) -> ExchangeResult:
-    """One attempt: send `head` and the body from `down` to `up`, stream the response back."""
-    res = ExchangeResult()
-    try:
-        up.write(up.codec.send(head))
-    except LocalProtocolError:
-        return ExchangeResult(flags="UC", details="upstream_reset_before_response_started{connection_termination}")
-    if head.expect_continue:
-        down.write(down.codec.send(InformationalResponse(status=100)))
-    pump = asyncio.ensure_future(_pump_request_body(down, up, res))
-    body_done = False
-    try:
-        while True:
-            try:
-                ev = await up.next()
-            except HttpError as e:
-                res.flags, res.details, res.failure = "UPE", f"upstream_protocol_error{{{e.reason}}}", e.reason
-                if res.started:
-                    down.abort()
-                else:
-                    res.status = 502
-                return res
-            if ev is None:
-                if res.client_error is not None:
-                    res.flags, res.details = "DPE", f"http1.codec_error{{{res.client_error.reason}}}"
-                    if res.started:
-                        down.abort()
-                    return res
-                if not res.started:
-                    res.flags = "UC"
-                    res.details = "upstream_reset_before_response_started{connection_termination}"
-                else:
-                    res.flags = "UPE"
-                    res.details = "upstream_reset_after_response_started{connection_termination}"
-                    down.abort()
-                return res
-            t = type(ev)
-            if t is Body:
-                res.response_bytes += len(ev.data)
-                down.write(down.codec.send(ev))
-                if down.writing_paused:
-                    await down.drain()
-                if down.lost:                      # the client went away: stop reading upstream
-                    res.flags, res.details = "DC", "downstream_remote_disconnect"
-                    return res
-            elif t is ResponseHead:
-                if response_mods:
-                    ev = ResponseHead(status=ev.status, reason=ev.reason, content_length=ev.content_length,
-                                      headers=tuple(_apply(list(ev.headers), response_mods)))
-                down.write(down.codec.send(ev))
-                res.status, res.started = ev.status, True
-            elif t is EndOfMessage:
-                down.write(down.codec.send(ev))
-                break
-            elif t is InformationalResponse:
-                if ev.status != 100 or not head.expect_continue:
-                    down.write(down.codec.send(ev))
-            # ConnectionClosed comes after the response's end or as None: nothing to do
-        if not pump.done() and not down.codec.should_close:
-            await pump            # the response is complete: the rest of the request body follows
-        body_done = pump.done() and not pump.cancelled() and pump.exception() is None and pump.result()
-        res.reusable = body_done and up.codec.reusable
-        return res
-    finally:
-        if not pump.done():
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
 
 
 class Pipeline:
@@ -227,8 +95,8 @@ class Pipeline:
         self.waypoint = waypoint
         self.waypoint_namespace = waypoint_namespace
         self.requests = 0
-        self.exchange = exchange
-        """One upstream attempt (`exchange`'s signature): the seam retries/timeouts/faults wrap."""
+        self.attempts = Attempts(state=state, upstreams=upstreams, metrics=metrics, clock=clock, rng=rng)
+        """The upstream side of a routed request: the seam retries, timeouts and faults live behind."""
 
     # -- labels and results -----------------------------------------------------------------
 
@@ -341,47 +209,21 @@ class Pipeline:
                          resp_bytes=len(plan.body), rid=rid, route=plan.route_name)
             await self._finish_request_body(down, head)
             return
-        target = pick(endpoints(self.state, plan), self.rng)
-        if target is None:
-            self._reply(down, _NO_HEALTHY)
-            self._record(info, head, start, t0, status=503, flags="UH", details=_NO_HEALTHY.details,
-                         resp_bytes=len(_NO_HEALTHY.body), rid=rid, fwd=plan, route=plan.route_name)
-            await self._finish_request_body(down, head)
-            return
         if plan.request_headers:
             headers = _apply(headers, plan.request_headers)
         if plan.authority is not None:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
-                              content_length=head.content_length, chunked=head.chunked)
-        try:
-            up = await self.upstreams.acquire(target, info.src_ip)
-        except (TunnelError, OSError) as e:
-            reason = getattr(e, "reason", None) or type(e).__name__
-            body = (_UPSTREAM_RESET + b"remote connection failure, transport failure reason: " +
-                    str(e).encode("latin-1", "replace"))
-            self._reply(down, Reply(status=503, body=body))
-            self._record(info, head, start, t0, status=503, flags="UF", details="upstream_reset_before_response_"
-                         "started{remote_connection_failure}", resp_bytes=len(body), rid=rid, fwd=plan,
-                         target=target, route=plan.route_name, failure=reason)
-            await self._finish_request_body(down, head)
-            return
-        res = await self.exchange(up, up_head, down, plan.response_headers)
-        self.upstreams.release(up, res.reusable)
-        if res.client_error is not None:
-            if not res.started and not down.lost:
-                down.codec.close_after_response()
-                self._reply(down, Reply(status=res.client_error.status))
-                res.status = res.client_error.status
-        elif not res.started and res.status == 0 and not down.lost:
-            body = _UPSTREAM_RESET + b"connection termination"
-            self._reply(down, Reply(status=503, body=body))
-            res.status, res.response_bytes = 503, len(body)
-        elif not res.started and res.status == 502 and not down.lost:
-            self._reply(down, Reply(status=502, body=b"upstream sent an invalid HTTP response"))
+                              content_length=head.content_length, chunked=head.chunked,
+                              expect_continue=head.expect_continue)
+        res = await self.attempts.forward(plan, up_head, down, info.src_ip, rid)
+        if res.client_error is not None and not res.started and not down.lost:
+            down.codec.close_after_response()
+            self._reply(down, Reply(status=res.client_error.status))
+            res.status = res.client_error.status
         self._record(info, head, start, t0, status=res.status, flags=res.flags, details=res.details,
-                     req_bytes=res.request_bytes, resp_bytes=res.response_bytes, rid=rid, fwd=plan, target=target,
-                     route=plan.route_name, failure=res.failure)
+                     req_bytes=res.request_bytes, resp_bytes=res.response_bytes, rid=rid, fwd=plan,
+                     target=res.target, route=plan.route_name, failure=res.failure)
 
     def record_codec_error(self, info: ConnInfo, e: HttpError) -> None:
         """A request the codec refused (its stable status went back, the connection closes)."""

@@ -27,10 +27,13 @@ from mesh.model.route import (DestinationRule, HeaderModifier, HTTPFilters, HTTP
 from mesh.model.resources import ServicePort
 from mesh.state import ProxyState
 
+from .resilience.retry import (DEFAULT_RETRY_POLICY, RetryPolicy, policy_from_http_route,
+                               policy_from_virtual_service)
 from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
                       pick_backend, pick_vs_destination)
 
-__all__ = ["Destination", "Forward", "Reply", "resolve", "plan_request", "service_fqdn", "RouteSet"]
+__all__ = ["Destination", "Forward", "Reply", "resolve", "plan_request", "service_fqdn", "RouteSet",
+           "destination_rule_for"]
 
 DOMAIN = "cluster.local"
 
@@ -89,6 +92,41 @@ class Forward:
     authority: bytes | None = None
     """Rewritten Host; None = as sent."""
     route_name: str = ""
+    retry: RetryPolicy = DEFAULT_RETRY_POLICY
+    """The route's retry policy (Istio's default when the route sets none)."""
+    timeout: float | None = None
+    """Seconds for the whole request, retries included (VS `timeout`, HTTPRoute
+    `timeouts.request`); None: no timeout, as Istio's routes."""
+
+
+_POLICIES: dict[int, tuple[object, RetryPolicy]] = {}
+"""Retry policies by id() of the config object they come from (kept with it, so an id is
+never reused while cached): converted once per route, not per request."""
+
+
+def _cached_policy(obj: object, make) -> RetryPolicy:
+    hit = _POLICIES.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    if len(_POLICIES) > 4096:   # config churn: start over rather than grow
+        _POLICIES.clear()
+    policy = make()
+    _POLICIES[id(obj)] = (obj, policy)
+    return policy
+
+
+def _rule_resilience(rule) -> dict:
+    """HTTPRoute rule -> Forward's retry and timeout (GEP-1731 / GEP-1742; 0 = disabled)."""
+    t = rule.timeouts
+    backend = (t.backend_request or None) if t is not None else None
+    retry = _cached_policy(rule, lambda: policy_from_http_route(rule.retry, backend_request_timeout=backend))
+    return {"retry": retry, "timeout": (t.request or None) if t is not None else None}
+
+
+def _vs_resilience(route) -> dict:
+    retry = (DEFAULT_RETRY_POLICY if route.retries is None
+             else _cached_policy(route.retries, lambda: policy_from_virtual_service(route.retries)))
+    return {"retry": retry, "timeout": route.timeout or None}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,12 +209,20 @@ def _forward_to(svc: ServiceInfo, port: int | None, default_port: int, **kw) -> 
     return Forward(service=svc, port=sp.port, target_port=_target(sp), **kw)
 
 
+def _names(dr: DestinationRule, svc: ServiceInfo) -> bool:
+    h = dr.host
+    return (h == service_fqdn(svc) or (h == svc.name and dr.namespace == svc.namespace)
+            or h == f"{svc.name}.{svc.namespace}")
+
+
+def destination_rule_for(drs: Sequence[DestinationRule], svc: ServiceInfo) -> DestinationRule | None:
+    """The DestinationRule whose host names `svc` (the first by namespace/name)."""
+    return next((dr for dr in sorted(drs, key=lambda d: (d.namespace, d.name)) if _names(dr, svc)), None)
+
+
 def _subset_labels(drs: Sequence[DestinationRule], svc: ServiceInfo, subset: str) -> FrozenMap | None:
-    fqdn = service_fqdn(svc)
     for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
-        h = dr.host
-        names = h == fqdn or (h == svc.name and dr.namespace == svc.namespace) or h == f"{svc.name}.{svc.namespace}"
-        if names:
+        if _names(dr, svc):
             for s in dr.subsets:
                 if s.name == subset:
                     return s.labels
@@ -246,7 +292,7 @@ def _plan_http_route(state: ProxyState, routes: Sequence[HTTPRoute], req: Reques
     req_mods = tuple(x for x in (f.request_headers, bf.request_headers) if x is not None)
     resp_mods = tuple(x for x in (f.response_headers, bf.response_headers) if x is not None)
     return _forward_to(svc, backend.port, port, request_headers=req_mods, response_headers=resp_mods,
-                       target=target, authority=authority, route_name=name)
+                       target=target, authority=authority, route_name=name, **_rule_resilience(m.rule))
 
 
 def _vs_mods(*hs: VSHeaders | None) -> tuple[tuple[HeaderModifier, ...], tuple[HeaderModifier, ...]]:
@@ -285,7 +331,8 @@ def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[Des
             authority = route.rewrite.authority.encode()
     req_mods, resp_mods = _vs_mods(route.headers, dest.headers)
     return _forward_to(svc, dest.destination.port, port, subset_labels=labels, request_headers=req_mods,
-                       response_headers=resp_mods, target=target, authority=authority, route_name=name)
+                       response_headers=resp_mods, target=target, authority=authority, route_name=name,
+                       **_vs_resilience(route))
 
 
 def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_query: bytes, *,

@@ -164,6 +164,8 @@ class WaypointMetrics:
         self._overflow: dict[str, _Series] = {}
         self.overflowed = 0
         """Requests counted in an overflow series because the cap was reached."""
+        self.budget_exhausted: dict[str, int] = {}
+        """Retries not sent because the destination service's retry budget was exhausted."""
 
     def __len__(self) -> int:
         """Distinct label sets held (overflow series included)."""
@@ -200,6 +202,10 @@ class WaypointMetrics:
         s.resp[bisect_left(self._bytes_bounds, rs)] += 1
         s.resp_sum += rs
 
+    def retry_budget_exhausted(self, destination_service: str) -> None:
+        """A retry the destination's budget refused (bounded: one series per service)."""
+        self.budget_exhausted[destination_service] = self.budget_exhausted.get(destination_service, 0) + 1
+
     def _histogram(self, name: str, doc: str, bounds: tuple[float, ...], series: list[_Series],
                    counts_attr: str, sum_attr: str) -> Iterator[bytes]:
         yield f"# HELP {name} {doc}\n# TYPE {name} histogram\n".encode()
@@ -229,6 +235,11 @@ class WaypointMetrics:
         yield (b"# HELP waypoint_metric_series_overflow_total Requests counted in the overflow series "
                b"because the label-set cap was reached.\n# TYPE waypoint_metric_series_overflow_total counter\n"
                b"waypoint_metric_series_overflow_total %d\n" % self.overflowed)
+        yield (b"# HELP ambient_waypoint_retry_budget_exhausted_total Retries not sent because the destination "
+               b"service's retry budget was exhausted.\n"
+               b"# TYPE ambient_waypoint_retry_budget_exhausted_total counter\n")
+        yield "".join(f'ambient_waypoint_retry_budget_exhausted_total{{destination_service="{_escape(k)}"}} {v}\n'
+                      for k, v in sorted(self.budget_exhausted.items())).encode()
 
     def exposition(self) -> bytes:
         """All families in the Prometheus text format (version 0.0.4)."""

@@ -11,8 +11,10 @@ from .resources import ServicePort
 
 __all__ = ["TunnelProtocol", "Workload", "Endpoint", "ServiceInfo", "WAYPOINT_CLASS", "WAYPOINT_FOR_LABEL",
            "WAYPOINT_NAMESPACE_LABEL", "GATEWAY_NAME_LABEL", "WaypointFor", "BindingSource", "WaypointStatus",
-           "WaypointBinding", "Waypoint"]
+           "WaypointBinding", "Waypoint", "PROXY_ANNOTATION_PREFIXES"]
 
+PROXY_ANNOTATION_PREFIXES = ("retry.ambient.dev/",)
+"""Service annotation keys distributed to proxies (the rest stay in the control plane)."""
 WAYPOINT_CLASS = "istio-waypoint"
 """gatewayClassName of a Gateway that is a waypoint."""
 WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
@@ -144,6 +146,9 @@ class ServiceInfo:
     """Value of istio.io/use-waypoint (service, else namespace), when set (raw; see waypoint_binding)."""
     waypoint_binding: WaypointBinding | None = None
     """The waypoint for traffic addressed to this Service; None = direct."""
+    annotations: FrozenMap = field(default_factory=FrozenMap)
+    """The Service's annotations a proxy reads (keys under PROXY_ANNOTATION_PREFIXES): per-service
+    tuning such as the retry budget (waypoint/resilience/budget.py)."""
 
     @property
     def uid(self) -> str:

@@ -1,0 +1,212 @@
+"""Retries, retry budgets and timeouts through the waypoint's real handler, HBONE on loopback, scripted backends."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.inprocess.test_waypoint_l7 import VIP, run
+
+BIG = 64 * 1024 + 1
+
+
+def vs(retries: str = "", timeout: str = "", host: str = "web") -> str:
+    return f"""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {host}, namespace: shop}}
+spec:
+  hosts: [{host}]
+  http:
+  - route: [{{destination: {{host: {host}}}}}]
+{f"    retries: {retries}" if retries else ""}
+{f"    timeout: {timeout}" if timeout else ""}
+"""
+
+
+def flags(mesh) -> dict[str, int]:
+    fam = next(f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())
+               if f.name == "istio_requests")
+    out: dict[str, int] = {}
+    for s in fam.samples:
+        k = f'{s.labels["response_code"]} {s.labels["response_flags"]}'
+        out[k] = out.get(k, 0) + int(s.value)
+    return out
+
+
+def budget_denials(mesh) -> float:
+    fam = next(f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())
+               if f.name == "ambient_waypoint_retry_budget_exhausted")
+    return sum(s.value for s in fam.samples)
+
+
+async def web(mesh, n: int = 1, annotations=None):
+    pods = [await mesh.pod(f"web-{i}", labels={"app": "web"}) for i in range(n)]
+    mesh.service("web", VIP, pods, annotations=annotations)
+    return pods
+
+
+def test_one_in_three_503_succeeds_with_attempts_2_and_counts_attempts():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
+        c = await mesh.client(f"{VIP}:80")
+        for i in range(30):
+            if i % 3 == 0:
+                p.backend.script.append("503")
+            r = await c.request("GET", f"/{i}")
+            assert r.status == 200, (i, r.status, r.body)
+        # every third request needed a second attempt, which said so
+        assert p.backend.requests == 40
+        assert p.backend.attempt_counts.count("2") == 10 and p.backend.attempt_counts.count("1") == 30
+        assert flags(mesh) == {"200 -": 30}
+        c.close()
+    run(go)
+
+
+def test_default_policy_does_not_retry_503_and_vs_attempts_exhausted_is_urx():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        p.backend.always = "503"
+        c = await mesh.client(f"{VIP}:80")
+        r = await c.request("GET", "/")
+        assert r.status == 503 and r.body == b"failed" and p.backend.requests == 1   # Istio's default: no 503
+        mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
+        r = await c.request("GET", "/")
+        assert r.status == 503 and r.body == b"failed" and p.backend.requests == 4   # 1 + 1 + 2 retries
+        assert flags(mesh) == {"503 -": 1, "503 URX": 1}
+        c.close()
+    run(go)
+
+
+def test_retry_goes_to_another_endpoint():
+    async def go(mesh):
+        bad, good = await web(mesh, 2)
+        bad.backend.always = "503"
+        mesh.apply(vs("{attempts: 1, retryOn: 5xx}"))
+        c = await mesh.client(f"{VIP}:80")
+        for _ in range(40):
+            r = await c.request("GET", "/")
+            assert r.status == 200          # a retry never lands on the endpoint that just failed
+        assert bad.backend.requests > 5 and good.backend.requests == 40
+        assert "2" in good.backend.attempt_counts
+        c.close()
+    run(go)
+
+
+def test_reset_is_retried_under_reset_and_not_by_default():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        c = await mesh.client(f"{VIP}:80")
+        p.backend.script.append("reset")
+        r = await c.request("GET", "/")
+        assert r.status == 503 and r.body == (b"upstream connect error or disconnect/reset before headers. "
+                                              b"reset reason: connection termination")
+        mesh.apply(vs("{attempts: 2, retryOn: reset}"))
+        p.backend.script.append("reset")
+        r = await c.request("GET", "/")
+        assert r.status == 200 and r.json()["headers"].count(["x-envoy-attempt-count", "2"]) == 1
+        assert flags(mesh) == {"503 UC": 1, "200 -": 1}
+        c.close()
+    run(go)
+
+
+def test_post_body_replayed_within_bound_and_not_past_it():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
+        c = await mesh.client(f"{VIP}:80")
+        small = b"s" * (64 * 1024)
+        p.backend.script.append("503")
+        r = await c.request("POST", "/pay", body=small)
+        assert r.status == 200 and r.json()["body_bytes"] == len(small)
+        assert p.backend.bodies == [len(small), len(small)]     # the whole body, twice
+        p.backend.script.append("503")
+        r = await c.request("POST", "/pay", body=b"b" * BIG)
+        assert r.status == 503 and r.body == b"failed"           # past the bound: not replayed
+        assert p.backend.bodies[2:] == [BIG]
+        c.close()
+    run(go)
+
+
+def test_connect_failure_retried_to_a_live_endpoint_by_default():
+    async def go(mesh):
+        gone = await mesh.pod("web-gone", labels={"app": "web"}, backend=False)
+        live = await mesh.pod("web-live", labels={"app": "web"})
+        mesh.service("web", VIP, [gone, live])
+        c = await mesh.client(f"{VIP}:80")
+        for _ in range(20):
+            assert (await c.request("GET", "/")).status == 200
+        assert live.backend.requests == 20
+        c.close()
+    run(go)
+
+
+def _within(elapsed: float, want: float) -> bool:
+    return want * 0.9 <= elapsed <= want * 1.1 + 0.05
+
+
+def test_route_timeout_is_504_ut_on_time():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(vs(timeout="500ms"))
+        c = await mesh.client(f"{VIP}:80")
+        p.backend.script.append("delay:3")
+        t0 = time.monotonic()
+        r = await c.request("GET", "/")
+        elapsed = time.monotonic() - t0
+        assert r.status == 504 and r.body == b"upstream request timeout", r.body
+        assert _within(elapsed, 0.5), elapsed
+        assert flags(mesh) == {"504 UT": 1}
+        c.close()
+    run(go)
+
+
+def test_per_try_timeout_retried_then_504_ut_urx():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(vs("{attempts: 1, perTryTimeout: 300ms, retryOn: 5xx}"))
+        c = await mesh.client(f"{VIP}:80")
+        p.backend.script.append("delay:3")
+        t0 = time.monotonic()
+        r = await c.request("GET", "/")           # the first try times out, the retry answers
+        assert r.status == 200 and 0.27 <= time.monotonic() - t0 < 1.0
+        p.backend.script += ["delay:3", "delay:3"]
+        t0 = time.monotonic()
+        r = await c.request("GET", "/")
+        elapsed = time.monotonic() - t0
+        assert r.status == 504 and r.body == b"upstream request timeout"
+        # two tries of 300 ms plus one backoff of at most 25 ms
+        assert 0.6 * 0.9 <= elapsed <= (0.6 + 0.025) * 1.1 + 0.05, elapsed
+        assert flags(mesh) == {"200 -": 1, "504 UT,URX": 1}
+        c.close()
+    run(go)
+
+
+def test_route_timeout_covers_retries():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(vs("{attempts: 5, perTryTimeout: 200ms, retryOn: 5xx}", timeout="500ms"))
+        p.backend.always = "delay:3"
+        c = await mesh.client(f"{VIP}:80")
+        t0 = time.monotonic()
+        r = await c.request("GET", "/")
+        elapsed = time.monotonic() - t0
+        assert r.status == 504 and _within(elapsed, 0.5), elapsed
+        assert p.backend.requests <= 3
+        c.close()
+    run(go)
+
+
+def test_budget_annotation_off_lets_attempts_multiply():
+    async def go(mesh):
+        (p,) = await web(mesh, annotations={"retry.ambient.dev/budget": "off"})
+        p.backend.always = "503"
+        mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
+        c = await mesh.client(f"{VIP}:80")
+        for _ in range(200):
+            assert (await c.request("GET", "/")).status == 503
+        assert p.backend.requests == 600 and budget_denials(mesh) == 0
+        c.close()
+    run(go, timeout=120)
