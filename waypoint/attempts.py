@@ -64,6 +64,8 @@ REPLAY_LIMIT = 64 * 1024
 
 UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. "
 _TIMEOUT_BODY = b"upstream request timeout"
+_BUDGET_BODY = b"retry budget exhausted"
+"""Ours: Envoy has no such local reply (its retry budget only stops its own retries)."""
 _ATTEMPT = ATTEMPT_COUNT_HEADER.encode()
 
 
@@ -102,6 +104,9 @@ class ForwardResult:
     """The endpoint of the last attempt."""
     attempts: int = 0
     reusable: bool = False
+    body_complete: bool = False
+    """The request body was read to its end (else what is left must be consumed or the
+    connection closed)."""
 
 
 class RequestBody:
@@ -267,13 +272,14 @@ class Attempts:
         body = RequestBody(down)
         try:
             async with asyncio.timeout(fwd.timeout) as whole:
-                await self._loop(fwd, head, down, src_ip, body, res)
+                await self._loop(fwd, head, down, src_ip, request_id, body, res)
         except TimeoutError:
             if not whole.expired():
                 raise
             self._timed_out(down, res, "response_timeout")
         res.request_bytes = body.size
         res.client_error = body.client_error
+        res.body_complete = body.complete
         return res
 
     def _timed_out(self, down: DownstreamConn, res: ForwardResult, details: str, urx: bool = False) -> None:
@@ -290,14 +296,21 @@ class Attempts:
                    (c.send(Body(body)) if body else b"") + c.send(EndOfMessage()))
         res.status, res.response_bytes, res.started = status, len(body), True
 
-    async def _loop(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str, body: RequestBody,
-                    res: ForwardResult) -> None:
+    async def _loop(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str, request_id: str,
+                    body: RequestBody, res: ForwardResult) -> None:
         policy = fwd.retry
         clock = self.clock
         deadline = clock.now() + fwd.timeout if fwd.timeout else None
         budget = self.budgets.for_service(fwd.service) if fwd.service is not None else None
-        if budget is not None:
-            budget.record_request(clock.now())
+        if budget is not None and budget.admit(clock.now(), b"%s %s %s" % (
+                request_id.encode("latin-1", "replace"), head.method, head.target)) is BudgetVerdict.EXHAUSTED:
+            # The same request again within the window: a retry further up the chain that
+            # this destination's budget has no room for. Not sent (see budget.py).
+            self.metrics.retry_budget_exhausted(service_fqdn(fwd.service))
+            res.flags, res.details = "URX", "retry_budget_exhausted"
+            if not down.lost:
+                self._local_reply(down, res, 503, _BUDGET_BODY)
+            return
         base_headers = tuple(h for h in head.headers if h[0] != _ATTEMPT)
         tried: list[str] = []
         attempt_no = 0

@@ -224,6 +224,8 @@ class Pipeline:
         self._record(info, head, start, t0, status=res.status, flags=res.flags, details=res.details,
                      req_bytes=res.request_bytes, resp_bytes=res.response_bytes, rid=rid, fwd=plan,
                      target=res.target, route=plan.route_name, failure=res.failure)
+        if not res.body_complete and res.client_error is None and not down.lost:
+            await self._finish_request_body(down, head)    # a local reply came before the body's end
 
     def record_codec_error(self, info: ConnInfo, e: HttpError) -> None:
         """A request the codec refused (its stable status went back, the connection closes)."""

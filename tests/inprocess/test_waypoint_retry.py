@@ -199,6 +199,28 @@ def test_route_timeout_covers_retries():
     run(go)
 
 
+def test_budget_holds_a_failing_backend_to_1_2x_and_off_does_not():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        p.backend.always = "503"
+        mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
+        clients = [await mesh.client(f"{VIP}:80") for _ in range(4)]
+        n = 1000
+
+        async def send(c, k):
+            for _ in range(k):
+                assert (await c.request("GET", "/")).status == 503
+        await asyncio.gather(*(send(c, n // 4) for c in clients))
+        assert p.backend.requests <= 1.2 * n, p.backend.requests
+        assert p.backend.requests >= 1.1 * n          # the budget's 20 % were used
+        assert budget_denials(mesh) >= n - 0.2 * n - 5
+        got = flags(mesh)
+        assert got["503 URX"] == n
+        for c in clients:
+            c.close()
+    run(go, timeout=120)
+
+
 def test_budget_annotation_off_lets_attempts_multiply():
     async def go(mesh):
         (p,) = await web(mesh, annotations={"retry.ambient.dev/budget": "off"})
@@ -210,3 +232,17 @@ def test_budget_annotation_off_lets_attempts_multiply():
         assert p.backend.requests == 600 and budget_denials(mesh) == 0
         c.close()
     run(go, timeout=120)
+
+
+def test_the_same_request_again_counts_against_the_budget_and_is_refused_without_room():
+    """A retry further up the chain arrives as a new request with the same x-request-id."""
+    async def go(mesh):
+        (p,) = await web(mesh, annotations={"retry.ambient.dev/budget-min-retries-per-second": "0.5"})
+        c = await mesh.client(f"{VIP}:80")
+        got = [(await c.request("GET", "/item", {"x-request-id": "same"})) for _ in range(10)]
+        assert [r.status for r in got] == [200] * 6 + [503] * 4         # the floor: 0.5/s x 10 s = 5
+        assert got[-1].body == b"retry budget exhausted" and p.backend.requests == 6
+        assert (await c.request("GET", "/other", {"x-request-id": "same"})).status == 200   # another path
+        assert flags(mesh) == {"200 -": 7, "503 URX": 4} and budget_denials(mesh) == 4
+        c.close()
+    run(go)
