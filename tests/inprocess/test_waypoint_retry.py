@@ -246,3 +246,55 @@ def test_the_same_request_again_counts_against_the_budget_and_is_refused_without
         assert flags(mesh) == {"200 -": 7, "503 URX": 4} and budget_denials(mesh) == 4
         c.close()
     run(go)
+
+
+def route(rule: str) -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web, namespace: shop}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: web, port: 80}}]
+  rules:
+  - backendRefs: [{{name: web, port: 80}}]
+{rule}
+"""
+
+
+def test_httproute_retry_attempts_count_retries_and_codes_select():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(route("    retry: {attempts: 1, codes: [503], backoff: 10ms}"))
+        c = await mesh.client(f"{VIP}:80")
+        p.backend.script += ["503"]
+        assert (await c.request("GET", "/")).status == 200                  # one retry
+        p.backend.script += ["503", "503"]
+        r = await c.request("GET", "/")
+        assert r.status == 503 and p.backend.requests == 4                  # attempts: 1 = two tries at most
+        p.backend.script += ["500"]
+        assert (await c.request("GET", "/")).status == 500 and p.backend.requests == 5   # 500 not in codes
+        p.backend.script += ["reset"]
+        assert (await c.request("GET", "/")).status == 200                  # connection errors always retried
+        assert flags(mesh) == {"200 -": 2, "503 URX": 1, "500 -": 1}
+        c.close()
+    run(go)
+
+
+def test_httproute_timeouts_request_and_backend_request():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(route("    timeouts: {request: 600ms, backendRequest: 200ms}"))
+        c = await mesh.client(f"{VIP}:80")
+        p.backend.script += ["delay:3"]
+        t0 = time.monotonic()
+        r = await c.request("GET", "/")
+        elapsed = time.monotonic() - t0
+        assert r.status == 504 and r.body == b"upstream request timeout" and _within(elapsed, 0.2), elapsed
+        mesh.apply(route("    timeouts: {request: 400ms}"))
+        p.backend.script += ["delay:3"]
+        t0 = time.monotonic()
+        r = await c.request("GET", "/")
+        assert r.status == 504 and _within(time.monotonic() - t0, 0.4)
+        assert flags(mesh) == {"504 UT": 2}
+        c.close()
+    run(go)
