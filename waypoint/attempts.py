@@ -48,6 +48,8 @@ from .plan import Forward, destination_rule_for, service_fqdn
 from .resilience.budget import RetryBudget, RetryBudgetConfig, RetryBudgets, budget_config
 from .resilience.retry import (ATTEMPT_COUNT_HEADER, AttemptOutcome, BudgetVerdict, GiveUpReason, OutcomeKind,
                                RetryDecision, hosts_to_avoid, should_retry)
+from .resilience.timeout import (DEADLINE_EXCEEDED, grpc_local_reply_headers, grpc_status_for, is_grpc,
+                                 request_timeout)
 from .telemetry import WaypointMetrics
 from .upstream import EndpointTarget, UpstreamConn, Upstreams, endpoints, pick
 
@@ -104,6 +106,8 @@ class ForwardResult:
     """The endpoint of the last attempt."""
     attempts: int = 0
     reusable: bool = False
+    grpc: bool = False
+    """The request is gRPC (content-type application/grpc*): local replies in gRPC form."""
     body_complete: bool = False
     """The request body was read to its end (else what is left must be consumed or the
     connection closed)."""
@@ -268,10 +272,10 @@ class Attempts:
     async def forward(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str,
                       request_id: str) -> ForwardResult:
         """All attempts of one request; the response (or a local reply) went downstream."""
-        res = ForwardResult()
+        res = ForwardResult(grpc=is_grpc(head.headers))
         body = RequestBody(down)
         try:
-            async with asyncio.timeout(fwd.timeout) as whole:
+            async with asyncio.timeout(request_timeout(fwd.timeout, head.headers)) as whole:
                 await self._loop(fwd, head, down, src_ip, request_id, body, res)
         except TimeoutError:
             if not whole.expired():
@@ -287,10 +291,15 @@ class Attempts:
         if res.started:
             down.abort()
         elif not down.lost:
-            self._local_reply(down, res, 504, _TIMEOUT_BODY)
+            self._local_reply(down, res, 504, _TIMEOUT_BODY, grpc_status=DEADLINE_EXCEEDED)
 
-    def _local_reply(self, down: DownstreamConn, res: ForwardResult, status: int, body: bytes) -> None:
+    def _local_reply(self, down: DownstreamConn, res: ForwardResult, status: int, body: bytes, *,
+                     grpc_status: int | None = None) -> None:
+        """Envoy's local reply; to a gRPC request in gRPC form (timeout.py)."""
         hs = ((b"content-type", b"text/plain"),) if body else ()
+        if res.grpc:
+            hs = grpc_local_reply_headers(grpc_status if grpc_status is not None else grpc_status_for(status), body)
+            status, body = 200, b""
         c = down.codec
         down.write(c.send(ResponseHead(status=status, headers=hs, content_length=len(body))) +
                    (c.send(Body(body)) if body else b"") + c.send(EndOfMessage()))
@@ -300,7 +309,8 @@ class Attempts:
                     body: RequestBody, res: ForwardResult) -> None:
         policy = fwd.retry
         clock = self.clock
-        deadline = clock.now() + fwd.timeout if fwd.timeout else None
+        timeout = request_timeout(fwd.timeout, head.headers)
+        deadline = clock.now() + timeout if timeout else None
         budget = self.budgets.for_service(fwd.service) if fwd.service is not None else None
         if budget is not None and budget.admit(clock.now(), b"%s %s %s" % (
                 request_id.encode("latin-1", "replace"), head.method, head.target)) is BudgetVerdict.EXHAUSTED:

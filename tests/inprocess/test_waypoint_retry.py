@@ -298,3 +298,33 @@ def test_httproute_timeouts_request_and_backend_request():
         assert flags(mesh) == {"504 UT": 2}
         c.close()
     run(go)
+
+
+GRPC = {"content-type": "application/grpc", "te": "trailers"}
+
+
+def test_grpc_status_retried_under_grpc_conditions_and_grpc_timeout_honoured():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(vs("{attempts: 2, retryOn: unavailable}"))
+        c = await mesh.client(f"{VIP}:80")
+        p.backend.script += ["grpc:14"]                                   # UNAVAILABLE: retried
+        r = await c.request("POST", "/pkg.Svc/Call", GRPC, body=b"\0\0\0\0\0")
+        assert r.status == 200 and r.header("grpc-status") is None and p.backend.requests == 2
+        p.backend.script += ["grpc:13"]                                   # INTERNAL: not under unavailable
+        r = await c.request("POST", "/pkg.Svc/Call", GRPC, body=b"\0\0\0\0\0")
+        assert r.header("grpc-status") == "13" and p.backend.requests == 3
+        p.backend.script += ["delay:3"]                                   # no route timeout: the client's deadline
+        t0 = time.monotonic()
+        r = await c.request("POST", "/pkg.Svc/Call", {**GRPC, "grpc-timeout": "300m"}, body=b"\0\0\0\0\0")
+        elapsed = time.monotonic() - t0
+        assert (r.status, r.header("content-type"), r.header("grpc-status"), r.header("grpc-message")) == \
+            (200, "application/grpc", "4", "upstream request timeout"), r.headers
+        assert _within(elapsed, 0.3), elapsed
+        mesh.apply(vs(timeout="200ms"))                                   # the route's timeout caps it
+        p.backend.script += ["delay:3"]
+        t0 = time.monotonic()
+        r = await c.request("POST", "/pkg.Svc/Call", {**GRPC, "grpc-timeout": "5S"}, body=b"\0\0\0\0\0")
+        assert r.header("grpc-status") == "4" and _within(time.monotonic() - t0, 0.2)
+        c.close()
+    run(go)

@@ -107,6 +107,11 @@ class Backend:
                     return
                 if action is not None and action.startswith("delay:"):
                     await asyncio.sleep(float(action[6:]))
+                elif action is not None and action.startswith("grpc:"):      # a trailers-only gRPC status
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: %s\r\n"
+                                 b"content-length: 0\r\n\r\n" % action[5:].encode())
+                    await writer.drain()
+                    continue
                 elif action is not None:
                     writer.write(b"HTTP/1.1 %s Scripted\r\ncontent-length: 6\r\nx-backend: %s\r\n\r\nfailed"
                                  % (action.encode(), self.name.encode()))
