@@ -274,9 +274,11 @@ class Attempts:
         """All attempts of one request; the response (or a local reply) went downstream."""
         res = ForwardResult(grpc=is_grpc(head.headers))
         body = RequestBody(down)
+        timeout = request_timeout(fwd.timeout, head.headers)
         try:
-            async with asyncio.timeout(request_timeout(fwd.timeout, head.headers)) as whole:
-                await self._loop(fwd, head, down, src_ip, request_id, body, res)
+            async with asyncio.timeout(timeout) as whole:
+                await self._loop(fwd, head, down, src_ip, request_id, body, res,
+                                 self.clock.now() + timeout if timeout else None)
         except TimeoutError:
             if not whole.expired():
                 raise
@@ -306,11 +308,9 @@ class Attempts:
         res.status, res.response_bytes, res.started = status, len(body), True
 
     async def _loop(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str, request_id: str,
-                    body: RequestBody, res: ForwardResult) -> None:
+                    body: RequestBody, res: ForwardResult, deadline: float | None) -> None:
         policy = fwd.retry
         clock = self.clock
-        timeout = request_timeout(fwd.timeout, head.headers)
-        deadline = clock.now() + timeout if timeout else None
         budget = self.budgets.for_service(fwd.service) if fwd.service is not None else None
         if budget is not None and budget.admit(clock.now(), b"%s %s %s" % (
                 request_id.encode("latin-1", "replace"), head.method, head.target)) is BudgetVerdict.EXHAUSTED:
