@@ -48,6 +48,7 @@ from .plan import Forward, destination_rule_for, service_fqdn
 from .resilience.budget import RetryBudget, RetryBudgetConfig, RetryBudgets, budget_config
 from .resilience.retry import (ATTEMPT_COUNT_HEADER, AttemptOutcome, BudgetVerdict, GiveUpReason, OutcomeKind,
                                RetryDecision, hosts_to_avoid, should_retry)
+from .resilience.outcome import TIMEOUT_BODY, failure_reply, give_up_flag
 from .resilience.timeout import (DEADLINE_EXCEEDED, grpc_local_reply_headers, grpc_status_for, is_grpc,
                                  request_timeout)
 from .telemetry import WaypointMetrics
@@ -56,16 +57,13 @@ from .upstream import EndpointTarget, UpstreamConn, Upstreams, endpoints, pick
 if TYPE_CHECKING:
     from .pipeline import DownstreamConn
 
-__all__ = ["Attempts", "ForwardResult", "RequestBody", "REPLAY_LIMIT", "apply_header_mods", "UPSTREAM_RESET",
-           "BudgetBook"]
+__all__ = ["Attempts", "ForwardResult", "RequestBody", "REPLAY_LIMIT", "apply_header_mods", "BudgetBook"]
 
 log = logging.getLogger("ambient.waypoint")
 
 REPLAY_LIMIT = 64 * 1024
 """Request body bytes kept for a retry (Envoy's per_request_buffer_limit_bytes plays this role)."""
 
-UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. "
-_TIMEOUT_BODY = b"upstream request timeout"
 _BUDGET_BODY = b"retry budget exhausted"
 """Ours: Envoy has no such local reply (its retry budget only stops its own retries)."""
 _ATTEMPT = ATTEMPT_COUNT_HEADER.encode()
@@ -288,12 +286,12 @@ class Attempts:
         res.body_complete = body.complete
         return res
 
-    def _timed_out(self, down: DownstreamConn, res: ForwardResult, details: str, urx: bool = False) -> None:
-        res.flags, res.details = "UT,URX" if urx else "UT", details
+    def _timed_out(self, down: DownstreamConn, res: ForwardResult, details: str) -> None:
+        res.flags, res.details = "UT", details
         if res.started:
             down.abort()
         elif not down.lost:
-            self._local_reply(down, res, 504, _TIMEOUT_BODY, grpc_status=DEADLINE_EXCEEDED)
+            self._local_reply(down, res, 504, TIMEOUT_BODY, grpc_status=DEADLINE_EXCEEDED)
 
     def _local_reply(self, down: DownstreamConn, res: ForwardResult, status: int, body: bytes, *,
                      grpc_status: int | None = None) -> None:
@@ -437,31 +435,12 @@ class Attempts:
     def _fail(self, a: _Attempt, outcome: AttemptOutcome, decision: RetryDecision, down: DownstreamConn,
               fwd: Forward, res: ForwardResult, attempt_no: int) -> None:
         """The last attempt failed without a response: Envoy's local reply for it."""
-        urx = decision.reason in (GiveUpReason.ATTEMPTS_EXHAUSTED, GiveUpReason.BUDGET_EXHAUSTED)
         self._count_denial(decision, fwd, res)
-        retried = b"retried and the latest " if attempt_no > 1 else b""
-        kind = outcome.kind
-        if kind is OutcomeKind.PER_TRY_TIMEOUT:
-            self._timed_out(down, res, "upstream_per_try_timeout", urx)
-            return
-        if kind is OutcomeKind.CONNECT_FAILURE:
-            flag, status = "UF", 503
-            res.details = "upstream_reset_before_response_started{remote_connection_failure}"
-            text = (UPSTREAM_RESET + retried + b"reset reason: remote connection failure, transport failure reason: "
-                    + a.failure_text.encode("latin-1", "replace"))
-            res.failure = a.failure
-        elif a.failure.startswith("protocol_error:"):
-            flag, status = "UPE", 502
-            res.details = "upstream_protocol_error{%s}" % a.failure.partition(":")[2]
-            text = b"upstream sent an invalid HTTP response"
-            res.failure = a.failure.partition(":")[2]
-        else:
-            flag, status = "UC", 503
-            res.details = "upstream_reset_before_response_started{connection_termination}"
-            text = UPSTREAM_RESET + retried + b"reset reason: connection termination"
-        res.flags = flag + (",URX" if urx else ",UO" if decision.reason is GiveUpReason.RETRY_OVERFLOW else "")
+        r = failure_reply(outcome.kind, failure=a.failure, failure_text=a.failure_text, reason=decision.reason,
+                          attempts=attempt_no)
+        res.flags, res.details, res.failure = r.flags, r.details, r.failure
         if not down.lost:
-            self._local_reply(down, res, status, text)
+            self._local_reply(down, res, r.status, r.body, grpc_status=DEADLINE_EXCEEDED if r.timeout else None)
 
     def _count_denial(self, decision: RetryDecision, fwd: Forward, res: ForwardResult) -> None:
         if decision.reason is GiveUpReason.BUDGET_EXHAUSTED and fwd.service is not None:
@@ -474,10 +453,7 @@ class Attempts:
         assert up is not None and head is not None
         a.up = None                                   # released here, not by the loop
         self._count_denial(decision, fwd, res)
-        if decision.reason in (GiveUpReason.ATTEMPTS_EXHAUSTED, GiveUpReason.BUDGET_EXHAUSTED):
-            res.flags = "URX"
-        elif decision.reason is GiveUpReason.RETRY_OVERFLOW:
-            res.flags = "UO"
+        res.flags = give_up_flag(decision.reason) or "-"
         if fwd.response_headers:
             head = ResponseHead(status=head.status, reason=head.reason, content_length=head.content_length,
                                 chunked=head.chunked,
