@@ -85,7 +85,8 @@ class Waypoint:
         return Response(200, "ready\n")
 
     def _metrics(self, _path: str) -> Response:
-        return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4")
+        body = self.metrics.exposition() + self.inbound.upstreams.exposition()
+        return Response(200, body, "text/plain; version=0.0.4")
 
     def _config_dump(self, _path: str) -> Response:
         st = self.state
