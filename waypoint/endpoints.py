@@ -320,7 +320,8 @@ class Cluster:
         od = self.outlier
         if od is None or self.next_sweep is None or now < self.next_sweep:
             return ()
-        self.next_sweep = now + od.config.interval
+        nxt = self.next_sweep + od.config.interval   # on the interval's grid, as a periodic timer
+        self.next_sweep = nxt if nxt > now else now + od.config.interval
         return od.sweep(now)
 
     @property
