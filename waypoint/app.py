@@ -102,6 +102,7 @@ class Waypoint:
             "client": self.client.stats,
             "waypoint": to_wire(me) if me is not None else None,
             "inbound": self.inbound.stats(),
+            "clusters": self.inbound.upstreams.snapshot(),
             "hbone_rejections": dict(self.server.rejections) if self.server is not None else {},
             "services": [to_wire(s) for s in st.services()],
             "certificates": self.secrets.snapshot(self.clock.now()),

@@ -291,8 +291,11 @@ class Upstreams:
         t = conn.target
         key = (t.cluster, t.address)
         idle = self._idle.get(key)
-        if idle and conn in idle:
-            idle.remove(conn)
+        if idle is not None:
+            if conn in idle:
+                idle.remove(conn)
+            if not idle:
+                del self._idle[key]
         c = self.clusters.get(t.cluster)
         if c is None:
             return
@@ -355,17 +358,32 @@ class Upstreams:
             self.sweep(clock.now())
 
     def sweep(self, now: float) -> None:
-        """Due outlier sweeps, and idle connections past idleTimeout closed."""
+        """Due outlier sweeps; idle connections past idleTimeout, or to endpoints that left
+        their cluster, closed."""
         for c, back in self.clusters.sweep(now):
             log.info("waypoint cluster %s: %s back from outlier ejection", c.key, ", ".join(back))
-        for (cluster, _), conns in list(self._idle.items()):
+        for (cluster, address), conns in list(self._idle.items()):
             c = self.clusters.get(cluster)
-            if c is None:
-                continue
-            for conn in [x for x in conns if idle_expired(c.limits, x.idle_since, now)]:
-                c.stats.upstream_cx_idle_timeout += 1
-                conn.close()
-                self._forget(conn)
+            gone = c is None or address not in c.targets
+            for conn in list(conns):
+                if gone or idle_expired(c.limits, conn.idle_since, now):
+                    if not gone:
+                        c.stats.upstream_cx_idle_timeout += 1
+                    conn.close()
+                    self._forget(conn)
+
+    def snapshot(self) -> list[dict]:
+        """The clusters for the admin config dump."""
+        out = []
+        for c in sorted(self.clusters, key=lambda x: x.key):
+            od = c.outlier
+            out.append({
+                "name": c.key, "lb": c.config.balancer.algorithm.value, "outlier_detection": od is not None,
+                "endpoints": [{"address": a, "ejected": bool(od and od.is_ejected(a))} for a in c.addresses],
+                "open_connections": c.open_connections, "pending_requests": c.pending_requests,
+                "active_requests": c.active_requests, "inflight": c.inflight,
+                "idle_connections": sum(len(self._idle.get((c.key, a), ())) for a in c.addresses)})
+        return out
 
     def exposition(self) -> bytes:
         """The clusters' Envoy statistics in the Prometheus text format."""

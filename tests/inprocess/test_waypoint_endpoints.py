@@ -245,5 +245,12 @@ def test_endpoint_changes_reach_a_downstream_connection_opened_before_them():
             status, name, r = await get(c)
             assert (status, name) == (200, "web-b")
             assert json.loads(r.body)["name"] == "web-b"
+        # the kept-alive connection to web-a, which left, is closed by the next background pass
+        deadline = time.monotonic() + 30
+        while stat(mesh, "envoy_cluster_upstream_cx_active") != 1:
+            assert time.monotonic() < deadline, mesh.inbound.upstreams.snapshot()
+            await asyncio.sleep(0.05)
+        (snap,) = mesh.inbound.upstreams.snapshot()
+        assert [e["address"] for e in snap["endpoints"]] == [f"{b.ip}:8080"] and snap["idle_connections"] == 1
         c.close()
     run(go)
