@@ -24,7 +24,7 @@ def _dump(objs: list[dict[str, Any]]) -> str:
 
 def _options(a: argparse.Namespace) -> InstallOptions:
     return InstallOptions(image=a.image, trust_domain=a.trust_domain,
-                          gateway_api_crds=not a.skip_gateway_api_crds)
+                          gateway_api_crds=not a.skip_gateway_api_crds, ca_from_secret=a.ca_from_secret)
 
 
 def cmd_install(_paths: object, a: argparse.Namespace) -> int:
@@ -55,6 +55,9 @@ def _install_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--skip-gateway-api-crds", action="store_true",
                    help="the cluster already has the Gateway API CRDs: do not print ours")
+    p.add_argument("--ca-from-secret", metavar="NAME",
+                   help="use the CA in Secret istio-system/NAME (cert-manager's tls or Istio's cacerts "
+                        "layout) instead of generating a root into istio-ca-secret")
 
 
 def register(sub: Any) -> None:

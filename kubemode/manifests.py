@@ -53,6 +53,9 @@ class InstallOptions:
     trust_domain: str = "cluster.local"
     gateway_api_crds: bool = True
     image_pull_policy: str = "IfNotPresent"
+    ca_from_secret: str | None = None
+    """The user's CA Secret in istio-system (cert-manager's, or Istio's `cacerts`); None: the
+    control plane generates a root into `istio-ca-secret` once."""
 
 
 def _meta(name: str, namespaced: bool = True, **labels: str) -> dict[str, Any]:
@@ -62,21 +65,36 @@ def _meta(name: str, namespaced: bool = True, **labels: str) -> dict[str, Any]:
     return m
 
 
+def _namespace_rules(o: InstallOptions) -> list[dict[str, Any]]:
+    """What the control plane does in its own namespace only: read (or create once) the CA
+    Secret, and publish the root in the istio-ca-root-cert ConfigMap. `create` cannot be
+    limited by name in RBAC; get/update are, to those objects."""
+    secret = o.ca_from_secret or "istio-ca-secret"
+    rules: list[dict[str, Any]] = [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get"]}]
+    if not o.ca_from_secret:
+        rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]})
+    rules += [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio-ca-root-cert"],
+               "verbs": ["get", "update"]},
+              {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
+    return rules
+
+
 def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
     app = {"app": "istiod"}
     rules = [{"apiGroups": [g], "resources": list(r), "verbs": ["list", "watch"]} for g, r in watch_rules()]
     rules.append({"apiGroups": [""], "resources": ["events"], "verbs": ["create"]})
+    ca_args = ["--ca-from-secret", o.ca_from_secret] if o.ca_from_secret else []
     container = {
         "name": "discovery", "image": o.image, "imagePullPolicy": o.image_pull_policy,
         "command": ["python3", "-m", "controlplane", "--kubernetes", "--socket", "/var/run/ambient/cp.sock",
-                    "--ca-dir", "/var/lib/ambient/ca", "--trust-domain", o.trust_domain],
+                    "--namespace", MESH_NAMESPACE, *ca_args, "--trust-domain", o.trust_domain],
         "ports": [{"name": "tls-ambient-cp", "containerPort": CONTROL_PLANE_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1337, "runAsGroup": 1337,
                             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "run", "mountPath": "/var/run/ambient"},
-                         {"name": "ca", "mountPath": "/var/lib/ambient/ca"}],
+        "volumeMounts": [{"name": "run", "mountPath": "/var/run/ambient"}],
     }
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta("istiod", **app)},
@@ -86,14 +104,18 @@ def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
          "metadata": _meta("ambient-istiod", namespaced=False, **app),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ambient-istiod"},
          "subjects": [{"kind": "ServiceAccount", "name": "istiod", "namespace": MESH_NAMESPACE}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta("ambient-istiod", **app),
+         "rules": _namespace_rules(o)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta("ambient-istiod", **app),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ambient-istiod"},
+         "subjects": [{"kind": "ServiceAccount", "name": "istiod", "namespace": MESH_NAMESPACE}]},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("istiod", **app),
          "spec": {"replicas": 1, "selector": {"matchLabels": app},
-                  "strategy": {"type": "Recreate"},  # one writer of the CA directory at a time
+                  # Replicas may start together: the CA Secret is created once (409 for the rest).
+                  "strategy": {"type": "RollingUpdate"},
                   "template": {"metadata": {"labels": {**_PART_OF, **app}},
                                "spec": {"serviceAccountName": "istiod", "containers": [container],
-                                        # the root CA moves into a Secret with issue 13's CA work
-                                        "volumes": [{"name": "run", "emptyDir": {}},
-                                                    {"name": "ca", "emptyDir": {}}]}}}},
+                                        "volumes": [{"name": "run", "emptyDir": {}}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": _meta("istiod", **app),
          "spec": {"selector": app, "ports": [{"name": "tls-ambient-cp", "port": CONTROL_PLANE_PORT,
                                               "targetPort": CONTROL_PLANE_PORT, "protocol": "TCP"}]}},

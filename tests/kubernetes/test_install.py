@@ -41,7 +41,7 @@ def test_every_manifest_validates_strictly_offline(tmp_path) -> None:
     docs = list(yaml.safe_load_all(_ambient("install")))
     kinds = [d["kind"] for d in docs]
     assert {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-            "Deployment", "Service", "DaemonSet"} == set(kinds)
+            "Role", "RoleBinding", "Deployment", "Service", "DaemonSet"} == set(kinds)
     f = tmp_path / "install.yaml"
     f.write_text(yaml.safe_dump_all(docs))
     p = subprocess.run([os.path.join(BIN, "kubernetes-validate"), "--strict", str(f)],
@@ -90,6 +90,15 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
     for verb, res in (("get", "secrets"), ("create", "pods"), ("list", "pods")):
         no = kube.kubectl("auth", "can-i", verb, res, "--as=system:serviceaccount:istio-system:istiod", check=False)
         assert no.stdout.strip() == ("yes" if (verb, res) == ("list", "pods") else "no")
+    # In its own namespace: its CA Secret (get, create once) and the root ConfigMap, nothing else.
+    for verb, what, allowed in (("get", "secret/istio-ca-secret", "yes"), ("get", "secret/other", "no"),
+                                ("list", "secrets", "no"), ("create", "secrets", "yes"),
+                                ("update", "secret/istio-ca-secret", "no"),
+                                ("update", "configmap/istio-ca-root-cert", "yes"),
+                                ("update", "configmap/other", "no"), ("create", "configmaps", "yes")):
+        got = kube.kubectl("auth", "can-i", verb, what, "-n", "istio-system",
+                           "--as=system:serviceaccount:istio-system:istiod", check=False).stdout.strip()
+        assert got == allowed, (verb, what, got)
 
     kube.kubectl("delete", "-f", "-", "--wait=false", input=_ambient("uninstall"))
     for what in ("clusterrole/ambient-istiod", "clusterrolebinding/ambient-istiod"):
