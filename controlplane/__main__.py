@@ -89,10 +89,12 @@ class CaStartError(Exception):
 async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
     clock = SystemClock()
     source = api = None
+    authenticate_token = None
     if mode.source is Source.KUBERNETES:  # imported here: file mode should not load aiohttp and the API client
         from .kube.api import KubeApi
         from .kube.ca_secret import CaSecretError, load_or_create_ca, publish_root
         from .kube.source import KubeSource
+        from .kube.tokens import TokenAuthenticator
         api = await KubeApi.from_kubeconfig(a.kubeconfig)
         try:
             if mode.ca is CaSource.DIRECTORY:
@@ -107,14 +109,17 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
         except CaSecretError as e:
             await api.close()
             raise CaStartError(e.reason, str(e)) from None
+        assert mode.token_audience is not None
+        authenticate_token = TokenAuthenticator(api, audience=mode.token_audience, trust_domain=a.trust_domain,
+                                                clock=clock, node_agent=(mode.namespace, "ztunnel")).authenticate
         source = KubeSource(api, store)
         await source.start()
         await source.wait_synced(_SYNC_TIMEOUT)  # no empty snapshot to proxies before the first list
     else:
         assert mode.ca_dir is not None
         ca = CertificateAuthority.load_or_create(mode.ca_dir, a.trust_domain, clock=clock)
-    cp = ControlPlane(ca=ca, socket_path=mode.socket, clock=clock, cert_ttl=a.cert_ttl,
-                      resources=store.objects.values())
+    cp = ControlPlane(ca=ca, socket_path=mode.socket, listen=mode.listen, clock=clock, cert_ttl=a.cert_ttl,
+                      resources=store.objects.values(), authenticate_token=authenticate_token)
     store.watch(cp.resources_changed)
     await cp.start()
     stop = asyncio.Event()

@@ -67,7 +67,8 @@ def _meta(name: str, namespaced: bool = True, **labels: str) -> dict[str, Any]:
 
 def _namespace_rules(o: InstallOptions) -> list[dict[str, Any]]:
     """What the control plane does in its own namespace only: read (or create once) the CA
-    Secret, and publish the root in the istio-ca-root-cert ConfigMap. `create` cannot be
+    Secret, publish the root in the istio-ca-root-cert ConfigMap, and read the ztunnel pod a
+    token is bound to. `create` cannot be
     limited by name in RBAC; get/update are, to those objects."""
     secret = o.ca_from_secret or "istio-ca-secret"
     rules: list[dict[str, Any]] = [
@@ -76,7 +77,9 @@ def _namespace_rules(o: InstallOptions) -> list[dict[str, Any]]:
         rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]})
     rules += [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio-ca-root-cert"],
                "verbs": ["get", "update"]},
-              {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
+              {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+              # The pod a ztunnel token is bound to (its node), read fresh at each review.
+              {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
     return rules
 
 
@@ -84,6 +87,8 @@ def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
     app = {"app": "istiod"}
     rules = [{"apiGroups": [g], "resources": list(r), "verbs": ["list", "watch"]} for g, r in watch_rules()]
     rules.append({"apiGroups": [""], "resources": ["events"], "verbs": ["create"]})
+    # ztunnel's token is verified by the API server (controlplane.kube.tokens).
+    rules.append({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]})
     ca_args = ["--ca-from-secret", o.ca_from_secret] if o.ca_from_secret else []
     container = {
         "name": "discovery", "image": o.image, "imagePullPolicy": o.image_pull_policy,

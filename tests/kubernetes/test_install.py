@@ -83,6 +83,7 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
                 "gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"):
         assert cp.pop(res) == {"list", "watch"}, res
     assert cp.pop("events") == {"create"}
+    assert cp.pop("tokenreviews.authentication.k8s.io") == {"create"}
     # What is left is what every authenticated identity may do (reviews about itself).
     assert set(cp) <= {"selfsubjectaccessreviews.authorization.k8s.io", "selfsubjectrulesreviews.authorization.k8s.io"}
     zt = _can_i(kube, "ztunnel")
@@ -95,7 +96,8 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
                                 ("list", "secrets", "no"), ("create", "secrets", "yes"),
                                 ("update", "secret/istio-ca-secret", "no"),
                                 ("update", "configmap/istio-ca-root-cert", "yes"),
-                                ("update", "configmap/other", "no"), ("create", "configmaps", "yes")):
+                                ("update", "configmap/other", "no"), ("create", "configmaps", "yes"),
+                                ("get", "pods", "yes"), ("delete", "pods", "no")):
         got = kube.kubectl("auth", "can-i", verb, what, "-n", "istio-system",
                            "--as=system:serviceaccount:istio-system:istiod", check=False).stdout.strip()
         assert got == allowed, (verb, what, got)

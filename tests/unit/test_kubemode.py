@@ -35,7 +35,7 @@ def test_the_control_plane_may_list_and_watch_exactly_the_kinds_it_watches():
     granted = {(g, r, tuple(rule["verbs"])) for rule in role["rules"]
                for g in rule["apiGroups"] for r in rule["resources"]}
     watched = {(k.group, k.plural, ("list", "watch")) for k in WATCHED}
-    assert granted == watched | {("", "events", ("create",))}
+    assert granted == watched | {("", "events", ("create",)), ("authentication.k8s.io", "tokenreviews", ("create",))}
 
 
 def test_every_watched_custom_kind_has_a_crd_serving_its_version():
@@ -70,7 +70,8 @@ def test_the_control_plane_reaches_only_its_ca_secret_and_root_configmap(ca_from
     granted = {(r, name, v) for rule in role["rules"] for r in rule["resources"]
                for name in rule.get("resourceNames", [None]) for v in rule["verbs"]}
     assert granted == secret_rules | {("configmaps", "istio-ca-root-cert", "get"),
-                                      ("configmaps", "istio-ca-root-cert", "update"), ("configmaps", None, "create")}
+                                      ("configmaps", "istio-ca-root-cert", "update"), ("configmaps", None, "create"),
+                                      ("pods", None, "get")}
     [deploy] = [m for m in objs if m["kind"] == "Deployment"]
     command = deploy["spec"]["template"]["spec"]["containers"][0]["command"]
     assert "--ca-dir" not in command
