@@ -21,6 +21,7 @@ from mesh.clock import SystemClock
 from mesh.config import ConfigError, parse_paths, validate_batch
 
 from .ca import CAError, CertificateAuthority
+from .health import HealthFacts, health_server
 from .mode import CaSource, Mode, ModeError, Source, select_mode
 from .server import ControlPlane
 from .store import ResourceStore
@@ -114,12 +115,23 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
                                                 clock=clock, node_agent=(mode.namespace, "ztunnel")).authenticate
         source = KubeSource(api, store)
         await source.start()
-        await source.wait_synced(_SYNC_TIMEOUT)  # no empty snapshot to proxies before the first list
     else:
         assert mode.ca_dir is not None
         ca = CertificateAuthority.load_or_create(mode.ca_dir, a.trust_domain, clock=clock)
     cp = ControlPlane(ca=ca, socket_path=mode.socket, listen=mode.listen, clock=clock, cert_ttl=a.cert_ttl,
                       resources=store.objects.values(), authenticate_token=authenticate_token)
+
+    def facts() -> HealthFacts:
+        reflectors = source.reflectors if source is not None else []
+        return HealthFacts(listening=cp.running, synced_kinds=sum(r.synced.is_set() for r in reflectors),
+                           watched_kinds=len(reflectors), now=clock.now(), ca_not_after=ca.not_after,
+                           cert_ttl=a.cert_ttl)
+    health = health_server(facts) if mode.health else None
+    if health is not None and mode.health is not None:
+        await health.listen_tcp(*mode.health)  # up before the sync: /ready says what is missing
+    if source is not None:
+        await source.wait_synced(_SYNC_TIMEOUT)  # no empty snapshot to proxies before the first list
+        cp.resources_changed(store.objects.values())
     store.watch(cp.resources_changed)
     await cp.start()
     stop = asyncio.Event()
@@ -127,6 +139,8 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if health is not None:
+        await health.close()
     await cp.stop()
     if source is not None:
         await source.stop()

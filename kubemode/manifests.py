@@ -35,6 +35,7 @@ MESH_NAMESPACE = "istio-system"
 CA_AUDIENCE = "istio-ca"
 """The audience of ztunnel's projected ServiceAccount token, as Istio's ztunnel uses."""
 CONTROL_PLANE_PORT = 15012
+HEALTH_PORT = 8080  # istiod's readiness port
 _PART_OF = {"app.kubernetes.io/part-of": "ambient"}
 
 
@@ -92,14 +93,19 @@ def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
     ca_args = ["--ca-from-secret", o.ca_from_secret] if o.ca_from_secret else []
     container = {
         "name": "discovery", "image": o.image, "imagePullPolicy": o.image_pull_policy,
-        "command": ["python3", "-m", "controlplane", "--kubernetes", "--socket", "/var/run/ambient/cp.sock",
-                    "--namespace", MESH_NAMESPACE, *ca_args, "--trust-domain", o.trust_domain],
-        "ports": [{"name": "tls-ambient-cp", "containerPort": CONTROL_PLANE_PORT, "protocol": "TCP"}],
+        "command": ["python3", "-m", "controlplane", "--kubernetes", "--listen", f"0.0.0.0:{CONTROL_PLANE_PORT}",
+                    "--health", f"0.0.0.0:{HEALTH_PORT}", "--namespace", MESH_NAMESPACE, *ca_args,
+                    "--trust-domain", o.trust_domain],
+        "ports": [{"name": "tls-ambient-cp", "containerPort": CONTROL_PLANE_PORT, "protocol": "TCP"},
+                  {"name": "http-health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        # Ready once listening with every kind listed (controlplane.health), as istiod's /ready.
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": HEALTH_PORT}, "periodSeconds": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": HEALTH_PORT}, "periodSeconds": 10,
+                          "failureThreshold": 6},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1337, "runAsGroup": 1337,
                             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "run", "mountPath": "/var/run/ambient"}],
     }
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta("istiod", **app)},
@@ -120,7 +126,7 @@ def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
                   "strategy": {"type": "RollingUpdate"},
                   "template": {"metadata": {"labels": {**_PART_OF, **app}},
                                "spec": {"serviceAccountName": "istiod", "containers": [container],
-                                        "volumes": [{"name": "run", "emptyDir": {}}]}}}},
+                                        }}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": _meta("istiod", **app),
          "spec": {"selector": app, "ports": [{"name": "tls-ambient-cp", "port": CONTROL_PLANE_PORT,
                                               "targetPort": CONTROL_PLANE_PORT, "protocol": "TCP"}]}},

@@ -54,8 +54,8 @@ def test_every_manifest_validates_strictly_offline(tmp_path) -> None:
     assert crds and not [c for c in crds if c.endswith(".k8s.io")]
 
 
-def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(mesh_crds: KubeCluster) -> None:
-    kube = mesh_crds
+def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(no_mesh_namespace: KubeCluster) -> None:
+    kube = no_mesh_namespace
     manifest = _ambient("install")
     kube.apply(yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}}))
     # A server-side dry run runs admission and validation (selector/template match, enums).
