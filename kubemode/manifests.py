@@ -6,8 +6,9 @@ the control plane (ServiceAccount, ClusterRole/Binding, Deployment, Service) and
 mesh's identities do: the control plane is spiffe://<td>/ns/istio-system/sa/istiod.
 
 RBAC is least privilege for what the control plane does today: list+watch of the watched
-kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED: the one table both sides read) and
-creating Events for rejected objects; ztunnel gets no API access at all (its token is mounted only as a
+kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED: the one table both sides read),
+creating Events for rejected objects and TokenReviews, and in istio-system only its CA Secret,
+the root ConfigMap and reading pods (`_namespace_rules`); ztunnel gets no API access at all (its token is mounted only as a
 projected token for the mesh CA's audience, not the API's).
 
 How ztunnel finds each pod's network namespace and cgroup on a node (hostPID, /proc and the
@@ -15,10 +16,9 @@ cgroup v2 hierarchy mounted read-only): a pod's cgroup is the directory named af
 under the kubelet's hierarchy (`.../kubepods*/pod<uid>/` with cgroupfs, `...pod<uid_>.slice`
 with the systemd driver); any PID in its `cgroup.procs` gives `/proc/<pid>/ns/net`, which
 ztunnel enters to open the pod's listeners, and the cgroup directory is where the capture
-programs attach (bpffs at /sys/fs/bpf holds the pins). Not yet wired end to end: ztunnel's
-control-plane connection is a Unix socket in local mode, and the TCP + ServiceAccount-token
-bootstrap (issue 13, "CA in Kubernetes") is still to come; the DaemonSet carries the arguments
-it will take.
+programs attach (bpffs at /sys/fs/bpf holds the pins). ztunnel reaches the control plane at
+istiod.istio-system.svc:15012 with its projected token (audience istio-ca; TokenReview on the
+control plane's side) and verifies it against ConfigMap istio-ca-root-cert.
 """
 from __future__ import annotations
 
