@@ -143,10 +143,11 @@ def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
         "name": "ztunnel", "image": o.image, "imagePullPolicy": o.image_pull_policy,
         "command": ["python3", "-m", "ztunnel", "--node", "$(NODE_NAME)", "--run-dir", "/var/run/ambient",
                     "--control-plane", f"istiod.{MESH_NAMESPACE}.svc:{CONTROL_PLANE_PORT}",
+                    "--ca-token", "/var/run/secrets/tokens/istio-token",
+                    "--ca-root", "/var/run/secrets/istio/root-cert.pem",
                     "--trust-domain", o.trust_domain, "--pin-dir", "/sys/fs/bpf/ambient"],
         "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "CA_TOKEN", "value": "/var/run/secrets/tokens/istio-token"}],
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
                   {"name": "readiness", "containerPort": 15021, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 5},
@@ -161,6 +162,7 @@ def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
             {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
             {"name": "run", "mountPath": "/var/run/ambient"},
             {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True},
+            {"name": "istio-root", "mountPath": "/var/run/secrets/istio", "readOnly": True},
         ],
     }
     return [
@@ -185,6 +187,7 @@ def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
                           _host("run", "/var/run/ambient", "DirectoryOrCreate"),
                           {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
                               "audience": CA_AUDIENCE, "expirationSeconds": 43200, "path": "istio-token"}}]}},
+                          {"name": "istio-root", "configMap": {"name": "istio-ca-root-cert"}},
                       ]}}}},
     ]
 

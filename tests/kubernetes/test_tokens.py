@@ -31,24 +31,9 @@ from mesh.model import Pod
 from mesh.state import ProxyState
 
 from .cluster import KubeCluster
+from .support import pod_json as _pod, request_token as _token
 
 TD = "cluster.local"
-
-
-def _pod(name: str, ns: str, sa: str, node: str) -> str:
-    return json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
-                       "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": False,
-                                "containers": [{"name": "c", "image": "none"}]}})
-
-
-async def _token(api: KubeApi, ns: str, sa: str, *, audience: str = "istio-ca", pod: str | None = None) -> str:
-    spec: dict = {"audiences": [audience], "expirationSeconds": 3600}
-    if pod is not None:
-        uid = (await api.request_json("GET", f"/api/v1/namespaces/{ns}/pods/{pod}"))["metadata"]["uid"]
-        spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": uid}
-    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-    out = await api.request_json("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token", body=body)
-    return out["status"]["token"]
 
 
 def _b64(b: bytes) -> str:
