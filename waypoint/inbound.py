@@ -164,6 +164,7 @@ class Inbound:
                 "upstream_reused": self.upstreams.reused, "upstream_idle": self.upstreams.idle_count()}
 
     async def close(self) -> None:
+        await self.pipeline.mirrors.close()
         self.upstreams.close()
         for t in list(self._tasks):
             t.cancel()
