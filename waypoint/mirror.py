@@ -18,7 +18,9 @@ streams are reused). The response is read to its end and discarded.
 Bounds, each counted in `waypoint_mirror_requests_total{result}` (a closed set, MirrorResult):
 * a copy's body is buffered up to `max_body` bytes (Envoy's shadow/retry buffer limit, 1 MiB):
   past it the copy is abandoned (`body_too_large`), as Envoy's `retry_or_shadow_abandoned`;
-* at most `max_in_flight` copies are outstanding; one more is dropped (`overflow`), never queued;
+* at most `max_in_flight` copies per mirror Service port are outstanding, `max_in_flight_total`
+  in all, holding at most `max_buffered` body bytes: one more is dropped (`overflow`), never
+  queued (so one slow mirror cannot starve another's copies);
 * a copy that has not completed within `timeout` seconds is abandoned (`timeout`).
 Failures (`no_cluster`, `no_healthy_upstream`, `connect_failure`, `reset`) end the copy only.
 A copy is counted once, when it ends; a request whose body never ends sends and counts none.
@@ -39,14 +41,19 @@ from .plan import Forward, MirrorTarget
 from .telemetry import WaypointMetrics
 from .upstream import EndpointTarget, Upstreams, endpoints
 
-__all__ = ["MirrorResult", "Mirrors", "mirror_head", "MAX_BODY", "MAX_IN_FLIGHT", "TIMEOUT"]
+__all__ = ["MirrorResult", "Mirrors", "mirror_head", "MAX_BODY", "MAX_IN_FLIGHT", "MAX_IN_FLIGHT_TOTAL",
+           "MAX_BUFFERED", "TIMEOUT"]
 
 log = logging.getLogger("ambient.waypoint")
 
 MAX_BODY = 1 << 20
 """Bytes of request body a copy may buffer (Envoy's default per-connection buffer limit)."""
 MAX_IN_FLIGHT = 64
+"""Copies outstanding at once to one mirror Service port."""
+MAX_IN_FLIGHT_TOTAL = 256
 """Copies outstanding at once, per waypoint process."""
+MAX_BUFFERED = 32 << 20
+"""Body bytes held by outstanding copies, per waypoint process."""
 TIMEOUT = 10.0
 """Seconds a copy may take from the end of the request to the end of its response."""
 
@@ -121,15 +128,23 @@ class Mirrors:
     """Sends the copies of one waypoint (see the module docstring)."""
 
     def __init__(self, *, state: ProxyState, upstreams: Upstreams, metrics: WaypointMetrics, rng: random.Random,
-                 max_body: int = MAX_BODY, max_in_flight: int = MAX_IN_FLIGHT, timeout: float = TIMEOUT) -> None:
+                 max_body: int = MAX_BODY, max_in_flight: int = MAX_IN_FLIGHT,
+                 max_in_flight_total: int = MAX_IN_FLIGHT_TOTAL, max_buffered: int = MAX_BUFFERED,
+                 timeout: float = TIMEOUT) -> None:
         self.state = state
         self.upstreams = upstreams
         self.metrics = metrics
         self.rng = rng
         self.max_body = max_body
         self.max_in_flight = max_in_flight
+        self.max_in_flight_total = max_in_flight_total
+        self.max_buffered = max_buffered
         self.timeout = timeout
         self.in_flight = 0
+        """Copies outstanding (all targets)."""
+        self.buffered = 0
+        """Body bytes held by outstanding copies."""
+        self._per_target: dict[tuple[str, int], int] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def tee(self, plan: Forward, head: RequestHead, headers: list[tuple[bytes, bytes]], down, src_ip: str):
@@ -152,11 +167,17 @@ class Mirrors:
             if isinstance(target, MirrorResult):
                 self._count(target)
                 continue
-            if self.in_flight >= self.max_in_flight:
+            assert m.service is not None
+            key = (m.service.uid, m.port)
+            n = self._per_target.get(key, 0)
+            if (n >= self.max_in_flight or self.in_flight >= self.max_in_flight_total
+                    or self.buffered + size > self.max_buffered):
                 self._count(MirrorResult.OVERFLOW)
                 continue
+            self._per_target[key] = n + 1
             self.in_flight += 1
-            t = asyncio.ensure_future(self._run(target, mirror_head(head, headers, plan, size), body, src_ip))
+            self.buffered += size
+            t = asyncio.ensure_future(self._run(key, target, mirror_head(head, headers, plan, size), body, src_ip))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
@@ -169,7 +190,8 @@ class Mirrors:
             return MirrorResult.NO_HEALTHY_UPSTREAM
         return eps[self.rng.randrange(len(eps))]
 
-    async def _run(self, target: EndpointTarget, head: RequestHead, body: bytes, src_ip: str) -> None:
+    async def _run(self, key: tuple[str, int], target: EndpointTarget, head: RequestHead, body: bytes,
+                   src_ip: str) -> None:
         result = MirrorResult.RESET
         try:
             result = await asyncio.wait_for(self._send(target, head, body, src_ip), self.timeout)
@@ -181,6 +203,12 @@ class Mirrors:
             log.exception("mirror to %s failed", target.address)
         finally:
             self.in_flight -= 1
+            self.buffered -= len(body)
+            n = self._per_target[key] - 1
+            if n:
+                self._per_target[key] = n
+            else:
+                del self._per_target[key]
             self._count(result)
 
     async def _send(self, target: EndpointTarget, head: RequestHead, body: bytes, src_ip: str) -> MirrorResult:

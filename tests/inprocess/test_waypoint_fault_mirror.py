@@ -147,20 +147,38 @@ def test_dead_mirror_and_missing_mirror_never_touch_the_primary():
     run(go)
 
 
-def test_slow_mirror_is_bounded_in_flight_and_does_not_slow_the_primary():
+def test_slow_mirror_is_bounded_in_flight_and_does_not_slow_the_primary_or_other_mirrors():
     async def go(mesh):
         a, s = await web(mesh)
         s.backend.delay = 5.0
+        fast = await mesh.pod("fast-1", labels={"app": "fast"})
+        mesh.service("fast", "10.96.0.22", [fast])
         mesh.inbound.pipeline.mirrors.max_in_flight = 4
-        mesh.apply(vs("    mirror: {host: shadow}\n"))
+        mesh.apply(vs("    mirrors: [{destination: {host: shadow}}, {destination: {host: fast}}]\n"))
         c = await mesh.client(f"{VIP}:80")
         t0 = time.monotonic()
         for i in range(10):
             assert (await c.request("GET", f"/{i}")).status == 200
         took = time.monotonic() - t0
         assert took < 2.5, took                   # ten primaries, none waited for a 5 s mirror
-        assert mesh.inbound.pipeline.mirrors.in_flight == 4
-        assert mesh.metrics.mirrors == {"overflow": 6}
+        await until(lambda: mesh.metrics.mirrors.get("completed") == 10)   # the fast mirror got every copy
+        assert mesh.inbound.pipeline.mirrors.in_flight == 4                 # the slow one holds its 4 slots
+        assert mesh.metrics.mirrors == {"overflow": 6, "completed": 10}
+        assert len(fast.backend.seen) == 10 and len(s.backend.seen) == 4
+        c.close()
+    run(go)
+
+
+def test_slow_mirror_copy_times_out():
+    async def go(mesh):
+        a, s = await web(mesh)
+        s.backend.delay = 5.0
+        mesh.inbound.pipeline.mirrors.timeout = 0.2
+        mesh.apply(vs("    mirror: {host: shadow}\n"))
+        c = await mesh.client(f"{VIP}:80")
+        assert (await c.request("GET", "/t")).status == 200
+        await until(lambda: mesh.metrics.mirrors.get("timeout") == 1)
+        assert mesh.inbound.pipeline.mirrors.in_flight == 0 and mesh.inbound.pipeline.mirrors.buffered == 0
         c.close()
     run(go)
 
