@@ -14,7 +14,8 @@ end and records exactly one `RequestResult` (metrics + one access-log line on `a
    it takes one attempt's upstream connection and streams the request body up and the
    response down, returning a typed `ExchangeResult`.
 
-Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered.
+Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered
+(a mirrored request's body is also copied, up to a bound, for its copies).
 """
 from __future__ import annotations
 
