@@ -83,6 +83,8 @@ class Backend:
         """The status of echo responses (a failing replica)."""
         self.active = 0
         """Requests being answered now."""
+        self.seen: list[tuple[str, str, list[tuple[str, str]], int]] = []
+        """(method, target, headers, body bytes) of each request, in arrival order."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -96,6 +98,9 @@ class Backend:
                 method, target, _ = line.split(" ", 2)
                 h = dict(hs)
                 got = await _read_body(reader, h)
+                self.seen.append((method, target, hs, got))
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 if target.startswith("/download/"):
                     n = int(target.rsplit("/", 1)[1])
                     writer.write(f"HTTP/1.1 200 OK\r\ncontent-length: {n}\r\nx-backend: {self.name}\r\n\r\n".encode())
