@@ -43,6 +43,7 @@ from mesh.model import ServiceInfo
 from mesh.model.route import HeaderModifier
 from mesh.state import ProxyState
 
+from .headers import apply_modifiers
 from .http import Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead, ResponseHead
 from .plan import Forward, destination_rule_for, service_fqdn
 from .resilience.budget import RetryBudget, RetryBudgetConfig, RetryBudgets, budget_config
@@ -52,12 +53,12 @@ from .resilience.outcome import TIMEOUT_BODY, failure_reply, give_up_flag
 from .resilience.timeout import (DEADLINE_EXCEEDED, grpc_local_reply_headers, grpc_status_for, is_grpc,
                                  request_timeout)
 from .telemetry import WaypointMetrics
-from .upstream import EndpointTarget, UpstreamConn, Upstreams, endpoints, pick
+from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams
 
 if TYPE_CHECKING:
     from .pipeline import DownstreamConn
 
-__all__ = ["Attempts", "ForwardResult", "RequestBody", "REPLAY_LIMIT", "apply_header_mods", "BudgetBook"]
+__all__ = ["Attempts", "ForwardResult", "RequestBody", "REPLAY_LIMIT", "BudgetBook"]
 
 log = logging.getLogger("ambient.waypoint")
 
@@ -65,23 +66,10 @@ REPLAY_LIMIT = 64 * 1024
 """Request body bytes kept for a retry (Envoy's per_request_buffer_limit_bytes plays this role)."""
 
 _BUDGET_BODY = b"retry budget exhausted"
+_TIMED_OUT = AttemptOutcome(kind=OutcomeKind.PER_TRY_TIMEOUT)
+"""What the route timeout cutting an attempt short says about its endpoint (a timeout)."""
 """Ours: Envoy has no such local reply (its retry budget only stops its own retries)."""
 _ATTEMPT = ATTEMPT_COUNT_HEADER.encode()
-
-
-def apply_header_mods(headers: list[tuple[bytes, bytes]], mods: Iterable[HeaderModifier]
-                      ) -> list[tuple[bytes, bytes]]:
-    for m in mods:
-        if m.remove:
-            drop = {n.lower().encode() for n in m.remove}
-            headers = [h for h in headers if h[0] not in drop]
-        for n, v in m.set:
-            name = n.lower().encode()
-            headers = [h for h in headers if h[0] != name]
-            headers.append((name, v.encode()))
-        for n, v in m.add:
-            headers.append((n.lower().encode(), v.encode()))
-    return headers
 
 
 @dataclass(slots=True, kw_only=True)
@@ -106,6 +94,8 @@ class ForwardResult:
     reusable: bool = False
     grpc: bool = False
     """The request is gRPC (content-type application/grpc*): local replies in gRPC form."""
+    unreported: _Attempt | None = None
+    """An attempt whose outcome is not reported yet (internal)."""
     body_complete: bool = False
     """The request body was read to its end (else what is left must be consumed or the
     connection closed)."""
@@ -203,23 +193,6 @@ class BudgetBook:
         return self.budgets.for_service(svc.uid)
 
 
-class _Chooser:
-    """Stand-in for the balancer's choose/report (uniform over the plan's endpoints, avoiding
-    the ones in `avoid` while another exists) until `Upstreams` provides them."""
-
-    def __init__(self, state: ProxyState, rng: random.Random) -> None:
-        self.state, self.rng = state, rng
-
-    def choose(self, fwd: Forward, *, avoid: frozenset[str] = frozenset()) -> EndpointTarget | None:
-        eps = endpoints(self.state, fwd)
-        if avoid:
-            eps = [e for e in eps if e.address not in avoid] or eps
-        return pick(eps, self.rng)
-
-    def report(self, target: EndpointTarget, outcome: AttemptOutcome, rtt: float) -> None:
-        pass
-
-
 def _outcome_of(head: ResponseHead) -> AttemptOutcome:
     grpc = next((v for n, v in head.headers if n == b"grpc-status"), None)
     return AttemptOutcome(kind=OutcomeKind.RESPONSE, status=head.status,
@@ -230,11 +203,15 @@ def _outcome_of(head: ResponseHead) -> AttemptOutcome:
 class _Attempt:
     """One upstream attempt's connection, body pump and response head."""
 
-    __slots__ = ("target", "up", "pump", "head", "failure", "failure_text", "started_at")
+    __slots__ = ("target", "up", "conn", "pump", "head", "failure", "failure_text", "connect_timeout", "started_at")
 
     def __init__(self, target: EndpointTarget) -> None:
         self.target = target
         self.up: UpstreamConn | None = None
+        """The connection while this attempt owns it."""
+        self.conn: UpstreamConn | None = None
+        """The connection it had (for its RTT)."""
+        self.connect_timeout = False
         self.pump: asyncio.Future | None = None
         self.head: ResponseHead | None = None
         self.failure = ""
@@ -263,24 +240,28 @@ class Attempts:
         self.clock = clock
         self.rng = rng
         self.budgets = BudgetBook(state)
-        self.chooser = _Chooser(state, rng)
 
     # -- the loop ---------------------------------------------------------------------------
 
     async def forward(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str,
-                      request_id: str) -> ForwardResult:
+                      request_id: str, hash_request: HashRequest) -> ForwardResult:
         """All attempts of one request; the response (or a local reply) went downstream."""
         res = ForwardResult(grpc=is_grpc(head.headers))
         body = RequestBody(down)
         timeout = request_timeout(fwd.timeout, head.headers)
+        whole = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout) as whole:
-                await self._loop(fwd, head, down, src_ip, request_id, body, res,
+            async with whole:
+                await self._loop(fwd, head, down, src_ip, request_id, hash_request, body, res,
                                  self.clock.now() + timeout if timeout else None)
         except TimeoutError:
             if not whole.expired():
                 raise
             self._timed_out(down, res, "response_timeout")
+        finally:
+            if res.unreported is not None:  # the attempt the route timeout (or a cancel) cut short
+                self._report(res.unreported, _TIMED_OUT if whole.expired() else None, body, down)
+                res.unreported = None
         res.request_bytes = body.size
         res.client_error = body.client_error
         res.body_complete = body.complete
@@ -294,9 +275,9 @@ class Attempts:
             self._local_reply(down, res, 504, TIMEOUT_BODY, grpc_status=DEADLINE_EXCEEDED)
 
     def _local_reply(self, down: DownstreamConn, res: ForwardResult, status: int, body: bytes, *,
-                     grpc_status: int | None = None) -> None:
+                     headers: tuple[tuple[bytes, bytes], ...] = (), grpc_status: int | None = None) -> None:
         """Envoy's local reply; to a gRPC request in gRPC form (timeout.py)."""
-        hs = ((b"content-type", b"text/plain"),) if body else ()
+        hs = headers + ((b"content-type", b"text/plain"),) if body else headers
         if res.grpc:
             hs = grpc_local_reply_headers(grpc_status if grpc_status is not None else grpc_status_for(status), body)
             status, body = 200, b""
@@ -306,7 +287,7 @@ class Attempts:
         res.status, res.response_bytes, res.started = status, len(body), True
 
     async def _loop(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str, request_id: str,
-                    body: RequestBody, res: ForwardResult, deadline: float | None) -> None:
+                    hash_request: HashRequest, body: RequestBody, res: ForwardResult, deadline: float | None) -> None:
         policy = fwd.retry
         clock = self.clock
         budget = self.budgets.for_service(fwd.service) if fwd.service is not None else None
@@ -326,7 +307,7 @@ class Attempts:
         continued = False         # 100 Continue went downstream
         while True:
             attempt_no += 1
-            target = self.chooser.choose(fwd, avoid=hosts_to_avoid(policy, tried))
+            target = self.upstreams.choose(fwd, request=hash_request, avoid=hosts_to_avoid(policy, tried))
             if target is None:
                 if retrying and budget is not None:
                     budget.retry_finished()
@@ -371,8 +352,10 @@ class Attempts:
                         self._fail(a, outcome, decision, down, fwd, res, attempt_no)
                         return
             finally:
-                self.chooser.report(target, outcome or AttemptOutcome(kind=OutcomeKind.RESET),
-                                    clock.now() - a.started_at if a.started_at else 0.0)
+                if outcome is None and asyncio.current_task().cancelling():
+                    res.unreported = a          # a timeout (or a cancel) unwinding: forward() reports it
+                else:
+                    self._report(a, outcome, body, down)
                 if retrying and budget is not None:
                     budget.retry_finished()
                     retrying = False
@@ -383,6 +366,15 @@ class Attempts:
             # Retrying: the decision took a budget slot.
             retrying = budget is not None
             await clock.sleep(decision.backoff)
+
+    def _report(self, a: _Attempt, outcome: AttemptOutcome | None, body: RequestBody, down: DownstreamConn) -> None:
+        """Tell the endpoint's cluster how the attempt went, exactly once per chosen endpoint;
+        None when it ended for the client's sake (outlier detection must not count it)."""
+        if outcome is not None and outcome.kind is not OutcomeKind.RESPONSE and (
+                body.client_error is not None or body.gone or down.lost):
+            outcome = None
+        rtt = a.conn.rtt if a.conn is not None else None
+        self.upstreams.report(a.target, outcome, rtt)
 
     def _decide(self, policy, outcome: AttemptOutcome, attempt_no: int, body: RequestBody, deadline: float | None,
                 budget: RetryBudget | None) -> RetryDecision:
@@ -400,11 +392,15 @@ class Attempts:
         a.started_at = self.clock.now()
         try:
             up = await self.upstreams.acquire(a.target, src_ip)
-        except (TunnelError, OSError) as e:
+        except Overflow:
+            a.failure = "overflow"
+            return AttemptOutcome(kind=OutcomeKind.OVERFLOW, request_sent=False)
+        except (TunnelError, OSError) as e:   # ConnectTimeout included
             a.failure = getattr(e, "reason", None) or type(e).__name__
             a.failure_text = str(e)
+            a.connect_timeout = isinstance(e, ConnectTimeout)
             return AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent=False)
-        a.up = up
+        a.up = a.conn = up
         try:
             up.write(up.codec.send(head))
         except LocalProtocolError:
@@ -437,10 +433,11 @@ class Attempts:
         """The last attempt failed without a response: Envoy's local reply for it."""
         self._count_denial(decision, fwd, res)
         r = failure_reply(outcome.kind, failure=a.failure, failure_text=a.failure_text, reason=decision.reason,
-                          attempts=attempt_no)
+                          attempts=attempt_no, connect_timeout=a.connect_timeout)
         res.flags, res.details, res.failure = r.flags, r.details, r.failure
         if not down.lost:
-            self._local_reply(down, res, r.status, r.body, grpc_status=DEADLINE_EXCEEDED if r.timeout else None)
+            self._local_reply(down, res, r.status, r.body, headers=r.headers,
+                              grpc_status=DEADLINE_EXCEEDED if r.timeout else None)
 
     def _count_denial(self, decision: RetryDecision, fwd: Forward, res: ForwardResult) -> None:
         if decision.reason is GiveUpReason.BUDGET_EXHAUSTED and fwd.service is not None:
@@ -457,7 +454,7 @@ class Attempts:
         if fwd.response_headers:
             head = ResponseHead(status=head.status, reason=head.reason, content_length=head.content_length,
                                 chunked=head.chunked,
-                                headers=tuple(apply_header_mods(list(head.headers), fwd.response_headers)))
+                                headers=tuple(apply_modifiers(list(head.headers), fwd.response_headers)))
         down.write(down.codec.send(head))
         res.status, res.started = head.status, True
         try:

@@ -1,4 +1,4 @@
-"""One request through the waypoint, in Istio's filter order: authz -> route -> attempts (endpoint, upstream exchange, retries).
+"""One request through the waypoint, in Istio's filter order: authz -> route -> endpoint -> upstream exchange.
 
 `Pipeline.handle(head, down)` runs a request that arrived on a downstream connection to its
 end and records exactly one `RequestResult` (metrics + one access-log line on `ambient.access`):
@@ -6,13 +6,20 @@ end and records exactly one `RequestResult` (metrics + one access-log line on `a
 1. `x-request-id` is kept, or generated (uuid4 from the injected rng) and sent upstream;
 2. L7 AuthorizationPolicy (waypoint/authz.py): a deny is its LocalReply (403 `RBAC: access denied`);
 3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward, which
-   carries the route's retry policy and timeouts;
-4. `Attempts.forward` (waypoint/attempts.py): endpoint choice, upstream connections and the
-   attempt loop under the retry policy, retry budget, route and per-try timeouts; a response
-   or Envoy's local reply (503 UH / UF / UC, 504 UT, ...) goes downstream.
+   carries the route's retry policy and timeouts; then its fault (waypoint/fault.py: delay,
+   then abort as a local reply, flags DI/FI) and its mirrors (waypoint/mirror.py: the body is
+   teed, copies go fire-and-forget once it has ended);
+4. `Attempts.forward` (waypoint/attempts.py): for each attempt an endpoint from
+   `Upstreams.choose` (the cluster's balancer over the endpoints outlier detection leaves,
+   previous hosts avoided), a connection from `Upstreams.acquire` within the cluster's circuit
+   limits, the exchange, `release` and `report` (exactly once per chosen endpoint), all under
+   the route's retry policy, the destination's retry budget and the route and per-try
+   timeouts; the response, or Envoy's local reply (503 UH / UO / UF / UC, 504 UT, ...), goes
+   downstream.
 
-Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`); only a request
-body's first 64 KiB are kept, for a retry.
+Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`); a request
+body's first 64 KiB are kept for a retry (a mirrored request's body is also copied, up to a
+bound, for its copies).
 """
 from __future__ import annotations
 
@@ -29,22 +36,22 @@ from mesh.model import Workload
 from mesh.model.base import ResourceKey
 from mesh.state import ProxyState
 
-from . import authz
+from . import authz, fault
 from .attempts import Attempts
-from .attempts import apply_header_mods as _apply
 from .channel import HttpChannel
+from .headers import apply_modifiers
+from .mirror import Mirrors
 from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, ServerConnection
-from .plan import Destination, Forward, Reply, plan_request, service_fqdn
+from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
 from .routing import RequestInfo
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
-from .upstream import EndpointTarget, Upstreams
+from .upstream import EndpointTarget, HashRequest, Upstreams
 
 __all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "local_reply_bytes"]
 
+
 access = logging.getLogger("ambient.access")
 log = logging.getLogger("ambient.waypoint")
-
-
 
 class DownstreamConn(HttpChannel):
     """The client side of one HBONE stream carrying HTTP/1.1, with its server codec."""
@@ -82,6 +89,9 @@ def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, b
     return serialize_head(status_line(status, b""), hs, extra) + body
 
 
+_apply = apply_modifiers
+
+
 class Pipeline:
     """Runs requests for one waypoint (see the module docstring)."""
 
@@ -96,7 +106,9 @@ class Pipeline:
         self.waypoint_namespace = waypoint_namespace
         self.requests = 0
         self.attempts = Attempts(state=state, upstreams=upstreams, metrics=metrics, clock=clock, rng=rng)
-        """The upstream side of a routed request: the seam retries, timeouts and faults live behind."""
+        """The upstream side of a routed request (waypoint/attempts.py)."""
+        self.mirrors = Mirrors(state=state, upstreams=upstreams, metrics=metrics, rng=rng)
+        """Fire-and-forget copies of requests whose route mirrors (waypoint/mirror.py)."""
 
     # -- labels and results -----------------------------------------------------------------
 
@@ -132,9 +144,15 @@ class Pipeline:
                 fwd: Forward | None = None, target: EndpointTarget | None = None, route: str = "",
                 failure: str = "") -> None:
         self.requests += 1
+        if fwd is not None and fwd.fault is not None:   # an injected delay marks the result, whatever it is
+            flags = fault.join_flags(flags, fwd.fault.flags)
         hdr = dict(head.headers) if head is not None else {}
         svc = (fwd.service if fwd is not None else None) or info.destination.service
-        cluster = (f"outbound|{fwd.port}||{service_fqdn(svc)}" if fwd is not None and svc is not None else "")
+        if target is not None:
+            cluster = target.cluster
+        else:
+            cluster = (f"outbound|{fwd.port}|{fwd.subset}|{service_fqdn(svc)}" if fwd is not None and svc is not None
+                       else "")
         r = RequestResult(
             labels=self._labels(info, fwd, target, status, flags), start_time=start,
             duration_ms=(self.clock.now() - t0) * 1000.0, request_bytes=req_bytes, response_bytes=resp_bytes,
@@ -172,6 +190,27 @@ class Pipeline:
             if ev is None or type(ev) is EndOfMessage:
                 return
 
+    async def _inject_fault(self, plan: Forward, head: RequestHead, headers: list[tuple[bytes, bytes]],
+                            down: DownstreamConn, info: ConnInfo, start: float, t0: float, rid: str) -> bool:
+        """Carry out the plan's fault (waypoint/fault.py) before any upstream contact: hold the
+        request for the delay, then answer the abort. True when the request is over."""
+        f = plan.fault
+        assert f is not None
+        if f.delay > 0:
+            await self.clock.sleep(f.delay)
+            if down.lost:       # the client gave up during the delay
+                self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
+                             rid=rid, fwd=plan, route=plan.route_name)
+                return True
+        if f.abort is None:
+            return False
+        status, hs, body = fault.abort_reply(f.abort, headers)
+        self._reply(down, Reply(status=status, headers=hs, body=body))
+        self._record(info, head, start, t0, status=status, flags="FI", details=fault.ABORT_DETAILS,
+                     resp_bytes=len(body), rid=rid, fwd=plan, route=plan.route_name)
+        await self._finish_request_body(down, head)
+        return True
+
     async def handle(self, head: RequestHead, down: DownstreamConn, info: ConnInfo) -> None:
         start, t0 = self.clock.now(), self.clock.now()
         headers = list(head.headers)
@@ -182,7 +221,7 @@ class Pipeline:
         rid = rid_b.decode("latin-1")
         str_headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
         host = next((v for n, v in str_headers if n == "host"), "")
-        dst = info.destination
+        dst = refresh(self.state, info.destination)   # the Service now, not when the connection opened
         method = head.method.decode("latin-1")
         path = head.path.decode("latin-1") or "/"
         svc_key = ResourceKey("Service", dst.service.namespace, dst.service.name) if dst.service else None
@@ -209,6 +248,9 @@ class Pipeline:
                          resp_bytes=len(plan.body), rid=rid, route=plan.route_name)
             await self._finish_request_body(down, head)
             return
+        if plan.fault is not None and await self._inject_fault(plan, head, headers, down, info, start, t0, rid):
+            return
+        down = self.mirrors.tee(plan, head, headers, down, info.src_ip)
         if plan.request_headers:
             headers = _apply(headers, plan.request_headers)
         if plan.authority is not None:
@@ -216,7 +258,8 @@ class Pipeline:
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
                               content_length=head.content_length, chunked=head.chunked,
                               expect_continue=head.expect_continue)
-        res = await self.attempts.forward(plan, up_head, down, info.src_ip, rid)
+        res = await self.attempts.forward(plan, up_head, down, info.src_ip, rid,
+                                          HashRequest(headers=head.headers, query=head.query, source_ip=info.peer_ip))
         if res.client_error is not None and not res.started and not down.lost:
             down.codec.close_after_response()
             self._reply(down, Reply(status=res.client_error.status))
