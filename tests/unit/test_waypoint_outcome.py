@@ -44,5 +44,16 @@ def test_failure_reply(kind, failure, reason, attempts, status, flags, details, 
     assert r.timeout is (kind is K.PER_TRY_TIMEOUT)
 
 
+def test_overflow_and_connect_timeout_replies():
+    r = failure_reply(K.OVERFLOW, failure="overflow", failure_text="", reason=G.NOT_RETRIABLE, attempts=1)
+    assert (r.status, r.flags, r.body, r.headers) == (503, "UO", RESET + b"reset reason: overflow",
+                                                      ((b"x-envoy-overloaded", b"true"),))
+    r = failure_reply(K.CONNECT_FAILURE, failure="connect_timeout", failure_text="", reason=G.ATTEMPTS_EXHAUSTED,
+                      attempts=3, connect_timeout=True)
+    assert (r.status, r.flags, r.details, r.body) == (
+        503, "UF,URX", "upstream_reset_before_response_started{connection_timeout}",
+        RESET + b"retried and the latest reset reason: connection timeout")
+
+
 def test_with_flag():
     assert (with_flag("-", "URX"), with_flag("UF", ""), with_flag("UF", "URX")) == ("URX", "UF", "UF,URX")
