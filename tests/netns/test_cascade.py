@@ -3,7 +3,8 @@
 Three services upstream of catalog each retry 5xx twice, all through one namespace waypoint;
 catalog answers 503 to 30 % of its requests. Without budgets the attempts reaching catalog
 multiply; with the mesh's default budget they stay within 1.2x of the requests entering the
-chain (counted by the catalog pods themselves).
+chain (counted by the catalog pods themselves); with one replica failing everything, outlier
+detection ejects it and the client hardly notices.
 """
 import json
 import os
@@ -24,7 +25,7 @@ def test_cascade_amplification_with_and_without_budgets(tmp_path):
         phases = {ph["phase"]: ph for ph in json.loads(p.stdout.strip().splitlines()[-1])["phases"]}
     finally:
         cluster.destroy()
-    off, on = phases["no budget"], phases["budget"]
+    off, on, outlier = phases["no budget"], phases["budget"], phases["outlier"]
     print(json.dumps({k: {f: v[f] for f in ("requests", "catalog_attempts", "amplification", "client_success",
                                             "rps")} for k, v in phases.items()}))
     assert off["requests"] == on["requests"] == 800
@@ -35,3 +36,8 @@ def test_cascade_amplification_with_and_without_budgets(tmp_path):
     assert on["rps"] * 0.2 >= 10, on
     assert on["catalog_attempts"] <= 1.2 * on["requests"], on
     assert on["catalog_attempts"] >= 1.1 * on["requests"], on      # the budget is used, not just refusing
+    # One catalog replica fails everything, the other nothing, outlierDetection on catalog: the bad
+    # one is ejected after consecutive5xxErrors (5) and the retries go to the healthy one.
+    bad, good = list(outlier["catalog_per_pod"].values())
+    assert bad <= 10 and good >= outlier["requests"], outlier
+    assert outlier["client_success"] >= 0.99, outlier
