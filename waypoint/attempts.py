@@ -330,7 +330,7 @@ class Attempts:
                         outcome = await self._start(a, a_head, body, down, src_ip, not continued)
                         continued = continued or head.expect_continue
                         if outcome.kind is OutcomeKind.RESPONSE and a.head is not None:
-                            decision = self._decide(policy, outcome, attempt_no, body, deadline, budget)
+                            decision = self._decide(policy, outcome, attempt_no, body, deadline, budget, target)
                             if not decision.retry:
                                 await self._respond(a, decision, down, fwd, res)
                                 return
@@ -347,7 +347,7 @@ class Attempts:
                         res.flags, res.details = ("DPE", "http1.codec_error{%s}" % body.client_error.reason) \
                             if body.client_error is not None else ("DC", "downstream_remote_disconnect")
                         return
-                    decision = self._decide(policy, outcome, attempt_no, body, deadline, budget)
+                    decision = self._decide(policy, outcome, attempt_no, body, deadline, budget, target)
                     if not decision.retry:
                         self._fail(a, outcome, decision, down, fwd, res, attempt_no)
                         return
@@ -377,14 +377,29 @@ class Attempts:
         self.upstreams.report(a.target, outcome, rtt)
 
     def _decide(self, policy, outcome: AttemptOutcome, attempt_no: int, body: RequestBody, deadline: float | None,
-                budget: RetryBudget | None) -> RetryDecision:
+                budget: RetryBudget | None, target: EndpointTarget) -> RetryDecision:
         now = self.clock.now()
         verdict = budget.check(now) if budget is not None else BudgetVerdict.ALLOWED
         d = should_retry(policy, outcome, attempt_no=attempt_no, budget=verdict, body_replayable=body.replayable,
                          rng=self.rng, now=now, deadline=deadline)
         if budget is not None:
             budget.settle(d, now)
+        self._count(target, d, attempt_no)
         return d
+
+    def _count(self, target: EndpointTarget, decision: RetryDecision, attempt_no: int) -> None:
+        """Envoy's retry statistics of the cluster (upstream_rq_retry*)."""
+        if decision.retry:
+            stat = "upstream_rq_retry"
+        elif decision.reason in (GiveUpReason.BUDGET_EXHAUSTED, GiveUpReason.RETRY_OVERFLOW):
+            stat = "upstream_rq_retry_overflow"
+        elif decision.reason is GiveUpReason.ATTEMPTS_EXHAUSTED:
+            stat = "upstream_rq_retry_limit_exceeded"
+        elif attempt_no > 1 and decision.reason is GiveUpReason.NOT_RETRIABLE:
+            stat = "upstream_rq_retry_success"
+        else:
+            return
+        self.upstreams.count(target, stat)
 
     async def _start(self, a: _Attempt, head: RequestHead, body: RequestBody, down: DownstreamConn, src_ip: str,
                      may_continue: bool) -> AttemptOutcome:

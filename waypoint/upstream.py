@@ -165,6 +165,12 @@ class Upstreams:
         if c is not None:
             c.report(target, outcome, rtt, self.clock.now())
 
+    def count(self, target: EndpointTarget, stat: str) -> None:
+        """One more of the cluster statistic `stat` (a ClusterStats field) for `target`'s cluster."""
+        c = self.clusters.get(target.cluster)
+        if c is not None:
+            setattr(c.stats, stat, getattr(c.stats, stat) + 1)
+
     # -- connections ---------------------------------------------------------------------------
 
     async def open_transport(self, target: EndpointTarget, src_ip: str, protocol) -> None:

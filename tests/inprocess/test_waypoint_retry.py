@@ -352,3 +352,21 @@ spec:
         a.close()
         b.close()
     run(go)
+
+
+def test_envoy_retry_statistics_per_cluster():
+    async def go(mesh):
+        (p,) = await web(mesh)
+        mesh.apply(vs("{attempts: 1, retryOn: 5xx}"))
+        c = await mesh.client(f"{VIP}:80")
+        p.backend.script += ["503"]
+        assert (await c.request("GET", "/")).status == 200                 # retried, then fine
+        p.backend.script += ["503", "503"]
+        assert (await c.request("GET", "/")).status == 503                 # retried, then out of attempts
+        text = mesh.inbound.upstreams.exposition().decode()
+        got = {f.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if f.name.startswith("envoy_cluster_upstream_rq_retry")}
+        assert got == {"envoy_cluster_upstream_rq_retry": 2, "envoy_cluster_upstream_rq_retry_success": 1,
+                       "envoy_cluster_upstream_rq_retry_overflow": 0, "envoy_cluster_upstream_rq_retry_limit_exceeded": 1}
+        c.close()
+    run(go)
