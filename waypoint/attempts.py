@@ -363,9 +363,15 @@ class Attempts:
                 if a.up is not None:
                     a.up.abort()                  # a discarded (retried) or failed attempt: reset it
                     self.upstreams.release(a.up, False)
-            # Retrying: the decision took a budget slot.
+            # Retrying: the decision took a budget slot, given back when the retry ends (or now,
+            # if the route timeout ends the request during the backoff).
             retrying = budget is not None
-            await clock.sleep(decision.backoff)
+            try:
+                await clock.sleep(decision.backoff)
+            except BaseException:
+                if retrying:
+                    budget.retry_finished()
+                raise
 
     def _report(self, a: _Attempt, outcome: AttemptOutcome | None, body: RequestBody, down: DownstreamConn) -> None:
         """Tell the endpoint's cluster how the attempt went, exactly once per chosen endpoint;

@@ -370,3 +370,4 @@ def test_envoy_retry_statistics_per_cluster():
                        "envoy_cluster_upstream_rq_retry_overflow": 0, "envoy_cluster_upstream_rq_retry_limit_exceeded": 1}
         c.close()
     run(go)
+
