@@ -48,7 +48,7 @@ from .http import Body, EndOfMessage, HttpError, InformationalResponse, LocalPro
 from .plan import Forward, destination_rule_for, service_fqdn
 from .resilience.budget import RetryBudget, RetryBudgetConfig, RetryBudgets, budget_config
 from .resilience.retry import (ATTEMPT_COUNT_HEADER, AttemptOutcome, BudgetVerdict, GiveUpReason, OutcomeKind,
-                               RetryDecision, hosts_to_avoid, should_retry)
+                               RetryDecision, RetryOn, RetryPolicy, hosts_to_avoid, should_retry)
 from .resilience.outcome import TIMEOUT_BODY, failure_reply, give_up_flag
 from .resilience.timeout import (DEADLINE_EXCEEDED, grpc_local_reply_headers, grpc_status_for, is_grpc,
                                  request_timeout)
@@ -193,11 +193,16 @@ class BudgetBook:
         return self.budgets.for_service(svc.uid)
 
 
-def _outcome_of(head: ResponseHead) -> AttemptOutcome:
+_BY_HEADER = RetryOn.RETRIABLE_HEADERS | RetryOn.ENVOY_RATELIMITED
+
+
+def _outcome_of(head: ResponseHead, policy: RetryPolicy) -> AttemptOutcome:
     grpc = next((v for n, v in head.headers if n == b"grpc-status"), None)
+    names = (frozenset(n.decode("latin-1") for n, _ in head.headers) if policy.retry_on & _BY_HEADER
+             else frozenset())          # only the header conditions look at names
     return AttemptOutcome(kind=OutcomeKind.RESPONSE, status=head.status,
                           grpc_status=int(grpc) if grpc is not None and grpc.isdigit() else None,
-                          header_names=frozenset(n.decode("latin-1") for n, _ in head.headers))
+                          header_names=names)
 
 
 class _Attempt:
@@ -327,7 +332,7 @@ class Attempts:
             try:
                 try:
                     async with asyncio.timeout(policy.per_try_timeout) as per_try:
-                        outcome = await self._start(a, a_head, body, down, src_ip, not continued)
+                        outcome = await self._start(a, a_head, body, down, src_ip, not continued, policy)
                         continued = continued or head.expect_continue
                         if outcome.kind is OutcomeKind.RESPONSE and a.head is not None:
                             decision = self._decide(policy, outcome, attempt_no, body, deadline, budget, target)
@@ -408,7 +413,7 @@ class Attempts:
         self.upstreams.count(target, stat)
 
     async def _start(self, a: _Attempt, head: RequestHead, body: RequestBody, down: DownstreamConn, src_ip: str,
-                     may_continue: bool) -> AttemptOutcome:
+                     may_continue: bool, policy: RetryPolicy) -> AttemptOutcome:
         """Connect, send the head, start the body, wait for the response head."""
         a.started_at = self.clock.now()
         try:
@@ -444,7 +449,7 @@ class Attempts:
             t = type(ev)
             if t is ResponseHead:
                 a.head = ev
-                return _outcome_of(ev)
+                return _outcome_of(ev, policy)
             if t is InformationalResponse:
                 if ev.status != 100 or not head.expect_continue:
                     down.write(down.codec.send(ev))
