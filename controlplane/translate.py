@@ -28,10 +28,9 @@ from typing import Any
 from mesh.identity import SpiffeId
 from mesh.model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, Resource,
                      Service, ServiceInfo, TunnelProtocol, Workload)
-from mesh.model.base import FrozenMap
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
 from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
-from mesh.model.workload import (GATEWAY_NAME_LABEL, PROXY_ANNOTATION_PREFIXES, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WAYPOINT_NAMESPACE_LABEL,
+from mesh.model.workload import (GATEWAY_NAME_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WAYPOINT_NAMESPACE_LABEL,
                                  BindingSource, Waypoint, WaypointBinding, WaypointFor, WaypointStatus)
 from mesh.distribution.protocol import resource_ref
 
@@ -132,8 +131,7 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
         waypoint = s.labels.get(WAYPOINT_LABEL) or (ns.labels.get(WAYPOINT_LABEL) if ns else None)
         info = ServiceInfo(name=s.name, namespace=s.namespace, vip=s.cluster_ip, ports=s.ports,
                            endpoints=eps, waypoint=waypoint,
-                           annotations=FrozenMap({k: v for k, v in s.meta.annotations.items()
-                                                  if k.startswith(PROXY_ANNOTATION_PREFIXES)}),
+                           retry_budget=s.retry_budget,
                            waypoint_binding=waypoint_binding(s.labels, s.namespace, ns, source=BindingSource.SERVICE,
                                                              waypoints=waypoints))
         out[resource_ref(info)] = info

@@ -31,7 +31,6 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Attempts", "ForwardResult", "RequestBody", "REPLAY_LIMIT", "BudgetBook"]
 
-log = logging.getLogger("ambient.waypoint")
 
 REPLAY_LIMIT = 64 * 1024
 """Request body bytes kept for a retry (Envoy's per_request_buffer_limit_bytes plays this role)."""
@@ -168,8 +166,8 @@ class RequestBody:
 
 
 class BudgetBook:
-    """Each destination service's retry budget, its config read from the Service's annotations
-    and its DestinationRule's connectionPool once per config version."""
+    """Each destination service's retry budget, configured from the Service's retry-budget
+    annotations and its DestinationRule's connectionPool once per config version."""
 
     def __init__(self, state: ProxyState) -> None:
         self.state = state
@@ -185,9 +183,7 @@ class BudgetBook:
         if cfg is None:
             dr = destination_rule_for(self.state.destination_rules(), svc)
             tp = dr.traffic_policy if dr is not None else None
-            cfg, problems = budget_config(svc.annotations, tp.connection_pool if tp is not None else None)
-            for p in problems:
-                log.warning("Service %s: %s", svc.uid, p)
+            cfg = budget_config(svc.retry_budget, tp.connection_pool if tp is not None else None)
             self._configs[svc.uid] = cfg
             self.budgets.update(svc.uid, cfg)
         return self.budgets.for_service(svc.uid)

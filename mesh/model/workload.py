@@ -7,14 +7,12 @@ from dataclasses import dataclass, field
 
 from ..identity import SpiffeId
 from .base import FrozenMap
-from .resources import ServicePort
+from .resources import RetryBudgetSpec, ServicePort
 
 __all__ = ["TunnelProtocol", "Workload", "Endpoint", "ServiceInfo", "WAYPOINT_CLASS", "WAYPOINT_FOR_LABEL",
            "WAYPOINT_NAMESPACE_LABEL", "GATEWAY_NAME_LABEL", "WaypointFor", "BindingSource", "WaypointStatus",
-           "WaypointBinding", "Waypoint", "PROXY_ANNOTATION_PREFIXES"]
+           "WaypointBinding", "Waypoint"]
 
-PROXY_ANNOTATION_PREFIXES = ("retry.ambient.dev/",)
-"""Service annotation keys distributed to proxies (the rest stay in the control plane)."""
 WAYPOINT_CLASS = "istio-waypoint"
 """gatewayClassName of a Gateway that is a waypoint."""
 WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
@@ -146,9 +144,8 @@ class ServiceInfo:
     """Value of istio.io/use-waypoint (service, else namespace), when set (raw; see waypoint_binding)."""
     waypoint_binding: WaypointBinding | None = None
     """The waypoint for traffic addressed to this Service; None = direct."""
-    annotations: FrozenMap = field(default_factory=FrozenMap)
-    """The Service's annotations a proxy reads (keys under PROXY_ANNOTATION_PREFIXES): per-service
-    tuning such as the retry budget (waypoint/resilience/budget.py)."""
+    retry_budget: RetryBudgetSpec | None = None
+    """The Service's retry-budget tuning (its `retry.ambient.dev/*` annotations); None: defaults."""
 
     @property
     def uid(self) -> str:

@@ -6,6 +6,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh.model import RetryBudgetSpec
+
 from tests.inprocess.test_waypoint_l7 import VIP, run
 
 BIG = 64 * 1024 + 1
@@ -41,9 +43,9 @@ def budget_denials(mesh) -> float:
     return sum(s.value for s in fam.samples)
 
 
-async def web(mesh, n: int = 1, annotations=None):
+async def web(mesh, n: int = 1, retry_budget=None):
     pods = [await mesh.pod(f"web-{i}", labels={"app": "web"}) for i in range(n)]
-    mesh.service("web", VIP, pods, annotations=annotations)
+    mesh.service("web", VIP, pods, retry_budget=retry_budget)
     return pods
 
 
@@ -221,7 +223,7 @@ def test_budget_holds_a_failing_backend_to_1_2x_and_off_does_not():
 
 def test_budget_annotation_off_lets_attempts_multiply():
     async def go(mesh):
-        (p,) = await web(mesh, annotations={"retry.ambient.dev/budget": "off"})
+        (p,) = await web(mesh, retry_budget=RetryBudgetSpec(enabled=False))   # retry.ambient.dev/budget: "off"
         p.backend.always = "503"
         mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
         c = await mesh.client(f"{VIP}:80")
@@ -235,7 +237,7 @@ def test_budget_annotation_off_lets_attempts_multiply():
 def test_the_same_request_again_counts_against_the_budget_and_is_refused_without_room():
     """A retry further up the chain arrives as a new request with the same x-request-id."""
     async def go(mesh):
-        (p,) = await web(mesh, annotations={"retry.ambient.dev/budget-min-retries-per-second": "0.5"})
+        (p,) = await web(mesh, retry_budget=RetryBudgetSpec(min_retries_per_second=0.5))
         c = await mesh.client(f"{VIP}:80")
         got = [(await c.request("GET", "/item", {"x-request-id": "same"})) for _ in range(10)]
         assert [r.status for r in got] == [200] * 6 + [503] * 4         # the floor: 0.5/s x 10 s = 5

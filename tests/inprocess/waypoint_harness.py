@@ -19,7 +19,7 @@ from mesh import tls
 from mesh.clock import SystemClock
 from mesh.hbone import HbonePool, HboneServer, PoolKey
 from mesh.identity import SpiffeId
-from mesh.model import Endpoint, ServiceInfo, TunnelProtocol, Workload
+from mesh.model import Endpoint, RetryBudgetSpec, ServiceInfo, TunnelProtocol, Workload
 from mesh.model.base import FrozenMap
 from mesh.model.resources import ServicePort
 from mesh.proxy.sockets import LoopbackSockets
@@ -263,8 +263,8 @@ class WaypointMesh(MeshObjects):
         return pod
 
     def service(self, name: str, vip: str, pods: list[Pod], *, port: int = 80, ns: str = "shop",
-                port_name: str = "http", annotations: dict[str, str] | None = None) -> ServiceInfo:
-        svc = ServiceInfo(name=name, namespace=ns, vip=ipaddress.IPv4Address(vip), annotations=FrozenMap(annotations or {}),
+                port_name: str = "http", retry_budget: RetryBudgetSpec | None = None) -> ServiceInfo:
+        svc = ServiceInfo(name=name, namespace=ns, vip=ipaddress.IPv4Address(vip), retry_budget=retry_budget,
                           ports=(ServicePort(port=port, target_port=APP_PORT, name=port_name),),
                           endpoints=tuple(Endpoint(workload_uid=p.workload.uid, ip=p.workload.ip) for p in pods))
         self.objects.append(svc)

@@ -6,6 +6,7 @@ import random
 import pytest
 from hypothesis import given, strategies as st
 
+from mesh.model import RetryBudgetSpec
 from mesh.model.route import ConnectionPool, HTTPSettings
 from waypoint.resilience.budget import (DEFAULT_BUDGET, RetryBudget, RetryBudgetConfig, RetryBudgets,
                                         budget_config)
@@ -158,29 +159,20 @@ def test_bucketed_window_matches_a_brute_force_count(events):
         assert b.check(now) is want
 
 
-@pytest.mark.parametrize("annotations, pool, want, problems", [
-    ({}, None, DEFAULT_BUDGET, 0),
-    ({"retry.ambient.dev/budget-percent": "50"}, None, RetryBudgetConfig(retry_ratio=0.5), 0),
-    ({"retry.ambient.dev/budget-min-retries-per-second": "2.5"}, None,
-     RetryBudgetConfig(min_retries_per_second=2.5), 0),
-    ({"retry.ambient.dev/budget-window": "30s"}, None, RetryBudgetConfig(window=30.0), 0),
-    ({"retry.ambient.dev/budget": "off"}, None, RetryBudgetConfig(enabled=False), 0),
-    ({"retry.ambient.dev/budget": "on"}, None, DEFAULT_BUDGET, 0),
-    ({}, ConnectionPool(http=HTTPSettings(max_retries=3)), RetryBudgetConfig(max_concurrent_retries=3), 0),
-    ({}, ConnectionPool(http=HTTPSettings(max_retries=0)), DEFAULT_BUDGET, 0),  # Istio: 0 = unset
-    ({"retry.ambient.dev/budget-percent": "lots"}, None, DEFAULT_BUDGET, 1),
-    ({"retry.ambient.dev/budget-percent": "-1"}, None, DEFAULT_BUDGET, 1),
-    ({"retry.ambient.dev/budget-percent": "nan"}, None, DEFAULT_BUDGET, 1),
-    ({"retry.ambient.dev/budget-window": "10"}, None, DEFAULT_BUDGET, 1),
-    ({"retry.ambient.dev/budget-window": "1h"}, None, DEFAULT_BUDGET, 1),
-    ({"retry.ambient.dev/budget": "maybe"}, None, DEFAULT_BUDGET, 1),
+@pytest.mark.parametrize("spec, pool, want", [
+    (None, None, DEFAULT_BUDGET),
+    (RetryBudgetSpec(percent=50.0), None, RetryBudgetConfig(retry_ratio=0.5)),
+    (RetryBudgetSpec(min_retries_per_second=2.5), None, RetryBudgetConfig(min_retries_per_second=2.5)),
+    (RetryBudgetSpec(window=30.0), None, RetryBudgetConfig(window=30.0)),
+    (RetryBudgetSpec(enabled=False), None, RetryBudgetConfig(enabled=False)),
+    (RetryBudgetSpec(), None, DEFAULT_BUDGET),
+    (None, ConnectionPool(http=HTTPSettings(max_retries=3)), RetryBudgetConfig(max_concurrent_retries=3)),
+    (None, ConnectionPool(http=HTTPSettings(max_retries=0)), DEFAULT_BUDGET),  # Istio: 0 = unset
+    (RetryBudgetSpec(enabled=False), ConnectionPool(http=HTTPSettings(max_retries=3)),
+     RetryBudgetConfig(enabled=False, max_concurrent_retries=3)),
 ])
-def test_budget_config_from_annotations_and_destination_rule(annotations, pool, want, problems):
-    cfg, found = budget_config(annotations, pool)
-    assert cfg == want
-    assert len(found) == problems
-    for p in found:
-        assert p.startswith("retry.ambient.dev/") and repr(next(iter(annotations.values()))) in p
+def test_budget_config_from_service_spec_and_destination_rule(spec, pool, want):
+    assert budget_config(spec, pool) == want
 
 
 def test_budgets_per_service_are_independent_and_reconfigurable():

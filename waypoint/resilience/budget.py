@@ -38,7 +38,8 @@ Usage by the data path, per destination service (`RetryBudgets.for_service`):
 concurrency slot until `retry_finished()`), or counts a denial by reason (`denials`), which the
 data path turns into a metric and a response flag.
 
-Tuning (Service annotations, read once per Service update by `budget_config`):
+Tuning (Service annotations, converted at the config edge into ServiceInfo.retry_budget,
+mesh/config/annotations.py; `budget_config` applies them):
 
 * `retry.ambient.dev/budget`: `off` disables the budget for the service (not the maxRetries cap);
 * `retry.ambient.dev/budget-percent`: the ratio as a percentage, 0..1000 (default `20`);
@@ -47,27 +48,23 @@ Tuning (Service annotations, read once per Service update by `budget_config`):
 
 Annotations on the Service suit Istio users (the annotation idiom istio.io/* uses for per-service
 knobs) and keep the budget next to the service it protects; Istio's DestinationRule has no field
-for it. A bad annotation is reported and the default is kept: a typo must not switch the
-protection off.
+for it. A bad annotation is a warning at `ambient apply` (reason `bad_annotation`) and the
+default is kept: a typo must not switch the protection off.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from mesh.config.route_fields import parse_go_duration
+from mesh.model import RetryBudgetSpec
 from mesh.model.route import ConnectionPool
 
 from .retry import BudgetVerdict, GiveUpReason, RetryDecision
 
-__all__ = ["RetryBudgetConfig", "DEFAULT_BUDGET", "UNLIMITED", "ANNOTATION_PREFIX",
-           "budget_config", "RetryBudget", "RetryBudgets"]
+__all__ = ["RetryBudgetConfig", "DEFAULT_BUDGET", "UNLIMITED", "budget_config", "RetryBudget", "RetryBudgets"]
 
 UNLIMITED = 2 ** 32 - 1
 """Istio's circuit-breaker thresholds when unset (cluster_traffic_policy.go)."""
-
-ANNOTATION_PREFIX = "retry.ambient.dev/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,52 +90,23 @@ class RetryBudgetConfig:
 DEFAULT_BUDGET = RetryBudgetConfig()
 
 
-def _annotation_float(annotations: Mapping[str, str], key: str, lo: float, hi: float,
-                      problems: list[str]) -> float | None:
-    raw = annotations.get(ANNOTATION_PREFIX + key)
-    if raw is None:
-        return None
-    try:
-        v = float(raw)
-    except (TypeError, ValueError):
-        v = math.nan
-    if not lo <= v <= hi:  # NaN fails too
-        problems.append(f"{ANNOTATION_PREFIX}{key}: {raw!r} is not a number between {lo:g} and {hi:g}; "
-                        "the default is used")
-        return None
-    return v
-
-
-def budget_config(annotations: Mapping[str, str], pool: ConnectionPool | None = None
-                  ) -> tuple[RetryBudgetConfig, tuple[str, ...]]:
-    """The budget for a destination service from its annotations and its DestinationRule's
-    connection pool; also the problems found (each names the annotation and the bad value)."""
-    problems: list[str] = []
+def budget_config(spec: RetryBudgetSpec | None, pool: ConnectionPool | None = None) -> RetryBudgetConfig:
+    """The budget for a destination service from its annotations (already converted and
+    checked at the config edge, mesh/config/annotations.py) and its DestinationRule's pool."""
     cfg = DEFAULT_BUDGET
-    switch = annotations.get(ANNOTATION_PREFIX + "budget")
-    if switch is not None:
-        if switch.strip().lower() in ("off", "false", "disabled"):
+    if spec is not None:
+        if not spec.enabled:
             cfg = replace(cfg, enabled=False)
-        elif switch.strip().lower() not in ("on", "true", "enabled"):
-            problems.append(f"{ANNOTATION_PREFIX}budget: {switch!r} is not on or off; the budget stays on")
-    pct = _annotation_float(annotations, "budget-percent", 0.0, 1000.0, problems)
-    if pct is not None:
-        cfg = replace(cfg, retry_ratio=pct / 100.0)
-    floor = _annotation_float(annotations, "budget-min-retries-per-second", 0.0, 1e6, problems)
-    if floor is not None:
-        cfg = replace(cfg, min_retries_per_second=floor)
-    raw = annotations.get(ANNOTATION_PREFIX + "budget-window")
-    if raw is not None:
-        w = parse_go_duration(raw) if isinstance(raw, str) else None
-        if w is None or not 1.0 <= w <= 600.0:
-            problems.append(f"{ANNOTATION_PREFIX}budget-window: {raw!r} is not a duration between 1s "
-                            "and 10m; the default is used")
-        else:
-            cfg = replace(cfg, window=w)
+        if spec.percent is not None:
+            cfg = replace(cfg, retry_ratio=spec.percent / 100.0)
+        if spec.min_retries_per_second is not None:
+            cfg = replace(cfg, min_retries_per_second=spec.min_retries_per_second)
+        if spec.window is not None:
+            cfg = replace(cfg, window=spec.window)
     max_retries = pool.http.max_retries if pool is not None and pool.http is not None else None
     if max_retries:  # Istio: zero means unset
         cfg = replace(cfg, max_concurrent_retries=max_retries)
-    return cfg, tuple(problems)
+    return cfg
 
 
 class RetryBudget:
