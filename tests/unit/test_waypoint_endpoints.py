@@ -310,3 +310,23 @@ def test_clusters_of_deleted_services_are_forgotten_once_idle():
     c.report(t, RESP[200], 0.001, 1.0)
     cs.sweep(2.0)
     assert len(cs) == 0
+
+
+def test_warmup_ramps_up_an_endpoint_added_after_the_cluster_was_built():
+    yaml = dr("trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}}}")
+    w = World([_w(1), _w(2)], yaml)
+    cs = Clusters(w.state)
+    cs.cluster_for(w.fwd(), 0.0)
+    w.put([_w(1), _w(2), _w(3)], yaml)                  # 10.0.0.3 joins at t=100
+
+    def share(now: float) -> float:
+        c = cs.cluster_for(w.fwd(), now)     # the first call after the update adds it, at 100
+        picks = Counter()
+        for _ in range(2100):
+            t = c.choose(now, random.Random(0), REQ, frozenset())
+            c.report(t, RESP[200], 0.001, now)
+            picks[t.address] += 1
+        return picks["10.0.0.3:8080"] / 2100
+    assert share(100.0) == pytest.approx(0.1 / 2.1, abs=0.01)      # Envoy's 10 % minimum weight
+    assert share(105.0) == pytest.approx(0.5 / 2.5, abs=0.01)      # linear ramp (aggression 1)
+    assert share(111.0) == pytest.approx(1 / 3, abs=0.01)          # warmed up
