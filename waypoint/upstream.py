@@ -355,7 +355,10 @@ class Upstreams:
             nxt = self.clusters.next_sweep()
             now = clock.now()
             await clock.sleep(SWEEP_TICK if nxt is None else min(SWEEP_TICK, max(0.01, nxt - now)))
-            self.sweep(clock.now())
+            try:
+                self.sweep(clock.now())
+            except Exception:   # a bug here must not end the sweeps (ejections would never end)
+                log.exception("waypoint upstream sweep failed")
 
     def sweep(self, now: float) -> None:
         """Due outlier sweeps; idle connections past idleTimeout, or to endpoints that left

@@ -172,6 +172,9 @@ def test_max_connections_and_pending_requests_overflow_is_503_uo_beyond_the_conf
                  if f.name == "istio_requests" for s in f.samples
                  if s.name == "istio_requests_total" and s.labels["response_code"] == "503" for _ in range(int(s.value))]
         assert flags == ["UO"] * statuses[503]
+        assert stat(mesh, "envoy_cluster_upstream_rq_active") == 0          # every count came back
+        assert stat(mesh, "envoy_cluster_upstream_rq_pending_active") == 0
+        assert stat(mesh, "envoy_cluster_upstream_cx_active") == 1
     run(go)
 
 
