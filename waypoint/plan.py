@@ -30,8 +30,8 @@ from mesh.state import ProxyState
 from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
                       pick_backend, pick_vs_destination)
 
-__all__ = ["Destination", "Forward", "Reply", "resolve", "refresh", "plan_request", "service_fqdn", "RouteSet",
-           "destination_rule_for"]
+__all__ = ["Destination", "Forward", "Reply", "resolve", "plan_request", "service_fqdn", "RouteSet",
+           "destination_rule_for", "refresh"]
 
 DOMAIN = "cluster.local"
 
@@ -190,22 +190,23 @@ def _forward_to(svc: ServiceInfo, port: int | None, default_port: int, **kw) -> 
     return Forward(service=svc, port=sp.port, target_port=_target(sp), **kw)
 
 
+def _names(dr: DestinationRule, svc: ServiceInfo) -> bool:
+    h = dr.host
+    return (h == service_fqdn(svc) or (h == svc.name and dr.namespace == svc.namespace)
+            or h == f"{svc.name}.{svc.namespace}")
+
+
 def destination_rule_for(drs: Sequence[DestinationRule], svc: ServiceInfo) -> DestinationRule | None:
-    """The DestinationRule whose host names `svc` (the first by namespace/name when several do)."""
-    fqdn = service_fqdn(svc)
-    for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
-        h = dr.host
-        if h == fqdn or (h == svc.name and dr.namespace == svc.namespace) or h == f"{svc.name}.{svc.namespace}":
-            return dr
-    return None
+    """The DestinationRule whose host names `svc` (the first by namespace/name)."""
+    return next((dr for dr in sorted(drs, key=lambda d: (d.namespace, d.name)) if _names(dr, svc)), None)
 
 
 def _subset_labels(drs: Sequence[DestinationRule], svc: ServiceInfo, subset: str) -> FrozenMap | None:
-    dr = destination_rule_for(drs, svc)
-    if dr is not None:
-        for s in dr.subsets:
-            if s.name == subset:
-                return s.labels
+    for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
+        if _names(dr, svc):
+            for s in dr.subsets:
+                if s.name == subset:
+                    return s.labels
     return None
 
 

@@ -43,14 +43,15 @@ from mesh.proxy.sockets import SocketFactory
 from mesh.state import ProxyState
 
 from .channel import HttpChannel
-from .endpoints import NO_REQUEST, Cluster, Clusters, EndpointTarget, HashRequest, cluster_exposition
+from .endpoints import (NO_REQUEST, Cluster, ClusterConfig, Clusters, EndpointTarget, HashRequest, cluster_exposition,
+                        endpoint_targets)
 from .http import ClientConnection, Limits
 from .plan import Forward
 from .resilience import (AttemptOutcome, ConnectionAction, OverflowReason, PoolCounters, admit_request,
                          connection_reusable, idle_expired, plan_connection)
 
 __all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overflow", "ConnectTimeout",
-           "HBONE_PORT", "MAX_IDLE_PER_ENDPOINT"]
+           "HBONE_PORT", "MAX_IDLE_PER_ENDPOINT", "endpoints", "pick"]
 
 log = logging.getLogger("ambient.waypoint")
 
@@ -119,6 +120,19 @@ class UpstreamConn(HttpChannel):
             self._on_lost(self)
 
 
+def endpoints(state: ProxyState, fwd: Forward) -> list[EndpointTarget]:
+    """The endpoints of `fwd`, unbalanced and unfiltered by outlier detection, for code not yet
+    on `Upstreams.choose`: they belong to no cluster (`cluster` ""), so `acquire` applies no
+    circuit limits to them and nothing reports to a balancer."""
+    svc = (state.service(fwd.service.uid) or fwd.service) if fwd.service is not None else None
+    return endpoint_targets(state, svc, fwd, "")
+
+
+def pick(targets: list[EndpointTarget], rng: random.Random) -> EndpointTarget | None:
+    """Uniform choice (the stand-in balancer before `Upstreams.choose`)."""
+    return targets[rng.randrange(len(targets))] if targets else None
+
+
 def _counters(c: Cluster) -> PoolCounters:
     return PoolCounters(open_connections=c.open_connections, pending_requests=c.pending_requests,
                         active_requests=c.active_requests)
@@ -139,6 +153,9 @@ class Upstreams:
         self.rng = rng
         self.limits = limits
         self.clusters = Clusters(state)
+        self._loose = Cluster("", Forward(service=None, port=0, target_port=0), ClusterConfig(), None, [], now=0.0,
+                              version=-1, service=None)
+        """Where targets that no cluster chose (cluster "", from `endpoints()`) are counted: no limits."""
         self._idle: dict[tuple[str, str], list[UpstreamConn]] = {}
         self._waiters: dict[tuple[str, str], deque[asyncio.Future[UpstreamConn | None]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -186,7 +203,7 @@ class Upstreams:
     async def acquire(self, target: EndpointTarget, src_ip: str) -> UpstreamConn:
         """A connection to `target` for one attempt, within the cluster's circuit limits.
         Raises Overflow, ConnectTimeout, TunnelError or OSError."""
-        c = self.clusters.get(target.cluster)
+        c = self._cluster_of(target.cluster)
         if c is None:
             raise LookupError(f"acquire for {target.address} of cluster {target.cluster!r}, which choose() "
                               f"did not return")
@@ -270,6 +287,9 @@ class Upstreams:
             c.pending_requests -= 1
         return conn
 
+    def _cluster_of(self, key: str) -> Cluster | None:
+        return self.clusters.get(key) if key else self._loose
+
     def _pop_idle(self, key: tuple[str, str], c: Cluster) -> UpstreamConn | None:
         idle = self._idle.get(key)
         now = self.clock.now()
@@ -296,7 +316,7 @@ class Upstreams:
                 idle.remove(conn)
             if not idle:
                 del self._idle[key]
-        c = self.clusters.get(t.cluster)
+        c = self._cluster_of(t.cluster)
         if c is None:
             return
         c.open_connections -= 1
@@ -333,7 +353,7 @@ class Upstreams:
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
         """Done with `conn` (once per acquire): keep it for the next request to its endpoint,
         or close it."""
-        c = self.clusters.get(conn.target.cluster)
+        c = self._cluster_of(conn.target.cluster)
         conn.served += 1
         limits_ok = True
         if c is not None:
@@ -366,8 +386,8 @@ class Upstreams:
         for c, back in self.clusters.sweep(now):
             log.info("waypoint cluster %s: %s back from outlier ejection", c.key, ", ".join(back))
         for (cluster, address), conns in list(self._idle.items()):
-            c = self.clusters.get(cluster)
-            gone = c is None or address not in c.targets
+            c = self._cluster_of(cluster)
+            gone = c is None or (c is not self._loose and address not in c.targets)
             for conn in list(conns):
                 if gone or idle_expired(c.limits, conn.idle_since, now):
                     if not gone:

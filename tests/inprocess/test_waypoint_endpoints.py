@@ -262,3 +262,26 @@ def test_endpoint_changes_reach_a_downstream_connection_opened_before_them():
         assert [e["address"] for e in snap["endpoints"]] == [f"{b.ip}:8080"] and snap["idle_connections"] == 1
         c.close()
     run(go)
+
+
+def test_targets_from_endpoints_outside_any_cluster_connect_without_limits():
+    # Code not yet on choose() (endpoints() + pick()) still gets pooled connections.
+    from waypoint.plan import Forward
+    from waypoint.upstream import endpoints
+
+    async def go(mesh):
+        (pod,) = await web(mesh, 1, LIMITS)
+        ups = mesh.inbound.upstreams
+        svc = mesh.state.service("shop/web")
+        (t,) = endpoints(mesh.state, Forward(service=svc, port=80, target_port=8080))
+        assert t.cluster == ""
+        a = await ups.acquire(t, mesh.wp_ip)
+        b = await ups.acquire(t, mesh.wp_ip)             # maxConnections does not apply here
+        for conn in (a, b):
+            ups.release(conn, True)
+        assert ups.idle_count() == 2 and pod.connects == 2
+        c = await ups.acquire(t, mesh.wp_ip)
+        assert c in (a, b) and pod.connects == 2        # reused
+        ups.release(c, False)
+        assert len(ups.clusters) == 0                    # nothing was registered as a cluster
+    run(go)
