@@ -13,7 +13,6 @@ import ipaddress
 import json
 import random
 import socket
-from http import HTTPStatus
 
 from mesh import tls
 from mesh.clock import SystemClock
@@ -71,18 +70,22 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, 
 
 
 class Backend:
-    """A pod's HTTP/1.1 app: echoes requests as JSON; `/download/N` streams N bytes; keep-alive."""
+    """A pod's HTTP/1.1 app: echoes requests as JSON; `/download/N` streams N bytes; keep-alive.
+
+    `script` is what the next requests get, one entry each (then the echo): `"503"` (or any
+    status), `"reset"` (the connection is dropped without a response), `"delay:S"` (the echo
+    after S seconds); `always` (same form) applies to every request once the script is used up.
+    Each request's `x-envoy-attempt-count` is kept in `attempt_counts`.
+    """
 
     def __init__(self, name: str, version: str) -> None:
         self.name, self.version = name, version
         self.connections = 0
         self.requests = 0
-        self.delay = 0.0
-        """Seconds to wait before answering (a slow replica)."""
-        self.status = 200
-        """The status of echo responses (a failing replica)."""
-        self.active = 0
-        """Requests being answered now."""
+        self.script: list[str] = []
+        self.always: str | None = None
+        self.attempt_counts: list[str | None] = []
+        self.bodies: list[int] = []
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -96,6 +99,19 @@ class Backend:
                 method, target, _ = line.split(" ", 2)
                 h = dict(hs)
                 got = await _read_body(reader, h)
+                self.attempt_counts.append(h.get("x-envoy-attempt-count"))
+                self.bodies.append(got)
+                action = self.script.pop(0) if self.script else self.always
+                if action == "reset":
+                    writer.transport.abort()
+                    return
+                if action is not None and action.startswith("delay:"):
+                    await asyncio.sleep(float(action[6:]))
+                elif action is not None:
+                    writer.write(b"HTTP/1.1 %s Scripted\r\ncontent-length: 6\r\nx-backend: %s\r\n\r\nfailed"
+                                 % (action.encode(), self.name.encode()))
+                    await writer.drain()
+                    continue
                 if target.startswith("/download/"):
                     n = int(target.rsplit("/", 1)[1])
                     writer.write(f"HTTP/1.1 200 OK\r\ncontent-length: {n}\r\nx-backend: {self.name}\r\n\r\n".encode())
@@ -107,16 +123,9 @@ class Backend:
                     continue
                 body = json.dumps({"name": self.name, "version": self.version, "method": method, "path": target,
                                    "headers": hs, "body_bytes": got}).encode()
-                self.active += 1
-                try:
-                    if self.delay:
-                        await asyncio.sleep(self.delay)
-                    writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (self.status, HTTPStatus(self.status).phrase.encode(),
-                                                                    self.name.encode(), len(body), body))
-                    await writer.drain()
-                finally:
-                    self.active -= 1
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (self.name.encode(), len(body), body))
+                await writer.drain()
         finally:
             writer.close()
 
