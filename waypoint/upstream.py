@@ -179,8 +179,12 @@ class Upstreams:
         """How the attempt `choose` sent to `target` ended (exactly once per chosen target);
         None: it ended without a verdict on the endpoint (the client went away)."""
         c = self.clusters.get(target.cluster)
-        if c is not None:
-            c.report(target, outcome, rtt, self.clock.now())
+        if c is None:
+            return
+        ej = c.report(target, outcome, rtt, self.clock.now())
+        if ej is not None:
+            log.info("waypoint cluster %s: %s ejected (%s, ejection %d, until +%.1fs)", c.key, ej.endpoint,
+                     ej.cause.value, ej.ejection_count, ej.until - self.clock.now())
 
     # -- connections ---------------------------------------------------------------------------
 

@@ -194,11 +194,13 @@ def test_reports_feed_outlier_detection(outcome, ejects):
     w = World([_w(1), _w(2)], dr("trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}"))
     c = Clusters(w.state).cluster_for(w.fwd(), 0.0)
     t = c.targets["10.0.0.1:8080"]
+    got = []
     for i in range(3):
         c.balancer.on_start(t.address)
         c.inflight += 1
-        c.report(t, outcome, None, float(i))
+        got.append(c.report(t, outcome, None, float(i)))
     assert c.outlier.is_ejected(t.address) is ejects
+    assert [e is not None for e in got] == [False, False, ejects]
     assert c.stats.outlier_detection_ejections_enforced_total == int(ejects)
     assert c.inflight == 0
 
