@@ -187,6 +187,7 @@ class ClusterStats:
     upstream_rq_pending_total: int = 0
     upstream_rq_pending_overflow: int = 0
     upstream_rq_timeout: int = 0
+    upstream_rq_cancelled: int = 0
     upstream_cx_total: int = 0
     upstream_cx_connect_fail: int = 0
     upstream_cx_connect_timeout: int = 0
@@ -397,6 +398,7 @@ STAT_HELP: dict[str, tuple[str, str]] = {
     "upstream_rq_pending_overflow": ("counter", "Requests refused by the connection pool or requests circuit "
                                                 "breaker (503 UO)."),
     "upstream_rq_timeout": ("counter", "Attempts that timed out waiting for a response."),
+    "upstream_rq_cancelled": ("counter", "Requests withdrawn before they got a connection (the client left)."),
     "upstream_cx_total": ("counter", "Upstream connections opened."),
     "upstream_cx_active": ("gauge", "Upstream connections open or opening."),
     "upstream_cx_connect_fail": ("counter", "Upstream connection attempts that failed."),

@@ -44,7 +44,7 @@ from .routing import RequestInfo
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
 from .resilience import AttemptOutcome, OutcomeKind
 from .resilience.circuit import OVERFLOW_BODY, OVERFLOW_HEADERS
-from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams
+from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams, Withdrawn
 
 __all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "attempt_outcome",
            "local_reply_bytes"]
@@ -63,11 +63,35 @@ _CONNECT_FAILURE = AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent
 class DownstreamConn(HttpChannel):
     """The client side of one HBONE stream carrying HTTP/1.1, with its server codec."""
 
-    __slots__ = ("codec",)
+    __slots__ = ("codec", "_gone")
 
     def __init__(self, codec: ServerConnection) -> None:
         self.codec = codec
+        self._gone: asyncio.Future[None] | None = None
         super().__init__(codec.receive_data)
+
+    def gone(self) -> asyncio.Future[None]:
+        """Resolves when the client closes or resets its side (made on first use: only a request
+        waiting for an upstream connection asks)."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.ended or self.lost:
+                self._gone.set_result(None)
+        return self._gone
+
+    def _left(self) -> None:
+        g = self._gone
+        if g is not None and not g.done():
+            g.set_result(None)
+
+    def eof_received(self) -> bool:
+        keep = super().eof_received()
+        self._left()
+        return keep
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self._left()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -382,7 +406,13 @@ class Pipeline:
         reported = False
         try:
             try:
-                up = await self.upstreams.acquire(target, info.src_ip)
+                up = await self.upstreams.acquire(target, info.src_ip, gone=down.gone)
+            except Withdrawn:         # the client left while the request waited for a connection
+                self.upstreams.report(target, None)
+                reported = True
+                self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
+                             rid=rid, fwd=plan, target=target, route=plan.route_name)
+                return
             except Overflow:
                 self.upstreams.report(target, _OVERFLOW_OUTCOME)
                 reported = True

@@ -50,7 +50,7 @@ from .plan import Forward
 from .resilience import (AttemptOutcome, ConnectionAction, OverflowReason, PoolCounters, admit_request,
                          connection_reusable, idle_expired, plan_connection)
 
-__all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overflow", "ConnectTimeout",
+__all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overflow", "ConnectTimeout", "Withdrawn",
            "HBONE_PORT", "MAX_IDLE_PER_ENDPOINT", "endpoints", "pick"]
 
 log = logging.getLogger("ambient.waypoint")
@@ -67,6 +67,11 @@ class Overflow(Exception):
     def __init__(self, reason: OverflowReason, cluster: str) -> None:
         super().__init__(f"{cluster}: {reason.value} circuit breaker overflowed")
         self.reason = reason
+
+
+class Withdrawn(Exception):
+    """The client left while its request waited for a connection (Envoy cancels such a pending
+    request: upstream_rq_cancelled); nothing was sent upstream."""
 
 
 class ConnectTimeout(TimeoutError):
@@ -204,9 +209,11 @@ class Upstreams:
             await asyncio.get_running_loop().create_connection(lambda: protocol, sock=sock)
         self.opened += 1
 
-    async def acquire(self, target: EndpointTarget, src_ip: str) -> UpstreamConn:
+    async def acquire(self, target: EndpointTarget, src_ip: str, *,
+                      gone: Callable[[], asyncio.Future[None]] | None = None) -> UpstreamConn:
         """A connection to `target` for one attempt, within the cluster's circuit limits.
-        Raises Overflow, ConnectTimeout, TunnelError or OSError."""
+        Raises Overflow, ConnectTimeout, TunnelError or OSError; Withdrawn when `gone()` (the
+        client's departure) resolves while the request waits in the pending queue."""
         c = self._cluster_of(target.cluster)
         if c is None:
             raise LookupError(f"acquire for {target.address} of cluster {target.cluster!r}, which choose() "
@@ -236,7 +243,7 @@ class Upstreams:
                 queued = True
                 c.stats.upstream_cx_overflow += 1
                 c.stats.upstream_rq_pending_total += 1
-            conn = await self._wait(key, c)
+            conn = await self._wait(key, c, gone)
             if conn is not None and conn.usable:
                 break
             # None: a connection to the endpoint went away; plan again (room to connect now)
@@ -245,12 +252,22 @@ class Upstreams:
         conn.first_byte_at = None
         return conn
 
-    async def _wait(self, key: tuple[str, str], c: Cluster) -> UpstreamConn | None:
+    async def _wait(self, key: tuple[str, str], c: Cluster,
+                    gone: Callable[[], asyncio.Future[None]] | None) -> UpstreamConn | None:
         fut: asyncio.Future[UpstreamConn | None] = asyncio.get_running_loop().create_future()
         q = self._waiters.setdefault(key, deque())
         q.append(fut)
         c.pending_requests += 1
         try:
+            if gone is not None:
+                g = gone()
+                await asyncio.wait((fut, g), return_when=asyncio.FIRST_COMPLETED)
+                if g.done():
+                    if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+                        self._offer(fut.result())    # handed over just as the client left: pass it on
+                    fut.cancel()
+                    c.stats.upstream_rq_cancelled += 1
+                    raise Withdrawn(f"the client left while its request to {key[1]} waited for a connection")
             return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.result() is not None:

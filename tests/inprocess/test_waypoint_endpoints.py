@@ -275,3 +275,33 @@ def test_targets_from_endpoints_outside_any_cluster_connect_without_limits():
         ups.release(c, False)
         assert len(ups.clusters) == 0                    # nothing was registered as a cluster
     run(go)
+
+
+def test_a_request_waiting_for_a_connection_is_withdrawn_when_its_client_leaves():
+    async def go(mesh):
+        (pod,) = await web(mesh, 1, "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 5}}}")
+        first = await mesh.client(f"{VIP}:80")
+        assert (await get(first))[0] == 200
+        pod.backend.always = "delay:1.5"
+        busy = asyncio.ensure_future(get(first))                  # holds the one connection
+        deadline = time.monotonic() + 30
+        while stat(mesh, "envoy_cluster_upstream_rq_active") != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        leaver = await mesh.client(f"{VIP}:80")
+        leaver.send("GET", "/")
+        while stat(mesh, "envoy_cluster_upstream_rq_pending_active") != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        leaver.close()                                            # gives up while queued
+        while stat(mesh, "envoy_cluster_upstream_rq_pending_active") != 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert stat(mesh, "envoy_cluster_upstream_rq_cancelled") == 1
+        assert (await busy)[0] == 200
+        assert pod.backend.requests == 2                          # the withdrawn one never went up
+        fam = next(f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())
+                   if f.name == "istio_requests")
+        assert any(s.labels["response_flags"] == "DC" and s.labels["response_code"] == "0" for s in fam.samples)
+        first.close()
+    run(go)
