@@ -17,6 +17,7 @@ from typing import Any
 from mesh import tls
 from mesh.admin_http import AdminServer, Response
 from mesh.ca import SecretManager
+from mesh.metrics import build_info
 from mesh.clock import Clock
 from mesh.distribution.client import ControlPlaneClient
 from mesh.distribution.protocol import ALPN
@@ -34,6 +35,7 @@ from .telemetry import WaypointMetrics
 __all__ = ["Waypoint"]
 
 log = logging.getLogger("ambient.waypoint")
+_BUILD = build_info("proxy")  # Istio's component name for its (waypoint) Envoy
 _RENEW_CHECK = 5.0
 """Seconds between checks that the listener still holds the newest certificate."""
 
@@ -85,7 +87,7 @@ class Waypoint:
         return Response(200, "ready\n")
 
     def _metrics(self, _path: str) -> Response:
-        body = self.metrics.exposition() + self.inbound.upstreams.exposition()
+        body = self.metrics.exposition() + self.inbound.upstreams.exposition() + _BUILD
         return Response(200, body, "text/plain; version=0.0.4")
 
     def _config_dump(self, _path: str) -> Response:
@@ -126,6 +128,8 @@ class Waypoint:
 
     async def run(self) -> None:
         await self.admin.listen_unix(self.cfg.admin_socket)
+        if self.cfg.metrics_host:
+            await self.admin.listen_tcp(self.cfg.metrics_host, self.cfg.metrics_port)
         log.info("waypoint %s starting; control plane %s", self.cfg.gateway, self.cfg.control_plane)
         tasks: list[asyncio.Task[Any]] = [asyncio.ensure_future(self.client.run()),
                                           asyncio.ensure_future(self._listen())]

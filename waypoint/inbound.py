@@ -164,9 +164,11 @@ class Inbound:
 
     def stats(self) -> dict:
         return {**self.counts, "requests": self.pipeline.requests, "upstream_opened": self.upstreams.opened,
-                "upstream_reused": self.upstreams.reused, "upstream_idle": self.upstreams.idle_count()}
+                "upstream_reused": self.upstreams.reused, "upstream_idle": self.upstreams.idle_count(),
+                "mirrors_in_flight": self.pipeline.mirrors.in_flight}
 
     async def close(self) -> None:
+        await self.pipeline.mirrors.close()
         await self.upstreams.aclose()
         for t in list(self._tasks):
             t.cancel()

@@ -6,16 +6,20 @@ end and records exactly one `RequestResult` (metrics + one access-log line on `a
 1. `x-request-id` is kept, or generated (uuid4 from the injected rng) and sent upstream;
 2. L7 AuthorizationPolicy (waypoint/authz.py): a deny is its LocalReply (403 `RBAC: access denied`);
 3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward;
+   then its fault (waypoint/fault.py: delay, then abort as a local reply, flags DI/FI) and its
+   mirrors (waypoint/mirror.py: the body is teed, copies go fire-and-forget once it has ended);
 4. endpoint: `Upstreams.choose` (the cluster's balancer over the endpoints outlier detection
    leaves, waypoint/endpoints.py); none -> 503 `no healthy upstream` (UH);
 5. `Upstreams.acquire` within the cluster's circuit limits: overflow -> 503 UO
    (`x-envoy-overloaded: true`); a connect failure or connectTimeout -> 503 UF with Envoy's body;
 6. `exchange()` over the kept-alive or new upstream connection, then `release` and `report`
-   (exactly once per chosen endpoint: the outcome feeds outlier detection and the balancer). `exchange` is the seam the resilience layer (retries, timeouts, faults) wraps:
+   (exactly once per chosen endpoint: the outcome feeds outlier detection and the balancer).
+   `exchange` is the seam the resilience layer (retries, timeouts) wraps:
    it takes one attempt's upstream connection and streams the request body up and the
    response down, returning a typed `ExchangeResult`.
 
-Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered.
+Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered
+(a mirrored request's body is also copied, up to a bound, for its copies).
 """
 from __future__ import annotations
 
@@ -35,8 +39,10 @@ from mesh.model.base import ResourceKey
 from mesh.model.route import HeaderModifier
 from mesh.state import ProxyState
 
-from . import authz
+from . import authz, fault
 from .channel import HttpChannel
+from .headers import apply_modifiers
+from .mirror import Mirrors
 from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
                    ResponseHead, ServerConnection)
 from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
@@ -140,18 +146,7 @@ def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, b
     return serialize_head(status_line(status, b""), hs, extra) + body
 
 
-def _apply(headers: list[tuple[bytes, bytes]], mods: Iterable[HeaderModifier]) -> list[tuple[bytes, bytes]]:
-    for m in mods:
-        if m.remove:
-            drop = {n.lower().encode() for n in m.remove}
-            headers = [h for h in headers if h[0] not in drop]
-        for n, v in m.set:
-            name = n.lower().encode()
-            headers = [h for h in headers if h[0] != name]
-            headers.append((name, v.encode()))
-        for n, v in m.add:
-            headers.append((n.lower().encode(), v.encode()))
-    return headers
+_apply = apply_modifiers
 
 
 async def _pump_request_body(down: DownstreamConn, up: UpstreamConn, res: ExchangeResult) -> bool:
@@ -273,6 +268,8 @@ class Pipeline:
         self.requests = 0
         self.exchange = exchange
         """One upstream attempt (`exchange`'s signature): the seam retries/timeouts/faults wrap."""
+        self.mirrors = Mirrors(state=state, upstreams=upstreams, metrics=metrics, rng=rng)
+        """Fire-and-forget copies of requests whose route mirrors (waypoint/mirror.py)."""
 
     # -- labels and results -----------------------------------------------------------------
 
@@ -308,6 +305,8 @@ class Pipeline:
                 fwd: Forward | None = None, target: EndpointTarget | None = None, route: str = "",
                 failure: str = "") -> None:
         self.requests += 1
+        if fwd is not None and fwd.fault is not None:   # an injected delay marks the result, whatever it is
+            flags = fault.join_flags(flags, fwd.fault.flags)
         hdr = dict(head.headers) if head is not None else {}
         svc = (fwd.service if fwd is not None else None) or info.destination.service
         if target is not None:
@@ -352,6 +351,27 @@ class Pipeline:
             if ev is None or type(ev) is EndOfMessage:
                 return
 
+    async def _inject_fault(self, plan: Forward, head: RequestHead, headers: list[tuple[bytes, bytes]],
+                            down: DownstreamConn, info: ConnInfo, start: float, t0: float, rid: str) -> bool:
+        """Carry out the plan's fault (waypoint/fault.py) before any upstream contact: hold the
+        request for the delay, then answer the abort. True when the request is over."""
+        f = plan.fault
+        assert f is not None
+        if f.delay > 0:
+            await self.clock.sleep(f.delay)
+            if down.lost:       # the client gave up during the delay
+                self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
+                             rid=rid, fwd=plan, route=plan.route_name)
+                return True
+        if f.abort is None:
+            return False
+        status, hs, body = fault.abort_reply(f.abort, headers)
+        self._reply(down, Reply(status=status, headers=hs, body=body))
+        self._record(info, head, start, t0, status=status, flags="FI", details=fault.ABORT_DETAILS,
+                     resp_bytes=len(body), rid=rid, fwd=plan, route=plan.route_name)
+        await self._finish_request_body(down, head)
+        return True
+
     async def handle(self, head: RequestHead, down: DownstreamConn, info: ConnInfo) -> None:
         start, t0 = self.clock.now(), self.clock.now()
         headers = list(head.headers)
@@ -389,6 +409,9 @@ class Pipeline:
                          resp_bytes=len(plan.body), rid=rid, route=plan.route_name)
             await self._finish_request_body(down, head)
             return
+        if plan.fault is not None and await self._inject_fault(plan, head, headers, down, info, start, t0, rid):
+            return
+        down = self.mirrors.tee(plan, head, headers, down, info.src_ip)
         target = self.upstreams.choose(plan, request=HashRequest(headers=head.headers, query=head.query,
                                                                  source_ip=info.peer_ip))
         if target is None:

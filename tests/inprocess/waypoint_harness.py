@@ -13,6 +13,7 @@ import ipaddress
 import json
 import random
 import socket
+from http import HTTPStatus
 
 from mesh import tls
 from mesh.clock import SystemClock
@@ -75,7 +76,8 @@ class Backend:
     `script` is what the next requests get, one entry each (then the echo): `"503"` (or any
     status), `"reset"` (the connection is dropped without a response), `"delay:S"` (the echo
     after S seconds); `always` (same form) applies to every request once the script is used up.
-    Each request's `x-envoy-attempt-count` is kept in `attempt_counts`.
+    Each request's `x-envoy-attempt-count` is kept in `attempt_counts`. `delay` and `status` apply
+    to every unscripted request (a slow or failing replica); `seen` records each request.
     """
 
     def __init__(self, name: str, version: str) -> None:
@@ -86,6 +88,14 @@ class Backend:
         self.always: str | None = None
         self.attempt_counts: list[str | None] = []
         self.bodies: list[int] = []
+        self.delay = 0.0
+        """Seconds to wait before answering (a slow replica)."""
+        self.status = 200
+        """The status of echo responses (a failing replica)."""
+        self.active = 0
+        """Echo requests being answered now."""
+        self.seen: list[tuple[str, str, list[tuple[str, str]], int]] = []
+        """(method, target, headers, body bytes) of each request, in arrival order."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -99,6 +109,7 @@ class Backend:
                 method, target, _ = line.split(" ", 2)
                 h = dict(hs)
                 got = await _read_body(reader, h)
+                self.seen.append((method, target, hs, got))
                 self.attempt_counts.append(h.get("x-envoy-attempt-count"))
                 self.bodies.append(got)
                 action = self.script.pop(0) if self.script else self.always
@@ -112,6 +123,8 @@ class Backend:
                                  % (action.encode(), self.name.encode()))
                     await writer.drain()
                     continue
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 if target.startswith("/download/"):
                     n = int(target.rsplit("/", 1)[1])
                     writer.write(f"HTTP/1.1 200 OK\r\ncontent-length: {n}\r\nx-backend: {self.name}\r\n\r\n".encode())
@@ -123,9 +136,14 @@ class Backend:
                     continue
                 body = json.dumps({"name": self.name, "version": self.version, "method": method, "path": target,
                                    "headers": hs, "body_bytes": got}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (self.name.encode(), len(body), body))
-                await writer.drain()
+                self.active += 1
+                try:
+                    writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (self.status, HTTPStatus(self.status).phrase.encode(),
+                                                                    self.name.encode(), len(body), body))
+                    await writer.drain()
+                finally:
+                    self.active -= 1
         finally:
             writer.close()
 
