@@ -7,12 +7,13 @@ once with the attempt's outcome and RTT (`UpstreamConn.rtt`: first response byte
 request went out).
 
 `acquire(target, src_ip)` applies the cluster's DestinationRule connectionPool limits in Envoy's
-order (resilience/circuit.py decides, this module counts and waits): too many requests in flight
-(`http2MaxRequests`) -> `Overflow`; a free keep-alive connection to the endpoint -> use it; else a
-new connection while fewer than `maxConnections` are open (or the endpoint has none at all) -- it
-must be up within `connectTimeout`, else `ConnectTimeout`; else wait in the endpoint's queue
-while fewer than `http1MaxPendingRequests` wait (a released connection goes straight to the
-oldest waiter; a closed one lets a waiter connect), else `Overflow`. The data path answers
+order (resilience/circuit.py decides, this module counts and waits): a free keep-alive connection
+to the endpoint -> use it; else a new connection while fewer than `maxConnections` are open (or
+the endpoint has none at all) -- it must be up within `connectTimeout`, else `ConnectTimeout`;
+else wait in the endpoint's queue while fewer than `http1MaxPendingRequests` wait (a released
+connection goes straight to the oldest waiter; a closed one lets a waiter connect), else
+`Overflow`. With a connection in hand, `http2MaxRequests` requests already in flight -> `Overflow`
+(the connection stays for the next request). The data path answers
 `Overflow` with 503 UO (`x-envoy-overloaded: true`) and `ConnectTimeout` like any connect
 failure (503 UF, `connection timeout`).
 
@@ -218,10 +219,6 @@ class Upstreams:
         if c is None:
             raise LookupError(f"acquire for {target.address} of cluster {target.cluster!r}, which choose() "
                               f"did not return")
-        adm = admit_request(c.limits, _counters(c))
-        if not adm.admitted:
-            c.stats.upstream_rq_pending_overflow += 1
-            raise Overflow(adm.overflow or OverflowReason.MAX_REQUESTS, c.key)
         key = (c.key, target.address)
         queued = False
         while True:
@@ -247,6 +244,13 @@ class Upstreams:
             if conn is not None and conn.usable:
                 break
             # None: a connection to the endpoint went away; plan again (room to connect now)
+        # http2MaxRequests is checked as the request is put on its connection, as Envoy's pool
+        # does (attachStreamToClient): requests waiting for one do not count.
+        adm = admit_request(c.limits, _counters(c))
+        if not adm.admitted:
+            self._offer(conn)
+            c.stats.upstream_rq_pending_overflow += 1
+            raise Overflow(adm.overflow or OverflowReason.MAX_REQUESTS, c.key)
         c.active_requests += 1
         conn.started_at = self.clock.now()
         conn.first_byte_at = None

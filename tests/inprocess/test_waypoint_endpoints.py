@@ -305,3 +305,25 @@ def test_a_request_waiting_for_a_connection_is_withdrawn_when_its_client_leaves(
         assert any(s.labels["response_flags"] == "DC" and s.labels["response_code"] == "0" for s in fam.samples)
         first.close()
     run(go)
+
+
+def test_http2_max_requests_bounds_requests_in_flight_across_connections():
+    async def go(mesh):
+        pods = await web(mesh, 2, "{connectionPool: {http: {http2MaxRequests: 1}}}")
+        for p in pods:
+            p.backend.always = "delay:1.5"
+
+        async def one():
+            c = await mesh.client(f"{VIP}:80")
+            try:
+                return await get(c)
+            finally:
+                c.close()
+        got = await asyncio.gather(*(one() for _ in range(3)))
+        statuses = sorted(s for s, _, _ in got)
+        assert statuses[0] == 200 and statuses.count(503) >= 1, statuses
+        for s, _, r in got:
+            if s == 503:
+                assert r.header("x-envoy-overloaded") == "true" and r.body.endswith(b"reset reason: overflow")
+        assert stat(mesh, "envoy_cluster_upstream_rq_pending_overflow") == statuses.count(503)
+    run(go)
