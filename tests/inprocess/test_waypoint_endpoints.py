@@ -327,3 +327,19 @@ def test_http2_max_requests_bounds_requests_in_flight_across_connections():
                 assert r.header("x-envoy-overloaded") == "true" and r.body.endswith(b"reset reason: overflow")
         assert stat(mesh, "envoy_cluster_upstream_rq_pending_overflow") == statuses.count(503)
     run(go)
+
+
+def test_idle_timeout_closes_a_kept_alive_upstream_connection():
+    async def go(mesh):
+        (pod,) = await web(mesh, 1, "{connectionPool: {http: {idleTimeout: 2s}}}")
+        c = await mesh.client(f"{VIP}:80")
+        assert (await get(c))[0] == 200 and (await get(c))[0] == 200
+        assert pod.connects == 1                                  # kept alive while in use
+        deadline = time.monotonic() + 30
+        while stat(mesh, "envoy_cluster_upstream_cx_idle_timeout") < 1:   # the background pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert stat(mesh, "envoy_cluster_upstream_cx_active") == 0
+        assert (await get(c))[0] == 200 and pod.connects == 2
+        c.close()
+    run(go)
