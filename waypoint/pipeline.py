@@ -39,6 +39,7 @@ from . import authz, fault
 from .channel import HttpChannel
 from .headers import apply_modifiers
 from .mirror import Mirrors
+from .upgrade import relay
 from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
                    ResponseHead, ServerConnection)
 from .plan import Destination, Forward, Reply, plan_request, service_fqdn
@@ -185,6 +186,13 @@ async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
                     res.flags, res.details = "DC", "downstream_remote_disconnect"
                     return res
             elif t is ResponseHead:
+                if ev.status == 101 and head.upgrade is not None:   # WebSocket: raw bytes both ways now
+                    down.write(down.codec.send(ev))
+                    res.status, res.started = 101, True
+                    up_n, down_n = await relay(down, up)
+                    res.request_bytes += up_n
+                    res.response_bytes += down_n
+                    return res
                 if response_mods:
                     ev = ResponseHead(status=ev.status, reason=ev.reason, content_length=ev.content_length,
                                       headers=tuple(_apply(list(ev.headers), response_mods)))
@@ -375,7 +383,7 @@ class Pipeline:
         if plan.authority is not None:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
-                              content_length=head.content_length, chunked=head.chunked)
+                              content_length=head.content_length, chunked=head.chunked, upgrade=head.upgrade)
         try:
             up = await self.upstreams.acquire(target, info.src_ip)
         except (TunnelError, OSError) as e:
