@@ -20,6 +20,7 @@ Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -318,9 +319,10 @@ class Pipeline:
         assert f is not None
         if f.delay > 0:
             await self.clock.sleep(f.delay)
-            if down.lost:       # the client gave up during the delay
+            if down.lost:       # the client gave up during the delay: an abort drawn never happened
                 self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
-                             rid=rid, fwd=plan, route=plan.route_name)
+                             rid=rid, fwd=dataclasses.replace(plan, fault=fault.FaultDecision(delay=f.delay)),
+                             route=plan.route_name)
                 return True
         if f.abort is None:
             return False
