@@ -39,7 +39,7 @@ from .headers import apply_modifiers
 from .http import Body, EndOfMessage, HttpError, LocalProtocolError, RequestHead
 from .plan import Forward, MirrorTarget
 from .telemetry import WaypointMetrics
-from .upstream import EndpointTarget, Upstreams, endpoints
+from .upstream import EndpointTarget, Overflow, Upstreams
 
 __all__ = ["MirrorResult", "Mirrors", "mirror_head", "MAX_BODY", "MAX_IN_FLIGHT", "MAX_IN_FLIGHT_TOTAL",
            "MAX_BUFFERED", "TIMEOUT"]
@@ -184,11 +184,14 @@ class Mirrors:
     def _endpoint(self, m: MirrorTarget) -> EndpointTarget | MirrorResult:
         if m.service is None:
             return MirrorResult.NO_CLUSTER
-        eps = endpoints(self.state, Forward(service=m.service, port=m.port, target_port=m.target_port,
-                                            subset_labels=m.subset_labels))
-        if not eps:
+        # The mirror Service's own cluster chooses (balancer, outlier ejections), as Envoy's
+        # shadow policy sends to a cluster; an unlabelled subset name keeps the key distinct.
+        sub = "mirror" if m.subset_labels else ""
+        target = self.upstreams.choose(Forward(service=m.service, port=m.port, target_port=m.target_port,
+                                               subset=sub, subset_labels=m.subset_labels))
+        if target is None:
             return MirrorResult.NO_HEALTHY_UPSTREAM
-        return eps[self.rng.randrange(len(eps))]
+        return target
 
     async def _run(self, key: tuple[str, int], target: EndpointTarget, head: RequestHead, body: bytes,
                    src_ip: str) -> None:
@@ -202,6 +205,7 @@ class Mirrors:
         except Exception:   # a copy's failure must never reach the primary or the loop
             log.exception("mirror to %s failed", target.address)
         finally:
+            self.upstreams.report(target, None)   # a copy's result says nothing the primary needs
             self.in_flight -= 1
             self.buffered -= len(body)
             n = self._per_target[key] - 1
@@ -214,6 +218,8 @@ class Mirrors:
     async def _send(self, target: EndpointTarget, head: RequestHead, body: bytes, src_ip: str) -> MirrorResult:
         try:
             up = await self.upstreams.acquire(target, src_ip)
+        except Overflow:
+            return MirrorResult.OVERFLOW
         except (TunnelError, OSError):
             return MirrorResult.CONNECT_FAILURE
         complete = False

@@ -8,9 +8,13 @@ end and records exactly one `RequestResult` (metrics + one access-log line on `a
 3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward;
    then its fault (waypoint/fault.py: delay, then abort as a local reply, flags DI/FI) and its
    mirrors (waypoint/mirror.py: the body is teed, copies go fire-and-forget once it has ended);
-4. endpoint: the plan's endpoints, one picked; none -> 503 `no healthy upstream` (UH);
-5. `exchange()` over a kept-alive or new upstream connection; a connect failure -> 503 UF with
-   Envoy's body. `exchange` is the seam the resilience layer (retries, timeouts, faults) wraps:
+4. endpoint: `Upstreams.choose` (the cluster's balancer over the endpoints outlier detection
+   leaves, waypoint/endpoints.py); none -> 503 `no healthy upstream` (UH);
+5. `Upstreams.acquire` within the cluster's circuit limits: overflow -> 503 UO
+   (`x-envoy-overloaded: true`); a connect failure or connectTimeout -> 503 UF with Envoy's body;
+6. `exchange()` over the kept-alive or new upstream connection, then `release` and `report`
+   (exactly once per chosen endpoint: the outcome feeds outlier detection and the balancer).
+   `exchange` is the seam the resilience layer (retries, timeouts) wraps:
    it takes one attempt's upstream connection and streams the request body up and the
    response down, returning a typed `ExchangeResult`.
 
@@ -43,18 +47,25 @@ from .mirror import Mirrors
 from .upgrade import relay
 from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
                    ResponseHead, ServerConnection)
-from .plan import Destination, Forward, Reply, plan_request, service_fqdn
+from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
 from .routing import RequestInfo
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
-from .upstream import EndpointTarget, UpstreamConn, Upstreams, endpoints, pick
+from .resilience import AttemptOutcome, OutcomeKind
+from .resilience.circuit import OVERFLOW_BODY, OVERFLOW_HEADERS
+from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams
 
-__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "local_reply_bytes"]
+__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "attempt_outcome",
+           "local_reply_bytes"]
 
 access = logging.getLogger("ambient.access")
 log = logging.getLogger("ambient.waypoint")
 
 _NO_HEALTHY = Reply(status=503, body=b"no healthy upstream", flags="UH", details="no_healthy_upstream")
 _UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+_OVERFLOW = Reply(status=503, body=OVERFLOW_BODY, flags="UO", details="upstream_reset_before_response_started{overflow}",
+                  headers=tuple((n.encode(), v.encode()) for n, v in OVERFLOW_HEADERS))
+_OVERFLOW_OUTCOME = AttemptOutcome(kind=OutcomeKind.OVERFLOW, request_sent=False)
+_CONNECT_FAILURE = AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent=False)
 
 
 class DownstreamConn(HttpChannel):
@@ -217,6 +228,16 @@ async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
             await asyncio.gather(pump, return_exceptions=True)
 
 
+def attempt_outcome(res: ExchangeResult, down: DownstreamConn) -> AttemptOutcome | None:
+    """What one exchange says about its endpoint (for outlier detection, the balancer and
+    retries); None when it ended for the client's sake (gone, or a malformed body)."""
+    if res.started:
+        return AttemptOutcome(kind=OutcomeKind.RESPONSE, status=res.status)
+    if res.client_error is not None or down.lost or res.flags in ("DC", "DPE"):
+        return None
+    return AttemptOutcome(kind=OutcomeKind.RESET)
+
+
 class Pipeline:
     """Runs requests for one waypoint (see the module docstring)."""
 
@@ -273,7 +294,11 @@ class Pipeline:
             flags = fault.join_flags(flags, fwd.fault.flags)
         hdr = dict(head.headers) if head is not None else {}
         svc = (fwd.service if fwd is not None else None) or info.destination.service
-        cluster = (f"outbound|{fwd.port}||{service_fqdn(svc)}" if fwd is not None and svc is not None else "")
+        if target is not None:
+            cluster = target.cluster
+        else:
+            cluster = (f"outbound|{fwd.port}|{fwd.subset}|{service_fqdn(svc)}" if fwd is not None and svc is not None
+                       else "")
         r = RequestResult(
             labels=self._labels(info, fwd, target, status, flags), start_time=start,
             duration_ms=(self.clock.now() - t0) * 1000.0, request_bytes=req_bytes, response_bytes=resp_bytes,
@@ -343,7 +368,7 @@ class Pipeline:
         rid = rid_b.decode("latin-1")
         str_headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
         host = next((v for n, v in str_headers if n == "host"), "")
-        dst = info.destination
+        dst = refresh(self.state, info.destination)   # the Service now, not when the connection opened
         method = head.method.decode("latin-1")
         path = head.path.decode("latin-1") or "/"
         svc_key = ResourceKey("Service", dst.service.namespace, dst.service.name) if dst.service else None
@@ -373,7 +398,8 @@ class Pipeline:
         if plan.fault is not None and await self._inject_fault(plan, head, headers, down, info, start, t0, rid):
             return
         down = self.mirrors.tee(plan, head, headers, down, info.src_ip)
-        target = pick(endpoints(self.state, plan), self.rng)
+        target = self.upstreams.choose(plan, request=HashRequest(headers=head.headers, query=head.query,
+                                                                 source_ip=info.peer_ip))
         if target is None:
             self._reply(down, _NO_HEALTHY)
             self._record(info, head, start, t0, status=503, flags="UH", details=_NO_HEALTHY.details,
@@ -386,20 +412,46 @@ class Pipeline:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
                               content_length=head.content_length, chunked=head.chunked, upgrade=head.upgrade)
+        reported = False
         try:
-            up = await self.upstreams.acquire(target, info.src_ip)
-        except (TunnelError, OSError) as e:
-            reason = getattr(e, "reason", None) or type(e).__name__
-            body = (_UPSTREAM_RESET + b"remote connection failure, transport failure reason: " +
-                    str(e).encode("latin-1", "replace"))
-            self._reply(down, Reply(status=503, body=body))
-            self._record(info, head, start, t0, status=503, flags="UF", details="upstream_reset_before_response_"
-                         "started{remote_connection_failure}", resp_bytes=len(body), rid=rid, fwd=plan,
-                         target=target, route=plan.route_name, failure=reason)
-            await self._finish_request_body(down, head)
-            return
-        res = await self.exchange(up, up_head, down, plan.response_headers)
-        self.upstreams.release(up, res.reusable)
+            try:
+                up = await self.upstreams.acquire(target, info.src_ip)
+            except Overflow:
+                self.upstreams.report(target, _OVERFLOW_OUTCOME)
+                reported = True
+                self._reply(down, _OVERFLOW)
+                self._record(info, head, start, t0, status=503, flags="UO", details=_OVERFLOW.details,
+                             resp_bytes=len(_OVERFLOW.body), rid=rid, fwd=plan, target=target,
+                             route=plan.route_name, failure="overflow")
+                await self._finish_request_body(down, head)
+                return
+            except (TunnelError, OSError) as e:
+                self.upstreams.report(target, _CONNECT_FAILURE)
+                reported = True
+                reason = getattr(e, "reason", None) or type(e).__name__
+                if isinstance(e, ConnectTimeout):
+                    body, details = _UPSTREAM_RESET + b"connection timeout", "connection_timeout"
+                else:
+                    body = (_UPSTREAM_RESET + b"remote connection failure, transport failure reason: " +
+                            str(e).encode("latin-1", "replace"))
+                    details = "remote_connection_failure"
+                self._reply(down, Reply(status=503, body=body))
+                self._record(info, head, start, t0, status=503, flags="UF",
+                             details=f"upstream_reset_before_response_started{{{details}}}", resp_bytes=len(body),
+                             rid=rid, fwd=plan, target=target, route=plan.route_name, failure=reason)
+                await self._finish_request_body(down, head)
+                return
+            try:
+                res = await self.exchange(up, up_head, down, plan.response_headers)
+            except BaseException:
+                self.upstreams.release(up, False)
+                raise
+            self.upstreams.release(up, res.reusable)
+            self.upstreams.report(target, attempt_outcome(res, down), up.rtt)
+            reported = True
+        finally:
+            if not reported:       # cancelled or failed before an outcome: still reported once
+                self.upstreams.report(target, None)
         if res.client_error is not None:
             if not res.started and not down.lost:
                 down.codec.close_after_response()

@@ -36,7 +36,8 @@ from .headers import apply_modifiers
 from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
                       pick_backend, pick_vs_destination)
 
-__all__ = ["Destination", "Forward", "Reply", "MirrorTarget", "resolve", "plan_request", "service_fqdn", "RouteSet"]
+__all__ = ["Destination", "Forward", "Reply", "MirrorTarget", "resolve", "refresh", "plan_request", "service_fqdn",
+           "RouteSet", "destination_rule_for"]
 
 DOMAIN = "cluster.local"
 
@@ -96,6 +97,8 @@ class Forward:
     """The Service port (pod-addressed: the dialled port)."""
     target_port: int
     """The endpoint's port."""
+    subset: str = ""
+    """The DestinationRule subset's name ("" for none): part of the cluster key."""
     subset_labels: FrozenMap | None = None
     """Only endpoints whose pod carries all these labels (a DestinationRule subset)."""
     workload: Workload | None = None
@@ -163,6 +166,22 @@ def resolve(state: ProxyState, authority: str) -> Destination | None:
     return Destination(ip=host, port=port, workload=w, service_port=sp, tcp=_is_tcp(sp))
 
 
+def refresh(state: ProxyState, dst: Destination) -> Destination:
+    """`dst` with the Service as the state holds it now (a downstream connection resolves its
+    destination once; its requests must see the Service's later updates). The same object when
+    nothing changed or the Service is gone."""
+    svc = dst.service
+    if svc is None:
+        return dst
+    cur = state.service(svc.uid)
+    if cur is None or cur is svc:
+        return dst
+    sp = next((p for p in cur.ports if p.port == dst.port), None)
+    if sp is None:
+        return dst
+    return Destination(ip=dst.ip, port=dst.port, service=cur, service_port=sp, tcp=dst.tcp)
+
+
 def _target(sp: ServicePort) -> int:
     # A named targetPort cannot be resolved without container ports: use the service port.
     return sp.target_port if isinstance(sp.target_port, int) else sp.port
@@ -194,15 +213,22 @@ def _forward_to(svc: ServiceInfo, port: int | None, default_port: int, **kw) -> 
     return Forward(service=svc, port=sp.port, target_port=_target(sp), **kw)
 
 
-def _subset_labels(drs: Sequence[DestinationRule], svc: ServiceInfo, subset: str) -> FrozenMap | None:
+def destination_rule_for(drs: Sequence[DestinationRule], svc: ServiceInfo) -> DestinationRule | None:
+    """The DestinationRule whose host names `svc` (the first by namespace/name when several do)."""
     fqdn = service_fqdn(svc)
     for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
         h = dr.host
-        names = h == fqdn or (h == svc.name and dr.namespace == svc.namespace) or h == f"{svc.name}.{svc.namespace}"
-        if names:
-            for s in dr.subsets:
-                if s.name == subset:
-                    return s.labels
+        if h == fqdn or (h == svc.name and dr.namespace == svc.namespace) or h == f"{svc.name}.{svc.namespace}":
+            return dr
+    return None
+
+
+def _subset_labels(drs: Sequence[DestinationRule], svc: ServiceInfo, subset: str) -> FrozenMap | None:
+    dr = destination_rule_for(drs, svc)
+    if dr is not None:
+        for s in dr.subsets:
+            if s.name == subset:
+                return s.labels
     return None
 
 
@@ -388,9 +414,9 @@ def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[Des
     # An aborted request never reaches the router, so it is never mirrored.
     mirrors = () if fault is not None and fault.abort is not None else _vs_mirrors(
         state, drs, route, vs.namespace, port, rng)
-    return _forward_to(svc, dest.destination.port, port, subset_labels=labels, request_headers=req_mods,
-                       response_headers=resp_mods, target=target, authority=authority, route_name=name,
-                       fault=fault, mirrors=mirrors)
+    return _forward_to(svc, dest.destination.port, port, subset=dest.destination.subset or "",
+                       subset_labels=labels, request_headers=req_mods, response_headers=resp_mods,
+                       target=target, authority=authority, route_name=name, fault=fault, mirrors=mirrors)
 
 
 def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_query: bytes, *,

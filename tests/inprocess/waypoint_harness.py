@@ -15,6 +15,7 @@ import ipaddress
 import json
 import random
 import socket
+from http import HTTPStatus
 
 from mesh import tls
 from mesh.clock import SystemClock
@@ -78,10 +79,14 @@ class Backend:
         self.name, self.version = name, version
         self.connections = 0
         self.requests = 0
+        self.delay = 0.0
+        """Seconds to wait before answering (a slow replica)."""
+        self.status = 200
+        """The status of echo responses (a failing replica)."""
+        self.active = 0
+        """Requests being answered now."""
         self.seen: list[tuple[str, str, list[tuple[str, str]], int]] = []
         """(method, target, headers, body bytes) of each request, in arrival order."""
-        self.delay = 0.0
-        """Seconds to wait before each response (a slow app)."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -112,9 +117,16 @@ class Backend:
                     continue
                 body = json.dumps({"name": self.name, "version": self.version, "method": method, "path": target,
                                    "headers": hs, "body_bytes": got}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (self.name.encode(), len(body), body))
-                await writer.drain()
+                self.active += 1
+                try:
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (self.status, HTTPStatus(self.status).phrase.encode(),
+                                                                    self.name.encode(), len(body), body))
+                    await writer.drain()
+                finally:
+                    self.active -= 1
         finally:
             writer.close()
 
