@@ -24,6 +24,7 @@ Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -43,6 +44,7 @@ from . import authz, fault
 from .channel import HttpChannel
 from .headers import apply_modifiers
 from .mirror import Mirrors
+from .upgrade import relay
 from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
                    ResponseHead, ServerConnection)
 from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
@@ -220,6 +222,13 @@ async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
                     res.flags, res.details = "DC", "downstream_remote_disconnect"
                     return res
             elif t is ResponseHead:
+                if ev.status == 101 and head.upgrade is not None:   # WebSocket: raw bytes both ways now
+                    down.write(down.codec.send(ev))
+                    res.status, res.started = 101, True
+                    up_n, down_n = await relay(down, up)
+                    res.request_bytes += up_n
+                    res.response_bytes += down_n
+                    return res
                 if response_mods:
                     ev = ResponseHead(status=ev.status, reason=ev.reason, content_length=ev.content_length,
                                       headers=tuple(_apply(list(ev.headers), response_mods)))
@@ -359,9 +368,10 @@ class Pipeline:
         assert f is not None
         if f.delay > 0:
             await self.clock.sleep(f.delay)
-            if down.lost:       # the client gave up during the delay
+            if down.lost:       # the client gave up during the delay: an abort drawn never happened
                 self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
-                             rid=rid, fwd=plan, route=plan.route_name)
+                             rid=rid, fwd=dataclasses.replace(plan, fault=fault.FaultDecision(delay=f.delay)),
+                             route=plan.route_name)
                 return True
         if f.abort is None:
             return False
@@ -425,7 +435,7 @@ class Pipeline:
         if plan.authority is not None:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
-                              content_length=head.content_length, chunked=head.chunked)
+                              content_length=head.content_length, chunked=head.chunked, upgrade=head.upgrade)
         reported = False
         try:
             try:

@@ -9,6 +9,8 @@ pod's backend on `<pod ip>:8080` and counts CONNECTs. The backend echoes the req
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import ipaddress
 import json
 import random
@@ -108,6 +110,9 @@ class Backend:
                 self.requests += 1
                 method, target, _ = line.split(" ", 2)
                 h = dict(hs)
+                if h.get("upgrade", "").lower() == "websocket" and not target.startswith("/refuse"):
+                    await self._websocket(reader, writer, h)
+                    return
                 got = await _read_body(reader, h)
                 self.seen.append((method, target, hs, got))
                 self.attempt_counts.append(h.get("x-envoy-attempt-count"))
@@ -146,6 +151,19 @@ class Backend:
                     self.active -= 1
         finally:
             writer.close()
+
+
+    async def _websocket(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h: dict) -> None:
+        """RFC 6455 handshake, then echo raw bytes until the client half-closes (then close)."""
+        accept = base64.b64encode(hashlib.sha1((h["sec-websocket-key"] + WS_GUID).encode()).digest()).decode()
+        writer.write(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Accept: {accept}\r\nx-backend: {self.name}\r\n\r\n".encode())
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class Pod:
