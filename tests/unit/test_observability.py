@@ -97,7 +97,8 @@ def test_rows_join_the_queries_by_key_and_compute_success():
     assert rc["rps"] is None and rc["success"] is None and rc["tcp_connections_per_second"] == 0.25
     t = table("svc", rs)
     assert t[0] == ["NAME", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN/S"]
-    assert t[1] == [a, "90.00%", "10.00", "3ms", "8ms", "10ms", "0.50"]
+    assert t[1] == [a, "90.00%", "10.00", "3.0ms", "7.5ms", "9.9ms", "0.50"]
+    assert table("svc", [dict(ra, latency_ms_p99=12.4)])[1][5] == "12ms"
     assert t[3][1:3] == ["-", "-"]
 
 
@@ -202,7 +203,7 @@ def test_process_metrics_from_proc_stat():
 
 def test_family_and_build_info_text():
     assert family("x_total", "counter", "doc", [({"a": 'q"'}, 2), ({}, 0.5)]) == (
-        '# HELP x_total doc\n# TYPE x_total counter\nx_total{a="q\\""} 2\nx_total{} 0.5\n')
+        '# HELP x_total doc\n# TYPE x_total counter\nx_total{a="q\\""} 2\nx_total 0.5\n')
     assert b'istio_build{component="ztunnel",tag="0.1.0"} 1\n' in build_info("ztunnel")
 
 
