@@ -17,12 +17,12 @@ from typing import Any
 
 from controlplane.server import ControlPlane
 from ebpf.capture import pod_links
-from localcluster import prometheus as prom, waypoints
+from localcluster import dashboard, prometheus as prom, waypoints
 from localcluster.meshmetrics import CertSample, ControlPlaneSample, Convergence, MeshSample, ProxySample, render
 from localcluster.paths import ClusterPaths
 from localcluster.scrape import ScrapeServer, ScrapeTarget
 from localcluster.system import Proc, SystemWorkload
-from mesh.admin_http import get_unix
+from mesh.admin_http import Response, get_unix
 from mesh.clock import Clock
 
 __all__ = ["ObserveSettings", "Observability"]
@@ -48,7 +48,9 @@ class Observability:
         self._system = system
         self._pods = pods
         self.clock = clock
-        self.server = ScrapeServer(self.targets, self.mesh_metrics)
+        self.server = ScrapeServer(self.targets, self.mesh_metrics, {
+            "/dashboard": lambda _: Response(200, dashboard.PAGE, "text/html; charset=utf-8"),
+            "/dashboard/data.json": self._dashboard_data})
         self.convergence = Convergence()
         self._lock = asyncio.Lock()
 
@@ -108,10 +110,17 @@ class Observability:
     # -- mesh health --
 
     async def mesh_metrics(self) -> bytes:
+        return render(await self._observed(), self.convergence)
+
+    async def _dashboard_data(self, _path: str) -> Response:
+        doc = await dashboard.data(self.paths.name, await self._observed(), self.convergence, self.prometheus_url)
+        return Response(200, doc)
+
+    async def _observed(self) -> MeshSample:
         async with self._lock:  # one sample at a time: the convergence tracker is stateful
             sample = await self.sample()
             self.convergence.observe(sample)
-            return render(sample, self.convergence)
+            return sample
 
     async def sample(self) -> MeshSample:
         targets = self.targets()

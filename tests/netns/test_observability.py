@@ -336,6 +336,45 @@ def test_mesh_health_metrics(cluster, traffic):
     query(URL, "mesh:errors_by_reason:rate1m")
 
 
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.mark.root
+def test_dashboard_page_in_headless_chromium(cluster, traffic):
+    from playwright.sync_api import sync_playwright
+    url = cluster.status()["observability"]["scrape_endpoint"] + "/dashboard"
+    elsewhere = []
+
+    def only_loopback(route):  # the page must need nothing but its own origin; never let it out
+        if route.request.url.startswith("http://127.0.0.1:"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_loopback)
+            page.goto(url)
+            row = page.locator(f'#services tr[data-name="{SVC}"]')
+            row.wait_for(timeout=20000)
+            cells = row.locator("td").all_text_contents()
+            assert cells[0] == SVC and cells[1].endswith("%") and float(cells[2]) > 0, cells
+            proxies = {r.locator("td").first.text_content(): r.locator("td").all_text_contents()
+                       for r in page.locator("#proxies tbody tr").all()}
+            assert set(proxies) == {"ztunnel-n1", "ztunnel-n2", "wp-waypoint"}, proxies
+            assert all(c[3] == "up" and c[4] == "yes" for c in proxies.values()), proxies
+            assert proxies["ztunnel-n2"][7] == "3"  # payment-v1's connect4, sockops, sk_lookup
+            edge = page.locator('#edges tr[data-name="shop/client -> shop/payment-v1"] td').all_text_contents()
+            assert edge[2:5] == ["cluster.local/ns/shop/sa/default", "cluster.local/ns/shop/sa/payment", "mTLS"], edge
+            assert page.locator("#cp tr[data-name='subscribed proxies'] td").nth(1).text_content() == "3"
+            assert page.locator("#error").text_content() == ""
+        finally:
+            browser.close()
+    assert elsewhere == []
+
+
 @pytest.mark.root
 def test_cli_habits(cluster):
     head = subprocess.run(f"{sys.executable} -m localcluster.cli -c {NAME} status | head -1", shell=True,

@@ -236,3 +236,21 @@ def test_queries_go_to_loopback_only():
     with pytest.raises(prometheus.PrometheusError) as e:
         prometheus.query("http://10.0.0.1:9090", "up")
     assert e.value.reason == "not_local"
+
+
+def test_dashboard_document_without_prometheus_and_a_self_contained_page():
+    import asyncio
+
+    from localcluster import dashboard
+    zt = ProxySample(proxy="ztunnel-n1", kind="ztunnel", node="n1", up=True, version=5, connected=True,
+                     certificates=(CertSample(identity="a", not_after=1600.0), CertSample(identity="b", not_after=1300.0)),
+                     ebpf=(("shop/a", "connect4"), ("shop/a", "sockops")))
+    conv = Convergence()
+    conv.sum, conv.count = 0.01, 2
+    doc = asyncio.run(dashboard.data("c1", _sample(proxies=[zt]), conv, None))
+    assert doc["proxies"] == [{"proxy": "ztunnel-n1", "kind": "ztunnel", "node": "n1", "up": True, "connected": True,
+                               "version": 5, "cert_expiry_seconds": 300.0, "ebpf_links": 2}]
+    assert doc["control_plane"]["convergence_mean_seconds"] == 0.005 and doc["services"] == [] and doc["error"] is None
+    # Nothing from elsewhere: no URL with a scheme or host, no external script or style.
+    assert not re.search(rb"(https?|wss?):|//[a-z0-9]", dashboard.PAGE) and b"src=" not in dashboard.PAGE and b"<link" not in dashboard.PAGE
+    assert b"innerHTML" not in dashboard.PAGE  # data goes in as text only
