@@ -24,6 +24,7 @@ from localcluster.scrape import ScrapeServer, ScrapeTarget
 from localcluster.system import Proc, SystemWorkload
 from mesh.admin_http import Response, get_unix
 from mesh.clock import Clock
+from mesh.linux import cgroup
 
 __all__ = ["ObserveSettings", "Observability"]
 
@@ -69,9 +70,11 @@ class Observability:
         if not self.settings.prometheus:
             return None
         shutil.rmtree(self.prometheus_dir, ignore_errors=True)  # a fresh TSDB per cluster start
+        # In the cluster's cgroup tree: `ambient down` kills it even if the runner died.
+        cg = cgroup.create(f"{self.paths.prefix}/prometheus")
         return prom.workload(self.prometheus_dir, f"http://{self.server.address}/targets",
-                                   port=self.settings.prometheus_port, scrape_interval=self.settings.scrape_interval,
-                                   log_path=os.path.join(self.paths.logs_dir, "prometheus.log"))
+                             port=self.settings.prometheus_port, scrape_interval=self.settings.scrape_interval,
+                             log_path=os.path.join(self.paths.logs_dir, "prometheus.log"), cgroup=cg)
 
     async def close(self) -> None:
         """After the runner stopped its processes (Prometheus included): close, remove the TSDB."""

@@ -124,7 +124,7 @@ def write_files(directory: str, sd_url: str, *, scrape_interval: float) -> str:
 
 
 def workload(directory: str, sd_url: str, *, port: int, scrape_interval: float, log_path: str,
-             binary: str = PROMETHEUS) -> SystemWorkload:
+             cgroup: str | None = None, binary: str = PROMETHEUS) -> SystemWorkload:
     """The Prometheus system workload (`istio-system/prometheus`): host netns, 127.0.0.1:`port`."""
     if shutil.which(binary) is None:
         raise PrometheusError(f"{binary} not found: run scripts/install.sh (apt package prometheus)",
@@ -133,7 +133,7 @@ def workload(directory: str, sd_url: str, *, port: int, scrape_interval: float, 
     argv = (binary, f"--config.file={cfg}", f"--storage.tsdb.path={os.path.join(directory, 'data')}",
             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=6h",
             "--log.level=warn")
-    spec = ProcSpec(argv=argv, netns=None, cgroup=None, log_path=log_path, label="prometheus",
+    spec = ProcSpec(argv=argv, netns=None, cgroup=cgroup, log_path=log_path, label="prometheus",
                     env=(("PATH", "/usr/bin:/bin"), ("HOME", directory)))
     return SystemWorkload(kind="prometheus", target="istio-system/prometheus", replicas=(spec,))
 

@@ -397,6 +397,8 @@ def test_down_removes_prometheus_and_its_data(cluster):
     st = cluster.status()
     pid, data = st["observability"]["prometheus"]["pid"], st["observability"]["prometheus"]["data_dir"]
     assert os.path.isdir(data)
+    with open(f"/proc/{pid}/cgroup") as f:  # in the cluster's tree: killed by `down` even after a runner crash
+        assert f"/amb-{NAME}/prometheus" in f.read()
     cluster.ambient("down")
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10)
     assert not os.path.exists(data)
