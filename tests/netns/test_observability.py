@@ -203,16 +203,28 @@ def test_prometheus_scrapes_every_proxy_on_loopback_only(cluster):
     assert 'istio_build{component="proxy"' in out.stdout, (wp, out.stderr)
 
 
+WP2 = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp2, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - {name: mesh, port: 15008, protocol: HBONE}
+"""
+
+
 @pytest.mark.root
-def test_nodes_that_come_and_go_are_discovered(cluster):
-    cluster.apply(nodes_yaml("n3"), "n3.yaml")
-    wait_for(lambda: up_pods().get("ztunnel-n3") == 1, timeout=30, step=0.5)
-    cluster.delete(nodes_yaml("n3"), "n3-del.yaml")
+@pytest.mark.parametrize("yaml_text, pod", [(nodes_yaml("n3"), "ztunnel-n3"), (WP2, "wp2-waypoint")])
+def test_nodes_and_waypoints_that_come_and_go_are_discovered(cluster, yaml_text, pod):
+    cluster.apply(yaml_text, "more.yaml")
+    wait_for(lambda: up_pods().get(pod) == 1, timeout=30, step=0.5)
+    cluster.delete(yaml_text, "more-del.yaml")
 
     def gone():
         doc = json.loads(subprocess.run(["curl", "-s", "--noproxy", "*", f"{URL}/api/v1/targets"],
                                         capture_output=True, text=True, check=True).stdout)
-        return not [t for t in doc["data"]["activeTargets"] if t["labels"].get("pod") == "ztunnel-n3"]
+        return not [t for t in doc["data"]["activeTargets"] if t["labels"].get("pod") == pod]
     wait_for(gone, timeout=30, step=0.5)
 
 
@@ -390,6 +402,13 @@ def test_cli_habits(cluster):
     assert "observability:" in y
     bad = cluster.ambient("stat", "nonsense/x", check=False)
     assert bad.returncode == 1 and "unknown resource" in bad.stderr
+    usage = cluster.ambient("stat", check=False)
+    assert usage.returncode == 2
+    off_host = cluster.ambient("stat", "svc", "--prometheus-url", "http://10.1.1.1:9090", check=False)
+    assert off_host.returncode == 1 and "only 127.0.0.1" in off_host.stderr
+    no_cluster = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", "nosuchcluster", "edges"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert no_cluster.returncode == 1 and "not reachable" in no_cluster.stderr
 
 
 @pytest.mark.root
