@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import urllib.error
@@ -129,6 +130,13 @@ def workload(directory: str, sd_url: str, *, port: int, scrape_interval: float, 
     if shutil.which(binary) is None:
         raise PrometheusError(f"{binary} not found: run scripts/install.sh (apt package prometheus)",
                               "prometheus_missing")
+    # Fail now, with a reason, rather than restart a Prometheus that cannot bind forever.
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise PrometheusError(f"cannot run Prometheus on 127.0.0.1:{port}: {e.strerror}; "
+                                  "pick another --prometheus-port", "port_in_use") from None
     cfg = write_files(directory, sd_url, scrape_interval=scrape_interval)
     argv = (binary, f"--config.file={cfg}", f"--storage.tsdb.path={os.path.join(directory, 'data')}",
             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=6h",

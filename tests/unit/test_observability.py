@@ -254,3 +254,20 @@ def test_dashboard_document_without_prometheus_and_a_self_contained_page():
     # Nothing from elsewhere: no URL with a scheme or host, no external script or style.
     assert not re.search(rb"(https?|wss?):|//[a-z0-9]", dashboard.PAGE) and b"src=" not in dashboard.PAGE and b"<link" not in dashboard.PAGE
     assert b"innerHTML" not in dashboard.PAGE  # data goes in as text only
+
+
+def test_prometheus_workload_refuses_a_port_in_use(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(prometheus.PrometheusError) as e:
+            prometheus.workload(str(tmp_path), "http://127.0.0.1:1/targets", port=port, scrape_interval=1.0,
+                                log_path=str(tmp_path / "log"))
+        assert e.value.reason == "port_in_use" and str(port) in str(e.value)
+    sw = prometheus.workload(str(tmp_path), "http://127.0.0.1:1/targets", port=port, scrape_interval=1.0,
+                             log_path=str(tmp_path / "log"))
+    (spec,) = sw.replicas
+    assert sw.key == ("prometheus", "istio-system/prometheus") and spec.admin_socket is None
+    assert f"--web.listen-address=127.0.0.1:{port}" in spec.argv and spec.netns is None
