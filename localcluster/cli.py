@@ -47,6 +47,9 @@ def _running(paths: ClusterPaths) -> bool:
 
 
 def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
+    if a.prometheus:
+        from localcluster import prometheus
+        prometheus.check_port(a.prometheus_port)
     os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
     argv = [sys.executable, "-m", "localcluster.daemon", "--cluster", paths.name,
             "--trust-domain", a.trust_domain, "--cert-ttl", str(a.cert_ttl)]

@@ -409,6 +409,11 @@ def test_cli_habits(cluster):
     no_cluster = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", "nosuchcluster", "edges"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert no_cluster.returncode == 1 and "not reachable" in no_cluster.stderr
+    taken = subprocess.run([sys.executable, "-m", "localcluster.cli", "-c", "nosuchcluster", "up",
+                            cluster.write("n.yaml", nodes_yaml("x1")), "--prometheus", "--prometheus-port",
+                            URL.rsplit(":", 1)[1]], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert taken.returncode == 1 and "already in use" in taken.stderr, taken  # ours has it; nothing started
+    assert not os.path.exists(LocalCluster("nosuchcluster", cluster.dir).paths.run_dir)
 
 
 @pytest.mark.root
