@@ -274,6 +274,11 @@ class Capture:
             self._started()
             self._release_locked(uid)
 
+    @property
+    def link_count(self) -> int:
+        """Link fds this process holds (one per attached hook): leak checks."""
+        return len(self._links)
+
     def enrolled(self) -> list[str]:
         """Uids of the enrolled pods, including those a previous ztunnel enrolled."""
         with self._lock:

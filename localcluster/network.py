@@ -77,7 +77,7 @@ from mesh.linux import cgroup, netns
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-from localcluster.addressing import check_pod_ip, gateway_of
+from localcluster.addressing import bridge_mac, check_pod_ip, gateway_of
 
 _T = TypeVar("_T")
 
@@ -273,7 +273,9 @@ class ClusterNetwork:
             with _rtnl(ns) as ipr:
                 ipr.link("set", index=_index(ipr, "lo"), state="up")
                 if not ipr.link_lookup(ifname=FABRIC_BRIDGE):
-                    ipr.link("add", ifname=FABRIC_BRIDGE, kind="bridge")
+                    # Pinned MAC, as for cni0 (see bridge_mac): the fabric has no address, so
+                    # derive it from 0.0.0.0, which no node bridge can have.
+                    ipr.link("add", ifname=FABRIC_BRIDGE, kind="bridge", address=bridge_mac("0.0.0.0"))
                 ipr.link("set", index=_index(ipr, FABRIC_BRIDGE), state="up")
             return ns
 
@@ -323,7 +325,9 @@ class ClusterNetwork:
             eth0 = _index(ipr, "eth0")
             ipr.addr("add", index=eth0, address=str(iface.ip), prefixlen=iface.network.prefixlen)
             ipr.link("set", index=eth0, state="up")
-            ipr.link("add", ifname=NODE_BRIDGE, kind="bridge")
+            # An explicit MAC: otherwise the bridge takes its lowest port's, which changes as
+            # pods come and go, and every pod's ARP entry for its gateway goes stale.
+            ipr.link("add", ifname=NODE_BRIDGE, kind="bridge", address=bridge_mac(gw))
             br = _index(ipr, NODE_BRIDGE)
             ipr.addr("add", index=br, address=str(gw), prefixlen=cidr.prefixlen)
             ipr.link("set", index=br, state="up")

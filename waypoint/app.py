@@ -87,7 +87,8 @@ class Waypoint:
         return Response(200, "ready\n")
 
     def _metrics(self, _path: str) -> Response:
-        return Response(200, self.metrics.exposition() + _BUILD, "text/plain; version=0.0.4")
+        body = self.metrics.exposition() + self.inbound.upstreams.exposition() + _BUILD
+        return Response(200, body, "text/plain; version=0.0.4")
 
     def _config_dump(self, _path: str) -> Response:
         st = self.state
@@ -103,6 +104,7 @@ class Waypoint:
             "client": self.client.stats,
             "waypoint": to_wire(me) if me is not None else None,
             "inbound": self.inbound.stats(),
+            "clusters": self.inbound.upstreams.snapshot(),
             "hbone_rejections": dict(self.server.rejections) if self.server is not None else {},
             "services": [to_wire(s) for s in st.services()],
             "certificates": self.secrets.snapshot(self.clock.now()),

@@ -168,6 +168,8 @@ class WaypointMetrics:
         self._overflow: dict[str, _Series] = {}
         self.overflowed = 0
         """Requests counted in an overflow series because the cap was reached."""
+        self.mirrors: dict[str, int] = {}
+        """Mirrored copies by result (waypoint/mirror.py MirrorResult labels, a closed set)."""
 
     def __len__(self) -> int:
         """Distinct label sets held (overflow series included)."""
@@ -191,6 +193,10 @@ class WaypointMetrics:
                                    reporter=labels.reporter)
             s = self._overflow[labels.reporter] = self._new_series(folded, _OVERFLOW_VALUE)
         return s
+
+    def count_mirror(self, result: str) -> None:
+        """Count one mirrored copy that ended with `result`."""
+        self.mirrors[result] = self.mirrors.get(result, 0) + 1
 
     def record(self, result: RequestResult) -> None:
         """Count one finished request."""
@@ -234,6 +240,10 @@ class WaypointMetrics:
         yield (b"# HELP waypoint_metric_series_overflow_total Requests counted in the overflow series "
                b"because the label-set cap was reached.\n# TYPE waypoint_metric_series_overflow_total counter\n"
                b"waypoint_metric_series_overflow_total %d\n" % self.overflowed)
+        yield (b"# HELP waypoint_mirror_requests_total Mirrored request copies by how they ended.\n"
+               b"# TYPE waypoint_mirror_requests_total counter\n" +
+               b"".join(b'waypoint_mirror_requests_total{result="%s"} %d\n' % (k.encode(), v)
+                        for k, v in sorted(self.mirrors.items())))
 
     def exposition(self) -> bytes:
         """All families in the Prometheus text format (version 0.0.4)."""

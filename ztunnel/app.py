@@ -25,6 +25,7 @@ from mesh.distribution.protocol import ALPN
 from mesh.hbone import HbonePool
 from mesh.proxy.access_log import Recorder
 from mesh.proxy.bootstrap import TlsContexts, load_bootstrap
+from mesh.proxy.reason import Reason
 from mesh.proxy.sockets import NetnsSockets
 from mesh.sandbox import SandboxDir
 from mesh.identity import SpiffeId
@@ -51,11 +52,19 @@ class Ztunnel:
         self.clock = clock
         self.rng = rng
         self.state = ProxyState()
-        self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
+        self._bootstrap: WorkloadCert | None = None
+        token = None
+        if cfg.ca_token:  # in a cluster: the projected token is the credential
+            with open(cfg.ca_root, "rb") as f:
+                self._roots = f.read()
+            token = self._read_token
+        else:
+            self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
+        address = cfg.control_plane_address
         self.client = ControlPlaneClient(
-            socket_path=cfg.control_plane, ssl_context=self._cp_context,
+            socket_path=None if address else cfg.control_plane, address=address, ssl_context=self._cp_context,
             trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng,
-            on_update=self._on_update)
+            on_update=self._on_update, token=token)
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
         self.tls = TlsContexts(self.secrets, self._roots)
         self.pool = HbonePool(clock=clock)
@@ -64,20 +73,30 @@ class Ztunnel:
         self.capture = capture
         self.sandboxes = SandboxDir(cfg.sandbox_dir)
         self.pods: dict[str, PodProxy] = {}
+        self.draining: list[PodProxy] = []
+        """Released pods whose connections are still open (dropped once drained)."""
         self.enroll_errors: dict[str, str] = {}
         self._wanted: set[SpiffeId] = set()
+        self._ips: dict[str, str] = {}  # workload IP -> uid, to notice pods that went away
         self._kick = asyncio.Event()
         self.admin = AdminServer({
             "/healthz/ready": self._ready,
             "/config_dump": self._config_dump,
             "/connections": lambda _: Response(200, list(self.conn_log.recent)),
+            "/debug/live": self._live,
             "/metrics": lambda _: Response(200, self.metrics.exposition(), "text/plain; version=0.0.4"),
             "/stats/prometheus": lambda _: Response(200, self.metrics.exposition(), "text/plain; version=0.0.4"),
             "/": lambda _: Response(200, "ztunnel admin: /config_dump /connections /healthz/ready\n"),
         })
 
     def _cp_context(self) -> ssl.SSLContext:
+        if self._bootstrap is None:
+            return tls.server_only_client_context(self._roots, alpn=(ALPN,))
         return tls.client_context(self._bootstrap, self._roots, alpn=(ALPN,))
+
+    def _read_token(self) -> str:
+        with open(self.cfg.ca_token) as f:
+            return f.read().strip()
 
     async def _fetch_cert(self, identity, csr_pem):
         return await self.client.request_certificate(identity, csr_pem)
@@ -92,6 +111,16 @@ class Ztunnel:
             self.secrets.forget(ident)
             self.tls.forget(ident)
         self._wanted = wanted
+        # Pooled HBONE connections from or to a pod that was deleted (its IP is gone or now
+        # someone else's) can never carry a tunnel again: their sockets would keep the dead
+        # netns alive and a new pod reusing the IP would meet them. Drop them now.
+        ips = {str(w.ip): w.uid for w in state.workloads() if w.ip is not None}
+        gone = {ip for ip, uid in self._ips.items() if ips.get(ip) != uid}
+        self._ips = ips
+        if gone:
+            n = self.pool.evict(lambda k: k.src_ip in gone or k.dst_ip in gone, Reason.POD_DELETED.label)
+            if n:
+                log.info("dropped %d pooled HBONE connection(s) of deleted pods %s", n, sorted(gone))
         for pp in self.pods.values():  # policies may have changed: re-check open connections
             w = state.workload(pp.workload.uid)
             if w is not None:
@@ -119,7 +148,10 @@ class Ztunnel:
         for uid, pp in list(self.pods.items()):
             w = want.get(uid)
             if w is None or w.ip != pp.workload.ip or w.identity != pp.workload.identity:
-                await self._release(uid)
+                # Deleted (or replaced: pods are immutable) rather than only leaving the mesh.
+                now = self.state.workload(uid)
+                gone = now is None or now.ip != pp.workload.ip or now.identity != pp.workload.identity
+                await self._release(uid, deleted=gone)
             else:
                 pp.workload = w
         for uid, w in want.items():
@@ -136,6 +168,7 @@ class Ztunnel:
                 self.capture.release(uid)
         for ident in {pp.workload.identity for pp in self.pods.values()}:
             await self.tls.refresh(ident)
+        self.draining = [pp for pp in self.draining if not pp.drained]
 
     async def _enroll(self, w: Workload) -> None:
         sb = self.sandboxes.get(w.uid)
@@ -162,11 +195,18 @@ class Ztunnel:
         self.pods[w.uid] = pp
         log.info("enrolled %s (%s, %s)", w.uid, w.ip, w.identity)
 
-    async def _release(self, uid: str) -> None:
+    async def _release(self, uid: str, *, deleted: bool = False) -> None:
+        """Stop serving the pod. Leaving the mesh keeps its open connections (they end on
+        their own); a deleted pod's are cut now, since its netns cannot carry them on."""
         pp = self.pods.pop(uid)
         if self.capture is not None:
             self.capture.release(uid)
-        await pp.close()
+        if deleted:
+            await pp.abort(Reason.POD_DELETED)
+        else:
+            await pp.close()
+        if not pp.drained:
+            self.draining.append(pp)
         log.info("released %s", uid)
 
     # -- admin --
@@ -194,6 +234,21 @@ class Ztunnel:
             "namespaces": [to_wire(n) for n in st.namespaces()],
             "policies": [to_wire(p) for p in st.policies()],
             "certificates": self.secrets.snapshot(self.clock.now()),
+        })
+
+    def _live(self, _path: str) -> Response:
+        """What this process holds open now: leak checks (tests) and diagnostics."""
+        try:
+            fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            fds = -1
+        return Response(200, {
+            "tasks": len(asyncio.all_tasks()),
+            "fds": fds,
+            "pool_connections": self.pool.open_connections,
+            "capture_links": self.capture.link_count if self.capture is not None else 0,
+            "pods": {uid: pp.live() for uid, pp in self.pods.items()},
+            "draining": [dict(pp.live(), uid=pp.workload.uid) for pp in self.draining if not pp.drained],
         })
 
     # -- lifecycle --

@@ -64,6 +64,7 @@ class HbonePool:
         self._config = config or ConnectionConfig()
         self._conns: dict[PoolKey, list[ClientSession]] = {}
         self._pending: dict[ClientSession, asyncio.Task] = {}
+        self._open: dict[ClientSession, PoolKey] = {}  # established, not closed: pooled or draining
         self._reaper: asyncio.Task | None = None
         self._closed = False
         self.connections_opened = 0
@@ -168,6 +169,30 @@ class HbonePool:
             s.abort("pool_closed")
         await asyncio.sleep(0)
 
+    def evict(self, gone: Callable[[PoolKey], bool], reason: str) -> int:
+        """Drop at once every connection (pooled or draining) whose key `gone` says is dead --
+        a pod at one end was deleted: its tunnels end with `reason`, nothing waits for a
+        peer that cannot answer. How many were dropped."""
+        dead = [s for s, k in self._open.items() if gone(k)]
+        for key, conns in list(self._conns.items()):
+            if gone(key):
+                for s in conns:
+                    if isinstance(s, _Placeholder):  # still connecting: it fails on its own
+                        continue
+                    if s not in dead:
+                        dead.append(s)
+                conns[:] = [s for s in conns if isinstance(s, _Placeholder)]
+                if not conns:
+                    del self._conns[key]
+        for s in dead:
+            s.abort(reason, hard=True)
+        return len(dead)
+
+    @property
+    def open_connections(self) -> int:
+        """Established connections not closed yet, in the pool or draining out of it."""
+        return len(self._open)
+
     def connection_count(self, key: PoolKey | None = None) -> int:
         """Pooled (usable or connecting) connections, for one key or all."""
         if key is not None:
@@ -250,6 +275,8 @@ class HbonePool:
         finally:
             self._pending.pop(ph, None)  # type: ignore[call-overload]
         self.connections_opened += 1
+        if not session.closed:
+            self._open[session] = key
         session.reserved = ph.reserved
         if self._closed:
             session.abort("pool_closed")
@@ -275,6 +302,8 @@ class HbonePool:
             session.goaway()
 
     def _forget(self, key: PoolKey, session: ClientSession) -> None:
+        if session.closed:
+            self._open.pop(session, None)
         conns = self._conns.get(key)
         if conns and session in conns:
             conns.remove(session)

@@ -168,6 +168,9 @@ class Reason(enum.Enum):
     GOAWAY = ("goaway", Kind.CLOSED, "DC", None, True)
     POLICY_REVOKED = ("policy_revoked", Kind.POLICY, "DENY", None, False)
     """An open connection closed because a policy change no longer allows it."""
+    POD_DELETED = ("pod_deleted", Kind.CLOSED, "UC", None, False)
+    """A pod at one end was deleted while the connection was open: ztunnel cut it at once,
+    since the pod's netns cannot carry it on (UC: mostly the destination pod)."""
     POOL_CLOSED = ("pool_closed", Kind.CLOSED, "-", None, False)
     CANCELLED = ("cancelled", Kind.CLOSED, "-", None, False)
 

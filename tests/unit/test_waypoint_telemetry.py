@@ -47,7 +47,7 @@ def test_families_names_types_and_istio_labels():
     assert {n: f.type for n, f in fams.items()} == {
         "istio_requests": "counter", "istio_request_duration_milliseconds": "histogram",
         "istio_request_bytes": "histogram", "istio_response_bytes": "histogram",
-        "waypoint_metric_series_overflow": "counter"}
+        "waypoint_metric_series_overflow": "counter", "waypoint_mirror_requests": "counter"}
     (s,) = samples(fams["istio_requests"], "_total")
     assert set(s.labels) == ISTIO_LABELS | ROUTE and s.labels["route"] == "unknown"
     assert s.labels["reporter"] == "waypoint" and s.labels["destination_service"] == "httpbin.foo.svc.cluster.local"
@@ -172,3 +172,11 @@ def test_access_log_upstream_fields():
         upstream_service_time_ms=4, upstream_transport_failure_reason="connection refused"))
     assert ' 503 UF,URX ' in line and '"connection refused"' in line and ' 16 4 "-"' in line
     assert '"10.244.2.3:8080" inbound-vip|8000|http|httpbin.foo.svc.cluster.local ' in line
+
+
+def test_mirror_results_are_counted_by_label():
+    m = WaypointMetrics()
+    for r in ("completed", "completed", "overflow"):
+        m.count_mirror(r)
+    fam = families(m)["waypoint_mirror_requests"]
+    assert {s.labels["result"]: s.value for s in fam.samples} == {"completed": 2.0, "overflow": 1.0}
