@@ -444,6 +444,12 @@ class ClusterNetwork:
                     ipr.addr("add", index=eth0, address=str(ip), prefixlen=cidr.prefixlen)
                     ipr.link("set", index=eth0, state="up")
                     ipr.route("add", dst="0.0.0.0/0", gateway=str(gw))
+                # A restarted ztunnel binds the in-pod ports next to the old one (SO_REUSEPORT);
+                # when the old closes its listeners, connections they had not accepted yet move
+                # to the new one's instead of being reset (Linux 5.14+).
+                with netns.in_netns(ns):
+                    with open("/proc/sys/net/ipv4/tcp_migrate_req", "w", encoding="ascii") as f:
+                        f.write("1")
                 cg = cgroup.create(self.pod_cgroup_rel(pod_uid))
             except BaseException:
                 self._remove_pod_hashed(h, node_ns=node_ns)

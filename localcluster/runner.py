@@ -49,6 +49,7 @@ from localcluster.procs import Containment
 from controlplane.store import ResourceStore
 from localcluster.system import RESTART_BACKOFF_MAX, Proc, ProcSpec, SystemWorkload, restart_delay
 from localcluster import waypoints
+from localcluster.handover import hand_over
 from mesh.identity import SpiffeId
 from mesh.model import PolicyObject
 
@@ -126,7 +127,7 @@ class Runner:
                 c.stop()
         for replicas in self._system.values():
             for z in replicas:
-                z.stop()
+                z.stop(now=True)
         self._system.clear()
         self._pods.clear()
         await asyncio.to_thread(self.net.teardown)
@@ -383,13 +384,34 @@ class Runner:
                 started.append(p)
         except BaseException:
             for p in started:
-                p.stop()
+                p.stop(now=True)
             raise
         self._system[sw.key] = started
 
     def _stop_system(self, kind: str, target: str) -> None:
         for p in self._system.pop((kind, target), []):
-            p.stop()
+            p.stop(now=True)
+
+    # -- graceful ztunnel restart --
+
+    async def restart_ztunnel(self, node: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Restart each ztunnel (of `node`, or of every node) without dropping traffic: start
+        the new process next to the old, wait until it serves every local pod, then SIGTERM
+        the old one, which drains (ztunnel/app.py) and exits. One replica at a time."""
+        async with self._lock:
+            nodes = self._nodes()
+            if node is not None and node not in nodes:
+                raise ApiError(f"no node {node!r} (nodes: {', '.join(nodes) or 'none'})", "not_found")
+            done = []
+            for name in [node] if node is not None else nodes:
+                replicas = self._system[("ztunnel", name)]
+                for i, spec in enumerate(self._ztunnel_workload(name).replicas):
+                    # The supervisor watches the new one from the moment it serves.
+                    res = await hand_over(replicas[i], spec, lambda: self._dump(spec.admin_socket),
+                                          lambda: self.cp.version, timeout=timeout,
+                                          on_serving=lambda new, i=i: replicas.__setitem__(i, new))
+                    done.append({"node": name, "worker": i, **res})
+            return {"restarted": done}
 
     def _add_waypoint(self, gw: PolicyObject) -> None:
         wdir = self.paths.waypoint_dir(gw.namespace, gw.name)

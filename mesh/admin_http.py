@@ -46,6 +46,7 @@ class AdminServer:
     def __init__(self, routes: dict[str, Handler]) -> None:
         self.routes = routes
         self._servers: list[asyncio.AbstractServer] = []
+        self._tcp: list[asyncio.AbstractServer] = []
 
     async def listen_unix(self, path: str) -> None:
         if os.path.exists(path):
@@ -54,7 +55,18 @@ class AdminServer:
         os.chmod(path, 0o600)
 
     async def listen_tcp(self, host: str, port: int) -> None:
-        self._servers.append(await asyncio.start_server(self._serve, host, port, reuse_address=True))
+        # SO_REUSEPORT: a restarted proxy binds the port while the old one still drains.
+        server = await asyncio.start_server(self._serve, host, port, reuse_address=True, reuse_port=True)
+        self._servers.append(server)
+        self._tcp.append(server)
+
+    async def close_tcp(self) -> None:
+        """Stop serving the TCP ports only (a draining proxy keeps its Unix socket)."""
+        for s in self._tcp:
+            s.close()
+            if s in self._servers:
+                self._servers.remove(s)
+        self._tcp.clear()
 
     async def close(self) -> None:
         for s in self._servers:

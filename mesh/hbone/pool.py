@@ -169,6 +169,18 @@ class HbonePool:
             s.abort("pool_closed")
         await asyncio.sleep(0)
 
+    def drain(self) -> None:
+        """A restart: every pooled connection leaves the pool with GOAWAY and closes once its
+        tunnels ended; a later tunnel (rare: its connection was accepted just before the
+        listeners closed) opens a new one."""
+        for key, conns in list(self._conns.items()):
+            for s in conns:
+                if isinstance(s, ClientSession):
+                    s.goaway()
+            conns[:] = [s for s in conns if isinstance(s, _Placeholder)]
+            if not conns:
+                del self._conns[key]
+
     def evict(self, gone: Callable[[PoolKey], bool], reason: str) -> int:
         """Drop at once every connection (pooled or draining) whose key `gone` says is dead --
         a pod at one end was deleted: its tunnels end with `reason`, nothing waits for a

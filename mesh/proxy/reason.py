@@ -171,6 +171,8 @@ class Reason(enum.Enum):
     POD_DELETED = ("pod_deleted", Kind.CLOSED, "UC", None, False)
     """A pod at one end was deleted while the connection was open: ztunnel cut it at once,
     since the pod's netns cannot carry it on (UC: mostly the destination pod)."""
+    DRAIN_TIMEOUT = ("drain_timeout", Kind.CLOSED, "-", None, False)
+    """ztunnel was restarted and the connection was still open at the end of its drain."""
     POOL_CLOSED = ("pool_closed", Kind.CLOSED, "-", None, False)
     CANCELLED = ("cancelled", Kind.CLOSED, "-", None, False)
 
