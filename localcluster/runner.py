@@ -344,6 +344,16 @@ class Runner:
     def _routes(self, node: str) -> dict[Any, Any]:
         return self.addr.routes_for(node)
 
+    async def _repair_routes(self) -> None:
+        for name in self._nodes():
+            try:
+                n = await asyncio.to_thread(self.net.update_routes, name, self._routes(name))
+            except Exception as e:  # noqa: BLE001 - e.g. the link is still down: next second
+                log.debug("node %s: routes not repaired yet: %s", name, e)
+                continue
+            if n:
+                log.warning("node %s: restored %d route(s) to other nodes (its link went down and up?)", name, n)
+
     async def _add_node(self, name: str) -> None:
         na = self.addr.node(name)
         await asyncio.to_thread(self.net.add_node, name, na.ip, na.pod_cidr, self._routes(name))
@@ -509,9 +519,15 @@ class Runner:
         return SandboxDir(os.path.join(self.paths.node_dir(node), "pods"))
 
     async def _supervise(self) -> None:
-        """Restart exited containers and system workloads (ztunnels, waypoints) with capped backoff."""
+        """Restart exited containers and system workloads (ztunnels, waypoints) with capped
+        backoff; every second, put back node routes a link down/up removed."""
+        tick = 0
         while True:
             await asyncio.sleep(0.5)
+            tick += 1
+            if tick % 2 == 0 and not self._lock.locked():
+                async with self._lock:  # not while apply/delete changes nodes
+                    await self._repair_routes()
             now = time.monotonic()
             procs_ = [*(p for replicas in self._system.values() for p in replicas),
                       *(c for rt in self._pods.values() for c in rt.containers.values())]

@@ -16,6 +16,10 @@ Invariants:
   check (a mismatching server is never pooled).
 * A connection with no reservation since `idle_timeout` is closed by a reaper task that
   runs on the injected clock.
+* A CONNECT unanswered after `response_timeout` fails with connect_timeout, and its
+  connection leaves the pool (GOAWAY; its other tunnels carry on): a connection whose peer
+  went silent (a link down, a peer node gone without a reset) must not take every new
+  tunnel for the key with it until TCP gives up, which can take many minutes.
 * The pool never creates sockets: `connect()` is the caller's (pod netns, SO_MARK).
 
 Two ways to use a stream. `open_stream()` returns the CONNECT stream after the 200 as a
@@ -53,13 +57,16 @@ class HbonePool:
     """Client side of HBONE for one ztunnel (see the module docstring)."""
 
     def __init__(self, *, max_streams_per_conn: int = 100, idle_timeout: float = 300.0,
-                 connect_timeout: float = 5.0, clock: Clock | None = None,
+                 connect_timeout: float = 5.0, response_timeout: float = 10.0, clock: Clock | None = None,
                  config: ConnectionConfig | None = None) -> None:
         if max_streams_per_conn < 1:
             raise ValueError("max_streams_per_conn must be >= 1")
         self.max_streams_per_conn = max_streams_per_conn
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        """Longest wait for the answer to a CONNECT; above the server's own upstream connect
+        timeout (5 s), since it answers 200 only once the application is connected."""
         self._clock = clock or SystemClock()
         self._config = config or ConnectionConfig()
         self._conns: dict[PoolKey, list[ClientSession]] = {}
@@ -85,9 +92,19 @@ class HbonePool:
             stream = session.open_stream(authority, headers)
             session.flush()
             try:
-                status = await stream.response
+                status = await asyncio.wait_for(asyncio.shield(stream.response), self.response_timeout)
             except TunnelError as e:
                 raise TunnelError(e.reason, str(e)) from None
+            except (asyncio.TimeoutError, TimeoutError):
+                stream.abort("connect_timeout")
+                # Suspect: out of the pool, so new tunnels get a new connection; it closes
+                # once its other tunnels (if any) ended.
+                for conns in self._conns.values():
+                    if session in conns:
+                        conns.remove(session)
+                session.goaway()
+                raise TunnelError("connect_timeout", f"no answer to CONNECT {authority} within "
+                                  f"{self.response_timeout:g}s") from None
             if status != 200:
                 stream.discard = True
                 stream.abort("connect_rejected")
