@@ -51,6 +51,8 @@ __all__ = ["HbonePool"]
 log = logging.getLogger(__name__)
 
 _MAX_ACQUIRE_ATTEMPTS = 8
+_REFUSED_RETRIES = 2
+_NEVER_PROCESSED = frozenset({"goaway", "refused_stream"})
 
 
 class HbonePool:
@@ -85,7 +87,25 @@ class HbonePool:
         """Open a CONNECT to `authority` on a pooled connection for `key` and return the
         stream once the server answered 200 (see stream.HboneStream). The pool reservation
         is held until the stream's `done` resolves. Raises TunnelError (stable `reason`;
-        `connect_rejected` with `status` for a non-200 answer)."""
+        `connect_rejected` with `status` for a non-200 answer).
+
+        A CONNECT the server never processed -- refused (REFUSED_STREAM) or above the
+        last stream id of a GOAWAY that crossed it (a peer ztunnel restarting) -- is sent
+        again on another connection, up to twice (RFC 9113 §8.7: safe to retry)."""
+        for attempt in range(_REFUSED_RETRIES + 1):
+            try:
+                return await self._open_once(key, connect=connect, ssl_context=ssl_context, authority=authority,
+                                             headers=headers, trust_domain=trust_domain)
+            except TunnelError as e:
+                if e.reason not in _NEVER_PROCESSED or attempt == _REFUSED_RETRIES:
+                    raise
+                log.debug("hbone pool: CONNECT %s not processed by the server (%s); retrying", authority, e.reason)
+        raise AssertionError("unreachable")
+
+    async def _open_once(self, key: PoolKey, *, connect: Callable[[], Awaitable[socket.socket]],
+                          ssl_context: Callable[[], ssl.SSLContext], authority: str,
+                          headers: Sequence[tuple[str, str]] = (), trust_domain: str) -> HboneStream:
+        """One attempt of open_stream."""
         session = await self._acquire(key, connect, ssl_context, trust_domain)
         stream: HboneStream | None = None
         try:
@@ -94,14 +114,15 @@ class HbonePool:
             try:
                 status = await asyncio.wait_for(asyncio.shield(stream.response), self.response_timeout)
             except TunnelError as e:
+                if e.reason == "refused_stream":  # the retry must go to another connection
+                    self._unpool(session)
+                    session.goaway()
                 raise TunnelError(e.reason, str(e)) from None
             except (asyncio.TimeoutError, TimeoutError):
                 stream.abort("connect_timeout")
                 # Suspect: out of the pool, so new tunnels get a new connection; it closes
                 # once its other tunnels (if any) ended.
-                for conns in self._conns.values():
-                    if session in conns:
-                        conns.remove(session)
+                self._unpool(session)
                 session.goaway()
                 raise TunnelError("connect_timeout", f"no answer to CONNECT {authority} within "
                                   f"{self.response_timeout:g}s") from None
@@ -323,10 +344,13 @@ class HbonePool:
         if not session.usable or session.conn.stream_ids_exhausted:
             self._drop(session)
 
-    def _drop(self, session: ClientSession) -> None:
+    def _unpool(self, session: ClientSession) -> None:
         for conns in self._conns.values():
             if session in conns:
                 conns.remove(session)
+
+    def _drop(self, session: ClientSession) -> None:
+        self._unpool(session)
         if session.reserved == 0 and not session.tunnels:
             session.goaway()
 

@@ -377,3 +377,37 @@ def test_unanswered_connect_times_out_and_its_connection_leaves_the_pool(pki):
         hang.set()
         await env.close()
     run(main())
+
+
+def test_connect_crossing_a_goaway_is_retried_on_a_new_connection(pki):
+    """A peer ztunnel restarting sends GOAWAY while our CONNECT is in flight: the stream is
+    above its last stream id (never processed), so the pool sends it again elsewhere."""
+    async def main():
+        env = await Env().start(pki)
+        payload = os.urandom(1000)
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        await asyncio.gather(*env.out.tasks)
+        env.out.tasks.clear()
+        (server_session,) = env.server._sessions
+        server_session.conn.close()      # GOAWAY queued, not flushed: it crosses our next CONNECT
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        (res,) = await asyncio.gather(*env.out.tasks)
+        assert res.error is None and env.pool.connections_opened == 2
+        await env.close()
+    run(main())
+
+
+def test_refused_stream_is_retried_on_another_connection(pki):
+    async def main():
+        env = await Env().start(pki)
+        payload = os.urandom(1000)
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        await asyncio.gather(*env.out.tasks)
+        env.out.tasks.clear()
+        (server_session,) = env.server._sessions
+        server_session.conn.goaway_sent = True   # refuses new streams with REFUSED_STREAM only
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        (res,) = await asyncio.gather(*env.out.tasks)
+        assert res.error is None and env.pool.connections_opened == 2
+        await env.close()
+    run(main())
