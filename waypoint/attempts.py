@@ -52,7 +52,8 @@ from .resilience.outcome import TIMEOUT_BODY, failure_reply, give_up_flag
 from .resilience.timeout import (DEADLINE_EXCEEDED, grpc_local_reply_headers, grpc_status_for, is_grpc,
                                  request_timeout)
 from .telemetry import WaypointMetrics
-from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams
+from .upgrade import relay
+from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams, Withdrawn
 
 if TYPE_CHECKING:
     from .pipeline import DownstreamConn
@@ -204,7 +205,8 @@ def _outcome_of(head: ResponseHead, policy: RetryPolicy) -> AttemptOutcome:
 class _Attempt:
     """One upstream attempt's connection, body pump and response head."""
 
-    __slots__ = ("target", "up", "conn", "pump", "head", "failure", "failure_text", "connect_timeout", "started_at")
+    __slots__ = ("target", "up", "conn", "pump", "head", "failure", "failure_text", "connect_timeout", "started_at",
+                 "upgrade")
 
     def __init__(self, target: EndpointTarget) -> None:
         self.target = target
@@ -213,6 +215,8 @@ class _Attempt:
         self.conn: UpstreamConn | None = None
         """The connection it had (for its RTT)."""
         self.connect_timeout = False
+        self.upgrade = False
+        """The request asked for a protocol upgrade (WebSocket): a 101 turns into a relay."""
         self.pump: asyncio.Future | None = None
         self.head: ResponseHead | None = None
         self.failure = ""
@@ -263,7 +267,7 @@ class Attempts:
             if res.unreported is not None:  # the attempt the route timeout (or a cancel) cut short
                 self._report(res.unreported, _TIMED_OUT if whole.expired() else None, body, down)
                 res.unreported = None
-        res.request_bytes = body.size
+        res.request_bytes += body.size        # (a WebSocket's relayed bytes are in already)
         res.client_error = body.client_error
         res.body_complete = body.complete
         return res
@@ -323,7 +327,7 @@ class Attempts:
                                  headers=base_headers + ((_ATTEMPT, b"%d" % attempt_no),),
                                  http_version=head.http_version, keep_alive=head.keep_alive,
                                  content_length=head.content_length, chunked=head.chunked,
-                                 expect_continue=head.expect_continue)
+                                 expect_continue=head.expect_continue, upgrade=head.upgrade)
             outcome: AttemptOutcome | None = None
             try:
                 try:
@@ -344,7 +348,8 @@ class Attempts:
                     outcome = AttemptOutcome(kind=OutcomeKind.PER_TRY_TIMEOUT)
                     a.failure = "per_try_timeout"
                 if outcome.kind is not OutcomeKind.RESPONSE:
-                    if down.lost or body.client_error is not None or (body.gone and not body.complete):
+                    if (down.lost or body.client_error is not None or (body.gone and not body.complete)
+                            or a.failure == "withdrawn"):
                         res.flags, res.details = ("DPE", "http1.codec_error{%s}" % body.client_error.reason) \
                             if body.client_error is not None else ("DC", "downstream_remote_disconnect")
                         return
@@ -378,7 +383,7 @@ class Attempts:
         """Tell the endpoint's cluster how the attempt went, exactly once per chosen endpoint;
         None when it ended for the client's sake (outlier detection must not count it)."""
         if outcome is not None and outcome.kind is not OutcomeKind.RESPONSE and (
-                body.client_error is not None or body.gone or down.lost):
+                body.client_error is not None or body.gone or down.lost or a.failure == "withdrawn"):
             outcome = None
         rtt = a.conn.rtt if a.conn is not None else None
         self.upstreams.report(a.target, outcome, rtt)
@@ -412,8 +417,12 @@ class Attempts:
                      may_continue: bool, policy: RetryPolicy) -> AttemptOutcome:
         """Connect, send the head, start the body, wait for the response head."""
         a.started_at = self.clock.now()
+        a.upgrade = head.upgrade is not None
         try:
-            up = await self.upstreams.acquire(a.target, src_ip)
+            up = await self.upstreams.acquire(a.target, src_ip, gone=down.gone)
+        except Withdrawn:                     # the client left while waiting for a connection
+            a.failure = "withdrawn"
+            return AttemptOutcome(kind=OutcomeKind.RESET, request_sent=False)
         except Overflow:
             a.failure = "overflow"
             return AttemptOutcome(kind=OutcomeKind.OVERFLOW, request_sent=False)
@@ -473,6 +482,16 @@ class Attempts:
         a.up = None                                   # released here, not by the loop
         self._count_denial(decision, fwd, res)
         res.flags = give_up_flag(decision.reason) or "-"
+        if head.status == 101 and a.upgrade:     # WebSocket: raw bytes both ways now
+            down.write(down.codec.send(head))
+            res.status, res.started = 101, True
+            try:
+                up_n, down_n = await relay(down, up)
+                res.request_bytes, res.response_bytes = up_n, down_n
+            finally:
+                await a.stop_pump()
+                self.upstreams.release(up, False)
+            return
         if fwd.response_headers:
             head = ResponseHead(status=head.status, reason=head.reason, content_length=head.content_length,
                                 chunked=head.chunked,

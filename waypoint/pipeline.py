@@ -23,6 +23,8 @@ bound, for its copies).
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -56,11 +58,35 @@ log = logging.getLogger("ambient.waypoint")
 class DownstreamConn(HttpChannel):
     """The client side of one HBONE stream carrying HTTP/1.1, with its server codec."""
 
-    __slots__ = ("codec",)
+    __slots__ = ("codec", "_gone")
 
     def __init__(self, codec: ServerConnection) -> None:
         self.codec = codec
+        self._gone: asyncio.Future[None] | None = None
         super().__init__(codec.receive_data)
+
+    def gone(self) -> asyncio.Future[None]:
+        """Resolves when the client closes or resets its side (made on first use: only a request
+        waiting for an upstream connection asks)."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.ended or self.lost:
+                self._gone.set_result(None)
+        return self._gone
+
+    def _left(self) -> None:
+        g = self._gone
+        if g is not None and not g.done():
+            g.set_result(None)
+
+    def eof_received(self) -> bool:
+        keep = super().eof_received()
+        self._left()
+        return keep
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self._left()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,9 +224,10 @@ class Pipeline:
         assert f is not None
         if f.delay > 0:
             await self.clock.sleep(f.delay)
-            if down.lost:       # the client gave up during the delay
+            if down.lost:       # the client gave up during the delay: an abort drawn never happened
                 self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
-                             rid=rid, fwd=plan, route=plan.route_name)
+                             rid=rid, fwd=dataclasses.replace(plan, fault=fault.FaultDecision(delay=f.delay)),
+                             route=plan.route_name)
                 return True
         if f.abort is None:
             return False
@@ -257,7 +284,7 @@ class Pipeline:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
                               content_length=head.content_length, chunked=head.chunked,
-                              expect_continue=head.expect_continue)
+                              expect_continue=head.expect_continue, upgrade=head.upgrade)
         res = await self.attempts.forward(plan, up_head, down, info.src_ip, rid,
                                           HashRequest(headers=head.headers, query=head.query, source_ip=info.peer_ip))
         if res.client_error is not None and not res.started and not down.lost:
@@ -267,7 +294,7 @@ class Pipeline:
         self._record(info, head, start, t0, status=res.status, flags=res.flags, details=res.details,
                      req_bytes=res.request_bytes, resp_bytes=res.response_bytes, rid=rid, fwd=plan,
                      target=res.target, route=plan.route_name, failure=res.failure)
-        if not res.body_complete and res.client_error is None and not down.lost:
+        if not res.body_complete and res.client_error is None and not down.lost and res.status != 101:
             await self._finish_request_body(down, head)    # a local reply came before the body's end
 
     def record_codec_error(self, info: ConnInfo, e: HttpError) -> None:
