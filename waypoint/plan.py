@@ -32,9 +32,9 @@ from mesh.model.resources import ServicePort
 from mesh.state import ProxyState
 
 from .fault import FaultDecision, decide, drawn, per_million
+from .headers import apply_modifiers
 from .resilience.retry import (DEFAULT_RETRY_POLICY, RetryPolicy, policy_from_http_route,
                                policy_from_virtual_service)
-from .headers import apply_modifiers
 from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
                       pick_backend, pick_vs_destination)
 
