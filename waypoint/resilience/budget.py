@@ -8,9 +8,9 @@ Envoy's per-request `num_retries` does not bound that; Linkerd's retry budget do
 module is that budget, on by default for every destination service:
 
 * A retry is allowed while `retries in the window + 1 <= retry_ratio x requests in the
-  window`, or while `retries in the current bucket + 1 <= min_retries_per_second x bucket
-  width`: the ratio caps retries as a share of original requests, the floor lets a quiet
-  service still retry. Defaults are Linkerd's: ratio 0.2, floor 10 retries per second, window
+  window`; for a quiet service (that share below `min_retries_per_second x window`) also while
+  `retries in the current bucket + 1 <= min_retries_per_second x bucket width`: the ratio caps
+  retries as a share of original requests, the floor lets a quiet service still retry. Defaults are Linkerd's: ratio 0.2, floor 10 retries per second, window
   (ttl) 10 s. In steady state that is max(ratio x request rate, floor) retries per second.
   **Deliberate deviations** from Linkerd's ServiceProfile `retryBudget` (tower's TpsBudget),
   which allows the floor PLUS the ratio, the floor as a reserve of a whole window: with the
@@ -197,12 +197,16 @@ class RetryBudget:
         return self.config.retry_ratio * self._req_sum
 
     def _has_room(self, now: float) -> bool:
-        """One more retry fits the ratio's share of the window, or the floor's share of the
-        current bucket (the floor is a rate: spread per bucket, never a burst of a window's worth)."""
+        """One more retry fits the ratio's share of the window; or, for a quiet service (the
+        ratio's share below the floor's), the floor's share of the current bucket (the floor is
+        a rate, spread per bucket: never a burst of a window's worth, never added to a busy
+        service's ratio)."""
         i = self._advance(now)
         c = self.config
-        return (self._ret_sum + 1 <= c.retry_ratio * self._req_sum
-                or self._retries[i] + 1 <= c.min_retries_per_second * self._width)
+        share = c.retry_ratio * self._req_sum
+        if self._ret_sum + 1 <= share:
+            return True
+        return share < c.min_retries_per_second * c.window and self._retries[i] + 1 <= c.min_retries_per_second * self._width
 
     def check(self, now: float) -> BudgetVerdict:
         """May one more retry start now? (Counts nothing: `settle` does.)"""
