@@ -6,10 +6,14 @@ It registers a Node (spec.podCIDR from the address plan, status Ready with alloc
 resources and its InternalIP, the not-ready taint lifted, since no node lifecycle controller
 heartbeats simulated nodes), builds the node's network namespace on the shared fabric
 (localcluster.network, the same as local mode's), keeps routes to every other Node's pod CIDR
-(from their spec.podCIDR and InternalIP, as a flannel-style CNI does), and list+watches the
+(from their spec.podCIDR and InternalIP, as a flannel-style CNI does), answers the API
+server's ClusterIP inside the node (relayed to the host's loopback, as kube-proxy would make
+that VIP work), and list+watches the
 Pods bound to it (fieldSelector spec.nodeName). For each Pod: an IP from the node's CIDR, a
 pod netns + cgroup wired to the node, one contained process per container
-(localcluster.procs, as local mode runs pods), and the status a kubelet writes (phase, podIP,
+(localcluster.procs, as local mode runs pods) with the `kubernetes` Service's variables and,
+when mounted, the ServiceAccount token volume (a TokenRequest bound to the pod), and the
+status a kubelet writes (phase, podIP,
 Ready, containerStatuses with restart counts). Containers that exit are restarted with backoff
 (restartPolicy Always/OnFailure). A Pod being deleted gets SIGTERM, its grace period, then
 SIGKILL; its netns and cgroup go, and the agent completes the deletion (grace 0, uid
@@ -27,10 +31,15 @@ import datetime
 import ipaddress
 import logging
 import os
+import shutil
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
+
+from mesh.linux.netns import socket_in_netns
 
 from controlplane.kube.api import ApiError, KubeApi
 from controlplane.kube.kinds import WatchedKind
@@ -38,7 +47,7 @@ from controlplane.kube.reflector import Delete, Event, Reflector, Relisted, Upse
 from mesh.linux.netns import NETNS_DIR
 
 from .addressing import AddressPlan, ClusterAddressing
-from .kubelet_pods import ContainerFacts, PodPlan, plan_pod, pod_status, resolve_env
+from .kubelet_pods import SA_TOKEN_DIR, ContainerFacts, PodPlan, plan_pod, pod_status, resolve_env
 from .network import ClusterNetwork
 from .procs import Containment
 from .runner import base_env
@@ -94,6 +103,9 @@ class NodeAgent:
         self._routes: dict[str, tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]] = {}
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.api_vip: tuple[str, int] | None = None
+        self._forwarder: asyncio.AbstractServer | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
         self.pod_reflector = Reflector(api, WatchedKind("Pod", "", "v1", "pods", True,
                                                         field_selector=f"spec.nodeName={node}"), self._on_pod)
         self.node_reflector = Reflector(api, _NODES, self._on_node)
@@ -103,6 +115,7 @@ class NodeAgent:
     async def start(self) -> None:
         await self._register()
         await asyncio.to_thread(self.net.add_node, self.node, self.node_ip, self.pod_cidr, {})
+        await self._forward_api()
         self._tasks = [asyncio.create_task(self.node_reflector.run(), name="kubelet-nodes"),
                        asyncio.create_task(self.pod_reflector.run(), name="kubelet-pods"),
                        asyncio.create_task(self._loop(), name="kubelet-sync")]
@@ -112,6 +125,10 @@ class NodeAgent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._forwarder is not None:
+            self._forwarder.close()
+        for t in list(self._pipes):
+            t.cancel()
         for uid in list(self.pods):
             await self._remove(uid, grace=2)
         await asyncio.to_thread(self.net.remove_node, self.node)
@@ -120,6 +137,50 @@ class NodeAgent:
                 await self.api.request_json("DELETE", f"/api/v1/nodes/{self.node}")
             except ApiError as e:
                 log.info("could not delete Node %s: %s", self.node, e)
+
+    async def _forward_api(self) -> None:
+        """Answer the `kubernetes` Service's ClusterIP in this node's netns and relay to the API
+        server on the host's loopback, as kube-proxy makes that VIP reach the API server: pods
+        use in-cluster config unchanged (and the server's certificate names that IP). The
+        listener lives in the simulated network, reachable only from its pods."""
+        svc = await self.api.request_json("GET", "/api/v1/namespaces/default/services/kubernetes")
+        vip, port = svc["spec"]["clusterIP"], int(svc["spec"]["ports"][0]["port"])
+        url = urllib.parse.urlsplit(self.api.server)
+        upstream = (url.hostname or "127.0.0.1", url.port or 443)
+        await asyncio.to_thread(self.net.add_local_address, self.node, vip)
+
+        def listener() -> Any:
+            sock = socket_in_netns(self.net.node_netns(self.node))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((vip, port))
+            sock.listen(128)
+            sock.setblocking(False)
+            return sock
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                up_r, up_w = await asyncio.wait_for(asyncio.open_connection(*upstream), 10)
+            except (OSError, asyncio.TimeoutError):
+                writer.close()
+                return
+
+            async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                try:
+                    while data := await r.read(65536):
+                        w.write(data)
+                        await w.drain()
+                except (ConnectionError, asyncio.CancelledError):
+                    pass
+                finally:
+                    w.close()
+            tasks = [asyncio.ensure_future(pipe(reader, up_w)), asyncio.ensure_future(pipe(up_r, writer))]
+            self._pipes.update(tasks)
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                self._pipes.difference_update(tasks)
+        self._forwarder = await asyncio.start_server(relay, sock=await asyncio.to_thread(listener))
+        self.api_vip = (vip, port)
 
     async def _register(self) -> None:
         body = {"apiVersion": "v1", "kind": "Node",
@@ -244,12 +305,21 @@ class NodeAgent:
                 log.warning("pod %s container %s: %s", p.key, c.name, c.problem)
                 rt.containers.append(_Container(plan=c, proc=None, problem=c.problem))
                 continue
-            env = base_env() | {"POD_NAME": p.name, "POD_NAMESPACE": p.namespace, "NODE_NAME": self.node} | \
+            env = base_env() | self._service_env() | \
+                {"POD_NAME": p.name, "POD_NAMESPACE": p.namespace, "NODE_NAME": self.node} | \
                 resolve_env(c, p, pod_ip=str(ip), host_ip=str(self.node_ip))
+            volumes: tuple[tuple[str, str], ...] = ()
+            if c.api_token:
+                try:
+                    volumes = ((await self._token_volume(p), SA_TOKEN_DIR),)
+                except (ApiError, OSError) as e:
+                    log.warning("pod %s: no API token volume: %s", p.key, e)
+                    rt.containers.append(_Container(plan=c, proc=None, problem=f"API token volume: {e}"))
+                    continue
             proc = Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup, env=env,
                         cwd=c.working_dir, log_path=os.path.join(logs, f"{p.namespace}_{p.name}_{c.name}.log"),
                         contain=Containment(uid=c.run_as_user, gid=c.run_as_group,
-                                            hide=(self.state_dir, NETNS_DIR, "/sys/fs/bpf")))
+                                            hide=(self.state_dir, NETNS_DIR, "/sys/fs/bpf"), volumes=volumes))
             cont = _Container(plan=c, proc=proc)
             try:
                 proc.start()
@@ -261,6 +331,41 @@ class NodeAgent:
         self.pods[p.uid] = rt
         log.info("pod %s (%s) up at %s", p.key, p.uid, ip)
         return rt
+
+    def _service_env(self) -> dict[str, str]:
+        """The variables a kubelet sets for the `kubernetes` Service (in-cluster config reads them)."""
+        if self.api_vip is None:
+            return {}
+        vip, port = self.api_vip
+        return {"KUBERNETES_SERVICE_HOST": vip, "KUBERNETES_SERVICE_PORT": str(port),
+                "KUBERNETES_SERVICE_PORT_HTTPS": str(port), "KUBERNETES_PORT": f"tcp://{vip}:{port}",
+                f"KUBERNETES_PORT_{port}_TCP": f"tcp://{vip}:{port}", f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp",
+                f"KUBERNETES_PORT_{port}_TCP_PORT": str(port), f"KUBERNETES_PORT_{port}_TCP_ADDR": vip}
+
+    def _pod_dir(self, uid: str) -> str:
+        return os.path.join(self.state_dir, "pods", uid)
+
+    async def _token_volume(self, p: PodPlan) -> str:
+        """The ServiceAccount volume a kubelet projects: a token bound to this pod (the API
+        server's audience, ~1 h; not yet refreshed before expiry), ca.crt and namespace."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"expirationSeconds": 3607,
+                         "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": p.name, "uid": p.uid}}}
+        out = await self.api.request_json(
+            "POST", f"/api/v1/namespaces/{p.namespace}/serviceaccounts/{p.service_account}/token", body=body)
+        d = os.path.join(self._pod_dir(p.uid), "serviceaccount")
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        files = {"token": out["status"]["token"].encode(), "namespace": p.namespace.encode()}
+        if self.api.ca_file:
+            with open(self.api.ca_file, "rb") as f:
+                files["ca.crt"] = f.read()
+        for name, data in files.items():
+            tmp = os.path.join(d, f".{name}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)  # the container's user reads it, as a projected volume's default mode
+            os.replace(tmp, os.path.join(d, name))
+        return d
 
     def _supervise(self, rt: _PodRt) -> None:
         now = time.monotonic()
@@ -314,6 +419,7 @@ class NodeAgent:
             from .procs import stop
             await asyncio.gather(*(asyncio.to_thread(stop, pr.popen, max(0.1, min(grace, 30))) for pr in procs_))
         await asyncio.to_thread(self.net.remove_pod, uid)
+        shutil.rmtree(self._pod_dir(uid), ignore_errors=True)
         self.addr.release_pod(uid)
         log.info("pod %s (%s) removed", rt.plan.key, uid)
 

@@ -5,8 +5,8 @@ This node runs commands, not images: a container runs its `command` + `args` (th
 ignored), contained as local mode contains pods (localcluster.procs). Environment: literal
 values and the downward API fields a kubelet resolves (metadata.name/namespace/uid,
 spec.nodeName, spec.serviceAccountName, status.podIP, status.hostIP); anything else
-(Secrets, ConfigMaps, volumes; the API token mount admission adds is tolerated and not
-provided) is refused with a reason, shown as the container's waiting
+(Secrets, ConfigMaps, volumes other than the API token's, which the node agent provides)
+is refused with a reason, shown as the container's waiting
 state, rather than run half-configured.
 """
 from __future__ import annotations
@@ -15,13 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ContainerPlan", "PodPlan", "ContainerFacts", "plan_pod", "pod_status", "UNSUPPORTED"]
+__all__ = ["ContainerPlan", "PodPlan", "ContainerFacts", "plan_pod", "pod_status", "resolve_env", "UNSUPPORTED",
+           "SA_TOKEN_DIR"]
 
 UNSUPPORTED = "CreateContainerConfigError"
 """The waiting reason of a container this node cannot run as specified (Kubernetes' own)."""
-_SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-"""Admission adds this API-token mount to every pod; it is tolerated but not provided: pods
-here do not call the API server (the mesh's own components get their credentials otherwise)."""
+SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Admission adds this mount to every pod that automounts its API token: the node agent
+provides it (token, ca.crt, namespace), as a kubelet's projected volume does."""
 _FIELDS = ("metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
            "spec.serviceAccountName", "status.podIP", "status.hostIP")
 
@@ -39,6 +40,8 @@ class ContainerPlan:
     run_as_group: int
     problem: str | None = None
     """Why it cannot run (then it waits with reason UNSUPPORTED and this message)."""
+    api_token: bool = False
+    """Mounts the ServiceAccount's API token at SA_TOKEN_DIR."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +88,11 @@ def _container(c: Mapping[str, Any], pod_sc: Mapping[str, Any]) -> ContainerPlan
             field_env.append((var, path))
         else:
             problem = problem or f"env {var}: only literal values and fieldRef {', '.join(_FIELDS)} are supported"
-    mounts = [m.get("mountPath") for m in c.get("volumeMounts") or () if m.get("mountPath") != _SA_TOKEN_DIR]
+    mounts = [m.get("mountPath") for m in c.get("volumeMounts") or () if m.get("mountPath") != SA_TOKEN_DIR]
     if c.get("envFrom") or mounts:
         problem = problem or f"envFrom and volumeMounts ({', '.join(map(str, mounts))}) are not supported on this node"
     return ContainerPlan(
+        api_token=any(m.get("mountPath") == SA_TOKEN_DIR for m in c.get("volumeMounts") or ()),
         name=name, argv=argv, env=tuple(env), field_env=tuple(field_env), working_dir=c.get("workingDir") or None,
         run_as_user=uid if uid is not None else (_int(pod_sc.get("runAsUser")) or 0),
         run_as_group=gid if gid is not None else (_int(pod_sc.get("runAsGroup")) or 0),

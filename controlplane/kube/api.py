@@ -62,6 +62,16 @@ class KubeApi:
             await config.load_kube_config(config_file=path, client_configuration=cfg)
         return cls(client.ApiClient(configuration=cfg))
 
+    @property
+    def server(self) -> str:
+        """The API server's URL."""
+        return str(self._client.configuration.host)
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA bundle that verifies the API server (None: the system's)."""
+        return self._client.configuration.ssl_ca_cert
+
     async def close(self) -> None:
         await self._client.close()
 

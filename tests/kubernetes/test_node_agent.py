@@ -124,3 +124,40 @@ def test_a_deployment_runs_on_simulated_nodes(kube: KubeCluster, namespace: str,
     for p in pods:
         assert net.pod_netns(p["metadata"]["uid"]) not in list_netns()
         assert not os.path.exists(cgroup.abspath(net.pod_cgroup_rel(p["metadata"]["uid"])))
+
+
+IN_CLUSTER = ("import json, os, ssl, urllib.request\n"
+              "d = '/var/run/secrets/kubernetes.io/serviceaccount'\n"
+              "tok, ns = open(d + '/token').read(), open(d + '/namespace').read()\n"
+              "ctx = ssl.create_default_context(cafile=d + '/ca.crt')\n"
+              "url = 'https://%s:%s/apis/authorization.k8s.io/v1/selfsubjectaccessreviews' % (\n"
+              "    os.environ['KUBERNETES_SERVICE_HOST'], os.environ['KUBERNETES_SERVICE_PORT'])\n"
+              "body = json.dumps({'apiVersion': 'authorization.k8s.io/v1', 'kind': 'SelfSubjectAccessReview',\n"
+              "    'spec': {'resourceAttributes': {'namespace': ns, 'verb': 'get', 'resource': 'pods'}}}).encode()\n"
+              "req = urllib.request.Request(url, data=body, headers={'Authorization': 'Bearer ' + tok,\n"
+              "                                                     'Content-Type': 'application/json'})\n"
+              "r = urllib.request.urlopen(req, context=ctx, timeout=10)\n"
+              "print('authenticated', r.status, ns, json.loads(r.read())['status']['allowed'])\n")
+
+
+def test_a_pod_reaches_the_api_server_with_its_service_account_token(kube: KubeCluster, namespace: str,
+                                                                     nodes: Nodes) -> None:
+    """In-cluster config works as in a cluster: the `kubernetes` Service's ClusterIP (answered
+    by the node, relayed to the API server) and the token volume a kubelet projects."""
+    ns, node = namespace, f"{namespace}-c"
+    nodes.start(node)
+    kube.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "namespace": ns},
+        "spec": {"restartPolicy": "Never", "securityContext": {"runAsUser": 1337, "runAsGroup": 1337},
+                 "containers": [{"name": "c", "image": "none", "command": ["python3", "-c", IN_CLUSTER]}]}}))
+
+    def phase() -> str | None:
+        p = json.loads(kube.kubectl("get", "pod", "client", "-n", ns, "-o", "json").stdout)
+        return p["status"].get("phase") if p["status"].get("phase") in ("Succeeded", "Failed") else None
+    log = os.path.join(nodes.state_dir, node, "logs", f"{ns}_client_c.log")
+    got = poll(phase, 60, "client pod finished")
+    out = open(log).read() if os.path.exists(log) else "(no log)"
+    assert got == "Succeeded", out + nodes.log(node)
+    # 201 from the API server: the token authenticated the pod's ServiceAccount (an anonymous
+    # request may not create a SelfSubjectAccessReview), which may not read pods.
+    assert out.strip().splitlines()[-1] == f"authenticated 201 {ns} False", out

@@ -32,7 +32,7 @@ def test_plan_runs_command_and_args_with_the_downward_api():
     ({"env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, "env K: only literal values"),
     ({"envFrom": [{"configMapRef": {"name": "c"}}]}, "envFrom and volumeMounts"),
     ({"volumeMounts": [{"name": "data", "mountPath": "/data"}]}, "volumeMounts (/data) are not supported"),
-    # The API token mount admission adds to every pod is tolerated.
+    # The API token mount admission adds to every pod: provided by the node agent.
     ({"volumeMounts": [{"name": "default-token-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}, None),
 ])
 def test_what_this_node_cannot_run_is_named(container, problem):
