@@ -396,6 +396,16 @@ class ClusterNetwork:
             return self._sync_routes(ipr, self._check_routes(node_net, own, routes))
 
     @_blocking
+    def add_local_address(self, name: str, ip: IPv4Address | str) -> None:
+        """Give node `name` the host address `ip` (/32 on lo), so its pods reach a service the
+        node itself answers at that address (the API server's ClusterIP). Idempotent."""
+        with self._lock, _rtnl(self.node_netns(name)) as ipr:
+            lo = _index(ipr, "lo")
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2, index=lo)}
+            if str(ip) not in have:
+                ipr.addr("add", index=lo, address=str(ip), prefixlen=32)
+
+    @_blocking
     def remove_node(self, name: str) -> None:
         """Remove node `name`, its pods, its ztunnel cgroup and its fabric port. Idempotent."""
         with self._lock:
