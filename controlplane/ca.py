@@ -142,22 +142,33 @@ class CertificateAuthority:
         else its subject O (as `generate` writes it).
         """
         cert_path, key_path = Path(cert_path), Path(key_path)
-        cert = _load_certs(cert_path)[0]
-        key = _load_key(key_path)
-        if key.public_key() != cert.public_key():
-            raise CAError("ca_load_failed", f"{key_path}: key does not match the certificate in {cert_path}")
-        if not _is_ca(cert):
-            raise CAError("ca_load_failed", f"{cert_path}: not a CA certificate (BasicConstraints CA=false)")
-        if clock.now() >= cert.not_valid_after_utc.timestamp():
-            raise CAError("ca_load_failed", f"{cert_path}: CA certificate expired at {cert.not_valid_after_utc}")
-        chain: tuple[x509.Certificate, ...] = ()
-        if not _self_signed(cert):
-            if chain_path is None:
+        chain = (str(chain_path), _read(Path(chain_path))) if chain_path is not None else None
+        return cls.from_pem((str(cert_path), _read(cert_path)), (str(key_path), _read(key_path)),
+                            chain=chain, clock=clock, trust_domain=trust_domain, max_ttl=max_ttl)
+
+    @classmethod
+    def from_pem(cls, cert: tuple[str, bytes], key: tuple[str, bytes], *,
+                 chain: tuple[str, bytes] | None = None, clock: Clock,
+                 trust_domain: str | None = None, max_ttl: float = DEFAULT_MAX_TTL,
+                 ) -> CertificateAuthority:
+        """As `load`, from (name, PEM) pairs: a file's or a Secret key's contents, named in errors."""
+        (cert_name, cert_pem), (key_name, key_pem) = cert, key
+        signing = _load_certs(cert_name, cert_pem)[0]
+        signing_key = _load_key(key_name, key_pem)
+        if signing_key.public_key() != signing.public_key():
+            raise CAError("ca_load_failed", f"{key_name}: key does not match the certificate in {cert_name}")
+        if not _is_ca(signing):
+            raise CAError("ca_load_failed", f"{cert_name}: not a CA certificate (BasicConstraints CA=false)")
+        if clock.now() >= signing.not_valid_after_utc.timestamp():
+            raise CAError("ca_load_failed", f"{cert_name}: CA certificate expired at {signing.not_valid_after_utc}")
+        issuers: tuple[x509.Certificate, ...] = ()
+        if not _self_signed(signing):
+            if chain is None:
                 raise CAError("ca_load_failed",
-                              f"{cert_path}: not self-signed (an intermediate), and no chain file given")
-            chain = _order_chain(cert, _load_certs(Path(chain_path)), Path(chain_path))
-        td = _trust_domain_of(cert, cert_path, trust_domain)
-        return cls(trust_domain=td, cert=cert, key=key, chain=chain, clock=clock, max_ttl=max_ttl)
+                              f"{cert_name}: not self-signed (an intermediate), and no chain file given")
+            issuers = _order_chain(signing, _load_certs(*chain), chain[0])
+        td = _trust_domain_of(signing, cert_name, trust_domain)
+        return cls(trust_domain=td, cert=signing, key=signing_key, chain=issuers, clock=clock, max_ttl=max_ttl)
 
     @classmethod
     def load_or_create(cls, directory: str | os.PathLike[str], trust_domain: str, *, clock: Clock,
@@ -171,6 +182,10 @@ class CertificateAuthority:
         ca = cls.generate(trust_domain, clock=clock, max_ttl=max_ttl)
         ca.save(d)
         return ca
+
+    def to_pem(self) -> tuple[bytes, bytes, bytes]:
+        """(signing cert, its key, its issuers up to the root or b"" for a root), as PEM."""
+        return _pem(self._cert), key_to_pem(self._key), b"".join(_pem(c) for c in self._chain)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the signing cert (root-cert.pem, 0644), its key (root-key.pem, 0600) and, for
@@ -286,25 +301,25 @@ def _read(path: Path) -> bytes:
         raise CAError("ca_load_failed", f"{path}: cannot read: {e.strerror}") from None
 
 
-def _load_certs(path: Path) -> list[x509.Certificate]:
+def _load_certs(name: str, pem: bytes) -> list[x509.Certificate]:
     try:
-        return x509.load_pem_x509_certificates(_read(path))
+        return x509.load_pem_x509_certificates(pem)
     except ValueError as e:
-        raise CAError("ca_load_failed", f"{path}: no PEM certificate: {e}") from None
+        raise CAError("ca_load_failed", f"{name}: no PEM certificate: {e}") from None
 
 
-def _load_key(path: Path) -> _SigningKey:
+def _load_key(name: str, pem: bytes) -> _SigningKey:
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:  # TypeError: the key is encrypted
-        raise CAError("ca_load_failed", f"{path}: unusable private key: {e}") from None
+        raise CAError("ca_load_failed", f"{name}: unusable private key: {e}") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
-        raise CAError("ca_load_failed", f"{path}: CA key must be EC or RSA")
+        raise CAError("ca_load_failed", f"{name}: CA key must be EC or RSA")
     return key
 
 
 def _order_chain(cert: x509.Certificate, pool: list[x509.Certificate],
-                 path: Path) -> tuple[x509.Certificate, ...]:
+                 path: str) -> tuple[x509.Certificate, ...]:
     """Follow issuers from `cert` through `pool` (any order) up to a self-signed root."""
     chain: list[x509.Certificate] = []
     current = cert
@@ -321,7 +336,7 @@ def _order_chain(cert: x509.Certificate, pool: list[x509.Certificate],
     return tuple(chain)
 
 
-def _trust_domain_of(cert: x509.Certificate, path: Path, explicit: str | None) -> str:
+def _trust_domain_of(cert: x509.Certificate, path: str, explicit: str | None) -> str:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)

@@ -1,10 +1,14 @@
 """The control plane: distributes state to proxies and signs their certificates, over mTLS.
 
-It listens on a Unix socket (reachable from every node network namespace, never from a
-network), authenticates each proxy by its client certificate (a node's bootstrap identity or a
-workload identity), and per connection:
+It listens on a Unix socket (local mode: reachable from every node network namespace, never
+from a network) and/or TCP (a cluster's ztunnels reach it through its Service). A proxy is
+authenticated by one of two credentials, which yield the same two requesters (a node or a
+workload identity): its client certificate (a node's bootstrap cert, a workload cert), or,
+when `authenticate_token` is given (Kubernetes mode), a projected ServiceAccount token sent in
+Subscribe and in each CertificateRequest (controlplane.kube.tokens). Per connection:
   - Subscribe  -> the full Snapshot at the current version, then every Delta as it happens;
-  - CertificateRequest -> authorize (a node only for its pods' service accounts), sign, reply.
+  - CertificateRequest -> authorize (csr_authz: a node only for its pods' service accounts,
+    whichever the credential), sign, reply.
 State changes arrive through `resources_changed`, called by the resource source (the local
 runner's store, later the Kubernetes API). Each change is translated and diffed once, encoded
 once, and written to every subscriber; a subscriber that stops reading is disconnected (it
@@ -16,7 +20,7 @@ import asyncio
 import logging
 import os
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from mesh import tls
@@ -34,69 +38,104 @@ __all__ = ["ControlPlane", "ALPN"]
 
 log = logging.getLogger("ambient.control")
 _SLOW_SUBSCRIBER_BYTES = 64 * 1024 * 1024
+_VERSION_TIMES = 256
+
+
+Requester = NodeId | SpiffeId
+TokenAuth = Callable[[str], Awaitable[Requester]]
+"""Token -> requester, raising an exception with a `reason` when it is refused."""
 
 
 class _Peer:
-    __slots__ = ("identity", "writer", "subscribed")
+    __slots__ = ("identity", "writer", "subscribed", "name")
 
-    def __init__(self, identity: NodeId | SpiffeId, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, identity: Requester | None, writer: asyncio.StreamWriter) -> None:
         self.identity = identity
+        """From the client certificate; None: a token peer, whose every request carries a token."""
         self.writer = writer
         self.subscribed = False
+        self.name: Requester | str = identity if identity is not None else "token client"
 
 
 class ControlPlane:
-    """Serves proxies on `socket_path`; `resources_changed` feeds it the cluster state."""
+    """Serves proxies on `socket_path` and/or `listen`; `resources_changed` feeds it the cluster state."""
 
-    def __init__(self, *, ca: CertificateAuthority, socket_path: str, clock: Clock,
-                 cert_ttl: float, resources: Iterable[Resource] = ()) -> None:
+    def __init__(self, *, ca: CertificateAuthority, socket_path: str | None, clock: Clock,
+                 cert_ttl: float, resources: Iterable[Resource] = (),
+                 listen: tuple[str, int] | None = None, authenticate_token: TokenAuth | None = None) -> None:
+        if socket_path is None and listen is None:
+            raise ValueError("a control plane needs a Unix socket or a TCP address to listen on")
         self.ca = ca
         self.trust_domain = ca.trust_domain
         self.socket_path = socket_path
+        self.listen = listen
+        self.authenticate_token = authenticate_token
         self.clock = clock
         self.cert_ttl = cert_ttl
         self.version = 1
         self._resources: list[Resource] = list(resources)
         self._state = translate(self._resources, trust_domain=self.trust_domain)
         self._server: asyncio.AbstractServer | None = None
+        self._tcp: asyncio.AbstractServer | None = None
         self._peers: set[_Peer] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ctx: ssl.SSLContext | None = None
         self._serving_cert: WorkloadCert | None = None
-        self.stats = {"snapshots": 0, "deltas": 0, "certificates": 0, "csr_denied": 0}
+        self.stats = {"snapshots": 0, "deltas": 0, "certificates": 0, "csr_denied": 0, "auth_denied": 0,
+                      "pushes": 0}
+        """`deltas` counts changes (one frame each), `pushes` the frames written to subscribers."""
+        self.csr_denied_by_reason: dict[str, int] = {}
+        self.version_times: dict[int, float] = {1: clock.now()}
+        """When each recent version was made (clock time), to measure how long proxies take
+        to have it (pilot_proxy_convergence_time); the newest _VERSION_TIMES are kept."""
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self._tcp is not None
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        """The bound TCP address (the port is the kernel's when `listen` asked for 0)."""
+        if self._tcp is None or not self._tcp.sockets:
+            return None
+        host, port = self._tcp.sockets[0].getsockname()[:2]
+        return host, port
 
     # -- lifecycle --
 
     async def start(self) -> None:
-        if self._server is not None:
+        if self.running:
             return
         self._refresh_serving_cert()
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)
-        self._server = await asyncio.start_unix_server(self._serve, path=self.socket_path, ssl=self._ctx)
-        os.chmod(self.socket_path, 0o600)
-        log.info("control plane listening on %s (version %d)", self.socket_path, self.version)
+        if self.listen is not None:
+            self._tcp = await asyncio.start_server(self._serve, self.listen[0], self.listen[1], ssl=self._ctx)
+            log.info("control plane listening on %s:%d", *(self.tcp_address or self.listen))
+        if self.socket_path is not None:
+            if os.path.exists(self.socket_path):
+                os.unlink(self.socket_path)
+            self._server = await asyncio.start_unix_server(self._serve, path=self.socket_path, ssl=self._ctx)
+            os.chmod(self.socket_path, 0o600)
+            log.info("control plane listening on %s (version %d)", self.socket_path, self.version)
 
     async def stop(self) -> None:
         """Stop listening and drop every proxy connection (they keep their last state)."""
-        server, self._server = self._server, None
-        if server is None:
+        servers = [s for s in (self._server, self._tcp) if s is not None]
+        self._server = self._tcp = None
+        if not servers:
             return
-        server.close()
+        for server in servers:
+            server.close()
         for p in list(self._peers):
             p.writer.close()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            await asyncio.wait_for(server.wait_closed(), 2)
-        except asyncio.TimeoutError:
-            pass
-        if os.path.exists(self.socket_path):
+        for server in servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2)
+            except asyncio.TimeoutError:
+                pass
+        if self.socket_path is not None and os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         log.info("control plane stopped")
 
@@ -108,6 +147,9 @@ class ControlPlane:
             self._serving_cert = cert
             if self._ctx is None:
                 self._ctx = tls.server_context(cert, self.ca.roots_pem, alpn=(ALPN,))
+                if self.authenticate_token is not None:
+                    # A proxy without a certificate may connect; it must then present a token.
+                    self._ctx.verify_mode = ssl.CERT_OPTIONAL
             else:  # the listener keeps its context: load the new cert into it
                 tls.load_cert(self._ctx, cert)
 
@@ -124,16 +166,24 @@ class ControlPlane:
         self.version += 1
         frame = encode(Delta(version=self.version, upserts=tuple(upserts), removals=tuple(removals)))
         self.stats["deltas"] += 1
+        self.version_times[self.version] = self.clock.now()
+        if len(self.version_times) > _VERSION_TIMES:
+            del self.version_times[min(self.version_times)]
         for p in list(self._peers):
             if p.subscribed:
+                self.stats["pushes"] += 1
                 self._send(p, frame)
+
+    def peers(self) -> list[tuple[str, bool]]:
+        """(identity, subscribed) of every connected proxy."""
+        return sorted((str(p.identity), p.subscribed) for p in self._peers)
 
     def snapshot(self) -> Snapshot:
         return Snapshot(version=self.version, resources=tuple(self._state.values()))
 
     def _send(self, peer: _Peer, frame: bytes) -> None:
         if peer.writer.transport.get_write_buffer_size() > _SLOW_SUBSCRIBER_BYTES:
-            log.warning("slow_subscriber: dropping %s (it will resync on reconnect)", peer.identity)
+            log.warning("slow_subscriber: dropping %s (it will resync on reconnect)", peer.name)
             peer.writer.close()
             return
         peer.writer.write(frame)
@@ -148,12 +198,14 @@ class ControlPlane:
         try:
             self._refresh_serving_cert()
             sslobj = writer.get_extra_info("ssl_object")
-            try:
-                identity = tls.check_peer(sslobj, trust_domain=self.trust_domain)
-            except tls.PeerIdentityError as e:
-                log.warning("%s: refusing control-plane client: %s", e.reason, e)
-                return
-            peer = _Peer(identity, writer)
+            identity: Requester | None = None
+            if self.authenticate_token is None or sslobj.getpeercert(binary_form=True) is not None:
+                try:
+                    identity = tls.check_peer(sslobj, trust_domain=self.trust_domain)
+                except tls.PeerIdentityError as e:
+                    log.warning("%s: refusing control-plane client: %s", e.reason, e)
+                    return
+            peer = _Peer(identity, writer)  # None: authenticated by the token in each message
             self._peers.add(peer)
             decoder = FrameDecoder()
             while True:
@@ -161,38 +213,77 @@ class ControlPlane:
                 if not data:
                     return
                 for obj in decoder.feed(data):
-                    self._handle(peer, decode(obj))
+                    if not await self._handle(peer, decode(obj)):
+                        return
         except ProtocolError as e:
-            log.warning("%s: closing %s: %s", e.reason, peer.identity if peer else "client", e)
+            log.warning("%s: closing %s: %s", e.reason, peer.name if peer else "client", e)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
-            log.info("client %s disconnected: %s", peer.identity if peer else "?", e)
+            log.info("client %s disconnected: %s", peer.name if peer else "?", e)
         finally:
             if peer is not None:
                 self._peers.discard(peer)
             writer.close()
             self._tasks.discard(task)
 
-    def _handle(self, peer: _Peer, msg: Any) -> None:
+    async def _requester(self, peer: _Peer, token: str | None) -> Requester:
+        """The credential's requester: the connection's certificate, else the message's token."""
+        if peer.identity is not None:
+            return peer.identity
+        if not token:
+            raise CsrDenied("no_credential", "no client certificate and no ServiceAccount token")
+        assert self.authenticate_token is not None
+        return await self.authenticate_token(token)
+
+    async def _handle(self, peer: _Peer, msg: Any) -> bool:
+        """Act on one message; False: close the connection."""
         if isinstance(msg, Subscribe):
+            if peer.identity is None:
+                try:
+                    peer.name = await self._requester(peer, msg.token)
+                except Exception as e:  # noqa: BLE001 - every refusal carries its reason
+                    self.stats["auth_denied"] += 1
+                    log.warning("%s: refusing a subscription: %s", getattr(e, "reason", "auth_failed"), e)
+                    return False
             peer.subscribed = True
             self.stats["snapshots"] += 1
+            self.stats["pushes"] += 1
             self._send(peer, encode(self.snapshot()))
-            log.info("subscribed %s at version %d (had %d)", peer.identity, self.version, msg.last_version)
+            log.info("subscribed %s at version %d (had %d)", peer.name, self.version, msg.last_version)
         elif isinstance(msg, CertificateRequest):
-            self._send(peer, encode(self._sign(peer, msg)))
+            if peer.identity is None:
+                # Token checks wait on the API server: other messages go on meanwhile.
+                task = asyncio.get_running_loop().create_task(self._sign_with_token(peer, msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                self._send(peer, encode(self._sign(peer.identity, msg)))
         else:
             raise ProtocolError(f"unexpected {msg.type} from a client")
+        return True
 
-    def _sign(self, peer: _Peer, req: CertificateRequest) -> CertificateResponse:
+    async def _sign_with_token(self, peer: _Peer, req: CertificateRequest) -> None:
+        try:
+            requester = await self._requester(peer, req.token)
+        except Exception as e:  # noqa: BLE001 - a TokenDenied or CsrDenied, with its reason
+            reason = getattr(e, "reason", "auth_failed")
+            self.stats["csr_denied"] += 1
+            self.csr_denied_by_reason[reason] = self.csr_denied_by_reason.get(reason, 0) + 1
+            log.warning("%s: certificate for %s refused: %s", reason, req.identity, e)
+            self._send(peer, encode(CertificateResponse(id=req.id, error=str(e), reason=reason)))
+            return
+        self._send(peer, encode(self._sign(requester, req)))
+
+    def _sign(self, requester: Requester, req: CertificateRequest) -> CertificateResponse:
         pods = (r for r in self._resources if isinstance(r, Pod))
         try:
-            authorize_csr(peer.identity, req.identity, trust_domain=self.trust_domain, pods=pods)
+            authorize_csr(requester, req.identity, trust_domain=self.trust_domain, pods=pods)
             ttl = self.cert_ttl if req.ttl_seconds is None else min(req.ttl_seconds, self.cert_ttl)
             chain = self.ca.sign_csr(req.csr_pem.encode(), req.identity, ttl)
         except (CsrDenied, CAError) as e:
             self.stats["csr_denied"] += 1
-            log.warning("%s: certificate for %s refused to %s: %s", e.reason, req.identity, peer.identity, e)
+            self.csr_denied_by_reason[e.reason] = self.csr_denied_by_reason.get(e.reason, 0) + 1
+            log.warning("%s: certificate for %s refused to %s: %s", e.reason, req.identity, requester, e)
             return CertificateResponse(id=req.id, error=str(e), reason=e.reason)
         self.stats["certificates"] += 1
-        log.info("signed %s for %s", req.identity, peer.identity)
+        log.info("signed %s for %s", req.identity, requester)
         return CertificateResponse(id=req.id, chain_pem=tuple(c.decode() for c in chain))

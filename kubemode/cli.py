@@ -1,8 +1,8 @@
-"""The Kubernetes-mode subcommands of `ambient`: install, uninstall, check --pre.
+"""The Kubernetes-mode subcommands of `ambient`: install, uninstall, check [--pre].
 
 `ambient install | kubectl apply -f -` installs; `ambient uninstall | kubectl delete -f -`
 removes what install made, except the CRDs (and so every user's policies and routes) unless
-`--purge`. None of them talks to a cluster or needs root.
+`--purge`. `ambient check` asks the cluster through the user's kubectl; none needs root.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from . import health
 from .check import gather, judge
 from .manifests import InstallOptions, manifests
 
@@ -24,7 +25,7 @@ def _dump(objs: list[dict[str, Any]]) -> str:
 
 def _options(a: argparse.Namespace) -> InstallOptions:
     return InstallOptions(image=a.image, trust_domain=a.trust_domain,
-                          gateway_api_crds=not a.skip_gateway_api_crds)
+                          gateway_api_crds=not a.skip_gateway_api_crds, ca_from_secret=a.ca_from_secret)
 
 
 def cmd_install(_paths: object, a: argparse.Namespace) -> int:
@@ -39,12 +40,14 @@ def cmd_uninstall(_paths: object, a: argparse.Namespace) -> int:
 
 
 def cmd_check(_paths: object, a: argparse.Namespace) -> int:
-    if not a.pre:
-        print("ambient check: only --pre (this node's prerequisites) is implemented", file=sys.stderr)
-        return 2
-    results = judge(gather())
+    """0: every check passed; 1: one failed (each line says which and what to do)."""
+    if a.pre:
+        results: list[Any] = judge(gather())
+    else:
+        results = health.judge(health.gather(health.kubectl_runner(a.kubeconfig)))
     for r in results:
-        print(f"{'√' if r.ok else '×'} {r.name}: {r.detail}")
+        mark = "√" if r.ok else ("-" if r.reason == health.Reason.SKIPPED else "×")
+        print(f"{mark} {r.name}: {r.detail}")
     failed = [r for r in results if not r.ok]
     print("Status check results are √" if not failed else f"{len(failed)} check(s) failed")
     return 0 if not failed else 1
@@ -55,6 +58,9 @@ def _install_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--skip-gateway-api-crds", action="store_true",
                    help="the cluster already has the Gateway API CRDs: do not print ours")
+    p.add_argument("--ca-from-secret", metavar="NAME",
+                   help="use the CA in Secret istio-system/NAME (cert-manager's tls or Istio's cacerts "
+                        "layout) instead of generating a root into istio-ca-secret")
 
 
 def register(sub: Any) -> None:
@@ -66,6 +72,8 @@ def register(sub: Any) -> None:
     _install_flags(un)
     un.add_argument("--purge", action="store_true", help="also the CRDs, with every policy and route")
     un.set_defaults(fn=cmd_uninstall, needs_root=False)
-    ch = sub.add_parser("check", help="check this node's prerequisites (--pre)")
+    ch = sub.add_parser("check", help="check the mesh's health in the cluster (kubectl), or with --pre "
+                                      "this node's prerequisites; exit 1 when a check fails")
     ch.add_argument("--pre", action="store_true", help="kernel features: cgroup v2, bpffs, BTF, sk_lookup")
+    ch.add_argument("--kubeconfig", help="kubeconfig for the mesh checks (default: kubectl's own)")
     ch.set_defaults(fn=cmd_check, needs_root=False)

@@ -6,8 +6,9 @@ the control plane (ServiceAccount, ClusterRole/Binding, Deployment, Service) and
 mesh's identities do: the control plane is spiffe://<td>/ns/istio-system/sa/istiod.
 
 RBAC is least privilege for what the control plane does today: list+watch of the watched
-kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED: the one table both sides read) and
-creating Events for rejected objects; ztunnel gets no API access at all (its token is mounted only as a
+kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED: the one table both sides read),
+creating Events for rejected objects and TokenReviews, and in istio-system only its CA Secret,
+the root ConfigMap and reading pods (`_namespace_rules`); ztunnel gets no API access at all (its token is mounted only as a
 projected token for the mesh CA's audience, not the API's).
 
 How ztunnel finds each pod's network namespace and cgroup on a node (hostPID, /proc and the
@@ -15,10 +16,9 @@ cgroup v2 hierarchy mounted read-only): a pod's cgroup is the directory named af
 under the kubelet's hierarchy (`.../kubepods*/pod<uid>/` with cgroupfs, `...pod<uid_>.slice`
 with the systemd driver); any PID in its `cgroup.procs` gives `/proc/<pid>/ns/net`, which
 ztunnel enters to open the pod's listeners, and the cgroup directory is where the capture
-programs attach (bpffs at /sys/fs/bpf holds the pins). Not yet wired end to end: ztunnel's
-control-plane connection is a Unix socket in local mode, and the TCP + ServiceAccount-token
-bootstrap (issue 13, "CA in Kubernetes") is still to come; the DaemonSet carries the arguments
-it will take.
+programs attach (bpffs at /sys/fs/bpf holds the pins). ztunnel reaches the control plane at
+istiod.istio-system.svc:15012 with its projected token (audience istio-ca; TokenReview on the
+control plane's side) and verifies it against ConfigMap istio-ca-root-cert.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ MESH_NAMESPACE = "istio-system"
 CA_AUDIENCE = "istio-ca"
 """The audience of ztunnel's projected ServiceAccount token, as Istio's ztunnel uses."""
 CONTROL_PLANE_PORT = 15012
+HEALTH_PORT = 8080  # istiod's readiness port
 _PART_OF = {"app.kubernetes.io/part-of": "ambient"}
 
 
@@ -53,6 +54,9 @@ class InstallOptions:
     trust_domain: str = "cluster.local"
     gateway_api_crds: bool = True
     image_pull_policy: str = "IfNotPresent"
+    ca_from_secret: str | None = None
+    """The user's CA Secret in istio-system (cert-manager's, or Istio's `cacerts`); None: the
+    control plane generates a root into `istio-ca-secret` once."""
 
 
 def _meta(name: str, namespaced: bool = True, **labels: str) -> dict[str, Any]:
@@ -62,21 +66,46 @@ def _meta(name: str, namespaced: bool = True, **labels: str) -> dict[str, Any]:
     return m
 
 
+def _namespace_rules(o: InstallOptions) -> list[dict[str, Any]]:
+    """What the control plane does in its own namespace only: read (or create once) the CA
+    Secret, publish the root in the istio-ca-root-cert ConfigMap, and read the ztunnel pod a
+    token is bound to. `create` cannot be
+    limited by name in RBAC; get/update are, to those objects."""
+    secret = o.ca_from_secret or "istio-ca-secret"
+    rules: list[dict[str, Any]] = [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get"]}]
+    if not o.ca_from_secret:
+        rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]})
+    rules += [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio-ca-root-cert"],
+               "verbs": ["get", "update"]},
+              {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+              # The pod a ztunnel token is bound to (its node), read fresh at each review.
+              {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    return rules
+
+
 def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
     app = {"app": "istiod"}
     rules = [{"apiGroups": [g], "resources": list(r), "verbs": ["list", "watch"]} for g, r in watch_rules()]
     rules.append({"apiGroups": [""], "resources": ["events"], "verbs": ["create"]})
+    # ztunnel's token is verified by the API server (controlplane.kube.tokens).
+    rules.append({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]})
+    ca_args = ["--ca-from-secret", o.ca_from_secret] if o.ca_from_secret else []
     container = {
         "name": "discovery", "image": o.image, "imagePullPolicy": o.image_pull_policy,
-        "command": ["python3", "-m", "controlplane", "--kubernetes", "--socket", "/var/run/ambient/cp.sock",
-                    "--ca-dir", "/var/lib/ambient/ca", "--trust-domain", o.trust_domain],
-        "ports": [{"name": "tls-ambient-cp", "containerPort": CONTROL_PLANE_PORT, "protocol": "TCP"}],
+        "command": ["python3", "-m", "controlplane", "--kubernetes", "--listen", f"0.0.0.0:{CONTROL_PLANE_PORT}",
+                    "--health", f"0.0.0.0:{HEALTH_PORT}", "--namespace", MESH_NAMESPACE, *ca_args,
+                    "--trust-domain", o.trust_domain],
+        "ports": [{"name": "tls-ambient-cp", "containerPort": CONTROL_PLANE_PORT, "protocol": "TCP"},
+                  {"name": "http-health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        # Ready once listening with every kind listed (controlplane.health), as istiod's /ready.
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": HEALTH_PORT}, "periodSeconds": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": HEALTH_PORT}, "periodSeconds": 10,
+                          "failureThreshold": 6},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1337, "runAsGroup": 1337,
                             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "run", "mountPath": "/var/run/ambient"},
-                         {"name": "ca", "mountPath": "/var/lib/ambient/ca"}],
     }
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta("istiod", **app)},
@@ -86,14 +115,18 @@ def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
          "metadata": _meta("ambient-istiod", namespaced=False, **app),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ambient-istiod"},
          "subjects": [{"kind": "ServiceAccount", "name": "istiod", "namespace": MESH_NAMESPACE}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta("ambient-istiod", **app),
+         "rules": _namespace_rules(o)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta("ambient-istiod", **app),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ambient-istiod"},
+         "subjects": [{"kind": "ServiceAccount", "name": "istiod", "namespace": MESH_NAMESPACE}]},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("istiod", **app),
          "spec": {"replicas": 1, "selector": {"matchLabels": app},
-                  "strategy": {"type": "Recreate"},  # one writer of the CA directory at a time
+                  # Replicas may start together: the CA Secret is created once (409 for the rest).
+                  "strategy": {"type": "RollingUpdate"},
                   "template": {"metadata": {"labels": {**_PART_OF, **app}},
                                "spec": {"serviceAccountName": "istiod", "containers": [container],
-                                        # the root CA moves into a Secret with issue 13's CA work
-                                        "volumes": [{"name": "run", "emptyDir": {}},
-                                                    {"name": "ca", "emptyDir": {}}]}}}},
+                                        }}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": _meta("istiod", **app),
          "spec": {"selector": app, "ports": [{"name": "tls-ambient-cp", "port": CONTROL_PLANE_PORT,
                                               "targetPort": CONTROL_PLANE_PORT, "protocol": "TCP"}]}},
@@ -110,10 +143,11 @@ def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
         "name": "ztunnel", "image": o.image, "imagePullPolicy": o.image_pull_policy,
         "command": ["python3", "-m", "ztunnel", "--node", "$(NODE_NAME)", "--run-dir", "/var/run/ambient",
                     "--control-plane", f"istiod.{MESH_NAMESPACE}.svc:{CONTROL_PLANE_PORT}",
+                    "--ca-token", "/var/run/secrets/tokens/istio-token",
+                    "--ca-root", "/var/run/secrets/istio/root-cert.pem",
                     "--trust-domain", o.trust_domain, "--pin-dir", "/sys/fs/bpf/ambient"],
         "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "CA_TOKEN", "value": "/var/run/secrets/tokens/istio-token"}],
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
                   {"name": "readiness", "containerPort": 15021, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 5},
@@ -128,6 +162,7 @@ def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
             {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
             {"name": "run", "mountPath": "/var/run/ambient"},
             {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": True},
+            {"name": "istio-root", "mountPath": "/var/run/secrets/istio", "readOnly": True},
         ],
     }
     return [
@@ -152,6 +187,7 @@ def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
                           _host("run", "/var/run/ambient", "DirectoryOrCreate"),
                           {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
                               "audience": CA_AUDIENCE, "expirationSeconds": 43200, "path": "istio-token"}}]}},
+                          {"name": "istio-root", "configMap": {"name": "istio-ca-root-cert"}},
                       ]}}}},
     ]
 

@@ -14,6 +14,8 @@ from localcluster.api import ApiError, call
 from localcluster.paths import DEFAULT_CLUSTER, ClusterPaths, check_cluster_name
 from mesh.config import ConfigError, load_text
 from kubemode import cli as kube_cli
+from localcluster import stat as stat_cli
+from localcluster.prometheus import PrometheusError
 
 _START_TIMEOUT = 30.0
 
@@ -52,7 +54,10 @@ def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
         argv += ["--ca-dir", os.path.abspath(a.ca_dir)]
     if a.fail_open:
         argv += ["--fail-open"]
-    argv += ["--ztunnel-workers", str(a.ztunnel_workers)]
+    argv += ["--ztunnel-workers", str(a.ztunnel_workers), "--metrics-port", str(a.metrics_port),
+             "--scrape-interval", str(a.scrape_interval)]
+    if a.prometheus:
+        argv += ["--prometheus", "--prometheus-port", str(a.prometheus_port)]
     with open(paths.runner_log, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -100,6 +105,11 @@ def cmd_up(paths: ClusterPaths, a: argparse.Namespace) -> int:
             _down(paths, quiet=True)
         raise
     _print_applied(res)
+    if started and a.prometheus:
+        from localcluster import prometheus
+        url = f"http://127.0.0.1:{a.prometheus_port}"
+        prometheus.wait_ready(url)
+        print(f"prometheus at {url} (`ambient stat`, `ambient edges` query it)")
     print(f"cluster {paths.name!r} is up; `ambient status` shows it, `ambient down` removes it")
     return 0
 
@@ -279,6 +289,13 @@ def parser() -> argparse.ArgumentParser:
                     help="while a node's ztunnel is down, its captured pods connect directly (default: refused)")
     up.add_argument("--ztunnel-workers", type=int, default=1, metavar="N",
                     help="ztunnel processes per node sharing the ports with SO_REUSEPORT (default 1)")
+    up.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                    help="serve every proxy's /metrics on 127.0.0.1:PORT (default: a free port; see status)")
+    up.add_argument("--prometheus", action="store_true",
+                    help="run Prometheus (127.0.0.1 only) scraping every proxy, with golden-signal rules")
+    up.add_argument("--prometheus-port", type=int, default=9090, metavar="PORT")
+    up.add_argument("--scrape-interval", type=_duration, default=15.0, metavar="DURATION",
+                    help="Prometheus scrape and rule interval (default 15s)")
     up.set_defaults(fn=cmd_up)
 
     ap = sub.add_parser("apply", help="create or update objects from YAML files")
@@ -321,6 +338,7 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--node", default=None, help="only this node's ztunnel (default: every node, one at a time)")
     rs.set_defaults(fn=cmd_restart)
     kube_cli.register(sub)  # install, uninstall, check: Kubernetes mode
+    stat_cli.register(sub)  # stat, edges: golden signals from Prometheus
     return p
 
 
@@ -350,10 +368,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         print("nothing was applied", file=sys.stderr)
         return 1
+    except PrometheusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ApiError as e:
         # Config errors found by the runner come back as ApiErrors with the config reason.
         print(f"error: {e}", file=sys.stderr)
-        if e.reason not in ("runner_unavailable", "runner_failed", "not_found", "not_ready"):
+        if e.reason not in ("runner_unavailable", "runner_failed", "not_found", "not_ready", "bad_request",
+                            "prometheus_unavailable", "prometheus_not_ready", "bad_query", "not_local",
+                            "restart_failed"):
             print("nothing was applied", file=sys.stderr)
         return 1
 

@@ -12,6 +12,7 @@ from typing import Any
 from mesh.clock import SystemClock
 from localcluster.api import ApiError, ApiServer
 from localcluster.paths import ClusterPaths, check_cluster_name
+from localcluster.observe import ObserveSettings
 from localcluster.runner import ClusterSettings, Runner
 
 log = logging.getLogger("ambient.runner")
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ca-dir", default=None)
     p.add_argument("--fail-open", action="store_true")
     p.add_argument("--ztunnel-workers", type=int, default=1)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--prometheus", action="store_true")
+    p.add_argument("--prometheus-port", type=int, default=ObserveSettings.prometheus_port)
+    p.add_argument("--scrape-interval", type=float, default=ObserveSettings.scrape_interval)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     paths = ClusterPaths(a.cluster)
@@ -103,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = ClusterSettings(trust_domain=a.trust_domain, cert_ttl=a.cert_ttl, ca_dir=a.ca_dir,
-                               fail_open=a.fail_open, ztunnel_workers=max(1, a.ztunnel_workers))
+                               fail_open=a.fail_open, ztunnel_workers=max(1, a.ztunnel_workers),
+                               observe=ObserveSettings(metrics_port=a.metrics_port, prometheus=a.prometheus,
+                                                       prometheus_port=a.prometheus_port,
+                                                       scrape_interval=a.scrape_interval))
     import uvloop
     uvloop.install()
     asyncio.run(serve(paths, settings))

@@ -44,6 +44,7 @@ from mesh.sandbox import Sandbox, SandboxDir
 from localcluster.api import ApiError
 from localcluster.addressing import AddressError, AddressPlan, ClusterAddressing
 from localcluster.network import ClusterNetwork
+from localcluster.observe import Observability, ObserveSettings
 from localcluster.paths import ClusterPaths
 from localcluster.procs import Containment
 from controlplane.store import ResourceStore
@@ -73,6 +74,8 @@ class ClusterSettings:
     """Captured pods' traffic passes uncaptured while their ztunnel is down (default: refused)."""
     ztunnel_workers: int = 1
     """ztunnel processes per node, sharing the in-pod ports with SO_REUSEPORT (one per core)."""
+    observe: ObserveSettings = field(default_factory=ObserveSettings)
+    """The scrape endpoint and the optional Prometheus (localcluster/observe.py)."""
 
 
 @dataclass(slots=True)
@@ -103,6 +106,8 @@ class Runner:
         """Running system workloads by (kind, target): ztunnel per node (replica 0 owns
         capture and the node's admin ports, the others are SO_REUSEPORT workers)."""
         self._pods: dict[str, _PodRt] = {}
+        self.obs = Observability(paths, settings.observe, cp=self.cp, system=self._system, pods=self._pods,
+                                 clock=clock)
         self._warnings: dict[ResourceKey, list[str]] = {}
         """Config warnings of each object as last applied (ambient status shows them)."""
         self._lock = asyncio.Lock()
@@ -115,6 +120,9 @@ class Runner:
         os.makedirs(self.paths.logs_dir, exist_ok=True)
         await asyncio.to_thread(self.net.ensure_fabric)
         await self.cp.start()
+        await self.obs.start()
+        if (prom := self.obs.prometheus_workload()) is not None:
+            self._start_system(prom)
         self._supervisor = asyncio.ensure_future(self._supervise())
 
     async def shutdown(self) -> None:
@@ -130,6 +138,7 @@ class Runner:
                 z.stop(now=True)
         self._system.clear()
         self._pods.clear()
+        await self.obs.close()
         await asyncio.to_thread(self.net.teardown)
         remove_pins(self.paths.bpf_pin_dir)
 
@@ -442,7 +451,8 @@ class Runner:
             "NODE_NAME": rt.node, "SERVICE_ACCOUNT": gw.name}
         spec = ProcSpec(
             argv=(sys.executable, "-m", "waypoint", "--gateway", target, "--run-dir", wdir,
-                  "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain),
+                  "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain,
+                  "--metrics-address", "127.0.0.1:15020"),
             netns=rt.net.netns, cgroup=rt.net.cgroup, env=tuple(sorted(env.items())),
             log_path=os.path.join(self.paths.logs_dir, f"waypoint-{gw.namespace}-{gw.name}.log"),
             admin_socket=os.path.join(wdir, "admin.sock"), label=f"waypoint {target}")
@@ -564,7 +574,7 @@ class Runner:
         while True:
             pending = []
             for replicas in list(self._system.values()):
-                for p in replicas:
+                for p in (p for p in replicas if p.admin_socket):  # Prometheus has none: not waited for
                     d = await self._dump(p.admin_socket)
                     if d is None or d.get("version", 0) < self.cp.version:
                         pending.append(p.label)
@@ -625,7 +635,7 @@ class Runner:
             "namespaces": [{"name": n.name, "ambient": n.ambient, "labels": n.labels.thaw()}
                            for n in nss.values()],
             "nodes": nodes, "pods": pods, "services": services, "waypoints": waypoint_list,
-            "missing_waypoints": missing,
+            "missing_waypoints": missing, "observability": self.obs.status(),
             "policies": [str(k) for k in self.store.objects if k.kind not in
                          ("Namespace", "Node", "Pod", "Service", "ServiceAccount")],
             "warnings": {str(k): w for k, w in sorted(self._warnings.items(), key=lambda kv: str(kv[0]))

@@ -11,7 +11,7 @@ from cryptography import x509
 from .ca.certs import WorkloadCert, identity_from_der
 from .identity import IdentityError, NodeId, SpiffeId
 
-__all__ = ["server_context", "client_context", "load_cert", "peer_identity", "check_peer", "PeerIdentityError"]
+__all__ = ["server_context", "client_context", "server_only_client_context", "load_cert", "peer_identity", "check_peer", "PeerIdentityError"]
 
 
 class PeerIdentityError(Exception):
@@ -40,6 +40,21 @@ def client_context(cert: WorkloadCert, roots_pem: bytes, *,
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     _configure(ctx, cert, roots_pem, alpn)
+    return ctx
+
+
+def server_only_client_context(roots_pem: bytes, *, alpn: Sequence[str] = ("h2",)) -> ssl.SSLContext:
+    """As `client_context`, presenting no certificate: a proxy that authenticates otherwise
+    (a ServiceAccount token) still verifies the server's chain."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.load_verify_locations(cadata=roots_pem.decode("ascii"))
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 

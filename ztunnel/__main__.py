@@ -1,4 +1,4 @@
-"""Entry point: `python -m ztunnel --node NAME --run-dir DIR --control-plane SOCK`."""
+"""Entry point: `python -m ztunnel --node NAME --run-dir DIR --control-plane SOCK|HOST:PORT [--ca-token F --ca-root F]`."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ztunnel", description="ambient node L4 proxy")
     p.add_argument("--node", required=True)
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--control-plane", required=True, help="control plane Unix socket")
+    p.add_argument("--control-plane", required=True, help="control plane Unix socket, or HOST:PORT")
+    p.add_argument("--ca-token", default="", help="projected ServiceAccount token file: the credential "
+                                                  "towards the control plane (instead of RUN_DIR/bootstrap)")
+    p.add_argument("--ca-root", default="", help="with --ca-token: the mesh root certificate file")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--no-tcp-admin", action="store_true", help="do not open 127.0.0.1:15000/15021")
     p.add_argument("--sandbox-dir", default="", help="pod sandbox records from the node agent (default RUN_DIR/pods)")
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     setup_logging(a.log_level)
     cfg = ZtunnelConfig(node=a.node, run_dir=a.run_dir, control_plane=a.control_plane,
+                        ca_token=a.ca_token, ca_root=a.ca_root,
                         trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
                         sandbox_dir=a.sandbox_dir, pin_dir=a.pin_dir if a.worker == 0 else "",
                         fail_open=a.fail_open, worker=a.worker, drain_timeout=a.drain_timeout)

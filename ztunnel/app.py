@@ -62,11 +62,19 @@ class Ztunnel:
         self.clock = clock
         self.rng = rng
         self.state = ProxyState()
-        self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
+        self._bootstrap: WorkloadCert | None = None
+        token = None
+        if cfg.ca_token:  # in a cluster: the projected token is the credential
+            with open(cfg.ca_root, "rb") as f:
+                self._roots = f.read()
+            token = self._read_token
+        else:
+            self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
+        address = cfg.control_plane_address
         self.client = ControlPlaneClient(
-            socket_path=cfg.control_plane, ssl_context=self._cp_context,
+            socket_path=None if address else cfg.control_plane, address=address, ssl_context=self._cp_context,
             trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng,
-            on_update=self._on_update)
+            on_update=self._on_update, token=token)
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
         self.tls = TlsContexts(self.secrets, self._roots)
         self.pool = HbonePool(clock=clock)
@@ -96,7 +104,13 @@ class Ztunnel:
         })
 
     def _cp_context(self) -> ssl.SSLContext:
+        if self._bootstrap is None:
+            return tls.server_only_client_context(self._roots, alpn=(ALPN,))
         return tls.client_context(self._bootstrap, self._roots, alpn=(ALPN,))
+
+    def _read_token(self) -> str:
+        with open(self.cfg.ca_token) as f:
+            return f.read().strip()
 
     async def _fetch_cert(self, identity, csr_pem):
         return await self.client.request_certificate(identity, csr_pem)
@@ -286,9 +300,9 @@ class Ztunnel:
     async def run(self) -> None:
         await self.admin.listen_unix(self.cfg.admin_socket)
         if self.cfg.listen_tcp and self.cfg.worker == 0:
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.admin_port)
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.readiness_port)
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.metrics_port)
+            await self.admin.listen_tcp("127.0.0.1", self.cfg.admin_port, reuse_port=True)
+            await self.admin.listen_tcp("127.0.0.1", self.cfg.readiness_port, reuse_port=True)
+            await self.admin.listen_tcp("127.0.0.1", self.cfg.metrics_port, reuse_port=True)
         log.info("ztunnel for node %s started (cgroup %s); control plane %s", self.cfg.node,
                  cgroups.cgroup_of(os.getpid()), self.cfg.control_plane)
         sync = asyncio.ensure_future(self._sync_loop())

@@ -15,7 +15,13 @@ class ZtunnelConfig:
     run_dir: str
     """Per-node directory: bootstrap credentials in `bootstrap/`, `admin.sock`, logs."""
     control_plane: str
-    """Unix socket of the control plane."""
+    """Unix socket of the control plane (local mode), or HOST:PORT (a cluster's istiod Service)."""
+    ca_token: str = ""
+    """File of this pod's projected ServiceAccount token (audience istio-ca): the credential
+    towards the control plane instead of a bootstrap certificate; re-read for each request,
+    since the kubelet rotates it. "" = bootstrap certificate in `bootstrap/`."""
+    ca_root: str = ""
+    """With `ca_token`: the mesh's root certificate (ConfigMap istio-ca-root-cert, mounted)."""
     admin_port: int = 15000
     """Admin (config dump) on 127.0.0.1 of the node's network namespace."""
     metrics_port: int = 15020
@@ -45,12 +51,24 @@ class ZtunnelConfig:
         return os.path.join(self.run_dir, name)
 
     def __post_init__(self) -> None:
+        if bool(self.ca_token) != bool(self.ca_root):
+            raise ValueError("--ca-token and --ca-root go together (the token, and the root to verify the control plane)")
         if not self.sandbox_dir:
             object.__setattr__(self, "sandbox_dir", os.path.join(self.run_dir, "pods"))
 
     @property
     def bootstrap_dir(self) -> str:
         return os.path.join(self.run_dir, "bootstrap")
+
+    @property
+    def control_plane_address(self) -> tuple[str, int] | None:
+        """(host, port) when `control_plane` is HOST:PORT; None for a Unix socket path."""
+        if self.control_plane.startswith(("/", ".")):
+            return None
+        host, sep, port = self.control_plane.rpartition(":")
+        if not sep or not port.isdigit():
+            return None
+        return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -157,7 +157,10 @@ def _vs_fault(ctx: Ctx, v: Any, path: Path) -> VSFault:
             ctx.warn(dp + ("percent",), "is deprecated; use percentage.value" + (
                 " (ignored: percentage is set)" if p is not None else ""), "deprecated")
             p = float(old) if p is None else p
-        delay = VSFaultDelay(fixed_delay=fixed, percentage=100.0 if p is None else p)
+        if p is None:  # Istio: "If left unspecified, no request will be delayed."
+            ctx.warn(dp + ("percentage",), "is unset: as in Istio, no request will be delayed "
+                     "(set percentage.value, e.g. 100)", "unset_percentage")
+        delay = VSFaultDelay(fixed_delay=fixed, percentage=0.0 if p is None else p)
     if m.get("abort") is not None:
         ap = path + ("abort",)
         a = _mapping(ctx, m["abort"], ap)
@@ -172,12 +175,12 @@ def _vs_fault(ctx: Ctx, v: Any, path: Path) -> VSFault:
                      f"got {describe(grpc)}")
         if status is None and grpc is None:
             ctx.fail(ap + ("httpStatus",), "is required (or grpcStatus)", "missing_field")
-        if grpc is not None:
-            ctx.warn(ap + ("grpcStatus",), "not enforced yet: the abort is answered with HTTP 200 "
-                     "but without grpc-status")
         p = _percentage(ctx, a, ap + ("percentage",))
+        if p is None:  # Istio: "If not specified, no request will be aborted."
+            ctx.warn(ap + ("percentage",), "is unset: as in Istio, no request will be aborted "
+                     "(set percentage.value, e.g. 100)", "unset_percentage")
         abort = VSFaultAbort(http_status=200 if status is None else status, grpc_status=grpc,
-                             percentage=100.0 if p is None else p)
+                             percentage=0.0 if p is None else p)
     return VSFault(delay=delay, abort=abort)
 
 
@@ -277,8 +280,6 @@ def _vs_http(ctx: Ctx, v: Any, path: Path) -> VSHTTPRoute:
     mpct = ctx.collect(lambda: _old_mirror_percent(ctx, m, path, mpct))
     mip = path + ("mirrors",)
     mirrors = ctx.collect(lambda: _each(ctx, _items(ctx, m, mip), mip, lambda x, ip: _vs_mirror(ctx, x, ip)))
-    if mirrors:
-        ctx.warn(mip, "not enforced yet: the waypoint does not mirror")
     if m.get("corsPolicy") is not None:
         ctx.collect(lambda: _shape(ctx, m["corsPolicy"], path + ("corsPolicy",), _CORS))
         ctx.warn(path + ("corsPolicy",), "not enforced: the waypoint adds no CORS headers")

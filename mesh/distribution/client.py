@@ -37,13 +37,24 @@ class NotConnected(ConnectionError):
 
 
 class ControlPlaneClient:
-    """Keeps `state` in sync with the control plane at `socket_path`."""
+    """Keeps `state` in sync with the control plane at `socket_path` (or TCP `address`).
 
-    def __init__(self, *, socket_path: str, ssl_context: Callable[[], ssl.SSLContext],
+    `token`, when given, returns the current projected ServiceAccount token (re-read each time:
+    the kubelet rotates it); it goes into Subscribe and every CertificateRequest, for a
+    proxy whose `ssl_context` carries no client certificate.
+    """
+
+    def __init__(self, *, socket_path: str | None = None, address: tuple[str, int] | None = None,
+                 ssl_context: Callable[[], ssl.SSLContext],
                  trust_domain: str, state: ProxyState, clock: Clock, rng: random.Random,
                  on_update: Callable[[ProxyState], None] | None = None,
+                 token: Callable[[], str] | None = None,
                  backoff_initial: float = 0.05, backoff_max: float = 1.0) -> None:
+        if (socket_path is None) == (address is None):
+            raise ValueError("give the control plane's socket_path or its TCP address, not both")
         self.socket_path = socket_path
+        self.address = address
+        self._token = token
         self._ssl_context = ssl_context
         self.trust_domain = trust_domain
         self.state = state
@@ -75,13 +86,18 @@ class ControlPlaneClient:
             delay = min(delay * 2, self.backoff_max)
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.open_unix_connection(
-            self.socket_path, ssl=self._ssl_context(), server_hostname="control-plane")
+        if self.address is not None:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                *self.address, ssl=self._ssl_context(), server_hostname="control-plane"), 10)
+        else:
+            assert self.socket_path is not None
+            reader, writer = await asyncio.open_unix_connection(
+                self.socket_path, ssl=self._ssl_context(), server_hostname="control-plane")
         try:
             tls.check_peer(writer.get_extra_info("ssl_object"), trust_domain=self.trust_domain,
                            expected=[CONTROL_PLANE_ID(self.trust_domain)])
             self._writer = writer
-            writer.write(encode(Subscribe(last_version=self.state.version)))
+            writer.write(encode(Subscribe(last_version=self.state.version, token=self._current_token())))
             self.stats["connects"] += 1
             self.connected.set()
             decoder = FrameDecoder()
@@ -93,6 +109,9 @@ class ControlPlaneClient:
                     self._handle(decode(obj))
         finally:
             writer.close()
+
+    def _current_token(self) -> str | None:
+        return self._token() if self._token is not None else None
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, Snapshot):
@@ -135,7 +154,7 @@ class ControlPlaneClient:
         fut: asyncio.Future[CertificateResponse] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         writer.write(encode(CertificateRequest(id=rid, identity=identity, csr_pem=csr_pem.decode(),
-                                               ttl_seconds=ttl_seconds)))
+                                               ttl_seconds=ttl_seconds, token=self._current_token())))
         try:
             resp = await asyncio.wait_for(fut, timeout)
         finally:

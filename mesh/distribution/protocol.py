@@ -2,11 +2,15 @@
 
 One mutually authenticated TLS connection per proxy carries everything:
 
-    proxy -> CP   Subscribe(last_version)           once, after the handshake
+    proxy -> CP   Subscribe(last_version[, token])  once, after the handshake
     CP -> proxy   Snapshot(version, resources)      the full state
     CP -> proxy   Delta(version, upserts, removals) every later change, versions increasing
-    proxy -> CP   CertificateRequest(id, identity, csr)
+    proxy -> CP   CertificateRequest(id, identity, csr[, token])
     CP -> proxy   CertificateResponse(id, chain | error)
+
+A proxy authenticates with its client certificate (local mode: a node's bootstrap cert) or,
+in a cluster, with a projected ServiceAccount token carried in Subscribe and each
+CertificateRequest (a server that checks tokens accepts connections without a certificate).
 
 A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON, an object
 with a "type" member. Resources travel as {"type": <kind>, "uid": <ns/name>, "data": <wire>}
@@ -129,6 +133,8 @@ def _decode_resource(d: Any) -> Any:
 class Subscribe:
     type: ClassVar[str] = "subscribe"
     last_version: int = 0
+    token: str | None = None
+    """A projected ServiceAccount token, from a proxy without a client certificate."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +160,8 @@ class CertificateRequest:
     identity: SpiffeId
     csr_pem: str
     ttl_seconds: float | None = None
+    token: str | None = None
+    """As Subscribe's: checked per request, since the kubelet rotates the token."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -302,14 +302,17 @@ class VSMirror:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VSFaultDelay:
     fixed_delay: float
-    percentage: float = 100.0
+    """Seconds."""
+    percentage: float = 0.0
+    """0..100 (a double); unset in the YAML is 0: Istio delays no request then."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VSFaultAbort:
     http_status: int
     """200 when `grpc_status` is set (Envoy answers a gRPC abort with HTTP 200)."""
-    percentage: float = 100.0
+    percentage: float = 0.0
+    """0..100 (a double); unset in the YAML is 0: Istio aborts no request then."""
     grpc_status: str | None = None
     """A gRPC status code name (e.g. UNAVAILABLE), sent as grpc-status."""
 

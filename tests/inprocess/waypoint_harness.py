@@ -13,6 +13,7 @@ import ipaddress
 import json
 import random
 import socket
+from http import HTTPStatus
 
 from mesh import tls
 from mesh.clock import SystemClock
@@ -76,6 +77,14 @@ class Backend:
         self.name, self.version = name, version
         self.connections = 0
         self.requests = 0
+        self.delay = 0.0
+        """Seconds to wait before answering (a slow replica)."""
+        self.status = 200
+        """The status of echo responses (a failing replica)."""
+        self.active = 0
+        """Requests being answered now."""
+        self.seen: list[tuple[str, str, list[tuple[str, str]], int]] = []
+        """(method, target, headers, body bytes) of each request, in arrival order."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -89,6 +98,9 @@ class Backend:
                 method, target, _ = line.split(" ", 2)
                 h = dict(hs)
                 got = await _read_body(reader, h)
+                self.seen.append((method, target, hs, got))
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 if target.startswith("/download/"):
                     n = int(target.rsplit("/", 1)[1])
                     writer.write(f"HTTP/1.1 200 OK\r\ncontent-length: {n}\r\nx-backend: {self.name}\r\n\r\n".encode())
@@ -100,9 +112,16 @@ class Backend:
                     continue
                 body = json.dumps({"name": self.name, "version": self.version, "method": method, "path": target,
                                    "headers": hs, "body_bytes": got}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (self.name.encode(), len(body), body))
-                await writer.drain()
+                self.active += 1
+                try:
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (self.status, HTTPStatus(self.status).phrase.encode(),
+                                                                    self.name.encode(), len(body), body))
+                    await writer.drain()
+                finally:
+                    self.active -= 1
         finally:
             writer.close()
 

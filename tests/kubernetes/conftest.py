@@ -46,3 +46,16 @@ def namespace(kube: KubeCluster) -> Iterator[str]:
         time.sleep(0.1)
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def no_mesh_namespace(mesh_crds: KubeCluster) -> KubeCluster:
+    """The cluster without istio-system (the tests that install share the one name): an
+    earlier test's uninstall may still be terminating it, so wait until it is gone."""
+    kube = mesh_crds
+    kube.kubectl("delete", "namespace", "istio-system", "--ignore-not-found", "--wait=false")
+    deadline = time.monotonic() + 120
+    while kube.kubectl("get", "namespace", "istio-system", check=False).returncode == 0:
+        assert time.monotonic() < deadline, "istio-system did not go away"
+        time.sleep(0.5)
+    return kube

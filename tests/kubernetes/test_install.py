@@ -41,7 +41,7 @@ def test_every_manifest_validates_strictly_offline(tmp_path) -> None:
     docs = list(yaml.safe_load_all(_ambient("install")))
     kinds = [d["kind"] for d in docs]
     assert {"CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-            "Deployment", "Service", "DaemonSet"} == set(kinds)
+            "Role", "RoleBinding", "Deployment", "Service", "DaemonSet"} == set(kinds)
     f = tmp_path / "install.yaml"
     f.write_text(yaml.safe_dump_all(docs))
     p = subprocess.run([os.path.join(BIN, "kubernetes-validate"), "--strict", str(f)],
@@ -54,8 +54,8 @@ def test_every_manifest_validates_strictly_offline(tmp_path) -> None:
     assert crds and not [c for c in crds if c.endswith(".k8s.io")]
 
 
-def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(mesh_crds: KubeCluster) -> None:
-    kube = mesh_crds
+def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(no_mesh_namespace: KubeCluster) -> None:
+    kube = no_mesh_namespace
     manifest = _ambient("install")
     kube.apply(yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}}))
     # A server-side dry run runs admission and validation (selector/template match, enums).
@@ -83,6 +83,7 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
                 "gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"):
         assert cp.pop(res) == {"list", "watch"}, res
     assert cp.pop("events") == {"create"}
+    assert cp.pop("tokenreviews.authentication.k8s.io") == {"create"}
     # What is left is what every authenticated identity may do (reviews about itself).
     assert set(cp) <= {"selfsubjectaccessreviews.authorization.k8s.io", "selfsubjectrulesreviews.authorization.k8s.io"}
     zt = _can_i(kube, "ztunnel")
@@ -90,6 +91,16 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
     for verb, res in (("get", "secrets"), ("create", "pods"), ("list", "pods")):
         no = kube.kubectl("auth", "can-i", verb, res, "--as=system:serviceaccount:istio-system:istiod", check=False)
         assert no.stdout.strip() == ("yes" if (verb, res) == ("list", "pods") else "no")
+    # In its own namespace: its CA Secret (get, create once) and the root ConfigMap, nothing else.
+    for verb, what, allowed in (("get", "secret/istio-ca-secret", "yes"), ("get", "secret/other", "no"),
+                                ("list", "secrets", "no"), ("create", "secrets", "yes"),
+                                ("update", "secret/istio-ca-secret", "no"),
+                                ("update", "configmap/istio-ca-root-cert", "yes"),
+                                ("update", "configmap/other", "no"), ("create", "configmaps", "yes"),
+                                ("get", "pods", "yes"), ("delete", "pods", "no")):
+        got = kube.kubectl("auth", "can-i", verb, what, "-n", "istio-system",
+                           "--as=system:serviceaccount:istio-system:istiod", check=False).stdout.strip()
+        assert got == allowed, (verb, what, got)
 
     kube.kubectl("delete", "-f", "-", "--wait=false", input=_ambient("uninstall"))
     for what in ("clusterrole/ambient-istiod", "clusterrolebinding/ambient-istiod"):

@@ -35,7 +35,7 @@ def test_the_control_plane_may_list_and_watch_exactly_the_kinds_it_watches():
     granted = {(g, r, tuple(rule["verbs"])) for rule in role["rules"]
                for g in rule["apiGroups"] for r in rule["resources"]}
     watched = {(k.group, k.plural, ("list", "watch")) for k in WATCHED}
-    assert granted == watched | {("", "events", ("create",))}
+    assert granted == watched | {("", "events", ("create",)), ("authentication.k8s.io", "tokenreviews", ("create",))}
 
 
 def test_every_watched_custom_kind_has_a_crd_serving_its_version():
@@ -57,3 +57,22 @@ def test_install_options_reach_the_workloads():
     assert all("corp.local" in c["command"] for p in pods for c in p["containers"])
     assert not [o for o in objs if o["kind"] == "CustomResourceDefinition"
                 and o["spec"]["group"] == "gateway.networking.k8s.io"]
+
+
+@pytest.mark.parametrize("ca_from_secret, secret_rules", [
+    (None, {("secrets", "istio-ca-secret", "get"), ("secrets", None, "create")}),
+    ("mesh-ca", {("secrets", "mesh-ca", "get")}),  # the user's: read only, nothing created
+])
+def test_the_control_plane_reaches_only_its_ca_secret_and_root_configmap(ca_from_secret, secret_rules):
+    objs = manifests(InstallOptions(ca_from_secret=ca_from_secret))
+    [role] = [m for m in objs if m["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "istio-system"
+    granted = {(r, name, v) for rule in role["rules"] for r in rule["resources"]
+               for name in rule.get("resourceNames", [None]) for v in rule["verbs"]}
+    assert granted == secret_rules | {("configmaps", "istio-ca-root-cert", "get"),
+                                      ("configmaps", "istio-ca-root-cert", "update"), ("configmaps", None, "create"),
+                                      ("pods", None, "get")}
+    [deploy] = [m for m in objs if m["kind"] == "Deployment"]
+    command = deploy["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--ca-dir" not in command
+    assert (command[command.index("--ca-from-secret") + 1] if ca_from_secret else None) == ca_from_secret
