@@ -259,3 +259,38 @@ class H2App:
     def protocol(self) -> H2Backend:
         self.connections += 1
         return H2Backend(self)
+
+
+async def h2_pod(mesh, name: str, *, ns: str = "shop", labels: dict | None = None, app_port: int = 8080):
+    """A pod whose app speaks h2c on `app_port`, behind its own destination ztunnel (as mesh.pod)."""
+    import ipaddress
+    import socket
+
+    from mesh.hbone import HboneServer
+    from mesh.model import TunnelProtocol, Workload
+    from mesh.model.base import FrozenMap
+
+    from .waypoint_harness import Pod
+    ip = mesh.ip()
+    ident = SpiffeId(trust_domain=TD, namespace=ns, service_account=name)
+    w = Workload(uid=f"{ns}/{name}", name=name, namespace=ns, node="n1", ip=ipaddress.IPv4Address(ip),
+                 service_account=name, identity=ident, protocol=TunnelProtocol.HBONE,
+                 labels=FrozenMap(labels or {}))
+    mesh.objects.append(w)
+    mesh.publish()
+    pod = mesh.pods[name] = Pod(w, None)
+    pod.app = H2App(name)
+    loop = asyncio.get_running_loop()
+    mesh._servers.append(await loop.create_server(pod.app.protocol, ip, app_port, reuse_address=True))
+
+    async def ztunnel(req):
+        pod.connects += 1
+        host, _, port = req.authority.rpartition(":")
+        s = socket.socket()
+        s.setblocking(False)
+        await loop.sock_connect(s, (host, int(port)))
+        return s
+    sock = LoopbackSockets(ip).listener((ip, 15008))
+    mesh._servers.append(await HboneServer.start(sock, tls.server_context(mesh.ca.issue(ident), mesh.ca.roots_pem),
+                                                 ztunnel, trust_domain=TD))
+    return pod

@@ -136,3 +136,98 @@ def test_app_protocol_tcp_port_is_relayed_at_l4_without_parsing():
         assert mesh.inbound.pipeline.requests == 0
         c.close()
     run(go)
+
+
+# -- HTTP/2 to the backend ------------------------------------------------------------------------
+
+async def _grpc_service(mesh, *, port_name="grpc", app_protocol=""):
+    from tests.inprocess.h2_support import h2_pod
+    pod = await h2_pod(mesh, "greeter-v1", labels={"app": "greeter", "version": "v1"})
+    _service(mesh, "greeter", VIP, [pod], port_name=port_name, app_protocol=app_protocol, port=50051)
+    return pod
+
+
+def test_h2_to_h2_backend_multiplexes_one_pooled_connection_and_keeps_trailers():
+    async def go(mesh):
+        pod = await _grpc_service(mesh)
+        c = await h2_client(mesh, f"{VIP}:50051")
+        rs = await asyncio.gather(*(c.request("POST", f"/pkg.Greeter/SayHello?{i}",
+                                              [("content-type", "application/grpc")], body=b"\0\0\0\0\x01x",
+                                              trailers=[("x-client-trailer", "ct")]) for i in range(10)))
+        for r in rs:
+            assert r.status == 200 and r.trailers == [("x-trailer", "t1")], r
+            j = r.json()
+            assert j["protocol"] == "h2" and j["authority"] == "svc" and j["body_bytes"] == 6
+            assert ["x-client-trailer", "ct"] in j["trailers"]
+            assert ["te", "trailers"] in j["headers"]
+        assert pod.connects == 1 and pod.app.connections == 1      # one HBONE stream, one h2 connection
+        r = await c.request("POST", "/stream/50", [("content-type", "application/grpc")], body=b"x")
+        assert r.status == 200 and r.body == b"".join(b"msg-%d;" % i for i in range(50))
+        assert r.trailers == [("grpc-status", "0"), ("grpc-message", "done")]
+        r = await c.request("POST", "/trailers-only", [("content-type", "application/grpc")], body=b"x")
+        assert r.status == 200 and r.header("grpc-status") == "5" and r.body == b"" and r.data_frames == 0
+        assert pod.connects == 1 and pod.app.connections == 1
+        text = mesh.metrics.exposition().decode()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        samples = fams["istio_requests"].samples
+        assert {s.labels["request_protocol"] for s in samples} == {"grpc"}
+        by_path = {}
+        for s in samples:
+            by_path.setdefault(s.labels["grpc_response_status"], 0)
+            by_path[s.labels["grpc_response_status"]] += s.value
+        # 10 unary calls answered without grpc-status (200 -> 2 UNKNOWN as Envoy maps), the stream 0, trailers-only 5
+        assert by_path == {"2": 10, "0": 1, "5": 1}, by_path
+    run(go)
+
+
+def test_http1_client_to_h2_backend_and_app_protocol_h2c():
+    async def go(mesh):
+        pod = await _grpc_service(mesh, port_name="web", app_protocol="kubernetes.io/h2c")
+        c = await mesh.client(f"{VIP}:50051")
+        for i in range(3):
+            r = await c.request("POST", f"/echo/{i}", body=b"abc", host="greeter.shop")
+            assert r.status == 200, r.body
+            j = r.json()
+            assert j["protocol"] == "h2" and j["authority"] == "greeter.shop" and j["body_bytes"] == 3
+            assert j["path"] == f"/echo/{i}"
+            assert not any(k == "host" for k, _ in j["headers"])
+        assert pod.app.connections == 1
+        c.close()
+    run(go)
+
+
+def test_h2_backend_reset_and_large_upload_flow_control():
+    async def go(mesh):
+        pod = await _grpc_service(mesh)
+        c = await h2_client(mesh, f"{VIP}:50051")
+        n = 16 << 20
+        r = await c.request("POST", "/upload", body=b"u" * n, timeout=60)
+        assert r.status == 200 and r.json()["body_bytes"] == n
+        r = await c.request("GET", f"/download/{n}", timeout=60)
+        assert r.status == 200 and len(r.body) == n
+    run(go, timeout=90)
+
+
+def test_grpc_fault_abort_over_h2_is_trailers_only_with_its_status_label():
+    async def go(mesh):
+        await _grpc_service(mesh)
+        mesh.apply("""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: greeter, namespace: shop}
+spec:
+  hosts: [greeter]
+  http:
+  - match: [{uri: {exact: /pkg.Greeter/Fail}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: greeter}}]
+  - route: [{destination: {host: greeter}}]
+""")
+        c = await h2_client(mesh, f"{VIP}:50051")
+        r = await c.request("POST", "/pkg.Greeter/Fail", [("content-type", "application/grpc")], body=b"\0\0\0\0\0")
+        assert (r.status, r.header("grpc-status"), r.body, r.data_frames) == (200, "14", b"", 0)
+        fams = {f.name: f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())}
+        got = {(s.labels["request_protocol"], s.labels["grpc_response_status"], s.labels["response_flags"])
+               for s in fams["istio_requests"].samples if s.name == "istio_requests_total"}
+        assert got == {("grpc", "14", "FI")}
+    run(go)

@@ -12,6 +12,7 @@ gone (EOF or GOAWAY) and every stream task is done.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -21,9 +22,13 @@ from .connection import (ConnectionEnded, ErrorCode, ServerConnection, Settings,
 from .convert import grpc_status_of
 from .stream import StreamChannel
 
-__all__ = ["H2Downstream", "ServerStream"]
+__all__ = ["H2Downstream", "ServerStream", "current_stream"]
 
 log = logging.getLogger("ambient.waypoint")
+
+current_stream: contextvars.ContextVar[ServerStream | None] = contextvars.ContextVar("h2_stream", default=None)
+"""The HTTP/2 stream whose request the running task serves (each stream has its own task):
+what the pipeline's telemetry reads the response's grpc-status from."""
 
 
 class ServerStream(StreamChannel):
@@ -165,6 +170,7 @@ class H2Downstream:
         task.add_done_callback(self._task_done)
 
     async def _serve(self, head: RequestHead, s: ServerStream) -> None:
+        current_stream.set(s)
         try:
             await self.run(head, s)
         except Exception:
