@@ -43,7 +43,12 @@ def budget_denials(mesh) -> float:
     return sum(s.value for s in fam.samples)
 
 
-async def web(mesh, n: int = 1, retry_budget=None):
+OFF = RetryBudgetSpec(enabled=False)
+"""Tests not about the retry budget turn it off, so its floor (10 retries a second) cannot
+decide them on a fast loopback; the budget tests use the default (None) or their own."""
+
+
+async def web(mesh, n: int = 1, retry_budget=OFF):
     pods = [await mesh.pod(f"web-{i}", labels={"app": "web"}) for i in range(n)]
     mesh.service("web", VIP, pods, retry_budget=retry_budget)
     return pods
@@ -136,7 +141,7 @@ def test_connect_failure_retried_to_a_live_endpoint_by_default():
     async def go(mesh):
         gone = await mesh.pod("web-gone", labels={"app": "web"}, backend=False)
         live = await mesh.pod("web-live", labels={"app": "web"})
-        mesh.service("web", VIP, [gone, live])
+        mesh.service("web", VIP, [gone, live], retry_budget=OFF)
         c = await mesh.client(f"{VIP}:80")
         for _ in range(20):
             assert (await c.request("GET", "/")).status == 200
@@ -203,7 +208,7 @@ def test_route_timeout_covers_retries():
 
 def test_budget_holds_a_failing_backend_to_1_2x_and_off_does_not():
     async def go(mesh):
-        (p,) = await web(mesh)
+        (p,) = await web(mesh, retry_budget=None)                      # the default budget
         p.backend.always = "503"
         mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
         n = 1000
@@ -223,7 +228,7 @@ def test_budget_holds_a_failing_backend_to_1_2x_and_off_does_not():
 
 def test_budget_annotation_off_lets_attempts_multiply():
     async def go(mesh):
-        (p,) = await web(mesh, retry_budget=RetryBudgetSpec(enabled=False))   # retry.ambient.dev/budget: "off"
+        (p,) = await web(mesh, retry_budget=OFF)                      # retry.ambient.dev/budget: "off"
         p.backend.always = "503"
         mesh.apply(vs("{attempts: 2, retryOn: 5xx}"))
         c = await mesh.client(f"{VIP}:80")
@@ -237,10 +242,11 @@ def test_budget_annotation_off_lets_attempts_multiply():
 def test_the_same_request_again_counts_against_the_budget_and_is_refused_without_room():
     """A retry further up the chain arrives as a new request with the same x-request-id."""
     async def go(mesh):
-        (p,) = await web(mesh, retry_budget=RetryBudgetSpec(min_retries_per_second=0.5))
+        # floor: 5 retries per 60 s bucket (window 10 min), so the ten requests share one bucket
+        (p,) = await web(mesh, retry_budget=RetryBudgetSpec(min_retries_per_second=5 / 60 + 1e-9, window=600.0))
         c = await mesh.client(f"{VIP}:80")
         got = [(await c.request("GET", "/item", {"x-request-id": "same"})) for _ in range(10)]
-        assert [r.status for r in got] == [200] * 6 + [503] * 4         # the floor: 0.5/s x 10 s = 5
+        assert [r.status for r in got] == [200] * 6 + [503] * 4         # the original and 5 repeats
         assert got[-1].body == b"retry budget exhausted" and p.backend.requests == 6
         assert (await c.request("GET", "/other", {"x-request-id": "same"})).status == 200   # another path
         assert flags(mesh) == {"200 -": 7, "503 URX": 4} and budget_denials(mesh) == 4

@@ -107,6 +107,8 @@ print(json.dumps(out))
 '''
 
 SERVICES = [("scripted", "10.96.60.10"), ("budgeted", "10.96.60.11")]
+"""`scripted` has its retry budget off (its floor of 10 retries a second would otherwise decide
+the retry tests); `budgeted` has the default budget, for the budget test."""
 
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + textwrap.dedent("""
     ---
@@ -139,7 +141,11 @@ CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + textw
     ---
     apiVersion: v1
     kind: Service
-    metadata: {{name: {name}, namespace: shop, labels: {{istio.io/use-waypoint: wp}}}}
+    metadata:
+      name: {name}
+      namespace: shop
+      labels: {{istio.io/use-waypoint: wp}}
+      annotations: {{{'retry.ambient.dev/budget: "off"' if name == "scripted" else ""}}}
     spec:
       clusterIP: {ip}
       selector: {{app: scripted}}

@@ -29,13 +29,16 @@ def take(b: RetryBudget, now: float) -> BudgetVerdict:
     return v
 
 
-def test_floor_allows_min_retries_per_second_times_window_without_traffic():
+def test_floor_allows_min_retries_per_second_without_traffic_spread_per_second():
     b = RetryBudget()
-    assert [take(b, 1.0) for _ in range(100)] == [BudgetVerdict.ALLOWED] * 100
-    assert b.check(1.0) is BudgetVerdict.EXHAUSTED
+    assert [take(b, 1.0) for _ in range(10)] == [BudgetVerdict.ALLOWED] * 10
+    assert b.check(1.0) is BudgetVerdict.EXHAUSTED and b.check(1.99) is BudgetVerdict.EXHAUSTED
+    assert b.check(2.0) is BudgetVerdict.ALLOWED             # the next second: 10 more, not a burst of 100
+    sent = sum(take(b, 2.0 + t / 10) is BudgetVerdict.ALLOWED for t in range(100) for _ in range(5))
+    assert sent == 100                                       # 10 per second over the 10 s
 
 
-@pytest.mark.parametrize("requests, allowed", [(0, 100), (10, 100), (500, 100), (501, 100), (505, 101),
+@pytest.mark.parametrize("requests, allowed", [(0, 10), (10, 10), (50, 10), (55, 11), (500, 100),
                                                (1000, 200), (5000, 1000)])
 def test_ratio_share_of_requests_or_the_floor_whichever_is_larger(requests, allowed):
     b = RetryBudget()
@@ -51,10 +54,10 @@ def test_window_forgets_old_retries_and_requests():
     b = RetryBudget(RetryBudgetConfig(min_retries_per_second=1.0, retry_ratio=0.0, window=10.0))
     while take(b, 0.0) is BudgetVerdict.ALLOWED:
         pass
-    assert b.retries_in_window(0.0) == 10
-    assert b.check(9.99) is BudgetVerdict.EXHAUSTED  # still inside the window
-    assert b.check(10.0) is BudgetVerdict.ALLOWED  # bucket [0, 1) expired
-    assert b.retries_in_window(10.0) == 0
+    assert b.retries_in_window(0.0) == 1              # the floor: 1 per second
+    assert b.check(0.99) is BudgetVerdict.EXHAUSTED   # still inside that second
+    assert b.check(1.0) is BudgetVerdict.ALLOWED      # the next bucket
+    assert b.retries_in_window(9.99) == 1 and b.retries_in_window(10.0) == 0   # bucket [0, 1) expired
 
 
 def test_a_long_idle_gap_clears_everything():
@@ -136,7 +139,7 @@ def test_budget_stops_a_retry_cascade():
 @given(events=st.lists(st.tuples(st.sampled_from(["req", "retry", "check"]), st.floats(0, 3.0)),
                        max_size=200))
 def test_bucketed_window_matches_a_brute_force_count(events):
-    cfg = RetryBudgetConfig(min_retries_per_second=0.5, retry_ratio=0.5, window=4.0, buckets=4)
+    cfg = RetryBudgetConfig(min_retries_per_second=2.0, retry_ratio=0.5, window=4.0, buckets=4)
     b = RetryBudget(cfg)
     log: list[tuple[str, int]] = []
     now = 0.0
@@ -154,8 +157,10 @@ def test_bucketed_window_matches_a_brute_force_count(events):
         live = [k for k, e in log if e > epoch - 4]
         assert b.requests_in_window(now) == live.count("req")
         assert b.retries_in_window(now) == live.count("retry")
-        want = (BudgetVerdict.ALLOWED if live.count("retry") + 1 <= max(2.0, 0.5 * live.count("req"))
-                else BudgetVerdict.EXHAUSTED)
+        this_second = sum(1 for k, e in log if k == "retry" and e == epoch)
+        share = 0.5 * live.count("req")
+        want = (BudgetVerdict.ALLOWED if (live.count("retry") + 1 <= share
+                                          or (share < 8.0 and this_second + 1 <= 2.0)) else BudgetVerdict.EXHAUSTED)
         assert b.check(now) is want
 
 
@@ -195,13 +200,13 @@ def test_invalid_config_is_refused():
 
 def test_a_request_seen_again_counts_as_a_retry_and_is_refused_without_room():
     """A retry further up the chain re-sends the same x-request-id: it uses this hop's budget."""
-    b = RetryBudget(RetryBudgetConfig(min_retries_per_second=0.1, window=10.0))   # floor: 1 retry
+    b = RetryBudget(RetryBudgetConfig(min_retries_per_second=1.0, window=10.0))   # floor: 1 retry a second
     A = BudgetVerdict.ALLOWED
     assert (b.admit(0.0, "a"), b.admit(0.0, "b")) == (A, A)
     assert b.admit(1.0, "a") is A
     assert (b.requests_in_window(1.0), b.retries_in_window(1.0)) == (2, 1)
-    assert b.admit(2.0, "b") is BudgetVerdict.EXHAUSTED           # no room: refused, counted
-    assert b.denials(GiveUpReason.BUDGET_EXHAUSTED) == 1 and b.retries_in_window(2.0) == 1
+    assert b.admit(1.5, "b") is BudgetVerdict.EXHAUSTED           # no room: refused, counted
+    assert b.denials(GiveUpReason.BUDGET_EXHAUSTED) == 1 and b.retries_in_window(1.5) == 1
     assert b.admit(12.5, "a") is A                                # last seen at 1.0: forgotten
     assert b.requests_in_window(12.5) == 1
     assert b.admit(12.5, None) is A and b.requests_in_window(12.5) == 2
