@@ -220,6 +220,8 @@ class Cluster:
                  targets: list[EndpointTarget], *, now: float, version: int, service: ServiceInfo | None) -> None:
         self.key = key
         self.service_uid = fwd.service.uid if fwd.service is not None else None
+        self.port = fwd.port
+        """The Service port the cluster is for (part of its key): its declared protocol picks HTTP/2."""
         self.config = config
         self.policy = policy
         self.version = version

@@ -30,7 +30,7 @@ import logging
 import random
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.clock import Clock
 from mesh.identity import SpiffeId
@@ -46,7 +46,9 @@ from .mirror import Mirrors
 from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, ServerConnection
 from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
 from .routing import RequestInfo
-from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
+from .http2.convert import is_grpc
+from .http2.downstream import current_stream
+from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line, grpc_response_status
 from .upstream import EndpointTarget, HashRequest, Upstreams
 
 __all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "local_reply_bytes"]
@@ -179,8 +181,13 @@ class Pipeline:
         else:
             cluster = (f"outbound|{fwd.port}|{fwd.subset}|{service_fqdn(svc)}" if fwd is not None and svc is not None
                        else "")
+        labels = self._labels(info, fwd, target, status, flags)
+        if head is not None and is_grpc(head.headers):   # gRPC: Istio's request_protocol and status labels
+            stream = current_stream.get()
+            labels = replace(labels, request_protocol="grpc", grpc_response_status=grpc_response_status(
+                status, stream.grpc_status if stream is not None else None))
         r = RequestResult(
-            labels=self._labels(info, fwd, target, status, flags), start_time=start,
+            labels=labels, start_time=start,
             duration_ms=(self.clock.now() - t0) * 1000.0, request_bytes=req_bytes, response_bytes=resp_bytes,
             method=head.method.decode("latin-1") if head is not None else "",
             path=head.target.decode("latin-1") if head is not None else "",

@@ -1,8 +1,8 @@
 """What the waypoint does with one request, decided purely: logical -> route -> backend -> endpoint set.
 
 `resolve` turns the CONNECT `:authority` into the logical destination (a Service VIP:port or a
-pod ip:port) and says whether that port is plain TCP (port name `tcp`/`tcp-*`, Istio's port
-naming; such traffic is relayed at L4). `plan_request` takes the request's routing view and
+pod ip:port) and says whether that port is plain TCP (appProtocol or port name, Istio's
+protocol selection in waypoint/protocols.py; such traffic is relayed at L4). `plan_request` takes the request's routing view and
 returns either a `Forward` (the backend Service, port, subset labels, header and URL rewrites)
 or a `Reply` the waypoint sends itself (404 NR, redirect, VirtualService directResponse, 500 for
 a rule without backends, 503 NC for an undefined subset). A Forward also carries the route's fault decision
@@ -31,6 +31,7 @@ from mesh.model.route import (BackendRef, DestinationRule, HeaderModifier, HTTPF
 from mesh.model.resources import ServicePort
 from mesh.state import ProxyState
 
+from .protocols import PortProtocol, port_protocol
 from .fault import FaultDecision, decide, drawn, per_million
 from .headers import apply_modifiers
 from .resilience.retry import (DEFAULT_RETRY_POLICY, RetryPolicy, policy_from_http_route,
@@ -169,10 +170,7 @@ class RouteSet:
 
 
 def _is_tcp(sp: ServicePort | None) -> bool:
-    if sp is None:
-        return False
-    n = sp.name.lower()
-    return n == "tcp" or n.startswith("tcp-")
+    return port_protocol(sp) is PortProtocol.TCP
 
 
 def resolve(state: ProxyState, authority: str) -> Destination | None:

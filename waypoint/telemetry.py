@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 
-__all__ = ["DURATION_BUCKETS_MS", "BYTES_BUCKETS", "DEFAULT_MAX_SERIES", "RequestLabels", "RequestResult",
+__all__ = ["grpc_response_status", "DURATION_BUCKETS_MS", "BYTES_BUCKETS", "DEFAULT_MAX_SERIES", "RequestLabels", "RequestResult",
            "WaypointMetrics", "access_log_line", "ACCESS_LOG_FORMAT"]
 
 DURATION_BUCKETS_MS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
@@ -300,3 +300,17 @@ def access_log_line(r: RequestResult) -> str:
             f'"{_f(r.user_agent)}" "{_f(r.request_id)}" "{_f(r.authority)}" "{_f(r.upstream_host)}" '
             f'{_f(r.upstream_cluster)} {_f(r.upstream_local_address)} {_f(r.downstream_local_address)} '
             f'{_f(r.downstream_remote_address)} {_f(r.requested_server_name)} {_f(r.route_name)}')
+
+
+_HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
+
+
+def grpc_response_status(http_status: int, sent: str | None) -> str:
+    """`grpc_response_status` of a gRPC request: the grpc-status the response carried, else
+    Envoy's mapping of the HTTP status (Grpc::Utility::httpToGrpcStatus: 503 -> 14
+    UNAVAILABLE, 404 -> 12, 403 -> 7, ..., anything else 2 UNKNOWN); "" when nothing was sent."""
+    if sent is not None:
+        return sent
+    if not http_status:
+        return ""
+    return _HTTP_TO_GRPC.get(http_status, "2")

@@ -229,7 +229,9 @@ def _service_port(ctx: Ctx, p: Any, path: Path, many: bool) -> ServicePort:
                  "missing_field")
     if name is not None:
         _check_name(ctx, name, path + ("name",), "label")
-    return ServicePort(port=port, target_port=target, name=name or "", protocol="TCP")
+    app_protocol = get_str(ctx, p, path + ("appProtocol",))
+    return ServicePort(port=port, target_port=target, name=name or "", protocol="TCP",
+                       app_protocol=app_protocol or "")
 
 
 def _service(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> Service:

@@ -113,6 +113,8 @@ class ServicePort:
     """A number, or the name of a container port (kept as given)."""
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""
+    """spec.ports[].appProtocol as given (Istio's protocol selection reads it before the name)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
