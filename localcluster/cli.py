@@ -280,6 +280,15 @@ def cmd_control_plane(paths: ClusterPaths, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    res = call(paths.runner_socket, "restart", kind=a.kind, node=a.node, timeout=300)
+    for r in res["restarted"]:
+        print(f"ztunnel on {r['node']}" + (f" (worker {r['worker']})" if r["worker"] else "") +
+              f": pid {r['old_pid']} -> {r['new_pid']}, serving after {r['serving_s']:.2f}s, "
+              f"old one drained and gone after {r['drain_s']:.2f}s")
+    return 0
+
+
 def _duration(v: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
@@ -350,6 +359,10 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("control-plane", help="stop or start the control plane (failure drills)")
     cp.add_argument("action", choices=["start", "stop"])
     cp.set_defaults(fn=cmd_control_plane)
+    rs = sub.add_parser("restart", help="restart ztunnels without dropping traffic (new process first, old drains)")
+    rs.add_argument("kind", choices=["ztunnel"])
+    rs.add_argument("--node", default=None, help="only this node's ztunnel (default: every node, one at a time)")
+    rs.set_defaults(fn=cmd_restart)
     kube_cli.register(sub)  # install, uninstall, check: Kubernetes mode
     stat_cli.register(sub)  # stat, edges: golden signals from Prometheus
     return p
