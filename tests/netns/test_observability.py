@@ -345,6 +345,7 @@ def test_mesh_health_metrics(cluster, traffic):
     progs = {m["program"]: v for m, v in values('ambient_ebpf_programs_attached{workload="payment-v1"}')}
     assert progs == {"connect4": 1, "sockops": 1, "sk_lookup": 1}, progs
     assert scalar("citadel_server_success_cert_issuance_count") >= 3
+    assert scalar('ambient_certificates_issued_total{identity="spiffe://cluster.local/ns/shop/sa/payment"}') >= 1
     # A change reaches every proxy: pushes counted, convergence observed.
     before = scalar('pilot_xds_pushes{type="delta"}')
     cluster.apply(namespace_yaml("extra"), "extra.yaml")
