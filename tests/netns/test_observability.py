@@ -154,6 +154,11 @@ def up_pods():
     return {m.get("pod"): v for m, v in values("up")}
 
 
+def at_least(expr, n, at=None):
+    got = values(expr, at)
+    return bool(got) and got[0][1] >= n
+
+
 def settled_time():
     """A time at which every target's samples are stored: the oldest of their latest scrapes (a
     scrape in flight now started after it), so two queries at that time see the same data."""
@@ -170,9 +175,6 @@ def traffic(cluster):
     # The ztunnels count a connection when it closes: each exec's client has ended, so has it.
     tcp_sel = f'istio_tcp_connections_opened_total{{reporter="source",destination_service="{SVC}"}}'
 
-    def at_least(expr, n, at=None):
-        got = values(expr, at)
-        return bool(got) and got[0][1] >= n
     assert get(cluster, 1)["status"] == {"200": 1} and get(cluster, 1, "/fail")["status"] == {"503": 1}
     # Every warm-up series scraped twice: from here on increases are seen.
     for sel in (http_sel, tcp_sel):
@@ -394,6 +396,38 @@ def test_dashboard_page_in_headless_chromium(cluster, traffic):
         finally:
             browser.close()
     assert elsewhere == []
+
+
+GHOST = """
+apiVersion: v1
+kind: Service
+metadata: {name: ghost, namespace: shop, labels: {istio.io/use-waypoint: nowhere}}
+spec:
+  selector: {app: payment}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+
+
+@pytest.mark.root
+def test_errors_by_reason_reach_the_recording_rule(cluster, traffic):
+    cluster.apply(GHOST, "ghost.yaml")
+    vip = next(s["cluster_ip"] for s in cluster.status()["services"] if s["name"] == "ghost")
+
+    def refused():  # a binding to a waypoint that does not exist: ztunnel refuses, reason waypoint_missing
+        p = cluster.ambient("exec", "-n", "shop", "client", "--", "python3", "httpget.py", vip, "80", "1", "/")
+        out = json.loads(p.stdout)
+        assert out["status"] == {} and out["errors"], out
+    sel = 'ztunnel_outbound_refused_total{reason="waypoint_missing"}'
+    refused()
+    wait_for(lambda: at_least(f"min(count_over_time({sel}[1m]))", 2), timeout=30, step=0.5)
+    refused()  # now an increase the rate sees
+    rule = 'mesh:errors_by_reason:rate1m{source="ztunnel_outbound",reason="waypoint_missing"}'
+    wait_for(lambda: values(rule) and values(rule)[0][1] > 0, timeout=30, step=0.5)
+    cluster.delete(GHOST, "ghost-del.yaml")
+    rules = json.loads(subprocess.run(["curl", "-s", "--noproxy", "*", f"{URL}/api/v1/rules"], capture_output=True,
+                                      text=True, check=True).stdout)["data"]["groups"]
+    bad = [(r["name"], r.get("lastError")) for g in rules for r in g["rules"] if r["health"] != "ok"]
+    assert rules and not bad, bad  # every golden-signal rule evaluates
 
 
 @pytest.mark.root
