@@ -85,6 +85,8 @@ class ControlPlane:
                       "pushes": 0}
         """`deltas` counts changes (one frame each), `pushes` the frames written to subscribers."""
         self.csr_denied_by_reason: dict[str, int] = {}
+        self.issued_by_identity: dict[str, int] = {}
+        """Certificates signed per workload identity (SPIFFE URI)."""
         self.version_times: dict[int, float] = {1: clock.now()}
         """When each recent version was made (clock time), to measure how long proxies take
         to have it (pilot_proxy_convergence_time); the newest _VERSION_TIMES are kept."""
@@ -285,5 +287,6 @@ class ControlPlane:
             log.warning("%s: certificate for %s refused to %s: %s", e.reason, req.identity, requester, e)
             return CertificateResponse(id=req.id, error=str(e), reason=e.reason)
         self.stats["certificates"] += 1
+        self.issued_by_identity[req.identity.uri] = self.issued_by_identity.get(req.identity.uri, 0) + 1
         log.info("signed %s for %s", req.identity, requester)
         return CertificateResponse(id=req.id, chain_pem=tuple(c.decode() for c in chain))

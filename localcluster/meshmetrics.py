@@ -12,6 +12,7 @@ istio_build); `ambient_*` where it has none:
                                                             a proxy has it (its config dump's
                                                             last_update_at), per proxy and version
     citadel_server_csr_count / _success_cert_issuance_count counters
+    ambient_certificates_issued_total{identity}             counter: signed per SPIFFE identity
     ambient_control_plane_config_version                    gauge
     ambient_proxy_config_version{proxy,proxy_kind}          gauge: the version each proxy holds
     ambient_proxy_connected{proxy,proxy_kind}               gauge 0/1 (subscribed to the control plane)
@@ -75,6 +76,7 @@ class ControlPlaneSample:
     pushes: int
     certificates: int
     csr_denied_by_reason: Mapping[str, int] = field(default_factory=dict)
+    issued_by_identity: Mapping[str, int] = field(default_factory=dict)
     version_times: Mapping[int, float] = field(default_factory=dict)
 
 
@@ -142,6 +144,8 @@ def render(s: MeshSample, convergence: Convergence) -> bytes:
                [({}, cp.certificates + sum(cp.csr_denied_by_reason.values()))]),
         family("citadel_server_success_cert_issuance_count", "counter",
                "The number of certificates issuances that have succeeded.", [({}, cp.certificates)]),
+        family("ambient_certificates_issued_total", "counter", "Certificates signed, per workload identity.",
+               [({"identity": i}, n) for i, n in sorted(cp.issued_by_identity.items())]),
         family("ambient_control_plane_config_version", "gauge",
                "The config version the control plane serves (1 + changes since start).", [({}, cp.version)]),
         family("ambient_proxy_config_version", "gauge", "The config version each proxy holds.",

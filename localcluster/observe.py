@@ -132,7 +132,8 @@ class Observability:
         cps = ControlPlaneSample(
             running=cp.running, version=cp.version, subscribed=sum(1 for _, sub in cp.peers() if sub),
             snapshots=cp.stats["snapshots"], pushes=cp.stats["pushes"], certificates=cp.stats["certificates"],
-            csr_denied_by_reason=dict(cp.csr_denied_by_reason), version_times=dict(cp.version_times))
+            csr_denied_by_reason=dict(cp.csr_denied_by_reason), version_times=dict(cp.version_times),
+            issued_by_identity=dict(cp.issued_by_identity))
         return MeshSample(now=self.clock.now(), control_plane=cps,
                           proxies=tuple(self._proxy_sample(t, d) for t, d in zip(targets, dumps)))
 

@@ -253,7 +253,7 @@ def _src(a: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def _once(paths: ClusterPaths, a: argparse.Namespace, url: str) -> int:
-    at = time.time()
+    at = a.at if a.at is not None else time.time()
     if a.cmd == "edges":
         tq, hq = edge_query(namespace=a.namespace, window=a.window)
         es = edges(query(url, tq, at=at), query(url, hq, at=at))
@@ -298,6 +298,8 @@ def register(sub: Any) -> None:
         p.add_argument("-n", "--namespace", default=None, help="only this namespace (default: all)")
         p.add_argument("-t", "--time-window", dest="window", default="1m", help="PromQL range, e.g. 30s, 1m, 10m")
         p.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"], default="table")
+        p.add_argument("--at", type=float, default=None, metavar="UNIX_TIME",
+                       help="evaluate at this time instead of now (the window ends there)")
         p.add_argument("-w", "--watch", action="store_true", help="print again every --interval seconds")
         p.add_argument("--interval", type=float, default=2.0)
         p.add_argument("--prometheus-url", default=None, help="default: the cluster's (`ambient up --prometheus`)")

@@ -154,6 +154,17 @@ def up_pods():
     return {m.get("pod"): v for m, v in values("up")}
 
 
+def at_least(expr, n, at=None):
+    got = values(expr, at)
+    return bool(got) and got[0][1] >= n
+
+
+def settled_time():
+    """A time at which every target's samples are stored: the oldest of their latest scrapes (a
+    scrape in flight now started after it), so two queries at that time see the same data."""
+    return scalar("min(timestamp(up))")
+
+
 @pytest.fixture(scope="module")
 def traffic(cluster):
     """N_REQUESTS 200s and 10 503s through the waypoint, then until Prometheus has scraped them all.
@@ -164,9 +175,6 @@ def traffic(cluster):
     # The ztunnels count a connection when it closes: each exec's client has ended, so has it.
     tcp_sel = f'istio_tcp_connections_opened_total{{reporter="source",destination_service="{SVC}"}}'
 
-    def at_least(expr, n):
-        got = values(expr)
-        return bool(got) and got[0][1] >= n
     assert get(cluster, 1)["status"] == {"200": 1} and get(cluster, 1, "/fail")["status"] == {"503": 1}
     # Every warm-up series scraped twice: from here on increases are seen.
     for sel in (http_sel, tcp_sel):
@@ -174,8 +182,9 @@ def traffic(cluster):
     ok = get(cluster, N_REQUESTS)
     bad = get(cluster, 10, "/fail")
     assert ok["status"] == {"200": N_REQUESTS} and bad["status"] == {"503": 10}, (ok, bad)
-    wait_for(lambda: at_least(f"sum({http_sel})", N_REQUESTS + 12), timeout=30, step=0.5)
-    wait_for(lambda: at_least(f"sum({tcp_sel})", 4), timeout=30, step=0.5)
+    # ... stored for every target (see settled_time), so tests querying then see all of it.
+    wait_for(lambda: at_least(f"sum({http_sel})", N_REQUESTS + 12, settled_time()), timeout=30, step=0.5)
+    wait_for(lambda: at_least(f"sum({tcp_sel})", 4, settled_time()), timeout=30, step=0.5)
     return N_REQUESTS
 
 
@@ -275,9 +284,10 @@ def _stat(cluster, *args):
 
 @pytest.mark.root
 def test_stat_agrees_with_promql_over_the_same_window(cluster, traffic):
-    doc = _stat(cluster, "svc/payment", "-n", "shop", "-t", "1m")
+    at = settled_time()
+    doc = _stat(cluster, "svc/payment", "-n", "shop", "-t", "1m", "--at", str(at))
     (row,) = doc["rows"]
-    at = doc["time"]
+    assert doc["time"] == at
     sel = f'reporter="waypoint",destination_service="{SVC}"'
     rps = scalar(f"sum(rate(istio_requests_total{{{sel}}}[1m]))", at)
     good = scalar(f'sum(rate(istio_requests_total{{{sel},response_code!~"5.*"}}[1m]))', at)
@@ -301,7 +311,7 @@ def test_stat_pod_route_waypoint_and_from(cluster, traffic):
     assert [r["name"] for r in pod["rows"]] == ["shop/payment-v1"] and pod["rows"][0]["rps"] > 0
     route = _stat(cluster, "route/payment", "-n", "shop")
     assert [r["name"] for r in route["rows"]] == ["shop/shop.payment.0"] and route["rows"][0]["rps"] > 0
-    wp = _stat(cluster, "waypoint/wp", "-n", "shop")
+    wp = _stat(cluster, "waypoint/wp", "-n", "shop", "--at", str(settled_time()))
     assert [r["name"] for r in wp["rows"]] == ["shop/wp"]
     # All of this waypoint's requests took that one rule: the same rate at the same time.
     by_route = scalar('sum(rate(istio_requests_total{reporter="waypoint",route="shop.payment.0"}[1m]))', wp["time"])
@@ -337,6 +347,7 @@ def test_mesh_health_metrics(cluster, traffic):
     progs = {m["program"]: v for m, v in values('ambient_ebpf_programs_attached{workload="payment-v1"}')}
     assert progs == {"connect4": 1, "sockops": 1, "sk_lookup": 1}, progs
     assert scalar("citadel_server_success_cert_issuance_count") >= 3
+    assert scalar('ambient_certificates_issued_total{identity="spiffe://cluster.local/ns/shop/sa/payment"}') >= 1
     # A change reaches every proxy: pushes counted, convergence observed.
     before = scalar('pilot_xds_pushes{type="delta"}')
     cluster.apply(namespace_yaml("extra"), "extra.yaml")
@@ -385,6 +396,38 @@ def test_dashboard_page_in_headless_chromium(cluster, traffic):
         finally:
             browser.close()
     assert elsewhere == []
+
+
+GHOST = """
+apiVersion: v1
+kind: Service
+metadata: {name: ghost, namespace: shop, labels: {istio.io/use-waypoint: nowhere}}
+spec:
+  selector: {app: payment}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"""
+
+
+@pytest.mark.root
+def test_errors_by_reason_reach_the_recording_rule(cluster, traffic):
+    cluster.apply(GHOST, "ghost.yaml")
+    vip = next(s["cluster_ip"] for s in cluster.status()["services"] if s["name"] == "ghost")
+
+    def refused():  # a binding to a waypoint that does not exist: ztunnel refuses, reason waypoint_missing
+        p = cluster.ambient("exec", "-n", "shop", "client", "--", "python3", "httpget.py", vip, "80", "1", "/")
+        out = json.loads(p.stdout)
+        assert out["status"] == {} and out["errors"], out
+    sel = 'ztunnel_outbound_refused_total{reason="waypoint_missing"}'
+    refused()
+    wait_for(lambda: at_least(f"min(count_over_time({sel}[1m]))", 2), timeout=30, step=0.5)
+    refused()  # now an increase the rate sees
+    rule = 'mesh:errors_by_reason:rate1m{source="ztunnel_outbound",reason="waypoint_missing"}'
+    wait_for(lambda: values(rule) and values(rule)[0][1] > 0, timeout=30, step=0.5)
+    cluster.delete(GHOST, "ghost-del.yaml")
+    rules = json.loads(subprocess.run(["curl", "-s", "--noproxy", "*", f"{URL}/api/v1/rules"], capture_output=True,
+                                      text=True, check=True).stdout)["data"]["groups"]
+    bad = [(r["name"], r.get("lastError")) for g in rules for r in g["rules"] if r["health"] != "ok"]
+    assert rules and not bad, bad  # every golden-signal rule evaluates
 
 
 @pytest.mark.root

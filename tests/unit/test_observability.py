@@ -122,7 +122,8 @@ def test_edges_merge_tcp_and_http_per_identity_pair():
 
 def _sample(version=5, proxies=None, times=None, now=1000.0):
     cp = ControlPlaneSample(running=True, version=version, subscribed=2, snapshots=2, pushes=10, certificates=4,
-                            csr_denied_by_reason={"not_on_node": 1}, version_times=times or {5: 100.0})
+                            csr_denied_by_reason={"not_on_node": 1}, version_times=times or {5: 100.0},
+                            issued_by_identity={"spiffe://td/ns/shop/sa/a": 3})
     return MeshSample(now=now, control_plane=cp, proxies=tuple(proxies or ()))
 
 
@@ -142,6 +143,8 @@ def test_mesh_health_text_parses_with_istio_names():
     pushes = {s.labels["type"]: s.value for s in fams["pilot_xds_pushes"].samples}
     assert pushes == {"snapshot": 2, "delta": 8}
     assert [s.value for s in fams["citadel_server_csr_count"].samples] == [5]
+    assert [(s.labels, s.value) for s in fams["ambient_certificates_issued"].samples] == [
+        ({"identity": "spiffe://td/ns/shop/sa/a"}, 3)]
     assert {s.labels["proxy"]: s.value for s in fams["ambient_proxy_up"].samples} == {"ztunnel-n1": 1, "wp-waypoint": 0}
     assert [(s.labels, s.value) for s in fams["ambient_proxy_config_version"].samples] == [
         ({"proxy": "ztunnel-n1", "proxy_kind": "ztunnel"}, 5)]
