@@ -38,6 +38,7 @@ __all__ = ["ControlPlane", "ALPN"]
 
 log = logging.getLogger("ambient.control")
 _SLOW_SUBSCRIBER_BYTES = 64 * 1024 * 1024
+_VERSION_TIMES = 256
 
 
 Requester = NodeId | SpiffeId
@@ -80,7 +81,13 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ctx: ssl.SSLContext | None = None
         self._serving_cert: WorkloadCert | None = None
-        self.stats = {"snapshots": 0, "deltas": 0, "certificates": 0, "csr_denied": 0, "auth_denied": 0}
+        self.stats = {"snapshots": 0, "deltas": 0, "certificates": 0, "csr_denied": 0, "auth_denied": 0,
+                      "pushes": 0}
+        """`deltas` counts changes (one frame each), `pushes` the frames written to subscribers."""
+        self.csr_denied_by_reason: dict[str, int] = {}
+        self.version_times: dict[int, float] = {1: clock.now()}
+        """When each recent version was made (clock time), to measure how long proxies take
+        to have it (pilot_proxy_convergence_time); the newest _VERSION_TIMES are kept."""
 
     @property
     def running(self) -> bool:
@@ -159,9 +166,17 @@ class ControlPlane:
         self.version += 1
         frame = encode(Delta(version=self.version, upserts=tuple(upserts), removals=tuple(removals)))
         self.stats["deltas"] += 1
+        self.version_times[self.version] = self.clock.now()
+        if len(self.version_times) > _VERSION_TIMES:
+            del self.version_times[min(self.version_times)]
         for p in list(self._peers):
             if p.subscribed:
+                self.stats["pushes"] += 1
                 self._send(p, frame)
+
+    def peers(self) -> list[tuple[str, bool]]:
+        """(identity, subscribed) of every connected proxy."""
+        return sorted((str(p.identity), p.subscribed) for p in self._peers)
 
     def snapshot(self) -> Snapshot:
         return Snapshot(version=self.version, resources=tuple(self._state.values()))
@@ -231,6 +246,7 @@ class ControlPlane:
                     return False
             peer.subscribed = True
             self.stats["snapshots"] += 1
+            self.stats["pushes"] += 1
             self._send(peer, encode(self.snapshot()))
             log.info("subscribed %s at version %d (had %d)", peer.name, self.version, msg.last_version)
         elif isinstance(msg, CertificateRequest):
@@ -251,6 +267,7 @@ class ControlPlane:
         except Exception as e:  # noqa: BLE001 - a TokenDenied or CsrDenied, with its reason
             reason = getattr(e, "reason", "auth_failed")
             self.stats["csr_denied"] += 1
+            self.csr_denied_by_reason[reason] = self.csr_denied_by_reason.get(reason, 0) + 1
             log.warning("%s: certificate for %s refused: %s", reason, req.identity, e)
             self._send(peer, encode(CertificateResponse(id=req.id, error=str(e), reason=reason)))
             return
@@ -264,6 +281,7 @@ class ControlPlane:
             chain = self.ca.sign_csr(req.csr_pem.encode(), req.identity, ttl)
         except (CsrDenied, CAError) as e:
             self.stats["csr_denied"] += 1
+            self.csr_denied_by_reason[e.reason] = self.csr_denied_by_reason.get(e.reason, 0) + 1
             log.warning("%s: certificate for %s refused to %s: %s", e.reason, req.identity, requester, e)
             return CertificateResponse(id=req.id, error=str(e), reason=e.reason)
         self.stats["certificates"] += 1

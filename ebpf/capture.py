@@ -70,7 +70,7 @@ from . import loader
 from .loader import CaptureError, Programs
 from .maps import CaptureMaps, PodRecord
 
-__all__ = ["Capture", "CaptureError", "teardown_pins", "original_dst", "SO_ORIGINAL_DST", "netns_cookie"]
+__all__ = ["Capture", "CaptureError", "teardown_pins", "original_dst", "SO_ORIGINAL_DST", "netns_cookie", "pod_links"]
 
 SO_ORIGINAL_DST = 80      # linux/netfilter_ipv4.h
 SO_NETNS_COOKIE = 71      # asm-generic/socket.h (Linux >= 5.14)
@@ -274,6 +274,11 @@ class Capture:
             self._started()
             self._release_locked(uid)
 
+    @property
+    def link_count(self) -> int:
+        """Link fds this process holds (one per attached hook): leak checks."""
+        return len(self._links)
+
     def enrolled(self) -> list[str]:
         """Uids of the enrolled pods, including those a previous ztunnel enrolled."""
         with self._lock:
@@ -441,3 +446,12 @@ def _bounded_walk(top: str, topdown: bool = True):
             raise CaptureError("pin_dir_too_large", f"{top!r} has more than {_MAX_PIN_WALK} "
                                "directories; refusing to walk further")
         yield entry
+
+
+def pod_links(pin_dir: str, uid: str) -> list[str]:
+    """Names of the links pinned for pod `uid` under a node's `pin_dir` (one per attached
+    program: `connect4-<cgroup id>`, `sockops-<cgroup id>`, `sk_lookup-<netns inode>`)."""
+    try:
+        return sorted(os.listdir(os.path.join(pin_dir, "pods", _uid_dir(uid))))
+    except OSError:
+        return []

@@ -33,7 +33,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 __all__ = [
     "AddressError", "PoolExhausted", "AddressInUse", "AddressPlan", "NodeAddress",
-    "AddressPool", "ClusterAddressing", "gateway_of", "pod_ip_bounds", "check_pod_ip",
+    "AddressPool", "ClusterAddressing", "gateway_of", "pod_ip_bounds", "check_pod_ip", "bridge_mac",
 ]
 
 
@@ -72,6 +72,17 @@ def _addr(v: IPv4Address | str) -> IPv4Address:
 def gateway_of(cidr: IPv4Network) -> IPv4Address:
     """The gateway of a node pod CIDR: its first host address (.1 of a /24)."""
     return cidr.network_address + 1
+
+
+def bridge_mac(ip: IPv4Address | str) -> str:
+    """The fixed MAC of a bridge whose address is `ip`: 0a:58 then the four address bytes (the
+    CNI bridge plugin's scheme; 0x0a is locally administered, unicast).
+
+    A Linux bridge whose MAC was never set adopts the lowest MAC of its ports, so creating or
+    deleting a pod whose veth has the lowest MAC changes the gateway's MAC under every other
+    pod, whose ARP entry for the gateway then points nowhere for 30 s or more (containernetworking/cni#285).
+    Setting it explicitly pins it."""
+    return "0a:58:" + ":".join(f"{b:02x}" for b in _addr(ip).packed)
 
 
 def pod_ip_bounds(cidr: IPv4Network) -> tuple[IPv4Address, IPv4Address]:

@@ -14,6 +14,8 @@ from localcluster.api import ApiError, call
 from localcluster.paths import DEFAULT_CLUSTER, ClusterPaths, check_cluster_name
 from mesh.config import ConfigError, load_text
 from kubemode import cli as kube_cli
+from localcluster import stat as stat_cli
+from localcluster.prometheus import PrometheusError
 
 _START_TIMEOUT = 30.0
 
@@ -45,6 +47,9 @@ def _running(paths: ClusterPaths) -> bool:
 
 
 def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
+    if a.prometheus:
+        from localcluster import prometheus
+        prometheus.check_port(a.prometheus_port)
     os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
     argv = [sys.executable, "-m", "localcluster.daemon", "--cluster", paths.name,
             "--trust-domain", a.trust_domain, "--cert-ttl", str(a.cert_ttl)]
@@ -52,7 +57,10 @@ def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
         argv += ["--ca-dir", os.path.abspath(a.ca_dir)]
     if a.fail_open:
         argv += ["--fail-open"]
-    argv += ["--ztunnel-workers", str(a.ztunnel_workers)]
+    argv += ["--ztunnel-workers", str(a.ztunnel_workers), "--metrics-port", str(a.metrics_port),
+             "--scrape-interval", str(a.scrape_interval)]
+    if a.prometheus:
+        argv += ["--prometheus", "--prometheus-port", str(a.prometheus_port)]
     with open(paths.runner_log, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -100,6 +108,11 @@ def cmd_up(paths: ClusterPaths, a: argparse.Namespace) -> int:
             _down(paths, quiet=True)
         raise
     _print_applied(res)
+    if started and a.prometheus:
+        from localcluster import prometheus
+        url = f"http://127.0.0.1:{a.prometheus_port}"
+        prometheus.wait_ready(url)
+        print(f"prometheus at {url} (`ambient stat`, `ambient edges` query it)")
     print(f"cluster {paths.name!r} is up; `ambient status` shows it, `ambient down` removes it")
     return 0
 
@@ -150,6 +163,20 @@ def cmd_logs(paths: ClusterPaths, a: argparse.Namespace) -> int:
 
 
 def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    if not a.watch:
+        return _status_once(paths, a)
+    try:
+        while True:  # until interrupted or the reader goes away (`| head`)
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")
+            _status_once(paths, a)
+            sys.stdout.flush()
+            time.sleep(a.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
     st = call(paths.runner_socket, "status")
     out = "json" if a.json else a.output
     if out == "json":
@@ -190,6 +217,13 @@ def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
              str(w["restarts"]), _users(w["used_by"])] for w in st.get("waypoints", [])]
             + [[*m["waypoint"].split("/", 1), "-", "-", "MISSING (traffic refused)", "-", _users(m["used_by"])]
                for m in st.get("missing_waypoints", [])])
+    obs = st.get("observability")
+    if obs:
+        prom = obs.get("prometheus")
+        print(f"\nOBSERVABILITY\n  scrape endpoint {obs['scrape_endpoint']}/targets ({obs['targets']} proxies)")
+        if prom:
+            print(f"  prometheus {prom['url']} ({'running' if prom['running'] else 'NOT RUNNING'}, "
+                  f"restarts {prom['restarts']}); `ambient stat`, `ambient edges` query it")
     if st["policies"]:
         print("\nPOLICIES")
         for p in st["policies"]:
@@ -246,6 +280,15 @@ def cmd_control_plane(paths: ClusterPaths, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    res = call(paths.runner_socket, "restart", kind=a.kind, node=a.node, timeout=300)
+    for r in res["restarted"]:
+        print(f"ztunnel on {r['node']}" + (f" (worker {r['worker']})" if r["worker"] else "") +
+              f": pid {r['old_pid']} -> {r['new_pid']}, serving after {r['serving_s']:.2f}s, "
+              f"old one drained and gone after {r['drain_s']:.2f}s")
+    return 0
+
+
 def _duration(v: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
@@ -270,6 +313,13 @@ def parser() -> argparse.ArgumentParser:
                     help="while a node's ztunnel is down, its captured pods connect directly (default: refused)")
     up.add_argument("--ztunnel-workers", type=int, default=1, metavar="N",
                     help="ztunnel processes per node sharing the ports with SO_REUSEPORT (default 1)")
+    up.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                    help="serve every proxy's /metrics on 127.0.0.1:PORT (default: a free port; see status)")
+    up.add_argument("--prometheus", action="store_true",
+                    help="run Prometheus (127.0.0.1 only) scraping every proxy, with golden-signal rules")
+    up.add_argument("--prometheus-port", type=int, default=9090, metavar="PORT")
+    up.add_argument("--scrape-interval", type=_duration, default=15.0, metavar="DURATION",
+                    help="Prometheus scrape and rule interval (default 15s)")
     up.set_defaults(fn=cmd_up)
 
     ap = sub.add_parser("apply", help="create or update objects from YAML files")
@@ -299,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, pods, IPs, enrollment and certificates")
     st.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"], default="table")
     st.add_argument("--json", action="store_true", help="same as -o json")
+    st.add_argument("-w", "--watch", action="store_true", help="print again every --interval seconds")
+    st.add_argument("--interval", type=float, default=2.0)
     st.set_defaults(fn=cmd_status)
 
     dn = sub.add_parser("down", help="remove every process, netns, cgroup and pin of the cluster")
@@ -307,7 +359,12 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("control-plane", help="stop or start the control plane (failure drills)")
     cp.add_argument("action", choices=["start", "stop"])
     cp.set_defaults(fn=cmd_control_plane)
+    rs = sub.add_parser("restart", help="restart ztunnels without dropping traffic (new process first, old drains)")
+    rs.add_argument("kind", choices=["ztunnel"])
+    rs.add_argument("--node", default=None, help="only this node's ztunnel (default: every node, one at a time)")
+    rs.set_defaults(fn=cmd_restart)
     kube_cli.register(sub)  # install, uninstall, check: Kubernetes mode
+    stat_cli.register(sub)  # stat, edges: golden signals from Prometheus
     return p
 
 
@@ -337,10 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         print("nothing was applied", file=sys.stderr)
         return 1
+    except PrometheusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ApiError as e:
         # Config errors found by the runner come back as ApiErrors with the config reason.
         print(f"error: {e}", file=sys.stderr)
-        if e.reason not in ("runner_unavailable", "runner_failed", "not_found", "not_ready"):
+        if e.reason not in ("runner_unavailable", "runner_failed", "not_found", "not_ready", "bad_request",
+                            "prometheus_unavailable", "prometheus_not_ready", "bad_query", "not_local"):
             print("nothing was applied", file=sys.stderr)
         return 1
 

@@ -12,6 +12,7 @@ from mesh.clock import SystemClock
 from localcluster.signals import set_on_signals
 from localcluster.api import ApiError, ApiServer
 from localcluster.paths import ClusterPaths, check_cluster_name
+from localcluster.observe import ObserveSettings
 from localcluster.runner import ClusterSettings, Runner
 
 log = logging.getLogger("ambient.runner")
@@ -45,13 +46,19 @@ async def serve(paths: ClusterPaths, settings: ClusterSettings) -> None:
             raise ApiError(f"unknown control-plane action {action!r} (start|stop)", "bad_request")
         return {"running": runner.cp.running, "version": runner.cp.version}
 
+    async def restart(kind: str, node: str | None = None) -> Any:
+        if kind != "ztunnel":
+            raise ApiError(f"cannot restart {kind!r} (only ztunnel)", "bad_request")
+        return await runner.restart_ztunnel(node)
+
     async def shutdown() -> Any:
         await runner.shutdown()
         asyncio.get_running_loop().call_later(0.05, done.set)
         return {"stopped": paths.name}
 
     api = ApiServer({"ping": ping, "apply": apply, "delete": delete, "status": status,
-                     "pod_info": pod_info, "control_plane": control_plane, "shutdown": shutdown})
+                     "pod_info": pod_info, "control_plane": control_plane, "restart": restart,
+                     "shutdown": shutdown})
     set_on_signals(done)
     try:
         await runner.start()
@@ -74,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ca-dir", default=None)
     p.add_argument("--fail-open", action="store_true")
     p.add_argument("--ztunnel-workers", type=int, default=1)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--prometheus", action="store_true")
+    p.add_argument("--prometheus-port", type=int, default=ObserveSettings.prometheus_port)
+    p.add_argument("--scrape-interval", type=float, default=ObserveSettings.scrape_interval)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     paths = ClusterPaths(a.cluster)
@@ -83,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = ClusterSettings(trust_domain=a.trust_domain, cert_ttl=a.cert_ttl, ca_dir=a.ca_dir,
-                               fail_open=a.fail_open, ztunnel_workers=max(1, a.ztunnel_workers))
+                               fail_open=a.fail_open, ztunnel_workers=max(1, a.ztunnel_workers),
+                               observe=ObserveSettings(metrics_port=a.metrics_port, prometheus=a.prometheus,
+                                                       prometheus_port=a.prometheus_port,
+                                                       scrape_interval=a.scrape_interval))
     import uvloop
     uvloop.install()
     asyncio.run(serve(paths, settings))

@@ -44,11 +44,13 @@ from mesh.sandbox import Sandbox, SandboxDir
 from localcluster.api import ApiError
 from localcluster.addressing import AddressError, AddressPlan, ClusterAddressing
 from localcluster.network import ClusterNetwork
+from localcluster.observe import Observability, ObserveSettings
 from localcluster.paths import ClusterPaths
 from localcluster.procs import Containment
 from controlplane.store import ResourceStore
 from localcluster.system import RESTART_BACKOFF_MAX, Proc, ProcSpec, SystemWorkload, restart_delay
 from localcluster import waypoints
+from localcluster.handover import hand_over
 from mesh.identity import SpiffeId
 from mesh.model import PolicyObject
 
@@ -72,6 +74,8 @@ class ClusterSettings:
     """Captured pods' traffic passes uncaptured while their ztunnel is down (default: refused)."""
     ztunnel_workers: int = 1
     """ztunnel processes per node, sharing the in-pod ports with SO_REUSEPORT (one per core)."""
+    observe: ObserveSettings = field(default_factory=ObserveSettings)
+    """The scrape endpoint and the optional Prometheus (localcluster/observe.py)."""
 
 
 @dataclass(slots=True)
@@ -102,6 +106,8 @@ class Runner:
         """Running system workloads by (kind, target): ztunnel per node (replica 0 owns
         capture and the node's admin ports, the others are SO_REUSEPORT workers)."""
         self._pods: dict[str, _PodRt] = {}
+        self.obs = Observability(paths, settings.observe, cp=self.cp, system=self._system, pods=self._pods,
+                                 clock=clock)
         self._warnings: dict[ResourceKey, list[str]] = {}
         """Config warnings of each object as last applied (ambient status shows them)."""
         self._lock = asyncio.Lock()
@@ -114,6 +120,9 @@ class Runner:
         os.makedirs(self.paths.logs_dir, exist_ok=True)
         await asyncio.to_thread(self.net.ensure_fabric)
         await self.cp.start()
+        await self.obs.start()
+        if (prom := self.obs.prometheus_workload()) is not None:
+            self._start_system(prom)
         self._supervisor = asyncio.ensure_future(self._supervise())
 
     async def shutdown(self) -> None:
@@ -126,9 +135,10 @@ class Runner:
                 c.stop()
         for replicas in self._system.values():
             for z in replicas:
-                z.stop()
+                z.stop(now=True)
         self._system.clear()
         self._pods.clear()
+        await self.obs.close()
         await asyncio.to_thread(self.net.teardown)
         remove_pins(self.paths.bpf_pin_dir)
 
@@ -343,6 +353,16 @@ class Runner:
     def _routes(self, node: str) -> dict[Any, Any]:
         return self.addr.routes_for(node)
 
+    async def _repair_routes(self) -> None:
+        for name in self._nodes():
+            try:
+                n = await asyncio.to_thread(self.net.update_routes, name, self._routes(name))
+            except Exception as e:  # noqa: BLE001 - e.g. the link is still down: next second
+                log.debug("node %s: routes not repaired yet: %s", name, e)
+                continue
+            if n:
+                log.warning("node %s: restored %d route(s) to other nodes (its link went down and up?)", name, n)
+
     async def _add_node(self, name: str) -> None:
         na = self.addr.node(name)
         await asyncio.to_thread(self.net.add_node, name, na.ip, na.pod_cidr, self._routes(name))
@@ -383,13 +403,34 @@ class Runner:
                 started.append(p)
         except BaseException:
             for p in started:
-                p.stop()
+                p.stop(now=True)
             raise
         self._system[sw.key] = started
 
     def _stop_system(self, kind: str, target: str) -> None:
         for p in self._system.pop((kind, target), []):
-            p.stop()
+            p.stop(now=True)
+
+    # -- graceful ztunnel restart --
+
+    async def restart_ztunnel(self, node: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Restart each ztunnel (of `node`, or of every node) without dropping traffic: start
+        the new process next to the old, wait until it serves every local pod, then SIGTERM
+        the old one, which drains (ztunnel/app.py) and exits. One replica at a time."""
+        async with self._lock:
+            nodes = self._nodes()
+            if node is not None and node not in nodes:
+                raise ApiError(f"no node {node!r} (nodes: {', '.join(nodes) or 'none'})", "not_found")
+            done = []
+            for name in [node] if node is not None else nodes:
+                replicas = self._system[("ztunnel", name)]
+                for i, spec in enumerate(self._ztunnel_workload(name).replicas):
+                    # The supervisor watches the new one from the moment it serves.
+                    res = await hand_over(replicas[i], spec, lambda: self._dump(spec.admin_socket),
+                                          lambda: self.cp.version, timeout=timeout,
+                                          on_serving=lambda new, i=i: replicas.__setitem__(i, new))
+                    done.append({"node": name, "worker": i, **res})
+            return {"restarted": done}
 
     def _add_waypoint(self, gw: PolicyObject) -> None:
         wdir = self.paths.waypoint_dir(gw.namespace, gw.name)
@@ -410,7 +451,8 @@ class Runner:
             "NODE_NAME": rt.node, "SERVICE_ACCOUNT": gw.name}
         spec = ProcSpec(
             argv=(sys.executable, "-m", "waypoint", "--gateway", target, "--run-dir", wdir,
-                  "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain),
+                  "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain,
+                  "--metrics-address", "127.0.0.1:15020"),
             netns=rt.net.netns, cgroup=rt.net.cgroup, env=tuple(sorted(env.items())),
             log_path=os.path.join(self.paths.logs_dir, f"waypoint-{gw.namespace}-{gw.name}.log"),
             admin_socket=os.path.join(wdir, "admin.sock"), label=f"waypoint {target}")
@@ -487,9 +529,15 @@ class Runner:
         return SandboxDir(os.path.join(self.paths.node_dir(node), "pods"))
 
     async def _supervise(self) -> None:
-        """Restart exited containers and system workloads (ztunnels, waypoints) with capped backoff."""
+        """Restart exited containers and system workloads (ztunnels, waypoints) with capped
+        backoff; every second, put back node routes a link down/up removed."""
+        tick = 0
         while True:
             await asyncio.sleep(0.5)
+            tick += 1
+            if tick % 2 == 0 and not self._lock.locked():
+                async with self._lock:  # not while apply/delete changes nodes
+                    await self._repair_routes()
             now = time.monotonic()
             procs_ = [*(p for replicas in self._system.values() for p in replicas),
                       *(c for rt in self._pods.values() for c in rt.containers.values())]
@@ -526,7 +574,7 @@ class Runner:
         while True:
             pending = []
             for replicas in list(self._system.values()):
-                for p in replicas:
+                for p in (p for p in replicas if p.admin_socket):  # Prometheus has none: not waited for
                     d = await self._dump(p.admin_socket)
                     if d is None or d.get("version", 0) < self.cp.version:
                         pending.append(p.label)
@@ -587,7 +635,7 @@ class Runner:
             "namespaces": [{"name": n.name, "ambient": n.ambient, "labels": n.labels.thaw()}
                            for n in nss.values()],
             "nodes": nodes, "pods": pods, "services": services, "waypoints": waypoint_list,
-            "missing_waypoints": missing,
+            "missing_waypoints": missing, "observability": self.obs.status(),
             "policies": [str(k) for k in self.store.objects if k.kind not in
                          ("Namespace", "Node", "Pod", "Service", "ServiceAccount")],
             "warnings": {str(k): w for k, w in sorted(self._warnings.items(), key=lambda kv: str(kv[0]))

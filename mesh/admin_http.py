@@ -43,9 +43,12 @@ Handler = Callable[[str], Awaitable[Response] | Response]
 class AdminServer:
     """Routes `GET <path>` (query string dropped) to handlers; listens on Unix and/or TCP."""
 
-    def __init__(self, routes: dict[str, Handler]) -> None:
+    def __init__(self, routes: dict[str, Handler], fallback: Handler | None = None) -> None:
         self.routes = routes
+        self.fallback = fallback
+        """Handles paths not in `routes` (it may answer 404 itself)."""
         self._servers: list[asyncio.AbstractServer] = []
+        self._tcp: list[asyncio.AbstractServer] = []
 
     async def listen_unix(self, path: str) -> None:
         if os.path.exists(path):
@@ -53,8 +56,21 @@ class AdminServer:
         self._servers.append(await asyncio.start_unix_server(self._serve, path=path))
         os.chmod(path, 0o600)
 
-    async def listen_tcp(self, host: str, port: int) -> None:
-        self._servers.append(await asyncio.start_server(self._serve, host, port, reuse_address=True))
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listen on host:port (0: a free port); returns the port."""
+        # SO_REUSEPORT: a restarted proxy binds the port while the old one still drains.
+        server = await asyncio.start_server(self._serve, host, port, reuse_address=True, reuse_port=True)
+        self._servers.append(server)
+        self._tcp.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    async def close_tcp(self) -> None:
+        """Stop serving the TCP ports only (a draining proxy keeps its Unix socket)."""
+        for s in self._tcp:
+            s.close()
+            if s in self._servers:
+                self._servers.remove(s)
+        self._tcp.clear()
 
     async def close(self) -> None:
         for s in self._servers:
@@ -87,7 +103,7 @@ class AdminServer:
         if method != "GET":
             return Response(405, "only GET\n")
         path = target.split("?", 1)[0]
-        handler = self.routes.get(path)
+        handler = self.routes.get(path) or self.fallback
         if handler is None:
             return Response(404, f"no such endpoint; try one of {sorted(self.routes)}\n")
         out = handler(path)

@@ -6,7 +6,10 @@ email). Tests check the output with prometheus_client's own parser.
 """
 from __future__ import annotations
 
-__all__ = ["Counter", "Registry"]
+__all__ = ["BUILD_TAG", "Counter", "Registry", "build_info", "family"]
+
+BUILD_TAG = "0.1.0"
+"""The version `istio_build{component, tag}` reports (the project's version)."""
 
 
 def _escape(v: str) -> str:
@@ -48,6 +51,25 @@ class Counter:
             labels = ",".join(f'{k}="{_escape(str(v))}"' for k, v in zip(self.labelnames, values))
             out.append(f"{self.name}{{{labels}}} {child.value!r}")
         return "\n".join(out) + "\n"
+
+
+def family(name: str, kind: str, documentation: str,
+           samples: "list[tuple[dict[str, str], float]]") -> str:
+    """One counter or gauge family in the text format: `# HELP`, `# TYPE`, `name{labels} value`
+    per sample (a counter's name ends in `_total` unless Istio's does not)."""
+    out = [f"# HELP {name} {documentation}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+        v = float(value)
+        out.append(f"{name}{{{text}}} {int(v) if v.is_integer() else repr(v)}" if text
+                   else f"{name} {int(v) if v.is_integer() else repr(v)}")
+    return "\n".join(out) + "\n"
+
+
+def build_info(component: str) -> bytes:
+    """Istio's `istio_build` gauge for one component (`ztunnel`, `proxy`, `pilot`)."""
+    return family("istio_build", "gauge", "Istio component build info",
+                  [({"component": component, "tag": BUILD_TAG}, 1)]).encode()
 
 
 class Registry:

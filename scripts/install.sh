@@ -7,8 +7,10 @@ root=$(pwd)
 
 [ "$(id -u)" = 0 ] || { echo "install.sh: must run as root (netns, cgroups and eBPF need it)" >&2; exit 1; }
 
+# chromium: the dashboard test drives Debian's browser with Playwright (pip, from pyproject's
+# test extra); no browser is ever downloaded (`playwright install` is not run).
 apt_pkgs=(python3 python3-venv python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2
-          openssl procps util-linux tcpdump iperf3 curl ca-certificates wrk nginx-light)
+          openssl procps util-linux tcpdump iperf3 curl ca-certificates wrk nginx-light chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -18,6 +20,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Prometheus for `ambient up --prometheus` and the observability tests. Debian's package
+# ships a service that would listen on *:9090; a policy-rc.d (only if there is none already,
+# removed again after) keeps invoke-rc.d from starting it: local mode runs its own Prometheus
+# on 127.0.0.1 with its own config and data directory.
+if ! dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q 'install ok installed'; then
+  echo "install.sh: apt-get install prometheus (its Debian service is not started)"
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 prometheus >/dev/null \
+    || { if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit 1; }
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  # Never at boot either (a no-op where systemd is not running).
+  command -v systemctl >/dev/null && systemctl disable prometheus >/dev/null 2>&1 || true
 fi
 
 # bcc compiles against Debian's headers; the running kernel may be newer and have no

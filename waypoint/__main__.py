@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-plane", required=True, help="control plane Unix socket")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--hbone-address", default=f"0.0.0.0:{HBONE_PORT}", help="HOST:PORT to serve HBONE on")
+    p.add_argument("--metrics-address", default="", help="HOST:PORT to serve /metrics on (Istio: 15020); "
+                   "default: the admin socket only")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WaypointConfig(namespace=a.gateway[0], name=a.gateway[1], run_dir=a.run_dir,
                          control_plane=a.control_plane, trust_domain=a.trust_domain,
                          hbone_host=host, hbone_port=int(port))
+    if a.metrics_address:
+        mhost, _, mport = a.metrics_address.rpartition(":")
+        cfg = dataclasses.replace(cfg, metrics_host=mhost, metrics_port=int(mport))
     run_until_signalled(lambda: Waypoint(cfg, clock=SystemClock(), rng=random.Random(),
                                          sockets=HostSockets()).run())
     return 0

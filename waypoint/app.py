@@ -17,6 +17,7 @@ from typing import Any
 from mesh import tls
 from mesh.admin_http import AdminServer, Response
 from mesh.ca import SecretManager
+from mesh.metrics import build_info
 from mesh.clock import Clock
 from mesh.distribution.client import ControlPlaneClient
 from mesh.distribution.protocol import ALPN
@@ -34,6 +35,7 @@ from .telemetry import WaypointMetrics
 __all__ = ["Waypoint"]
 
 log = logging.getLogger("ambient.waypoint")
+_BUILD = build_info("proxy")  # Istio's component name for its (waypoint) Envoy
 _RENEW_CHECK = 5.0
 """Seconds between checks that the listener still holds the newest certificate."""
 
@@ -85,7 +87,8 @@ class Waypoint:
         return Response(200, "ready\n")
 
     def _metrics(self, _path: str) -> Response:
-        return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4")
+        body = self.metrics.exposition() + self.inbound.upstreams.exposition() + _BUILD
+        return Response(200, body, "text/plain; version=0.0.4")
 
     def _config_dump(self, _path: str) -> Response:
         st = self.state
@@ -101,6 +104,7 @@ class Waypoint:
             "client": self.client.stats,
             "waypoint": to_wire(me) if me is not None else None,
             "inbound": self.inbound.stats(),
+            "clusters": self.inbound.upstreams.snapshot(),
             "hbone_rejections": dict(self.server.rejections) if self.server is not None else {},
             "services": [to_wire(s) for s in st.services()],
             "certificates": self.secrets.snapshot(self.clock.now()),
@@ -124,6 +128,8 @@ class Waypoint:
 
     async def run(self) -> None:
         await self.admin.listen_unix(self.cfg.admin_socket)
+        if self.cfg.metrics_host:
+            await self.admin.listen_tcp(self.cfg.metrics_host, self.cfg.metrics_port)
         log.info("waypoint %s starting; control plane %s", self.cfg.gateway, self.cfg.control_plane)
         tasks: list[asyncio.Task[Any]] = [asyncio.ensure_future(self.client.run()),
                                           asyncio.ensure_future(self._listen())]

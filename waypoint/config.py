@@ -24,6 +24,10 @@ class WaypointConfig:
     hbone_host: str = "0.0.0.0"
     """Where HBONE is served: all addresses of the waypoint pod's netns (tests: a loopback address)."""
     hbone_port: int = HBONE_PORT
+    metrics_host: str = ""
+    """Where Prometheus `/metrics` and `/stats/prometheus` are served on TCP, with `metrics_port`
+    (Istio's 15020); "" = only on the admin socket. Local mode: 127.0.0.1 of the pod's netns."""
+    metrics_port: int = 15020
     handshake_timeout: float = 10.0
     """Seconds for an HBONE client's TLS handshake, then again for its HTTP/2 preface."""
 

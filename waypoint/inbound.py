@@ -31,13 +31,15 @@ from .http import ConnectionClosed, HttpError, Limits, RequestHead, ServerConnec
 from .pipeline import ConnInfo, DownstreamConn, Pipeline, local_reply_bytes
 from .plan import Destination, Forward, resolve
 from .telemetry import WaypointMetrics
-from .upstream import Upstreams, endpoints, pick
+from .resilience import AttemptOutcome, OutcomeKind
+from .upstream import Upstreams
 
 __all__ = ["Inbound", "InboundContext", "sniff_http1"]
 
 log = logging.getLogger("ambient.waypoint")
 
 _MAX_METHOD = 20
+_CONNECT_FAILURE = AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent=False)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0"
 
 
@@ -150,7 +152,8 @@ class Inbound:
     def __init__(self, ctx: InboundContext) -> None:
         self.ctx = ctx
         self.upstreams = Upstreams(identity=ctx.identity, pool=ctx.pool, sockets=ctx.sockets,
-                                   client_tls=ctx.client_tls, trust_domain=ctx.trust_domain, limits=ctx.limits)
+                                   client_tls=ctx.client_tls, trust_domain=ctx.trust_domain, state=ctx.state,
+                                   clock=ctx.clock, rng=ctx.rng, limits=ctx.limits)
         self.pipeline = Pipeline(state=ctx.state, upstreams=self.upstreams, metrics=ctx.metrics, clock=ctx.clock,
                                  rng=ctx.rng, waypoint=ResourceKey("Gateway", ctx.waypoint_namespace,
                                                                    ctx.waypoint_name),
@@ -161,10 +164,12 @@ class Inbound:
 
     def stats(self) -> dict:
         return {**self.counts, "requests": self.pipeline.requests, "upstream_opened": self.upstreams.opened,
-                "upstream_reused": self.upstreams.reused, "upstream_idle": self.upstreams.idle_count()}
+                "upstream_reused": self.upstreams.reused, "upstream_idle": self.upstreams.idle_count(),
+                "mirrors_in_flight": self.pipeline.mirrors.in_flight}
 
     async def close(self) -> None:
-        self.upstreams.close()
+        await self.pipeline.mirrors.close()
+        await self.upstreams.aclose()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -246,7 +251,9 @@ class Inbound:
             fwd = Forward(service=dst.service, port=dst.port, target_port=tp)
         else:
             fwd = Forward(service=None, port=dst.port, target_port=dst.port, workload=dst.workload)
-        target = pick(endpoints(self.ctx.state, fwd), self.ctx.rng)
+        # Balanced and outlier-filtered like L7 (connect failures count); the circuit limits
+        # are for HTTP connections and requests and do not apply to this relay.
+        target = self.upstreams.choose(fwd)
         if target is None:
             stream.abort("no_healthy_upstream")
             return
@@ -257,10 +264,15 @@ class Inbound:
         try:
             await self.upstreams.open_transport(target, info.src_ip, up)
         except (TunnelError, OSError) as e:
+            self.upstreams.report(target, _CONNECT_FAILURE)
             self.counts["l4_connect_failures"] += 1
             log.info("waypoint L4 %s -> %s: upstream connect failed: %s", info.peer_identity, target.address, e)
             stream.abort("upstream_connect_failed")
             return
+        except BaseException:
+            self.upstreams.report(target, None)
+            raise
+        self.upstreams.report(target, None)   # connected: no verdict on the endpoint beyond that
         stream.set_protocol(down)
         if first:
             up.transport.write(first)

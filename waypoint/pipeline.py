@@ -6,17 +6,25 @@ end and records exactly one `RequestResult` (metrics + one access-log line on `a
 1. `x-request-id` is kept, or generated (uuid4 from the injected rng) and sent upstream;
 2. L7 AuthorizationPolicy (waypoint/authz.py): a deny is its LocalReply (403 `RBAC: access denied`);
 3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward;
-4. endpoint: the plan's endpoints, one picked; none -> 503 `no healthy upstream` (UH);
-5. `exchange()` over a kept-alive or new upstream connection; a connect failure -> 503 UF with
-   Envoy's body. `exchange` is the seam the resilience layer (retries, timeouts, faults) wraps:
+   then its fault (waypoint/fault.py: delay, then abort as a local reply, flags DI/FI) and its
+   mirrors (waypoint/mirror.py: the body is teed, copies go fire-and-forget once it has ended);
+4. endpoint: `Upstreams.choose` (the cluster's balancer over the endpoints outlier detection
+   leaves, waypoint/endpoints.py); none -> 503 `no healthy upstream` (UH);
+5. `Upstreams.acquire` within the cluster's circuit limits: overflow -> 503 UO
+   (`x-envoy-overloaded: true`); a connect failure or connectTimeout -> 503 UF with Envoy's body;
+6. `exchange()` over the kept-alive or new upstream connection, then `release` and `report`
+   (exactly once per chosen endpoint: the outcome feeds outlier detection and the balancer).
+   `exchange` is the seam the resilience layer (retries, timeouts) wraps:
    it takes one attempt's upstream connection and streams the request body up and the
    response down, returning a typed `ExchangeResult`.
 
-Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered.
+Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered
+(a mirrored request's body is also copied, up to a bound, for its copies).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -32,32 +40,66 @@ from mesh.model.base import ResourceKey
 from mesh.model.route import HeaderModifier
 from mesh.state import ProxyState
 
-from . import authz
+from . import authz, fault
 from .channel import HttpChannel
+from .headers import apply_modifiers
+from .mirror import Mirrors
+from .upgrade import relay
 from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
                    ResponseHead, ServerConnection)
-from .plan import Destination, Forward, Reply, plan_request, service_fqdn
+from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
 from .routing import RequestInfo
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
-from .upstream import EndpointTarget, UpstreamConn, Upstreams, endpoints, pick
+from .resilience import AttemptOutcome, OutcomeKind
+from .resilience.circuit import OVERFLOW_BODY, OVERFLOW_HEADERS
+from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams, Withdrawn
 
-__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "local_reply_bytes"]
+__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "attempt_outcome",
+           "local_reply_bytes"]
 
 access = logging.getLogger("ambient.access")
 log = logging.getLogger("ambient.waypoint")
 
 _NO_HEALTHY = Reply(status=503, body=b"no healthy upstream", flags="UH", details="no_healthy_upstream")
 _UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
+_OVERFLOW = Reply(status=503, body=OVERFLOW_BODY, flags="UO", details="upstream_reset_before_response_started{overflow}",
+                  headers=tuple((n.encode(), v.encode()) for n, v in OVERFLOW_HEADERS))
+_OVERFLOW_OUTCOME = AttemptOutcome(kind=OutcomeKind.OVERFLOW, request_sent=False)
+_CONNECT_FAILURE = AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent=False)
 
 
 class DownstreamConn(HttpChannel):
     """The client side of one HBONE stream carrying HTTP/1.1, with its server codec."""
 
-    __slots__ = ("codec",)
+    __slots__ = ("codec", "_gone")
 
     def __init__(self, codec: ServerConnection) -> None:
         self.codec = codec
+        self._gone: asyncio.Future[None] | None = None
         super().__init__(codec.receive_data)
+
+    def gone(self) -> asyncio.Future[None]:
+        """Resolves when the client closes or resets its side (made on first use: only a request
+        waiting for an upstream connection asks)."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.ended or self.lost:
+                self._gone.set_result(None)
+        return self._gone
+
+    def _left(self) -> None:
+        g = self._gone
+        if g is not None and not g.done():
+            g.set_result(None)
+
+    def eof_received(self) -> bool:
+        keep = super().eof_received()
+        self._left()
+        return keep
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self._left()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,18 +148,7 @@ def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, b
     return serialize_head(status_line(status, b""), hs, extra) + body
 
 
-def _apply(headers: list[tuple[bytes, bytes]], mods: Iterable[HeaderModifier]) -> list[tuple[bytes, bytes]]:
-    for m in mods:
-        if m.remove:
-            drop = {n.lower().encode() for n in m.remove}
-            headers = [h for h in headers if h[0] not in drop]
-        for n, v in m.set:
-            name = n.lower().encode()
-            headers = [h for h in headers if h[0] != name]
-            headers.append((name, v.encode()))
-        for n, v in m.add:
-            headers.append((n.lower().encode(), v.encode()))
-    return headers
+_apply = apply_modifiers
 
 
 async def _pump_request_body(down: DownstreamConn, up: UpstreamConn, res: ExchangeResult) -> bool:
@@ -191,6 +222,13 @@ async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
                     res.flags, res.details = "DC", "downstream_remote_disconnect"
                     return res
             elif t is ResponseHead:
+                if ev.status == 101 and head.upgrade is not None:   # WebSocket: raw bytes both ways now
+                    down.write(down.codec.send(ev))
+                    res.status, res.started = 101, True
+                    up_n, down_n = await relay(down, up)
+                    res.request_bytes += up_n
+                    res.response_bytes += down_n
+                    return res
                 if response_mods:
                     ev = ResponseHead(status=ev.status, reason=ev.reason, content_length=ev.content_length,
                                       headers=tuple(_apply(list(ev.headers), response_mods)))
@@ -214,6 +252,16 @@ async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
             await asyncio.gather(pump, return_exceptions=True)
 
 
+def attempt_outcome(res: ExchangeResult, down: DownstreamConn) -> AttemptOutcome | None:
+    """What one exchange says about its endpoint (for outlier detection, the balancer and
+    retries); None when it ended for the client's sake (gone, or a malformed body)."""
+    if res.started:
+        return AttemptOutcome(kind=OutcomeKind.RESPONSE, status=res.status)
+    if res.client_error is not None or down.lost or res.flags in ("DC", "DPE"):
+        return None
+    return AttemptOutcome(kind=OutcomeKind.RESET)
+
+
 class Pipeline:
     """Runs requests for one waypoint (see the module docstring)."""
 
@@ -229,6 +277,8 @@ class Pipeline:
         self.requests = 0
         self.exchange = exchange
         """One upstream attempt (`exchange`'s signature): the seam retries/timeouts/faults wrap."""
+        self.mirrors = Mirrors(state=state, upstreams=upstreams, metrics=metrics, rng=rng)
+        """Fire-and-forget copies of requests whose route mirrors (waypoint/mirror.py)."""
 
     # -- labels and results -----------------------------------------------------------------
 
@@ -264,9 +314,15 @@ class Pipeline:
                 fwd: Forward | None = None, target: EndpointTarget | None = None, route: str = "",
                 failure: str = "") -> None:
         self.requests += 1
+        if fwd is not None and fwd.fault is not None:   # an injected delay marks the result, whatever it is
+            flags = fault.join_flags(flags, fwd.fault.flags)
         hdr = dict(head.headers) if head is not None else {}
         svc = (fwd.service if fwd is not None else None) or info.destination.service
-        cluster = (f"outbound|{fwd.port}||{service_fqdn(svc)}" if fwd is not None and svc is not None else "")
+        if target is not None:
+            cluster = target.cluster
+        else:
+            cluster = (f"outbound|{fwd.port}|{fwd.subset}|{service_fqdn(svc)}" if fwd is not None and svc is not None
+                       else "")
         r = RequestResult(
             labels=self._labels(info, fwd, target, status, flags), start_time=start,
             duration_ms=(self.clock.now() - t0) * 1000.0, request_bytes=req_bytes, response_bytes=resp_bytes,
@@ -304,6 +360,28 @@ class Pipeline:
             if ev is None or type(ev) is EndOfMessage:
                 return
 
+    async def _inject_fault(self, plan: Forward, head: RequestHead, headers: list[tuple[bytes, bytes]],
+                            down: DownstreamConn, info: ConnInfo, start: float, t0: float, rid: str) -> bool:
+        """Carry out the plan's fault (waypoint/fault.py) before any upstream contact: hold the
+        request for the delay, then answer the abort. True when the request is over."""
+        f = plan.fault
+        assert f is not None
+        if f.delay > 0:
+            await self.clock.sleep(f.delay)
+            if down.lost:       # the client gave up during the delay: an abort drawn never happened
+                self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
+                             rid=rid, fwd=dataclasses.replace(plan, fault=fault.FaultDecision(delay=f.delay)),
+                             route=plan.route_name)
+                return True
+        if f.abort is None:
+            return False
+        status, hs, body = fault.abort_reply(f.abort, headers)
+        self._reply(down, Reply(status=status, headers=hs, body=body))
+        self._record(info, head, start, t0, status=status, flags="FI", details=fault.ABORT_DETAILS,
+                     resp_bytes=len(body), rid=rid, fwd=plan, route=plan.route_name)
+        await self._finish_request_body(down, head)
+        return True
+
     async def handle(self, head: RequestHead, down: DownstreamConn, info: ConnInfo) -> None:
         start, t0 = self.clock.now(), self.clock.now()
         headers = list(head.headers)
@@ -314,7 +392,7 @@ class Pipeline:
         rid = rid_b.decode("latin-1")
         str_headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
         host = next((v for n, v in str_headers if n == "host"), "")
-        dst = info.destination
+        dst = refresh(self.state, info.destination)   # the Service now, not when the connection opened
         method = head.method.decode("latin-1")
         path = head.path.decode("latin-1") or "/"
         svc_key = ResourceKey("Service", dst.service.namespace, dst.service.name) if dst.service else None
@@ -341,7 +419,11 @@ class Pipeline:
                          resp_bytes=len(plan.body), rid=rid, route=plan.route_name)
             await self._finish_request_body(down, head)
             return
-        target = pick(endpoints(self.state, plan), self.rng)
+        if plan.fault is not None and await self._inject_fault(plan, head, headers, down, info, start, t0, rid):
+            return
+        down = self.mirrors.tee(plan, head, headers, down, info.src_ip)
+        target = self.upstreams.choose(plan, request=HashRequest(headers=head.headers, query=head.query,
+                                                                 source_ip=info.peer_ip))
         if target is None:
             self._reply(down, _NO_HEALTHY)
             self._record(info, head, start, t0, status=503, flags="UH", details=_NO_HEALTHY.details,
@@ -353,21 +435,53 @@ class Pipeline:
         if plan.authority is not None:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
-                              content_length=head.content_length, chunked=head.chunked)
+                              content_length=head.content_length, chunked=head.chunked, upgrade=head.upgrade)
+        reported = False
         try:
-            up = await self.upstreams.acquire(target, info.src_ip)
-        except (TunnelError, OSError) as e:
-            reason = getattr(e, "reason", None) or type(e).__name__
-            body = (_UPSTREAM_RESET + b"remote connection failure, transport failure reason: " +
-                    str(e).encode("latin-1", "replace"))
-            self._reply(down, Reply(status=503, body=body))
-            self._record(info, head, start, t0, status=503, flags="UF", details="upstream_reset_before_response_"
-                         "started{remote_connection_failure}", resp_bytes=len(body), rid=rid, fwd=plan,
-                         target=target, route=plan.route_name, failure=reason)
-            await self._finish_request_body(down, head)
-            return
-        res = await self.exchange(up, up_head, down, plan.response_headers)
-        self.upstreams.release(up, res.reusable)
+            try:
+                up = await self.upstreams.acquire(target, info.src_ip, gone=down.gone)
+            except Withdrawn:         # the client left while the request waited for a connection
+                self.upstreams.report(target, None)
+                reported = True
+                self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
+                             rid=rid, fwd=plan, target=target, route=plan.route_name)
+                return
+            except Overflow:
+                self.upstreams.report(target, _OVERFLOW_OUTCOME)
+                reported = True
+                self._reply(down, _OVERFLOW)
+                self._record(info, head, start, t0, status=503, flags="UO", details=_OVERFLOW.details,
+                             resp_bytes=len(_OVERFLOW.body), rid=rid, fwd=plan, target=target,
+                             route=plan.route_name, failure="overflow")
+                await self._finish_request_body(down, head)
+                return
+            except (TunnelError, OSError) as e:
+                self.upstreams.report(target, _CONNECT_FAILURE)
+                reported = True
+                reason = getattr(e, "reason", None) or type(e).__name__
+                if isinstance(e, ConnectTimeout):
+                    body, details = _UPSTREAM_RESET + b"connection timeout", "connection_timeout"
+                else:
+                    body = (_UPSTREAM_RESET + b"remote connection failure, transport failure reason: " +
+                            str(e).encode("latin-1", "replace"))
+                    details = "remote_connection_failure"
+                self._reply(down, Reply(status=503, body=body))
+                self._record(info, head, start, t0, status=503, flags="UF",
+                             details=f"upstream_reset_before_response_started{{{details}}}", resp_bytes=len(body),
+                             rid=rid, fwd=plan, target=target, route=plan.route_name, failure=reason)
+                await self._finish_request_body(down, head)
+                return
+            try:
+                res = await self.exchange(up, up_head, down, plan.response_headers)
+            except BaseException:
+                self.upstreams.release(up, False)
+                raise
+            self.upstreams.release(up, res.reusable)
+            self.upstreams.report(target, attempt_outcome(res, down), up.rtt)
+            reported = True
+        finally:
+            if not reported:       # cancelled or failed before an outcome: still reported once
+                self.upstreams.report(target, None)
         if res.client_error is not None:
             if not res.started and not down.lost:
                 down.codec.close_after_response()

@@ -4,8 +4,11 @@
 pod ip:port) and says whether that port is plain TCP (port name `tcp`/`tcp-*`, Istio's port
 naming; such traffic is relayed at L4). `plan_request` takes the request's routing view and
 returns either a `Forward` (the backend Service, port, subset labels, header and URL rewrites)
-or a `Reply` the waypoint sends itself (404 NR, redirect, 500 for a rule without backends,
-503 NC for an undefined subset).
+or a `Reply` the waypoint sends itself (404 NR, redirect, VirtualService directResponse, 500 for
+a rule without backends, 503 NC for an undefined subset). A Forward also carries the route's fault decision
+(waypoint/fault.py: VirtualService `fault`, drawn here) and the mirrors drawn for this request
+(VirtualService `mirror`/`mirrorPercentage`/`mirrors`, HTTPRoute `RequestMirror` filters on the
+rule and on the chosen backendRef), which waypoint/mirror.py sends.
 
 Route sources, in Istio's order at a waypoint: HTTPRoutes bound to the Service (GAMMA: parentRef
 Service, optional port; consumer routes in the client's namespace replace producer routes);
@@ -22,15 +25,19 @@ from dataclasses import dataclass
 
 from mesh.model import ServiceInfo, Workload
 from mesh.model.base import FrozenMap
-from mesh.model.route import (DestinationRule, HeaderModifier, HTTPFilters, HTTPRoute, PathMatchType,
-                              PathModifier, PathModifierType, StringMatchType, VirtualService, VSHeaders)
+from mesh.model.route import (BackendRef, DestinationRule, HeaderModifier, HTTPFilters, HTTPRoute, PathMatchType,
+                              PathModifier, PathModifierType, StringMatchType, VirtualService, VSDestination,
+                              VSHeaders, VSHTTPRoute)
 from mesh.model.resources import ServicePort
 from mesh.state import ProxyState
 
+from .fault import FaultDecision, decide, drawn, per_million
+from .headers import apply_modifiers
 from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
                       pick_backend, pick_vs_destination)
 
-__all__ = ["Destination", "Forward", "Reply", "resolve", "plan_request", "service_fqdn", "RouteSet"]
+__all__ = ["Destination", "Forward", "Reply", "MirrorTarget", "resolve", "refresh", "plan_request", "service_fqdn",
+           "RouteSet", "destination_rule_for"]
 
 DOMAIN = "cluster.local"
 
@@ -69,6 +76,19 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MirrorTarget:
+    """A copy of the request to send fire-and-forget (the draw against its percentage was won)."""
+
+    host: str
+    """The mirror as configured (VirtualService host, or `namespace/name` of a backendRef)."""
+    service: ServiceInfo | None
+    """None: no such Service (the copy is counted as `no_cluster`, never sent)."""
+    port: int = 0
+    target_port: int = 0
+    subset_labels: FrozenMap | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Forward:
     """Send the request to one endpoint of `service` (or to the dialled pod)."""
 
@@ -77,6 +97,8 @@ class Forward:
     """The Service port (pod-addressed: the dialled port)."""
     target_port: int
     """The endpoint's port."""
+    subset: str = ""
+    """The DestinationRule subset's name ("" for none): part of the cluster key."""
     subset_labels: FrozenMap | None = None
     """Only endpoints whose pod carries all these labels (a DestinationRule subset)."""
     workload: Workload | None = None
@@ -89,6 +111,10 @@ class Forward:
     authority: bytes | None = None
     """Rewritten Host; None = as sent."""
     route_name: str = ""
+    fault: FaultDecision | None = None
+    """The fault injected into this request (delay and/or abort), decided at plan time."""
+    mirrors: tuple[MirrorTarget, ...] = ()
+    """Copies to send (already drawn against their percentages)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +166,22 @@ def resolve(state: ProxyState, authority: str) -> Destination | None:
     return Destination(ip=host, port=port, workload=w, service_port=sp, tcp=_is_tcp(sp))
 
 
+def refresh(state: ProxyState, dst: Destination) -> Destination:
+    """`dst` with the Service as the state holds it now (a downstream connection resolves its
+    destination once; its requests must see the Service's later updates). The same object when
+    nothing changed or the Service is gone."""
+    svc = dst.service
+    if svc is None:
+        return dst
+    cur = state.service(svc.uid)
+    if cur is None or cur is svc:
+        return dst
+    sp = next((p for p in cur.ports if p.port == dst.port), None)
+    if sp is None:
+        return dst
+    return Destination(ip=dst.ip, port=dst.port, service=cur, service_port=sp, tcp=dst.tcp)
+
+
 def _target(sp: ServicePort) -> int:
     # A named targetPort cannot be resolved without container ports: use the service port.
     return sp.target_port if isinstance(sp.target_port, int) else sp.port
@@ -171,12 +213,20 @@ def _forward_to(svc: ServiceInfo, port: int | None, default_port: int, **kw) -> 
     return Forward(service=svc, port=sp.port, target_port=_target(sp), **kw)
 
 
+def _names(dr: DestinationRule, svc: ServiceInfo) -> bool:
+    h = dr.host
+    return (h == service_fqdn(svc) or (h == svc.name and dr.namespace == svc.namespace)
+            or h == f"{svc.name}.{svc.namespace}")
+
+
+def destination_rule_for(drs: Sequence[DestinationRule], svc: ServiceInfo) -> DestinationRule | None:
+    """The DestinationRule whose host names `svc` (the first by namespace/name)."""
+    return next((dr for dr in sorted(drs, key=lambda d: (d.namespace, d.name)) if _names(dr, svc)), None)
+
+
 def _subset_labels(drs: Sequence[DestinationRule], svc: ServiceInfo, subset: str) -> FrozenMap | None:
-    fqdn = service_fqdn(svc)
     for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
-        h = dr.host
-        names = h == fqdn or (h == svc.name and dr.namespace == svc.namespace) or h == f"{svc.name}.{svc.namespace}"
-        if names:
+        if _names(dr, svc):
             for s in dr.subsets:
                 if s.name == subset:
                     return s.labels
@@ -220,6 +270,52 @@ def _redirect(filters: HTTPFilters, req: RequestInfo, raw_query: bytes, matched_
                  route_name=route_name)
 
 
+def _mirror_target(host: str, svc: ServiceInfo | None, port: int | None, default_port: int,
+                   labels: FrozenMap | None = None) -> MirrorTarget:
+    if svc is None:
+        return MirrorTarget(host=host, service=None)
+    sp = next((p for p in svc.ports if p.port == (port or default_port)), None)
+    if sp is None and port is None and len(svc.ports) == 1:
+        sp = svc.ports[0]
+    if sp is None:
+        return MirrorTarget(host=host, service=None)
+    return MirrorTarget(host=host, service=svc, port=sp.port, target_port=_target(sp), subset_labels=labels)
+
+
+def _http_route_mirrors(state: ProxyState, filters: Sequence[HTTPFilters], port: int,
+                        rng: random.Random) -> tuple[MirrorTarget, ...]:
+    """RequestMirror filters of the rule and of the chosen backendRef, each drawn on its own."""
+    out = []
+    for f in filters:
+        for m in f.mirrors:
+            if drawn(per_million(m.percent), rng):
+                b: BackendRef = m.backend
+                svc = _find_service(state, b.namespace, b.name) if b.kind == "Service" else None
+                out.append(_mirror_target(f"{b.namespace}/{b.name}", svc, b.port, port))
+    return tuple(out)
+
+
+def _vs_mirrors(state: ProxyState, drs: Sequence[DestinationRule], route: VSHTTPRoute, namespace: str,
+                port: int, rng: random.Random) -> tuple[MirrorTarget, ...]:
+    """`mirror` (+ `mirrorPercentage`, unset = 100 %) and each `mirrors[]` entry (unset = 100 %)."""
+    wanted: list[tuple[VSDestination, float | None]] = []
+    if route.mirror is not None:
+        wanted.append((route.mirror, route.mirror_percentage))
+    wanted.extend((m.destination, m.percentage) for m in route.mirrors)
+    out = []
+    for dest, pct in wanted:
+        if not drawn(per_million(100.0 if pct is None else pct), rng):
+            continue
+        svc = _service_by_host(state, dest.host, namespace)
+        labels = None
+        if svc is not None and dest.subset is not None:
+            labels = _subset_labels(drs, svc, dest.subset)
+            if labels is None:   # an undefined subset: Envoy's shadow to a missing cluster
+                svc = None
+        out.append(_mirror_target(dest.host, svc, dest.port, port, labels))
+    return tuple(out)
+
+
 def _plan_http_route(state: ProxyState, routes: Sequence[HTTPRoute], req: RequestInfo, raw_query: bytes,
                      default: ServiceInfo, port: int, rng: random.Random) -> Forward | Reply:
     m = find_route(routes, req)
@@ -245,13 +341,42 @@ def _plan_http_route(state: ProxyState, routes: Sequence[HTTPRoute], req: Reques
     bf = backend.filters
     req_mods = tuple(x for x in (f.request_headers, bf.request_headers) if x is not None)
     resp_mods = tuple(x for x in (f.response_headers, bf.response_headers) if x is not None)
+    mirrors = _http_route_mirrors(state, (f, bf), port, rng)
     return _forward_to(svc, backend.port, port, request_headers=req_mods, response_headers=resp_mods,
-                       target=target, authority=authority, route_name=name)
+                       target=target, authority=authority, route_name=name, mirrors=mirrors)
 
 
 def _vs_mods(*hs: VSHeaders | None) -> tuple[tuple[HeaderModifier, ...], tuple[HeaderModifier, ...]]:
     return (tuple(h.request for h in hs if h is not None and h.request is not None),
             tuple(h.response for h in hs if h is not None and h.response is not None))
+
+
+def _vs_local_reply(route: VSHTTPRoute, req: RequestInfo, raw_query: bytes, port: int, name: str) -> Reply:
+    """`redirect` / `directResponse`: Envoy's direct response (details `direct_response`), with
+    the rule's response header operations applied."""
+    hs: list[tuple[bytes, bytes]] = []
+    if route.direct_response is not None:
+        status, body = route.direct_response.status, route.direct_response.body
+    else:
+        r = route.redirect
+        assert r is not None
+        scheme = r.scheme or "http"
+        host = r.authority or next((v for n, v in req.headers if n == "host"), req.host)
+        out_port = r.port if r.port is not None else (port if r.derive_port == "FROM_REQUEST_PORT" else None)
+        if out_port is not None:   # Envoy's port_redirect: replaces the Host's port; a scheme's default is left out
+            h, sep, p = host.rpartition(":")
+            host = h if sep and p.isdigit() else host
+            if _WELL_KNOWN.get(scheme) != out_port:
+                host = f"{host}:{out_port}"
+        if r.uri is None:
+            target = _with_query(req.path, req, raw_query)
+        else:   # path_redirect: a `?` in it replaces the query, else the request's query is kept
+            target = r.uri.encode() if "?" in r.uri else _with_query(r.uri, req, raw_query)
+        hs.append((b"location", f"{scheme}://{host}".encode() + target))
+        status, body = r.redirect_code, b""
+    if route.headers is not None and route.headers.response is not None:
+        hs = apply_modifiers(hs, (route.headers.response,))
+    return Reply(status=status, body=body, details="direct_response", headers=tuple(hs), route_name=name)
 
 
 def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[DestinationRule], req: RequestInfo,
@@ -261,7 +386,10 @@ def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[Des
         return _NO_ROUTE
     vs, route = m.virtual_service, m.route
     name = route.name or f"{vs.namespace}.{vs.name}.{m.route_index}"
+    if route.redirect is not None or route.direct_response is not None:
+        return _vs_local_reply(route, req, raw_query, port, name)
     dest = pick_vs_destination(route.route, rng)
+    fault = decide(route.fault, rng)
     if dest is None:
         return Reply(status=500, flags="NC", details="cluster_not_found", route_name=name)
     svc = _service_by_host(state, dest.destination.host, vs.namespace)
@@ -284,8 +412,12 @@ def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[Des
         if route.rewrite.authority is not None:
             authority = route.rewrite.authority.encode()
     req_mods, resp_mods = _vs_mods(route.headers, dest.headers)
-    return _forward_to(svc, dest.destination.port, port, subset_labels=labels, request_headers=req_mods,
-                       response_headers=resp_mods, target=target, authority=authority, route_name=name)
+    # An aborted request never reaches the router, so it is never mirrored.
+    mirrors = () if fault is not None and fault.abort is not None else _vs_mirrors(
+        state, drs, route, vs.namespace, port, rng)
+    return _forward_to(svc, dest.destination.port, port, subset=dest.destination.subset or "",
+                       subset_labels=labels, request_headers=req_mods, response_headers=resp_mods,
+                       target=target, authority=authority, route_name=name, fault=fault, mirrors=mirrors)
 
 
 def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_query: bytes, *,

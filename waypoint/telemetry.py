@@ -8,8 +8,10 @@ Families (Istio's standard metrics, docs/reference/config/metrics):
   istio_requests_total                  counter
   istio_request_duration_milliseconds   histogram, Envoy's default buckets (DURATION_BUCKETS_MS)
   istio_request_bytes / istio_response_bytes  histograms (BYTES_BUCKETS)
-all with the same label set, `RequestLabels`. The dashboards' queries (istio-dashboards.md)
-filter on these names and labels.
+all with the same label set, `RequestLabels`, plus `route`: the name of the route that matched
+(`RequestResult.route_name`, "unknown" when none did), which Istio keeps out of its metrics but
+`ambient stat route/NAME` groups by. The dashboards' queries (istio-dashboards.md) filter on
+these names and labels.
 
 Memory is bounded: at most `max_series` distinct label sets (default 16,384, about 1.5 KB
 each: ~25 MB worst case). A request whose label set would be one more is counted in a single
@@ -142,8 +144,9 @@ class _Series:
         self.resp_sum = 0
 
 
-def _label_text(labels: RequestLabels) -> bytes:
-    return ",".join(f'{k}="{_escape(getattr(labels, k))}"' for k in LABEL_NAMES).encode()
+def _label_text(labels: RequestLabels, route: str) -> bytes:
+    return (",".join(f'{k}="{_escape(getattr(labels, k))}"' for k in LABEL_NAMES)
+            + f',route="{_escape(route)}"').encode()
 
 
 class WaypointMetrics:
@@ -160,36 +163,44 @@ class WaypointMetrics:
         self.max_series = max_series
         self._dur_bounds = tuple(float(b) for b in duration_buckets)
         self._bytes_bounds = tuple(float(b) for b in bytes_buckets)
-        self._series: dict[RequestLabels, _Series] = {}
+        self._series: dict[tuple[RequestLabels, str], _Series] = {}
+        """By (labels, route name): the route is a label of its own (see module doc)."""
         self._overflow: dict[str, _Series] = {}
         self.overflowed = 0
         """Requests counted in an overflow series because the cap was reached."""
+        self.mirrors: dict[str, int] = {}
+        """Mirrored copies by result (waypoint/mirror.py MirrorResult labels, a closed set)."""
 
     def __len__(self) -> int:
         """Distinct label sets held (overflow series included)."""
         return len(self._series) + len(self._overflow)
 
-    def _new_series(self, labels: RequestLabels) -> _Series:
-        return _Series(_label_text(labels), len(self._dur_bounds) + 1, len(self._bytes_bounds) + 1)
+    def _new_series(self, labels: RequestLabels, route: str) -> _Series:
+        return _Series(_label_text(labels, route), len(self._dur_bounds) + 1, len(self._bytes_bounds) + 1)
 
-    def _series_for(self, labels: RequestLabels) -> _Series:
-        s = self._series.get(labels)
+    def _series_for(self, labels: RequestLabels, route: str) -> _Series:
+        key = (labels, route)
+        s = self._series.get(key)
         if s is not None:
             return s
         if len(self._series) < self.max_series:
-            s = self._series[labels] = self._new_series(labels)
+            s = self._series[key] = self._new_series(labels, route or "unknown")
             return s
         self.overflowed += 1
         s = self._overflow.get(labels.reporter)
         if s is None:
             folded = RequestLabels(**{k: _OVERFLOW_VALUE for k in LABEL_NAMES if k != "reporter"},
                                    reporter=labels.reporter)
-            s = self._overflow[labels.reporter] = self._new_series(folded)
+            s = self._overflow[labels.reporter] = self._new_series(folded, _OVERFLOW_VALUE)
         return s
+
+    def count_mirror(self, result: str) -> None:
+        """Count one mirrored copy that ended with `result`."""
+        self.mirrors[result] = self.mirrors.get(result, 0) + 1
 
     def record(self, result: RequestResult) -> None:
         """Count one finished request."""
-        s = self._series_for(result.labels)
+        s = self._series_for(result.labels, result.route_name)
         s.requests += 1
         d = max(0.0, result.duration_ms)
         s.dur[bisect_left(self._dur_bounds, d)] += 1
@@ -229,6 +240,10 @@ class WaypointMetrics:
         yield (b"# HELP waypoint_metric_series_overflow_total Requests counted in the overflow series "
                b"because the label-set cap was reached.\n# TYPE waypoint_metric_series_overflow_total counter\n"
                b"waypoint_metric_series_overflow_total %d\n" % self.overflowed)
+        yield (b"# HELP waypoint_mirror_requests_total Mirrored request copies by how they ended.\n"
+               b"# TYPE waypoint_mirror_requests_total counter\n" +
+               b"".join(b'waypoint_mirror_requests_total{result="%s"} %d\n' % (k.encode(), v)
+                        for k, v in sorted(self.mirrors.items())))
 
     def exposition(self) -> bytes:
         """All families in the Prometheus text format (version 0.0.4)."""

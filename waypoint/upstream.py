@@ -1,101 +1,198 @@
-"""Endpoints and upstream connections: which pod a request goes to, and HTTP/1.1 over a pooled HBONE stream to it.
+"""Upstream endpoints and connections: choose a pod (balancer, outlier detection), admit (circuit breakers), connect, pool.
 
-`endpoints()` is pure: the endpoints of a Forward plan (the Service's, filtered by subset
-labels, or the dialled pod). `pick()` is the stand-in load balancer (uniform, injected rng)
-until waypoint/resilience brings real ones.
+`choose(fwd, request=, avoid=)` finds the request's cluster (waypoint/endpoints.py: one balancer,
+outlier detector and set of circuit counters per `outbound|<port>|<subset>|<fqdn>`) and picks an
+endpoint, or None (-> 503 `no healthy upstream`, UH). Every chosen target is `report`ed exactly
+once with the attempt's outcome and RTT (`UpstreamConn.rtt`: first response byte after the
+request went out).
 
-`Upstreams` opens one CONNECT per upstream HTTP/1.1 connection: HBONE to the endpoint pod's
-ztunnel (`<pod ip>:15008`, `:authority <pod ip>:<target port>`, the pod's identity expected,
-the waypoint's presented), pooled per PoolKey by HbonePool, so many streams share one mTLS
-connection. A stream whose exchange ended cleanly and whose codec says it is reusable goes
-back to a small idle list per endpoint (keep-alive), newest first; it is dropped when its
-stream ends. Pods outside the mesh (tunnel protocol NONE) get plain TCP instead.
+`acquire(target, src_ip)` applies the cluster's DestinationRule connectionPool limits in Envoy's
+order (resilience/circuit.py decides, this module counts and waits): a free keep-alive connection
+to the endpoint -> use it; else a new connection while fewer than `maxConnections` are open (or
+the endpoint has none at all) -- it must be up within `connectTimeout`, else `ConnectTimeout`;
+else wait in the endpoint's queue while fewer than `http1MaxPendingRequests` wait (a released
+connection goes straight to the oldest waiter; a closed one lets a waiter connect), else
+`Overflow`. With a connection in hand, `http2MaxRequests` requests already in flight -> `Overflow`
+(the connection stays for the next request). The data path answers
+`Overflow` with 503 UO (`x-envoy-overloaded: true`) and `ConnectTimeout` like any connect
+failure (503 UF, `connection timeout`).
+
+`release(conn, reusable)` returns the connection: kept (newest first, at most
+MAX_IDLE_PER_ENDPOINT per endpoint) unless it is not reusable, has served
+`maxRequestsPerConnection` requests, or its pool is full; idle ones are closed after
+`idleTimeout`. One CONNECT is one upstream HTTP/1.1 connection: HBONE to the endpoint pod's
+ztunnel (`<pod ip>:15008`, `:authority <pod ip>:<target port>`, pooled per PoolKey by HbonePool so
+streams share one mTLS connection); pods outside the mesh (tunnel protocol NONE) get plain TCP.
+
+A background task (started with the first cluster) runs each cluster's outlier sweep every
+`interval` and closes idle connections past `idleTimeout`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from mesh.clock import Clock
 from mesh.hbone import HbonePool, PoolKey
 from mesh.identity import SpiffeId
-from mesh.model import TunnelProtocol, Workload
+from mesh.model import TunnelProtocol
 from mesh.proxy.sockets import SocketFactory
 from mesh.state import ProxyState
 
 from .channel import HttpChannel
+from .endpoints import (NO_REQUEST, Cluster, ClusterConfig, Clusters, EndpointTarget, HashRequest, cluster_exposition,
+                        endpoint_targets)
 from .http import ClientConnection, Limits
 from .plan import Forward
+from .resilience import (AttemptOutcome, ConnectionAction, OverflowReason, PoolCounters, admit_request,
+                         connection_reusable, idle_expired, plan_connection)
 
-__all__ = ["EndpointTarget", "endpoints", "pick", "Upstreams", "UpstreamConn", "HBONE_PORT"]
+__all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overflow", "ConnectTimeout", "Withdrawn",
+           "HBONE_PORT", "MAX_IDLE_PER_ENDPOINT", "endpoints", "pick"]
+
+log = logging.getLogger("ambient.waypoint")
 
 HBONE_PORT = 15008
 MAX_IDLE_PER_ENDPOINT = 16
+SWEEP_TICK = 1.0
+"""Seconds between background passes at most (outlier sweeps run at their own interval)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EndpointTarget:
-    """One pod port a request can go to."""
+class Overflow(Exception):
+    """A circuit breaker refused the attempt (503 UO, never retried)."""
 
-    workload: Workload
-    port: int
-
-    @property
-    def address(self) -> str:
-        return f"{self.workload.ip}:{self.port}"
+    def __init__(self, reason: OverflowReason, cluster: str) -> None:
+        super().__init__(f"{cluster}: {reason.value} circuit breaker overflowed")
+        self.reason = reason
 
 
-def endpoints(state: ProxyState, fwd: Forward) -> list[EndpointTarget]:
-    if fwd.workload is not None:
-        return [EndpointTarget(workload=fwd.workload, port=fwd.target_port)]
-    assert fwd.service is not None
-    out = []
-    want = fwd.subset_labels
-    for ep in fwd.service.endpoints:
-        w = state.workload(ep.workload_uid)
-        if w is None:
-            continue
-        if want and any(w.labels.get(k) != v for k, v in want.items()):
-            continue
-        out.append(EndpointTarget(workload=w, port=fwd.target_port))
-    return out
+class Withdrawn(Exception):
+    """The client left while its request waited for a connection (Envoy cancels such a pending
+    request: upstream_rq_cancelled); nothing was sent upstream."""
 
 
-def pick(targets: list[EndpointTarget], rng: random.Random) -> EndpointTarget | None:
-    return targets[rng.randrange(len(targets))] if targets else None
+class ConnectTimeout(TimeoutError):
+    """The upstream connection was not up within the cluster's connectTimeout (503 UF)."""
+
+    reason = "connection_timeout"
 
 
 class UpstreamConn(HttpChannel):
     """One upstream HTTP/1.1 connection (an HBONE stream or TCP) with its client codec."""
 
-    __slots__ = ("codec", "target")
+    __slots__ = ("codec", "target", "served", "idle_since", "started_at", "first_byte_at", "counted", "_clock",
+                 "_on_lost")
 
-    def __init__(self, target: EndpointTarget, limits: Limits | None = None) -> None:
+    def __init__(self, target: EndpointTarget, limits: Limits | None = None, *, clock: Clock | None = None,
+                 on_lost: Callable[[UpstreamConn], None] | None = None) -> None:
         self.codec = ClientConnection(limits)
         super().__init__(self.codec.receive_data)
         self.target = target
+        self.served = 0
+        """Requests this connection has carried (maxRequestsPerConnection)."""
+        self.idle_since = 0.0
+        self.started_at = 0.0
+        """When the current attempt got this connection."""
+        self.first_byte_at: float | None = None
+        self.counted = False
+        """Counted in its cluster's open connections (uncounted once, when it goes)."""
+        self._clock = clock
+        self._on_lost = on_lost
 
     @property
     def usable(self) -> bool:
         return not self.lost and not self.ended and self.codec.reusable
 
+    @property
+    def rtt(self) -> float | None:
+        """Seconds from the attempt taking this connection to the first response byte; None
+        before any byte came."""
+        if self.first_byte_at is None:
+            return None
+        return max(0.0, self.first_byte_at - self.started_at)
+
+    def data_received(self, data) -> None:
+        if self.first_byte_at is None and self._clock is not None:
+            self.first_byte_at = self._clock.now()
+        super().data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+
+def endpoints(state: ProxyState, fwd: Forward) -> list[EndpointTarget]:
+    """The endpoints of `fwd`, unbalanced and unfiltered by outlier detection, for code not yet
+    on `Upstreams.choose`: they belong to no cluster (`cluster` ""), so `acquire` applies no
+    circuit limits to them and nothing reports to a balancer."""
+    svc = (state.service(fwd.service.uid) or fwd.service) if fwd.service is not None else None
+    return endpoint_targets(state, svc, fwd, "")
+
+
+def pick(targets: list[EndpointTarget], rng: random.Random) -> EndpointTarget | None:
+    """Uniform choice (the stand-in balancer before `Upstreams.choose`)."""
+    return targets[rng.randrange(len(targets))] if targets else None
+
+
+def _counters(c: Cluster) -> PoolCounters:
+    return PoolCounters(open_connections=c.open_connections, pending_requests=c.pending_requests,
+                        active_requests=c.active_requests)
+
 
 class Upstreams:
-    """Opens, keeps and reuses upstream connections (see the module docstring)."""
+    """Chooses endpoints and opens, keeps and reuses upstream connections (module docstring)."""
 
     def __init__(self, *, identity: SpiffeId, pool: HbonePool, sockets: SocketFactory,
-                 client_tls: Callable[[], ssl.SSLContext], trust_domain: str, limits: Limits | None = None) -> None:
+                 client_tls: Callable[[], ssl.SSLContext], trust_domain: str, state: ProxyState, clock: Clock,
+                 rng: random.Random, limits: Limits | None = None) -> None:
         self.identity = identity
         self.pool = pool
         self.sockets = sockets
         self.client_tls = client_tls
         self.trust_domain = trust_domain
+        self.clock = clock
+        self.rng = rng
         self.limits = limits
-        self._idle: dict[tuple[str, int], list[UpstreamConn]] = {}
+        self.clusters = Clusters(state)
+        self._loose = Cluster("", Forward(service=None, port=0, target_port=0), ClusterConfig(), None, [], now=0.0,
+                              version=-1, service=None)
+        """Where targets that no cluster chose (cluster "", from `endpoints()`) are counted: no limits."""
+        self._idle: dict[tuple[str, str], list[UpstreamConn]] = {}
+        self._waiters: dict[tuple[str, str], deque[asyncio.Future[UpstreamConn | None]]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
         self.opened = 0
         self.reused = 0
+
+    # -- choosing ------------------------------------------------------------------------------
+
+    def choose(self, fwd: Forward, *, request: HashRequest = NO_REQUEST,
+               avoid: frozenset[str] = frozenset()) -> EndpointTarget | None:
+        """The endpoint for one attempt of `fwd`, or None when the cluster has none usable.
+        `avoid`: endpoint addresses (`ip:port`) already tried, skipped when another is usable."""
+        now = self.clock.now()
+        c = self.clusters.cluster_for(fwd, now)
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        return c.choose(now, self.rng, request, avoid)
+
+    def report(self, target: EndpointTarget, outcome: AttemptOutcome | None, rtt: float | None = None) -> None:
+        """How the attempt `choose` sent to `target` ended (exactly once per chosen target);
+        None: it ended without a verdict on the endpoint (the client went away)."""
+        c = self.clusters.get(target.cluster)
+        if c is None:
+            return
+        ej = c.report(target, outcome, rtt, self.clock.now())
+        if ej is not None:
+            log.info("waypoint cluster %s: %s ejected (%s, ejection %d, until +%.1fs)", c.key, ej.endpoint,
+                     ej.cause.value, ej.ejection_count, ej.until - self.clock.now())
+
+    # -- connections ---------------------------------------------------------------------------
 
     async def open_transport(self, target: EndpointTarget, src_ip: str, protocol) -> None:
         """Connect `protocol` to `target`: a CONNECT on a pooled HBONE connection, or TCP for
@@ -113,35 +210,251 @@ class Upstreams:
             await asyncio.get_running_loop().create_connection(lambda: protocol, sock=sock)
         self.opened += 1
 
-    async def acquire(self, target: EndpointTarget, src_ip: str) -> UpstreamConn:
-        """An idle keep-alive connection to `target`, else a new one."""
-        idle = self._idle.get((str(target.workload.ip), target.port))
-        while idle:
-            conn = idle.pop()
-            if conn.usable:
+    async def acquire(self, target: EndpointTarget, src_ip: str, *,
+                      gone: Callable[[], asyncio.Future[None]] | None = None) -> UpstreamConn:
+        """A connection to `target` for one attempt, within the cluster's circuit limits.
+        Raises Overflow, ConnectTimeout, TunnelError or OSError; Withdrawn when `gone()` (the
+        client's departure) resolves while the request waits in the pending queue."""
+        c = self._cluster_of(target.cluster)
+        if c is None:
+            raise LookupError(f"acquire for {target.address} of cluster {target.cluster!r}, which choose() "
+                              f"did not return")
+        key = (c.key, target.address)
+        queued = False
+        while True:
+            conn = self._pop_idle(key, c)
+            if conn is not None:
                 self.reused += 1
-                return conn
-            conn.close()
-        conn = UpstreamConn(target, self.limits)
-        await self.open_transport(target, src_ip, conn)
+                break
+            plan = plan_connection(c.limits, _counters(c), free_connection=False,
+                                   endpoint_connections=c.endpoint_connections.get(target.address, 0))
+            if plan.action is ConnectionAction.CONNECT:
+                if plan.beyond_max_connections:
+                    c.stats.upstream_cx_overflow += 1
+                conn = await self._connect(c, target, src_ip, count_pending=not queued)
+                break
+            if plan.action is ConnectionAction.OVERFLOW:
+                c.stats.upstream_rq_pending_overflow += 1
+                raise Overflow(plan.overflow or OverflowReason.MAX_PENDING_REQUESTS, c.key)
+            if not queued:   # QUEUE: Envoy counts the connection breaker's overflow, then waits
+                queued = True
+                c.stats.upstream_cx_overflow += 1
+                c.stats.upstream_rq_pending_total += 1
+            conn = await self._wait(key, c, gone)
+            if conn is not None and conn.usable:
+                break
+            # None: a connection to the endpoint went away; plan again (room to connect now)
+        # http2MaxRequests is checked as the request is put on its connection, as Envoy's pool
+        # does (attachStreamToClient): requests waiting for one do not count.
+        adm = admit_request(c.limits, _counters(c))
+        if not adm.admitted:
+            self._offer(conn)
+            c.stats.upstream_rq_pending_overflow += 1
+            raise Overflow(adm.overflow or OverflowReason.MAX_REQUESTS, c.key)
+        c.active_requests += 1
+        conn.started_at = self.clock.now()
+        conn.first_byte_at = None
         return conn
 
-    def release(self, conn: UpstreamConn, reusable: bool) -> None:
-        """Done with `conn`: keep it for the next request to its endpoint, or close it."""
-        if not (reusable and conn.usable):
-            conn.abort() if not conn.codec.reusable else conn.close()
+    async def _wait(self, key: tuple[str, str], c: Cluster,
+                    gone: Callable[[], asyncio.Future[None]] | None) -> UpstreamConn | None:
+        fut: asyncio.Future[UpstreamConn | None] = asyncio.get_running_loop().create_future()
+        q = self._waiters.setdefault(key, deque())
+        q.append(fut)
+        c.pending_requests += 1
+        try:
+            if gone is not None:
+                g = gone()
+                await asyncio.wait((fut, g), return_when=asyncio.FIRST_COMPLETED)
+                if g.done():
+                    if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+                        self._offer(fut.result())    # handed over just as the client left: pass it on
+                    fut.cancel()
+                    c.stats.upstream_rq_cancelled += 1
+                    raise Withdrawn(f"the client left while its request to {key[1]} waited for a connection")
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.result() is not None:
+                self._offer(fut.result())   # handed over as we were cancelled: pass it on
+            raise
+        finally:
+            c.pending_requests -= 1
+            if fut in q:
+                q.remove(fut)
+            if not q:
+                self._waiters.pop(key, None)
+
+    async def _connect(self, c: Cluster, target: EndpointTarget, src_ip: str, *, count_pending: bool) -> UpstreamConn:
+        conn = UpstreamConn(target, self.limits, clock=self.clock, on_lost=self._forget)
+        conn.counted = True
+        c.open_connections += 1
+        c.endpoint_connections[target.address] = c.endpoint_connections.get(target.address, 0) + 1
+        c.pending_requests += 1
+        c.stats.upstream_cx_total += 1
+        if count_pending:
+            c.stats.upstream_rq_pending_total += 1
+        timeout = c.limits.connect_timeout
+        try:
+            await asyncio.wait_for(self.open_transport(target, src_ip, conn), timeout)
+        except TimeoutError as e:
+            c.stats.upstream_cx_connect_fail += 1
+            c.stats.upstream_cx_connect_timeout += 1
+            conn.abort()
+            self._forget(conn)
+            raise ConnectTimeout(f"connection timeout: {target.address} not connected within {timeout:g}s") from e
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                c.stats.upstream_cx_connect_fail += 1
+            conn.abort()
+            self._forget(conn)
+            raise
+        finally:
+            c.pending_requests -= 1
+        return conn
+
+    def _cluster_of(self, key: str) -> Cluster | None:
+        return self.clusters.get(key) if key else self._loose
+
+    def _pop_idle(self, key: tuple[str, str], c: Cluster) -> UpstreamConn | None:
+        idle = self._idle.get(key)
+        now = self.clock.now()
+        while idle:
+            conn = idle.pop()
+            if conn.usable and not idle_expired(c.limits, conn.idle_since, now):
+                return conn
+            if conn.usable:
+                c.stats.upstream_cx_idle_timeout += 1
+            conn.close()
+            self._forget(conn)
+        return None
+
+    def _forget(self, conn: UpstreamConn) -> None:
+        """`conn` is closing or gone: uncount it once; a waiter for its endpoint may connect."""
+        if not conn.counted:
             return
-        key = (str(conn.target.workload.ip), conn.target.port)
+        conn.counted = False
+        t = conn.target
+        key = (t.cluster, t.address)
+        idle = self._idle.get(key)
+        if idle is not None:
+            if conn in idle:
+                idle.remove(conn)
+            if not idle:
+                del self._idle[key]
+        c = self._cluster_of(t.cluster)
+        if c is None:
+            return
+        c.open_connections -= 1
+        n = c.endpoint_connections.get(t.address, 0) - 1
+        if n > 0:
+            c.endpoint_connections[t.address] = n
+        else:
+            c.endpoint_connections.pop(t.address, None)
+        self._wake(key, None)
+
+    def _wake(self, key: tuple[str, str], conn: UpstreamConn | None) -> bool:
+        q = self._waiters.get(key)
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return True
+        return False
+
+    def _offer(self, conn: UpstreamConn) -> None:
+        """A free, reusable connection: to the oldest waiter for its endpoint, else the idle pool."""
+        t = conn.target
+        key = (t.cluster, t.address)
+        if self._wake(key, conn):
+            return
+        conn.idle_since = self.clock.now()
         idle = self._idle.setdefault(key, [])
         idle.append(conn)
         if len(idle) > MAX_IDLE_PER_ENDPOINT:
-            idle.pop(0).close()
+            old = idle.pop(0)
+            old.close()
+            self._forget(old)
+
+    def release(self, conn: UpstreamConn, reusable: bool) -> None:
+        """Done with `conn` (once per acquire): keep it for the next request to its endpoint,
+        or close it."""
+        c = self._cluster_of(conn.target.cluster)
+        conn.served += 1
+        limits_ok = True
+        if c is not None:
+            c.active_requests = max(0, c.active_requests - 1)
+            limits_ok = connection_reusable(c.limits, conn.served)
+            if not limits_ok and reusable:
+                c.stats.upstream_cx_max_requests += 1
+        if not (reusable and limits_ok and conn.usable) or self._closed:
+            conn.abort() if not conn.codec.reusable else conn.close()
+            self._forget(conn)
+            return
+        self._offer(conn)
+
+    # -- background ----------------------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        clock = self.clock
+        while True:
+            nxt = self.clusters.next_sweep()
+            now = clock.now()
+            await clock.sleep(SWEEP_TICK if nxt is None else min(SWEEP_TICK, max(0.01, nxt - now)))
+            try:
+                self.sweep(clock.now())
+            except Exception:   # a bug here must not end the sweeps (ejections would never end)
+                log.exception("waypoint upstream sweep failed")
+
+    def sweep(self, now: float) -> None:
+        """Due outlier sweeps; idle connections past idleTimeout, or to endpoints that left
+        their cluster, closed."""
+        for c, back in self.clusters.sweep(now):
+            log.info("waypoint cluster %s: %s back from outlier ejection", c.key, ", ".join(back))
+        for (cluster, address), conns in list(self._idle.items()):
+            c = self._cluster_of(cluster)
+            gone = c is None or (c is not self._loose and address not in c.targets)
+            for conn in list(conns):
+                if gone or idle_expired(c.limits, conn.idle_since, now):
+                    if not gone:
+                        c.stats.upstream_cx_idle_timeout += 1
+                    conn.close()
+                    self._forget(conn)
+
+    def snapshot(self) -> list[dict]:
+        """The clusters for the admin config dump."""
+        out = []
+        for c in sorted(self.clusters, key=lambda x: x.key):
+            od = c.outlier
+            out.append({
+                "name": c.key, "lb": c.config.balancer.algorithm.value, "outlier_detection": od is not None,
+                "endpoints": [{"address": a, "ejected": bool(od and od.is_ejected(a))} for a in c.addresses],
+                "open_connections": c.open_connections, "pending_requests": c.pending_requests,
+                "active_requests": c.active_requests, "inflight": c.inflight,
+                "idle_connections": sum(len(self._idle.get((c.key, a), ())) for a in c.addresses)})
+        return out
+
+    def exposition(self) -> bytes:
+        """The clusters' Envoy statistics in the Prometheus text format."""
+        return cluster_exposition(self.clusters)
 
     def idle_count(self) -> int:
         return sum(1 for conns in self._idle.values() for c in conns if c.usable)
 
     def close(self) -> None:
-        for conns in self._idle.values():
-            for c in conns:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conns in list(self._idle.values()):
+            for c in list(conns):
                 c.close()
+                self._forget(c)
         self._idle.clear()
+        for q in self._waiters.values():
+            for fut in q:
+                if not fut.done():
+                    fut.set_exception(ConnectionAbortedError("the waypoint's upstreams are closing"))
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._sweeper is not None:
+            await asyncio.gather(self._sweeper, return_exceptions=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from mesh.proxy.reason import Reason
+
 from .authz import Connection, Decision, evaluate_applicable
 from .pod_context import PodContext
 
@@ -21,13 +23,15 @@ log = logging.getLogger("ambient.ztunnel")
 class Tracked:
     """One registered live connection."""
 
-    __slots__ = ("conn", "cut", "revoked_by")
+    __slots__ = ("conn", "cut", "revoked_by", "closed_for")
 
     def __init__(self, conn: Connection, cut: Callable[[], None]) -> None:
         self.conn = conn
         self.cut = cut
         self.revoked_by: Decision | None = None
         """The decision that closed it, when re-authorization did."""
+        self.closed_for: Reason | None = None
+        """Why ztunnel cut it otherwise (the pod was deleted)."""
 
 
 class ConnectionManager:
@@ -71,6 +75,14 @@ class ConnectionManager:
                 t.cut()
                 closed += 1
         return closed
+
+    def cut_all(self, reason: Reason) -> int:
+        """Cut every open connection (the pod is gone); their results say `reason`."""
+        live = [t for t in self.active.values() if t.revoked_by is None and t.closed_for is None]
+        for t in live:
+            t.closed_for = reason
+            t.cut()
+        return len(live)
 
     def __len__(self) -> int:
         return len(self.active)

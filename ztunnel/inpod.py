@@ -18,6 +18,7 @@ from typing import Any
 
 from mesh.hbone import HbonePool, HboneServer, HoldingProtocol
 from mesh.model import Workload
+from mesh.proxy.reason import Reason
 
 from .config import InboundLimits
 from .connection_manager import ConnectionManager
@@ -89,9 +90,29 @@ class PodProxy:
             await self.close()
             raise
 
+    def live(self) -> dict[str, int]:
+        """What this pod's proxy still holds open (admin /debug/live; zero once drained)."""
+        hb = self._hbone
+        return {"outbound": len(self.outbound.open), "inbound": len(self.connections),
+                "hbone_connections": hb.connection_count if hb is not None else 0,
+                "hbone_handshakes": hb.pending_handshakes if hb is not None else 0}
+
+    @property
+    def drained(self) -> bool:
+        return not any(self.live().values())
+
     def reauthorize(self) -> int:
         """Close open inbound connections the current policies no longer allow; how many were."""
         return self.connections.reauthorize()
+
+    async def abort(self, reason: Reason) -> None:
+        """The pod is gone: stop listening and cut every connection it had now (its netns
+        cannot carry them on), each recorded with `reason`."""
+        await self.close()
+        self.connections.cut_all(reason)
+        self.outbound.cut_all(reason)
+        if self._hbone is not None:
+            self._hbone.abort(reason.label)
 
     async def close(self) -> None:
         """Stop listening; connections already relayed carry on until they end."""

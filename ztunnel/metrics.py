@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from mesh.metrics import Registry
+from mesh.metrics import Registry, build_info
 from mesh.proxy.reason import Direction, Kind
 from mesh.proxy.result import ConnectionResult
 
@@ -98,6 +98,7 @@ class RefusedLabels:
 _TCP_LABELS = tuple(f.name for f in fields(TcpLabels))
 _REFUSED_LABELS = tuple(f.name for f in fields(RefusedLabels))
 _REJECTED_LABELS = tuple(f.name for f in fields(RejectedLabels))
+_BUILD = build_info("ztunnel")
 
 
 class TcpMetrics:
@@ -139,4 +140,6 @@ class TcpMetrics:
         self.sent.labels(*labels).inc(r.bytes_recv)
 
     def exposition(self) -> bytes:
-        return self.registry.exposition()
+        return self.registry.exposition() + _BUILD
+
+

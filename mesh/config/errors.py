@@ -32,6 +32,7 @@ WARNING_REASONS: frozenset[str] = frozenset({
     "not_enforced",  # valid (Istio accepts it) and kept, but the mesh does not act on it yet
     "deprecated",    # a deprecated form, mapped as Istio maps it (or ignored, as Istio ignores it)
     "superseded",    # the same object is defined again later in the batch; the last one is used
+    "unset_percentage",  # a fault without percentage: valid, but Istio then injects nothing (0 %)
 })
 """Every `reason` a ConfigWarning carries."""
 

@@ -443,7 +443,9 @@ class H2Connection:
                                         f"RST_STREAM on stream {ev.stream_id}, which was never opened")
                 return
             self._transition(s, "reset")
-            events.append(StreamReset(ev.stream_id, ev.error_code, True, "peer_reset"))
+            # REFUSED_STREAM: the peer did not process the stream at all (a client may retry).
+            events.append(StreamReset(ev.stream_id, ev.error_code, True,
+                                      "refused_stream" if ev.error_code == ErrorCode.REFUSED_STREAM else "peer_reset"))
         elif t is f.PingReceived:
             if not ev.ack:
                 self._out.append(f.ping_frame(ev.opaque, ack=True))

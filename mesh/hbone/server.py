@@ -493,6 +493,12 @@ class HboneServer:
             s.goaway()
         self._check_drained()
 
+    def abort(self, reason: str) -> None:
+        """close(), then drop every connection now: their tunnels end with `reason`."""
+        self.close()
+        for s in list(self._sessions):
+            s.abort(reason, hard=True)
+
     async def wait_closed(self) -> None:
         """Wait until close() was called and every connection has drained."""
         if self._drained is not None:

@@ -196,13 +196,17 @@ class Session(asyncio.Protocol):
         if not self.tunnels:
             self.transport.close()
 
-    def abort(self, reason: str) -> None:
-        """Close now: all tunnels are reset."""
+    def abort(self, reason: str, *, hard: bool = False) -> None:
+        """Close now: all tunnels are reset. `hard`: drop the TCP connection at once, without
+        waiting for TLS close_notify (the peer is gone, e.g. its pod's netns was deleted)."""
         if self.transport is not None and not self.closed:
             self.close_reason = reason
             self.conn.close()
             self.flush()
-            self.transport.close()
+            if hard:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _peername(self):
         return self.transport.get_extra_info("peername") if self.transport is not None else None

@@ -86,9 +86,14 @@ def test_canary_95_5_over_subsets_and_header_route():
             r = await c.request("GET", "/reviews/1", {"end-user": "jason"})
             assert r.json()["version"] == "v2"
         fams = {f.name: f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())}
-        total = {s.labels["destination_version"]: s.value for s in fams["istio_requests"].samples
-                 if s.name == "istio_requests_total"}
+        total: dict[str, float] = {}
+        by_route: dict[str, float] = {}
+        for s in fams["istio_requests"].samples:  # one series per (version, matched route)
+            if s.name == "istio_requests_total":
+                total[s.labels["destination_version"]] = total.get(s.labels["destination_version"], 0) + s.value
+                by_route[s.labels["route"]] = by_route.get(s.labels["route"], 0) + s.value
         assert total["v2"] == versions.count("v2") + 20 and total["v1"] == versions.count("v1")
+        assert sum(by_route.values()) == len(versions) + 20 and len(by_route) == 2, by_route
         c.close()
     run(go, rng=random.Random(2024))
 

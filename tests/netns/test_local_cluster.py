@@ -326,13 +326,13 @@ def test_bad_input_is_refused_and_changes_nothing(cluster, fname, text, words):
 def test_accepted_but_not_enforced_fields_warn_in_apply_and_status(cluster):
     vs = ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: warned, namespace: shop}\n"
           "spec:\n  hosts: [back]\n  http:\n  - route: [{destination: {host: back}}]\n"
-          "    mirrors:\n    - {destination: {host: back}, percentage: {value: 10}}\n")
+          "    corsPolicy: {allowMethods: [GET]}\n")
     path = write(cluster, "warned.yaml", vs)
     p = ambient("apply", path)
     assert "VirtualService shop/warned applied" in p.stdout
-    assert "warned.yaml" in p.stderr and "spec.http[0].mirrors" in p.stderr and "warning:" in p.stderr, p.stderr
+    assert "warned.yaml" in p.stderr and "spec.http[0].corsPolicy" in p.stderr and "warning:" in p.stderr, p.stderr
     st = status()
-    assert any("spec.http[0].mirrors" in w for w in st["warnings"]["VirtualService shop/warned"])
+    assert any("spec.http[0].corsPolicy" in w for w in st["warnings"]["VirtualService shop/warned"])
     assert "WARNINGS" in ambient("status").stdout
     ambient("delete", path)
     assert "VirtualService shop/warned" not in status()["warnings"]

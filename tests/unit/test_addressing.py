@@ -7,7 +7,7 @@ from ipaddress import IPv4Network as N
 import pytest
 
 from localcluster.addressing import (AddressError, AddressInUse, AddressPlan, AddressPool,
-                                     ClusterAddressing, PoolExhausted, check_pod_ip, gateway_of,
+                                     ClusterAddressing, PoolExhausted, bridge_mac, check_pod_ip, gateway_of,
                                      pod_ip_bounds)
 
 
@@ -264,3 +264,20 @@ def test_pool_lowest_free_mode_and_owner_lookup():
 def test_pool_bad_bounds(first, last):
     with pytest.raises(AddressError):
         AddressPool(N("172.29.9.0/29"), first, last)
+
+
+@pytest.mark.parametrize("ip,mac", [
+    ("10.244.0.1", "0a:58:0a:f4:00:01"),
+    ("10.244.17.1", "0a:58:0a:f4:11:01"),
+    ("0.0.0.0", "0a:58:00:00:00:00"),
+])
+def test_bridge_mac_is_fixed_locally_administered_unicast_from_the_address(ip, mac):
+    got = bridge_mac(ip)
+    assert got == mac
+    first = int(got.split(":")[0], 16)
+    assert first & 0b10 and not first & 0b01  # locally administered, unicast
+
+
+def test_bridge_mac_rejects_what_is_not_an_ipv4_address():
+    with pytest.raises(AddressError):
+        bridge_mac("fe80::1")

@@ -9,7 +9,8 @@ import pytest
 from mesh.config import WARNING_REASONS, ConfigErrors, parse_text
 from mesh.model import PolicyObject
 from mesh.model.route import (ClientTLS, H2UpgradePolicy, IstioStringMatch, LoadBalancer,
-                              StringMatchType, TCPKeepalive, TLSMode, VSDestination, VSMirror)
+                              StringMatchType, TCPKeepalive, TLSMode, VSDestination, VSDirectResponse, VSMirror,
+                              VSRedirect)
 from waypoint.routing.match import RequestInfo, vs_match_holds
 
 SRC = "istio.yaml"
@@ -68,7 +69,21 @@ CASES = [
                  lambda vs: rule(vs).mirrors,
                  (VSMirror(destination=VSDestination(host="a"), percentage=10.0),
                   VSMirror(destination=VSDestination(host="b"))),
-                 [("spec.http[0].mirrors", "not_enforced")], id="mirrors-list"),
+                 [], id="mirrors-list"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - redirect: {uri: /v2, authority: b.example, "
+                      "derivePort: FROM_REQUEST_PORT, scheme: https, redirectCode: 308}\n",
+                 lambda vs: vs.http[0].redirect,
+                 VSRedirect(uri="/v2", authority="b.example", derive_port="FROM_REQUEST_PORT", scheme="https",
+                            redirect_code=308), [], id="redirect"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - redirect: {port: 8080}\n",
+                 lambda vs: (vs.http[0].redirect, vs.http[0].route),
+                 (VSRedirect(port=8080), ()), [], id="redirect-port-default-301"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - directResponse: {status: 503, body: {string: down}}\n",
+                 lambda vs: vs.http[0].direct_response, VSDirectResponse(status=503, body=b"down"), [],
+                 id="directResponse-string"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - directResponse: {status: 200, body: {bytes: AAEC}}\n",
+                 lambda vs: vs.http[0].direct_response, VSDirectResponse(status=200, body=b"\0\1\2"), [],
+                 id="directResponse-bytes"),
     pytest.param(http("match: [{sourceLabels: {app: productpage}, uri: {prefix: /}}]"),
                  lambda vs: rule(vs).match[0].applies_at_waypoint, False,
                  [("spec.http[0].match[0].sourceLabels", "not_enforced")], id="sourceLabels"),
@@ -80,8 +95,14 @@ CASES = [
                  lambda vs: rule(vs).fault.abort.http_status, 600, [], id="abort-httpStatus-600"),
     pytest.param(http("fault: {abort: {grpcStatus: UNAVAILABLE}}"),
                  lambda vs: (rule(vs).fault.abort.http_status, rule(vs).fault.abort.grpc_status),
-                 (200, "UNAVAILABLE"), [("spec.http[0].fault.abort.grpcStatus", "not_enforced")],
+                 (200, "UNAVAILABLE"), [("spec.http[0].fault.abort.percentage", "unset_percentage")],
                  id="abort-grpcStatus"),
+    # Istio: an unset fault percentage injects nothing ("If left unspecified, no request will be
+    # delayed" / "... aborted"); valid, so accepted, with a warning naming the trap.
+    pytest.param(http("fault: {delay: {fixedDelay: 1s}, abort: {httpStatus: 503}}"),
+                 lambda vs: (rule(vs).fault.delay.percentage, rule(vs).fault.abort.percentage), (0.0, 0.0),
+                 [("spec.http[0].fault.delay.percentage", "unset_percentage"),
+                  ("spec.http[0].fault.abort.percentage", "unset_percentage")], id="fault-percentage-unset-is-zero"),
     pytest.param(http("retries: {attempts: 3, retryIgnorePreviousHosts: false, backoff: 50ms}"),
                  lambda vs: (rule(vs).retries.retry_ignore_previous_hosts, rule(vs).retries.backoff),
                  (False, 0.05), [("spec.http[0].retries.retryIgnorePreviousHosts", "not_enforced"),

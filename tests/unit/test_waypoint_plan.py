@@ -19,7 +19,7 @@ from waypoint.inbound import sniff_http1
 from waypoint.pipeline import _apply
 from waypoint.plan import Forward, Reply, plan_request, resolve
 from waypoint.routing import RequestInfo
-from waypoint.upstream import endpoints
+from waypoint.endpoints import cluster_key, endpoint_targets
 
 
 def _state(yaml: str = "") -> ProxyState:
@@ -75,7 +75,7 @@ def test_default_route_all_endpoints():
     st = _state()
     p = _plan(st)
     assert isinstance(p, Forward) and p.target_port == 8080 and p.subset_labels is None
-    assert {t.workload.name for t in endpoints(st, p)} == {"r-v1", "r-v2"}
+    assert {t.workload.name for t in endpoint_targets(st, p.service, p, cluster_key(p))} == {"r-v1", "r-v2"}
 
 
 VS = """
@@ -106,7 +106,7 @@ def test_virtual_service_plans():
     st = _state(VS)
     p = _plan(st, "/api/x", query=b"a=1")
     assert isinstance(p, Forward) and p.target == b"/v2api/x?a=1"
-    assert [t.workload.name for t in endpoints(st, p)] == ["r-v2"]
+    assert [t.workload.name for t in endpoint_targets(st, p.service, p, cluster_key(p))] == ["r-v2"]
     nc = _plan(st, "/nosubset")
     assert isinstance(nc, Reply) and (nc.status, nc.flags) == (503, "NC")
     nr = _plan(st, "/elsewhere")

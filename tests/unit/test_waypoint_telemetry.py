@@ -16,6 +16,7 @@ ISTIO_LABELS = {
     "destination_canonical_service", "destination_canonical_revision", "request_protocol", "response_code",
     "grpc_response_status", "response_flags", "connection_security_policy", "destination_cluster",
     "source_cluster"}
+ROUTE = {"route"}  # ours, not Istio's: the matched route's name, for `ambient stat route/NAME`
 
 WEB = RequestLabels(source_workload="sleep", source_workload_namespace="foo",
                     source_principal="spiffe://cluster.local/ns/foo/sa/sleep",
@@ -46,14 +47,14 @@ def test_families_names_types_and_istio_labels():
     assert {n: f.type for n, f in fams.items()} == {
         "istio_requests": "counter", "istio_request_duration_milliseconds": "histogram",
         "istio_request_bytes": "histogram", "istio_response_bytes": "histogram",
-        "waypoint_metric_series_overflow": "counter"}
+        "waypoint_metric_series_overflow": "counter", "waypoint_mirror_requests": "counter"}
     (s,) = samples(fams["istio_requests"], "_total")
-    assert set(s.labels) == ISTIO_LABELS
+    assert set(s.labels) == ISTIO_LABELS | ROUTE and s.labels["route"] == "unknown"
     assert s.labels["reporter"] == "waypoint" and s.labels["destination_service"] == "httpbin.foo.svc.cluster.local"
     assert s.labels["connection_security_policy"] == "mutual_tls" and s.labels["response_flags"] == "-"
     for name in ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"):
         for b in samples(fams[name], "_bucket"):
-            assert set(b.labels) == ISTIO_LABELS | {"le"}
+            assert set(b.labels) == ISTIO_LABELS | ROUTE | {"le"}
 
 
 def test_counter_counts_per_label_set():
@@ -90,6 +91,19 @@ def test_histogram_buckets_sum_and_count(name, bounds, field):
 def test_istio_duration_buckets():
     assert DURATION_BUCKETS_MS == (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
                                    60000, 300000, 600000, 1800000, 3600000)
+
+
+def test_route_name_is_a_label_of_its_own_series():
+    m = WaypointMetrics()
+    m.record(result(route_name="reviews-v2"))
+    m.record(result(route_name="reviews-v2"))
+    m.record(result(route_name="default"))
+    m.record(result())
+    fam = families(m)["istio_requests"]
+    assert {s.labels["route"]: s.value for s in samples(fam, "_total")} == {
+        "reviews-v2": 2, "default": 1, "unknown": 1}
+    dur = families(m)["istio_request_duration_milliseconds"]
+    assert [s.value for s in samples(dur, "_count", route="reviews-v2")] == [2]
 
 
 def test_label_values_are_escaped():
@@ -158,3 +172,11 @@ def test_access_log_upstream_fields():
         upstream_service_time_ms=4, upstream_transport_failure_reason="connection refused"))
     assert ' 503 UF,URX ' in line and '"connection refused"' in line and ' 16 4 "-"' in line
     assert '"10.244.2.3:8080" inbound-vip|8000|http|httpbin.foo.svc.cluster.local ' in line
+
+
+def test_mirror_results_are_counted_by_label():
+    m = WaypointMetrics()
+    for r in ("completed", "completed", "overflow"):
+        m.count_mirror(r)
+    fam = families(m)["waypoint_mirror_requests"]
+    assert {s.labels["result"]: s.value for s in fam.samples} == {"completed": 2.0, "overflow": 1.0}

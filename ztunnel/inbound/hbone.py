@@ -83,6 +83,8 @@ class InboundHbone:
         if tracked is not None and tracked.revoked_by is not None:
             b.fail(Reason.POLICY_REVOKED)
             b.policy = tracked.revoked_by.policy
+        elif tracked is not None and tracked.closed_for is not None:
+            b.fail(tracked.closed_for)
         elif res.error:
             b.fail(res.error)
         self.ctx.record(b)

@@ -61,6 +61,8 @@ class InboundPassthrough:
             if tracked.revoked_by is not None:
                 b.fail(Reason.POLICY_REVOKED)
                 b.policy = tracked.revoked_by.policy
+            elif tracked.closed_for is not None:
+                b.fail(tracked.closed_for)
             elif res.error:
                 b.fail(res.error)
         except asyncio.CancelledError:

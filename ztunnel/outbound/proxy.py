@@ -41,8 +41,26 @@ class OutboundProxy:
         self.ctx = ctx
         self.pool = pool
         self.client_tls = client_tls
+        self.open: set[asyncio.Transport] = set()
+        """Accepted connections not yet recorded (admin /debug/live, `cut_all`)."""
+        self.closed_for: Reason | None = None
+
+    def cut_all(self, reason: Reason) -> int:
+        """Reset every open connection of the pod (it was deleted); results say `reason`."""
+        self.closed_for = reason
+        live = list(self.open)
+        for t in live:
+            t.abort()
+        return len(live)
 
     async def handle(self, down: asyncio.Transport) -> None:
+        self.open.add(down)
+        try:
+            await self._handle(down)
+        finally:
+            self.open.discard(down)
+
+    async def _handle(self, down: asyncio.Transport) -> None:
         ctx = self.ctx
         w = ctx.workload
         b = ResultBuilder(Direction.OUTBOUND, Listener.OUTBOUND, ctx.clock.now())
@@ -72,14 +90,18 @@ class OutboundProxy:
             else:
                 res = await relay(down, await ctx.sockets.connect(plan.connect))
             b.tunnel_bytes(res.bytes_sent, res.bytes_received, server_side=False)
-            if res.error:
+            if self.closed_for is not None:
+                b.fail(self.closed_for)
+            elif res.error:
                 b.fail(res.error)
         except asyncio.CancelledError:
             b.fail(Reason.CANCELLED)
             down.abort()
             raise
         except Exception as e:  # an unexpected failure must not kill the listener
-            if b.fail(e) is Reason.UNEXPECTED:
+            if self.closed_for is not None:
+                b.fail(self.closed_for)
+            elif b.fail(e) is Reason.UNEXPECTED:
                 log.exception("outbound connection failed")
             down.abort()
         finally:
