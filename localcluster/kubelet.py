@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import errno
 import ipaddress
 import logging
 import os
@@ -45,7 +46,7 @@ from mesh.linux.netns import socket_in_netns
 from controlplane.kube.api import ApiError, KubeApi
 from controlplane.kube.kinds import WatchedKind
 from controlplane.kube.reflector import Delete, Event, Reflector, Relisted, Upsert
-from mesh.linux.netns import NETNS_DIR
+from mesh.linux.netns import NETNS_DIR, NetnsError
 
 from .addressing import AddressPlan, ClusterAddressing
 from .kubelet_pods import SA_TOKEN_DIR, ContainerFacts, PodPlan, plan_pod, pod_status, resolve_env
@@ -119,6 +120,11 @@ class NodeAgent:
 
     async def start(self) -> None:
         await self._register()
+        try:  # agents of one cluster starting together race to create the shared fabric
+            await asyncio.to_thread(self.net.ensure_fabric)
+        except NetnsError as e:
+            if e.errno != errno.EEXIST:
+                raise
         await asyncio.to_thread(self.net.add_node, self.node, self.node_ip, self.pod_cidr, {})
         await self._forward_api()
         self._tasks = [asyncio.create_task(self.node_reflector.run(), name="kubelet-nodes"),
