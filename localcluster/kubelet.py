@@ -17,7 +17,8 @@ status a kubelet writes (phase, podIP,
 Ready, containerStatuses with restart counts). Containers that exit are restarted with backoff
 (restartPolicy Always/OnFailure). A Pod being deleted gets SIGTERM, its grace period, then
 SIGKILL; its netns and cgroup go, and the agent completes the deletion (grace 0, uid
-precondition), as a kubelet does. So Deployments, ReplicaSets and the scheduler are
+precondition), as a kubelet does. Readiness probes (httpGet, tcpSocket) run from the node
+against the pod IP and gate the Ready condition. So Deployments, ReplicaSets and the scheduler are
 Kubernetes' own; what runs is decided in localcluster.kubelet_pods (pure).
 
 On SIGTERM it stops every container and removes the node's netns, cgroups and pods' (the Node
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import errno
 import ipaddress
 import logging
 import os
@@ -44,7 +46,7 @@ from mesh.linux.netns import socket_in_netns
 from controlplane.kube.api import ApiError, KubeApi
 from controlplane.kube.kinds import WatchedKind
 from controlplane.kube.reflector import Delete, Event, Reflector, Relisted, Upsert
-from mesh.linux.netns import NETNS_DIR
+from mesh.linux.netns import NETNS_DIR, NetnsError
 
 from .addressing import AddressPlan, ClusterAddressing
 from .kubelet_pods import SA_TOKEN_DIR, ContainerFacts, PodPlan, plan_pod, pod_status, resolve_env
@@ -72,6 +74,10 @@ class _Container:
     started_at: str | None = None
     finished_at: str | None = None
     problem: str | None = None
+    ready: bool | None = None
+    """The readiness probe's verdict (False until it first passes); None: no probe."""
+    next_probe: float = 0.0
+    failures: int = 0
 
 
 @dataclass
@@ -114,6 +120,11 @@ class NodeAgent:
 
     async def start(self) -> None:
         await self._register()
+        try:  # agents of one cluster starting together race to create the shared fabric
+            await asyncio.to_thread(self.net.ensure_fabric)
+        except NetnsError as e:
+            if e.errno != errno.EEXIST:
+                raise
         await asyncio.to_thread(self.net.add_node, self.node, self.node_ip, self.pod_cidr, {})
         await self._forward_api()
         self._tasks = [asyncio.create_task(self.node_reflector.run(), name="kubelet-nodes"),
@@ -271,6 +282,7 @@ class NodeAgent:
                 await asyncio.to_thread(self.net.update_routes, self.node, routes)
                 applied_routes = routes
             try:
+                await self._probe_due()
                 await self._sync()
             except Exception:  # noqa: BLE001 - one bad pod must not stop the node
                 log.exception("sync failed; retrying")
@@ -320,7 +332,8 @@ class NodeAgent:
                         cwd=c.working_dir, log_path=os.path.join(logs, f"{p.namespace}_{p.name}_{c.name}.log"),
                         contain=Containment(uid=c.run_as_user, gid=c.run_as_group,
                                             hide=(self.state_dir, NETNS_DIR, "/sys/fs/bpf"), volumes=volumes))
-            cont = _Container(plan=c, proc=proc)
+            cont = _Container(plan=c, proc=proc, ready=None if c.readiness is None else False,
+                              next_probe=time.monotonic() + (c.readiness.initial_delay if c.readiness else 0))
             try:
                 proc.start()
                 cont.started_at = _now()
@@ -331,6 +344,51 @@ class NodeAgent:
         self.pods[p.uid] = rt
         log.info("pod %s (%s) up at %s", p.key, p.uid, ip)
         return rt
+
+    async def _probe_due(self) -> None:
+        """Run the readiness probes that are due, from the node (as a kubelet probes the pod IP)."""
+        now = time.monotonic()
+        jobs = []
+        for rt in self.pods.values():
+            for c in rt.containers:
+                pr = c.plan.readiness
+                if pr is None or c.proc is None:
+                    continue
+                if not c.proc.running:
+                    c.ready, c.failures = False, 0
+                    continue
+                if now >= c.next_probe:
+                    c.next_probe = now + pr.period
+                    jobs.append(self._probe_one(rt, c))
+        await asyncio.gather(*jobs)
+
+    async def _probe_one(self, rt: _PodRt, c: _Container) -> None:
+        pr = c.plan.readiness
+        ok = await asyncio.to_thread(self._probe_blocking, rt.ip, pr)
+        if ok:
+            c.ready, c.failures = True, 0
+        else:
+            c.failures += 1
+            if not c.ready or c.failures >= pr.failure_threshold:
+                c.ready = False
+
+    def _probe_blocking(self, ip: str, pr: Any) -> bool:
+        try:
+            s = socket_in_netns(self.net.node_netns(self.node))
+        except OSError:
+            return False
+        try:
+            s.settimeout(pr.timeout)
+            s.connect((ip, pr.port))
+            if pr.path is None:
+                return True
+            s.sendall(f"GET {pr.path} HTTP/1.0\r\nHost: {ip}:{pr.port}\r\nUser-Agent: kube-probe/1.20\r\n\r\n".encode())
+            head = s.recv(64).split(b" ", 2)
+            return len(head) >= 2 and head[1].isdigit() and 200 <= int(head[1]) < 400
+        except OSError:
+            return False
+        finally:
+            s.close()
 
     def _service_env(self) -> dict[str, str]:
         """The variables a kubelet sets for the `kubernetes` Service (in-cluster config reads them)."""
@@ -393,7 +451,7 @@ class NodeAgent:
                     proc.next_start = now + restart_delay(proc.restarts)
 
     async def _write_status(self, rt: _PodRt) -> None:
-        facts = [ContainerFacts(name=c.plan.name, running=bool(c.proc and c.proc.running),
+        facts = [ContainerFacts(name=c.plan.name, running=bool(c.proc and c.proc.running), ready=c.ready,
                                 restarts=c.proc.restarts if c.proc else 0, started_at=c.started_at,
                                 last_exit=c.proc.last_exit if c.proc else None, finished_at=c.finished_at,
                                 problem=c.problem) for c in rt.containers]

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ContainerPlan", "PodPlan", "ContainerFacts", "plan_pod", "pod_status", "resolve_env", "UNSUPPORTED",
+__all__ = ["ContainerPlan", "PodPlan", "Probe", "ContainerFacts", "plan_pod", "pod_status", "resolve_env", "UNSUPPORTED",
            "SA_TOKEN_DIR"]
 
 UNSUPPORTED = "CreateContainerConfigError"
@@ -42,6 +42,36 @@ class ContainerPlan:
     """Why it cannot run (then it waits with reason UNSUPPORTED and this message)."""
     api_token: bool = False
     """Mounts the ServiceAccount's API token at SA_TOKEN_DIR."""
+    readiness: "Probe | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A readiness probe the node runs against the pod's IP: HTTP GET (2xx/3xx) or a TCP connect."""
+
+    port: int
+    path: str | None  # None: tcpSocket
+    period: float = 10.0
+    timeout: float = 1.0
+    initial_delay: float = 0.0
+    failure_threshold: int = 3
+
+
+def _probe(spec: Mapping[str, Any] | None, ports: Mapping[str, int]) -> Probe | None:
+    """A readiness probe, or None (none given, or a kind this node does not run: exec)."""
+    if not spec:
+        return None
+    action = spec.get("httpGet") or spec.get("tcpSocket")
+    if not action:
+        return None
+    port = action.get("port")
+    port = ports.get(port) if isinstance(port, str) else _int(port)
+    if port is None:
+        return None
+    return Probe(port=port, path=str(action.get("path") or "/") if "httpGet" in spec else None,
+                 period=float(_int(spec.get("periodSeconds")) or 10), timeout=float(_int(spec.get("timeoutSeconds")) or 1),
+                 initial_delay=float(_int(spec.get("initialDelaySeconds")) or 0),
+                 failure_threshold=_int(spec.get("failureThreshold")) or 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +121,10 @@ def _container(c: Mapping[str, Any], pod_sc: Mapping[str, Any]) -> ContainerPlan
     mounts = [m.get("mountPath") for m in c.get("volumeMounts") or () if m.get("mountPath") != SA_TOKEN_DIR]
     if c.get("envFrom") or mounts:
         problem = problem or f"envFrom and volumeMounts ({', '.join(map(str, mounts))}) are not supported on this node"
+    ports = {str(p.get("name")): int(p["containerPort"]) for p in c.get("ports") or ()
+             if p.get("name") and _int(p.get("containerPort")) is not None}
     return ContainerPlan(
+        readiness=_probe(c.get("readinessProbe"), ports),
         api_token=any(m.get("mountPath") == SA_TOKEN_DIR for m in c.get("volumeMounts") or ()),
         name=name, argv=argv, env=tuple(env), field_env=tuple(field_env), working_dir=c.get("workingDir") or None,
         run_as_user=uid if uid is not None else (_int(pod_sc.get("runAsUser")) or 0),
@@ -132,6 +165,8 @@ class ContainerFacts:
     restarts: int
     started_at: str | None
     """RFC 3339 time of the current (or last) start."""
+    ready: bool | None = None
+    """The readiness probe's verdict; None: no probe (ready once running)."""
     last_exit: int | None = None
     finished_at: str | None = None
     problem: str | None = None
@@ -150,7 +185,9 @@ def _state(f: ContainerFacts) -> dict[str, Any]:
 def pod_status(p: PodPlan, containers: Sequence[ContainerFacts], *, pod_ip: str, host_ip: str,
                start_time: str, now: str) -> dict[str, Any]:
     """The status a kubelet would write: phase, IPs, conditions, one status per container."""
-    ready = bool(containers) and all(f.running for f in containers)
+    def is_ready(f: ContainerFacts) -> bool:
+        return f.running and f.ready is not False
+    ready = bool(containers) and all(is_ready(f) for f in containers)
     if any(f.problem for f in containers):
         phase = "Pending"
     elif containers and all(not f.running and f.last_exit is not None for f in containers) and p.restart_policy == "Never":
@@ -162,7 +199,7 @@ def pod_status(p: PodPlan, containers: Sequence[ContainerFacts], *, pod_ip: str,
         return {"type": kind, "status": "True" if ok else "False", "lastProbeTime": None, "lastTransitionTime": now}
     statuses = []
     for f in containers:
-        st: dict[str, Any] = {"name": f.name, "ready": f.running, "started": f.running, "restartCount": f.restarts,
+        st: dict[str, Any] = {"name": f.name, "ready": is_ready(f), "started": f.running, "restartCount": f.restarts,
                               "image": "none", "imageID": "", "state": _state(f)}
         if f.last_exit is not None and f.finished_at:
             st["lastState"] = {"terminated": {"exitCode": f.last_exit, "finishedAt": f.finished_at,

@@ -6,10 +6,14 @@ import itertools
 import os
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from .cluster import KubeCluster
+
+if TYPE_CHECKING:
+    from .nodes import Nodes
 
 _ns = itertools.count(1)
 
@@ -59,3 +63,18 @@ def no_mesh_namespace(mesh_crds: KubeCluster) -> KubeCluster:
         assert time.monotonic() < deadline, "istio-system did not go away"
         time.sleep(0.5)
     return kube
+
+
+@pytest.fixture
+def nodes(kube: KubeCluster, tmp_path: object) -> Iterator["Nodes"]:
+    """Node agents for this test (root: under `flock /tmp/netns.lock`); start them with
+    `nodes.start(name, ...)`. Afterwards none of their netns may be left."""
+    from mesh.linux.netns import list_netns
+
+    from .nodes import PREFIX, Nodes
+    n = Nodes(kube, str(tmp_path))
+    try:
+        yield n
+    finally:
+        n.stop()
+    assert [x for x in list_netns() if x.startswith(PREFIX + "-")] == []

@@ -10,13 +10,11 @@ import json
 import os
 import socket
 
-import pytest
-
 from mesh.linux import cgroup
 from mesh.linux.netns import list_netns, socket_in_netns
 
 from .cluster import KubeCluster
-from .nodes import PREFIX, Nodes
+from .nodes import Nodes
 from .support import poll
 
 SERVER = ("import os, socket\n"
@@ -59,16 +57,6 @@ def _try_ask(netns: str, ip: str) -> str | None:
         return _ask(netns, ip)
     except ConnectionRefusedError:
         return None
-
-
-@pytest.fixture
-def nodes(kube: KubeCluster, tmp_path):
-    n = Nodes(kube, str(tmp_path))
-    try:
-        yield n
-    finally:
-        n.stop()
-    assert [x for x in list_netns() if x.startswith(PREFIX + "-")] == []
 
 
 def test_a_deployment_runs_on_simulated_nodes(kube: KubeCluster, namespace: str, nodes: Nodes) -> None:

@@ -72,3 +72,16 @@ def test_status(facts, policy, phase, ready, state):
         assert cs["state"]["waiting"] == {"reason": UNSUPPORTED, "message": "no command"}
     if facts[0].last_exit is not None:
         assert cs["lastState"]["terminated"]["exitCode"] == facts[0].last_exit
+
+
+def test_readiness_probes_are_planned_and_gate_ready():
+    p = plan_pod(_pod(ports=[{"name": "http-health", "containerPort": 8080}],
+                      readinessProbe={"httpGet": {"path": "/ready", "port": "http-health"}, "periodSeconds": 3}))
+    probe = p.containers[0].readiness
+    assert (probe.port, probe.path, probe.period, probe.failure_threshold) == (8080, "/ready", 3.0, 3)
+    assert plan_pod(_pod(readinessProbe={"tcpSocket": {"port": 15012}})).containers[0].readiness.path is None
+    assert plan_pod(_pod(readinessProbe={"exec": {"command": ["true"]}})).containers[0].readiness is None
+    running_not_ready = ContainerFacts("app", running=True, restarts=0, started_at="t0", ready=False)
+    st = pod_status(p, [running_not_ready], pod_ip="10.244.1.2", host_ip="h", start_time="t0", now="t1")
+    assert st["phase"] == "Running" and st["containerStatuses"][0]["ready"] is False
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "False"
