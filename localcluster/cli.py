@@ -281,7 +281,8 @@ def cmd_control_plane(paths: ClusterPaths, a: argparse.Namespace) -> int:
 
 
 def cmd_restart(paths: ClusterPaths, a: argparse.Namespace) -> int:
-    res = call(paths.runner_socket, "restart", kind=a.kind, node=a.node, timeout=300)
+    res = call(paths.runner_socket, "restart", kind=a.kind, node=a.node, serving_timeout=a.timeout,
+               timeout=a.timeout * 2 + 120)
     for r in res["restarted"]:
         print(f"ztunnel on {r['node']}" + (f" (worker {r['worker']})" if r["worker"] else "") +
               f": pid {r['old_pid']} -> {r['new_pid']}, serving after {r['serving_s']:.2f}s, "
@@ -362,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("restart", help="restart ztunnels without dropping traffic (new process first, old drains)")
     rs.add_argument("kind", choices=["ztunnel"])
     rs.add_argument("--node", default=None, help="only this node's ztunnel (default: every node, one at a time)")
+    rs.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds the new process may take to serve its pods, else it is stopped (default 30)")
     rs.set_defaults(fn=cmd_restart)
     kube_cli.register(sub)  # install, uninstall, check: Kubernetes mode
     stat_cli.register(sub)  # stat, edges: golden signals from Prometheus

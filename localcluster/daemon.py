@@ -46,10 +46,10 @@ async def serve(paths: ClusterPaths, settings: ClusterSettings) -> None:
             raise ApiError(f"unknown control-plane action {action!r} (start|stop)", "bad_request")
         return {"running": runner.cp.running, "version": runner.cp.version}
 
-    async def restart(kind: str, node: str | None = None) -> Any:
+    async def restart(kind: str, node: str | None = None, serving_timeout: float = 30.0) -> Any:
         if kind != "ztunnel":
             raise ApiError(f"cannot restart {kind!r} (only ztunnel)", "bad_request")
-        return await runner.restart_ztunnel(node)
+        return await runner.restart_ztunnel(node, timeout=float(serving_timeout))
 
     async def shutdown() -> Any:
         await runner.shutdown()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +26,16 @@ def drain_timeout(env: dict[str, str]) -> float:
         return 5.0
 
 
+def _keep(old: Proc) -> None:
+    """The new process failed: it may have pointed capture at its listeners, gone with it;
+    SIGHUP makes the old one point capture at its own again."""
+    if old.running and old.pid is not None:
+        try:
+            os.kill(old.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            pass
+
+
 async def hand_over(old: Proc, spec: ProcSpec, dump: Callable[[], Awaitable[dict[str, Any] | None]],
                     version: Callable[[], int], *, timeout: float,
                     on_serving: Callable[[Proc], None]) -> dict[str, Any]:
@@ -37,14 +49,16 @@ async def hand_over(old: Proc, spec: ProcSpec, dump: Callable[[], Awaitable[dict
     new.start()
     while True:
         if not new.running:
+            _keep(old)
             raise ApiError(f"the new {spec.label} exited ({new.popen.returncode}) before it served its pods; "
                            f"the old one keeps running (see {spec.log_path})", "restart_failed")
         d = await dump()
         if d and d.get("pid") == new.pid and d.get("serving") and d.get("version", 0) >= version():
             break
         if time.monotonic() - t0 > timeout:
-            new.stop(now=True)
-            raise ApiError(f"the new {spec.label} was not serving its pods after {timeout:.0f}s; "
+            await asyncio.to_thread(new.stop, now=True)
+            _keep(old)
+            raise ApiError(f"the new {spec.label} was not serving its pods after {timeout:g}s; "
                            f"the old one keeps running (see {spec.log_path})", "restart_failed")
         await asyncio.sleep(0.05)
     serving = time.monotonic() - t0

@@ -273,6 +273,26 @@ class Ztunnel:
 
     # -- lifecycle --
 
+    def _recapture(self) -> None:
+        """SIGHUP: point capture at this process's listeners again. A restart whose new
+        process enrolled pods and then failed left sk_lookup's socket map without them (a
+        closed socket leaves the map); the runner sends this to the old one it keeps."""
+        if self.capture is None or self.drain_started is not None:
+            return
+        n = 0
+        for uid, pp in self.pods.items():
+            sb = self.sandboxes.get(uid)
+            if sb is None:
+                continue
+            try:
+                self.capture.enroll(uid, cgroup=sb.cgroup, netns_path=sb.netns, pod_ip=str(pp.workload.ip),
+                                    outbound=pp.sockets["outbound"], inbound=pp.sockets["inbound"],
+                                    hbone=pp.sockets["hbone"])
+                n += 1
+            except Exception as e:  # noqa: BLE001 - the next pod may still work
+                log.warning("recapture of %s failed: %s", uid, e)
+        log.info("capture re-pointed at this process's listeners for %d pod(s)", n)
+
     async def _drain_out(self) -> None:
         """Stop accepting and enrolling; let open connections end until the deadline."""
         self.drain_started = self.clock.now()
@@ -311,6 +331,7 @@ class Ztunnel:
         loop = asyncio.get_running_loop()
         # SIGTERM drains (first) or exits now (second); replaces the plain cancel handler.
         loop.add_signal_handler(signal.SIGTERM, lambda: main.cancel() if self._drain.is_set() else self._drain.set())
+        loop.add_signal_handler(signal.SIGHUP, self._recapture)
         drain = asyncio.ensure_future(self._drain.wait())
         try:
             await asyncio.wait([client, drain], return_when=asyncio.FIRST_COMPLETED)

@@ -141,3 +141,17 @@ def test_a_connection_longer_than_the_drain_deadline_is_cut_with_drain_timeout(c
     assert 4.5 < took < 12, took  # the 5 s default deadline, then the old process exits
     wait_for(lambda: open(log).read().count("drain_timeout") > before, timeout=5)
     assert "echo ok" in c.echo("mesh", "c1", s1).stdout
+
+
+def test_a_new_ztunnel_that_does_not_serve_in_time_is_stopped_and_the_old_one_keeps_serving(cluster):
+    c = cluster
+    s1 = c.ip("s1")
+    before = ztunnels(c)["n2"]["pid"]
+    p = c.ambient("restart", "ztunnel", "--node", "n2", "--timeout", "0.3", check=False)
+    assert p.returncode == 1 and "was not serving its pods after 0.3s" in p.stderr and "old one keeps running" in p.stderr, \
+        (p.stdout, p.stderr)
+    assert ztunnels(c)["n2"]["pid"] == before
+    wait_for(lambda: "re-pointed" in open(os.path.join(c.paths.logs_dir, "ztunnel-n2.log")).read(), timeout=5)
+    for _ in range(5):  # inbound to s1 still finds the old process's listeners
+        assert "echo ok" in c.echo("mesh", "c1", s1).stdout
+    assert links(c, "s1") == (1, 1, 1)
