@@ -94,6 +94,14 @@ class H2Downstream:
         self.flush()
 
     def data_received(self, data) -> None:
+        try:
+            self._received(data)
+        except Exception:       # never let one client's bytes take the waypoint's loop down
+            log.exception("waypoint HTTP/2 connection failed; closing it")
+            self.conn.close(ErrorCode.INTERNAL_ERROR)
+            self._ended(ConnectionEnded(code=int(ErrorCode.INTERNAL_ERROR), reason="internal_error"))
+
+    def _received(self, data) -> None:
         streams = self.streams
         for sid, ev in self.conn.receive_data(data):
             t = type(ev)
