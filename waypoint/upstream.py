@@ -205,6 +205,12 @@ class Upstreams:
             log.info("waypoint cluster %s: %s ejected (%s, ejection %d, until +%.1fs)", c.key, ej.endpoint,
                      ej.cause.value, ej.ejection_count, ej.until - self.clock.now())
 
+    def count(self, target: EndpointTarget, stat: str) -> None:
+        """One more of the cluster statistic `stat` (a ClusterStats field) for `target`'s cluster."""
+        c = self.clusters.get(target.cluster)
+        if c is not None:
+            setattr(c.stats, stat, getattr(c.stats, stat) + 1)
+
     # -- connections ---------------------------------------------------------------------------
 
     async def open_transport(self, target: EndpointTarget, src_ip: str, protocol) -> None:

@@ -30,6 +30,8 @@ class WatchedKind:
     version: str
     plural: str
     namespaced: bool
+    field_selector: str = ""
+    """Only these objects (`spec.nodeName=n1`: a node agent's pods); "" = all."""
 
     @property
     def api_version(self) -> str:
