@@ -276,3 +276,25 @@ spec:
             await asyncio.sleep(0.02)
         assert mesh.inbound.upstreams.idle_count() == 1        # the two full ones were closed
     run(go)
+
+
+def test_retry_over_h2_upstream_replays_the_body_on_a_new_stream():
+    async def go(mesh):
+        pod = await _grpc_service(mesh)
+        pod.app.fail_first = 1
+        mesh.apply("""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: greeter, namespace: shop}
+spec:
+  hosts: [greeter]
+  http:
+  - route: [{destination: {host: greeter}}]
+    retries: {attempts: 2, retryOn: 5xx}
+""")
+        c = await h2_client(mesh, f"{VIP}:50051")
+        r = await c.request("POST", "/pkg.Greeter/Again", body=b"payload!")
+        assert r.status == 200 and r.json()["body_bytes"] == 8, r
+        assert pod.app.requests == 2 and pod.app.connections == 1       # two streams, one connection
+        assert [s[3] for s in pod.app.seen] == [8, 8]
+    run(go)

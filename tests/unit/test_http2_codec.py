@@ -184,3 +184,12 @@ def test_client_response_events():
     evs = ours.receive_data(srv.data_to_send())
     assert [type(e) for _, e in evs] == [ResponseHead, Body, EndOfMessage]
     assert evs[2][1].trailers == ((b"grpc-status", b"0"),)
+
+
+@pytest.mark.parametrize("status,sent,want", [
+    (200, "0", "0"), (200, None, "2"), (503, None, "14"), (404, None, "12"), (403, None, "7"), (0, None, ""),
+    (503, "4", "4"),
+])
+def test_grpc_response_status_label(status, sent, want):
+    from waypoint.telemetry import grpc_response_status
+    assert grpc_response_status(status, sent) == want
