@@ -46,8 +46,8 @@ from .mirror import Mirrors
 from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, ServerConnection
 from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
 from .routing import RequestInfo
-from .http2.convert import is_grpc
 from .http2.downstream import current_stream
+from .resilience.timeout import is_grpc
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line, grpc_response_status
 from .upstream import EndpointTarget, HashRequest, Upstreams
 

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 
+from .resilience.timeout import grpc_status_for
+
 __all__ = ["grpc_response_status", "DURATION_BUCKETS_MS", "BYTES_BUCKETS", "DEFAULT_MAX_SERIES", "RequestLabels", "RequestResult",
            "WaypointMetrics", "access_log_line", "ACCESS_LOG_FORMAT"]
 
@@ -302,15 +304,13 @@ def access_log_line(r: RequestResult) -> str:
             f'{_f(r.downstream_remote_address)} {_f(r.requested_server_name)} {_f(r.route_name)}')
 
 
-_HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
-
 
 def grpc_response_status(http_status: int, sent: str | None) -> str:
     """`grpc_response_status` of a gRPC request: the grpc-status the response carried, else
-    Envoy's mapping of the HTTP status (Grpc::Utility::httpToGrpcStatus: 503 -> 14
-    UNAVAILABLE, 404 -> 12, 403 -> 7, ..., anything else 2 UNKNOWN); "" when nothing was sent."""
+    Envoy's mapping of the HTTP status (resilience/timeout.py: 503 -> 14 UNAVAILABLE, 404 -> 12,
+    403 -> 7, ..., anything else 2 UNKNOWN); "" when nothing was sent."""
     if sent is not None:
         return sent
     if not http_status:
         return ""
-    return _HTTP_TO_GRPC.get(http_status, "2")
+    return str(grpc_status_for(http_status))

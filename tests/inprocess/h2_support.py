@@ -219,7 +219,11 @@ class H2Backend(_Peer):
         path = hs[":path"]
         self.app.seen.append((hs[":method"], path, req["headers"], len(req["body"])))
         try:
-            if path == "/trailers-only":
+            if self.app.fail_first > 0:
+                self.app.fail_first -= 1
+                self.conn.send_headers(sid, [(":status", "503"), ("content-length", "4")])
+                await self.send_body(sid, b"down")
+            elif path == "/trailers-only":
                 self.conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc"),
                                              ("grpc-status", "5"), ("grpc-message", "not found")], end_stream=True)
             elif path.startswith("/stream/"):
@@ -254,6 +258,8 @@ class H2App:
         self.connections = 0
         self.requests = 0
         self.resets = 0
+        self.fail_first = 0
+        """Answer this many requests 503 first."""
         self.seen: list = []
 
     def protocol(self) -> H2Backend:

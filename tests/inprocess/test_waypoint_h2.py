@@ -231,3 +231,70 @@ spec:
                for s in fams["istio_requests"].samples if s.name == "istio_requests_total"}
         assert got == {("grpc", "14", "FI")}
     run(go)
+
+
+def test_h2_protocol_error_closes_only_that_connection():
+    async def go(mesh):
+        await reviews(mesh, ("v1",))
+        c = await mesh.client(f"{VIP}:80")
+        # the preface, then a HEADERS frame on stream 2 (even: a client may not open it)
+        c.writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\x04\0\0\0\0\0" +
+                       b"\0\0\x01\x01\x05\0\0\0\x02\x82")
+        got = b""
+        while True:
+            d = await asyncio.wait_for(c.reader.read(65536), 10)
+            if not d:
+                break
+            got += d
+        # a GOAWAY (type 7) with PROTOCOL_ERROR (1) came before the end
+        i = got.find(b"\x07\x00\x00\x00\x00\x00")
+        assert i > 0 and got[i + 10:i + 14] == b"\0\0\0\x01", got
+        ok = await h2_client(mesh, f"{VIP}:80")
+        r = await ok.request("GET", "/fine")
+        assert r.status == 200
+    run(go)
+
+
+def test_h2_upstream_max_requests_per_connection_opens_new_connections():
+    async def go(mesh):
+        pod = await _grpc_service(mesh)
+        mesh.apply("""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: greeter, namespace: shop}
+spec:
+  host: greeter
+  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 2}}}
+""")
+        c = await h2_client(mesh, f"{VIP}:50051")
+        for i in range(5):
+            r = await c.request("GET", f"/m/{i}")
+            assert r.status == 200
+        assert pod.app.connections == 3 and pod.app.requests == 5
+        deadline = asyncio.get_running_loop().time() + 5
+        while mesh.inbound.upstreams.idle_count() != 1 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        assert mesh.inbound.upstreams.idle_count() == 1        # the two full ones were closed
+    run(go)
+
+
+def test_retry_over_h2_upstream_replays_the_body_on_a_new_stream():
+    async def go(mesh):
+        pod = await _grpc_service(mesh)
+        pod.app.fail_first = 1
+        mesh.apply("""
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: greeter, namespace: shop}
+spec:
+  hosts: [greeter]
+  http:
+  - route: [{destination: {host: greeter}}]
+    retries: {attempts: 2, retryOn: 5xx}
+""")
+        c = await h2_client(mesh, f"{VIP}:50051")
+        r = await c.request("POST", "/pkg.Greeter/Again", body=b"payload!")
+        assert r.status == 200 and r.json()["body_bytes"] == 8, r
+        assert pod.app.requests == 2 and pod.app.connections == 1       # two streams, one connection
+        assert [s[3] for s in pod.app.seen] == [8, 8]
+    run(go)

@@ -8,8 +8,7 @@ import pytest
 
 from waypoint.http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead
 from waypoint.http2.connection import ClientConnection, ServerConnection, Settings, StreamReset, Writable
-from waypoint.http2.convert import (grpc_status_of, is_grpc, request_from_h2, request_to_h2, response_from_h2,
-                                    response_to_h2)
+from waypoint.http2.convert import grpc_status_of, request_from_h2, request_to_h2, response_from_h2, response_to_h2
 from waypoint.inbound import Sniffed, sniff
 
 BASE = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"svc:80"), (b":path", b"/a/b?x=1")]
@@ -71,7 +70,6 @@ def test_response_conversions():
     assert ei.value.status == 502
     assert response_to_h2(ResponseHead(status=200, headers=((b"keep-alive", b"1"), (b"a", b"b")), content_length=2),
                           bodyless=False) == [(b":status", b"200"), (b"content-length", b"2"), (b"a", b"b")]
-    assert is_grpc([(b"content-type", b"application/grpc+proto")]) and not is_grpc([(b"content-type", b"text/x")])
 
 
 @pytest.mark.parametrize("buf,want", [
@@ -186,3 +184,12 @@ def test_client_response_events():
     evs = ours.receive_data(srv.data_to_send())
     assert [type(e) for _, e in evs] == [ResponseHead, Body, EndOfMessage]
     assert evs[2][1].trailers == ((b"grpc-status", b"0"),)
+
+
+@pytest.mark.parametrize("status,sent,want", [
+    (200, "0", "0"), (200, None, "2"), (503, None, "14"), (404, None, "12"), (403, None, "7"), (0, None, ""),
+    (503, "4", "4"),
+])
+def test_grpc_response_status_label(status, sent, want):
+    from waypoint.telemetry import grpc_response_status
+    assert grpc_response_status(status, sent) == want

@@ -14,7 +14,7 @@ from __future__ import annotations
 from waypoint.http import HOP_BY_HOP, HttpError, RequestHead, ResponseHead
 
 __all__ = ["request_from_h2", "request_to_h2", "response_from_h2", "response_to_h2", "trailers_from_h2",
-           "trailers_to_h2", "is_grpc", "grpc_status_of"]
+           "trailers_to_h2", "grpc_status_of"]
 
 _CONNECTION_SPECIFIC = HOP_BY_HOP | frozenset([b"host", b"content-length", b"expect", b"http2-settings"])
 _NOT_IN_TRAILERS = frozenset([b"content-length", b"host", b"transfer-encoding", b"connection", b"te",
@@ -170,14 +170,6 @@ def trailers_from_h2(headers) -> tuple[tuple[bytes, bytes], ...]:
 
 def trailers_to_h2(trailers) -> list[tuple[bytes, bytes]]:
     return [(n, v) for n, v in trailers if n not in _NOT_IN_TRAILERS and n[:1] != b":"]
-
-
-def is_grpc(headers) -> bool:
-    """A gRPC request: content-type application/grpc (with +proto/;... suffixes)."""
-    for n, v in headers:
-        if n == b"content-type":
-            return v[:16].lower() == b"application/grpc"
-    return False
 
 
 def grpc_status_of(headers) -> str | None:

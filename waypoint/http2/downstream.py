@@ -94,6 +94,14 @@ class H2Downstream:
         self.flush()
 
     def data_received(self, data) -> None:
+        try:
+            self._received(data)
+        except Exception:       # never let one client's bytes take the waypoint's loop down
+            log.exception("waypoint HTTP/2 connection failed; closing it")
+            self.conn.close(ErrorCode.INTERNAL_ERROR)
+            self._ended(ConnectionEnded(code=int(ErrorCode.INTERNAL_ERROR), reason="internal_error"))
+
+    def _received(self, data) -> None:
         streams = self.streams
         for sid, ev in self.conn.receive_data(data):
             t = type(ev)
@@ -112,7 +120,7 @@ class H2Downstream:
             elif t is StreamReset:
                 s = streams.get(sid)
                 if s is not None:
-                    s.gone()
+                    s.lose()
             elif t is Writable:
                 s = streams.get(sid)
                 if s is not None:
@@ -121,7 +129,7 @@ class H2Downstream:
                 s = streams.get(sid)
                 if s is not None:
                     s.deliver(ev)
-                    s.gone()
+                    s.lose()
                 elif self.refused is not None:
                     self.refused(ev)
             elif t is ConnectionEnded:
@@ -137,7 +145,7 @@ class H2Downstream:
         self.transport = None
         self.client_done = True
         for s in list(self.streams.values()):
-            s.gone()
+            s.lose()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -191,13 +199,13 @@ class H2Downstream:
         if ev.reason != "goaway":                  # our protocol error: GOAWAY is queued, end now
             self.flush()
             for s in list(self.streams.values()):
-                s.gone()
+                s.lose()
             if self.transport is not None:
                 self.transport.close()
             return
         for sid, s in list(self.streams.items()):
             if sid > ev.last_stream_id:            # the client says it never saw them
-                s.gone()
+                s.lose()
         self._maybe_close()
 
     def _maybe_close(self) -> None:

@@ -27,7 +27,7 @@ class StreamChannel:
     """Receive queue and write side of one stream of a `Multiplexer` (see the module docstring)."""
 
     __slots__ = ("mux", "sid", "codec", "_events", "_waiter", "_write_ok", "ended", "lost", "error",
-                 "local_ended", "remote_ended", "__weakref__")
+                 "local_ended", "remote_ended", "_gone", "__weakref__")
 
     def __init__(self, mux, sid: int) -> None:
         self.mux = mux
@@ -43,6 +43,7 @@ class StreamChannel:
         self.error: HttpError | None = None
         self.local_ended = False
         self.remote_ended = False
+        self._gone: asyncio.Future[None] | None = None
 
     # -- fed by the multiplexer ------------------------------------------------------------
 
@@ -60,13 +61,25 @@ class StreamChannel:
         self.deliver(ev)
         self.ended = True
 
-    def gone(self) -> None:
-        """Reset by the peer or the connection ended."""
+    def lose(self) -> None:
+        """Reset (by the peer or us) or the connection ended."""
         self.lost = True
         self.ended = True
         self.mux.forget(self)
         self._wake()
         self.writable()
+        g = self._gone
+        if g is not None and not g.done():
+            g.set_result(None)
+
+    def gone(self) -> asyncio.Future[None]:
+        """Resolves when the stream is reset or its connection ends (the client went away; the
+        end of a request body is not that, unlike an HTTP/1.1 half-close)."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.lost:
+                self._gone.set_result(None)
+        return self._gone
 
     def writable(self) -> None:
         w, self._write_ok = self._write_ok, None
@@ -121,7 +134,7 @@ class StreamChannel:
         if not self.lost:
             self.mux.conn.reset(self.sid, code)
             self.mux.flush()
-            self.gone()
+            self.lose()
 
     def close(self) -> None:
         """Done with the stream: if either side is still open, it is reset (NO_ERROR once our

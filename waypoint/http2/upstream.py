@@ -87,7 +87,7 @@ class ClientStream(StreamChannel):
     def reset(self, code: int) -> None:
         if not self.sid:                 # never opened: nothing on the wire
             if not self.lost:
-                self.gone()
+                self.lose()
             return
         super().reset(code)
 
@@ -168,7 +168,7 @@ class H2Upstream:
                     s.deliver_end(ev)
             elif t is StreamReset:
                 if s is not None:
-                    s.gone()
+                    s.lose()
             elif t is Writable:
                 if s is not None:
                     s.writable()
@@ -187,7 +187,7 @@ class H2Upstream:
         self.transport = None
         self.gone = True
         for s in list(self.streams.values()):
-            s.gone()
+            s.lose()
         if not self.ready.done():
             self.ready.set_result(None)
         if self._on_lost is not None:
@@ -219,13 +219,13 @@ class H2Upstream:
         if ev.reason != "goaway":
             self.flush()
             for s in list(self.streams.values()):
-                s.gone()
+                s.lose()
             if self.transport is not None:
                 self.transport.close()
             return
         for sid, s in list(self.streams.items()):
             if sid > ev.last_stream_id:      # never processed by the backend (safe to retry)
-                s.gone()
+                s.lose()
 
     def close(self) -> None:
         self.going_away = True
