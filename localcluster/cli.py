@@ -204,6 +204,9 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
         [p["namespace"], p["name"], p["node"], p["ip"], p["phase"], str(p["restarts"]),
          "yes" if p["ambient"] else "no", p["service_account"]]
         + ([p["netns"] or "-", p["cgroup"] or "-"] if wide else []) for p in st["pods"]])
+    for p in st["pods"]:
+        if p.get("reason"):  # held before start (localcluster/meshgate.py)
+            print(f"  {p['namespace']}/{p['name']}: {p['phase']}, {p['reason']}: {p['message']}")
     if st["services"]:
         print("\nSERVICES")
         _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS"], [
