@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import resource
 import signal
 import ssl
 from typing import Any
@@ -77,7 +78,7 @@ class Ztunnel:
             on_update=self._on_update, token=token, on_connected=self._on_connected)
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
         self.tls = TlsContexts(self.secrets, self._roots)
-        self.pool = HbonePool(clock=clock)
+        self.pool = HbonePool(clock=clock, idle_timeout=cfg.pool_unused_release_timeout)
         self.metrics = TcpMetrics()
         self.conn_log = Recorder(self.metrics.record)
         self.capture = capture
@@ -272,6 +273,7 @@ class Ztunnel:
         return Response(200, {
             "tasks": len(asyncio.all_tasks()),
             "fds": fds,
+            "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "pool_connections": self.pool.open_connections,
             "capture_links": self.capture.link_count if self.capture is not None else 0,
             "pods": {uid: pp.live() for uid, pp in self.pods.items()},
