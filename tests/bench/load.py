@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""10,000 concurrent long-lived connections through a ztunnel pair (not in CI: CI runs 2,000).
+"""N concurrent long-lived connections through a ztunnel pair (CI runs the default 10,000).
 
 Runs tests/netns/test_load.py with AMBIENT_LOAD_N (default 10000): byte-exact echo on every
 connection, RSS and fds of both ztunnels from /proc (before, with all streams idle, after

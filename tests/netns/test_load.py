@@ -1,7 +1,7 @@
 """End to end (root): N concurrent long-lived connections through a ztunnel pair, byte-exact.
 
-A client pod on n1 opens N connections (`AMBIENT_LOAD_N`, default 2,000 in CI;
-tests/bench/load.py runs 10,000) to an echo server pod on n2: every one goes client app ->
+A client pod on n1 opens N connections (`AMBIENT_LOAD_N`, default 10,000, about 20 s;
+tests/bench/load.py N runs other sizes) to an echo server pod on n2: every one goes client app ->
 ztunnel n1 (outbound, HBONE pooled up to 100 streams per connection) -> ztunnel n2 (inbound)
 -> app. Each echoes a distinct 1 KiB payload exactly, then all sit idle. Measured from /proc
 for both ztunnels: RSS and fd count before, with N idle streams open, and after close. Bounds:
@@ -24,7 +24,7 @@ import pytest
 from .cluster_helper import APPS, ROOT, LocalCluster, pod_yaml, wait_for
 
 NAME = f"ld{os.getpid() % 100000}"
-N = int(os.environ.get("AMBIENT_LOAD_N", "2000"))
+N = int(os.environ.get("AMBIENT_LOAD_N", "10000"))
 PAYLOAD = 1024
 PER_CONN_KIB = 25
 RSS_CAP_MB_AT_10K = 200
