@@ -196,7 +196,8 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
         [n["name"], n["ip"], n["pod_cidr"],
          ("ready" if n["ztunnel"]["ready"] else "not ready") + ("" if n["ztunnel"]["connected"] else ", disconnected"),
          f"v{n['ztunnel']['version']}",
-         ", ".join(f"{c['identity'].rsplit('/ns/', 1)[-1]} ({c['state']})" for c in n["ztunnel"]["certificates"]) or "-"]
+         ", ".join(f"{c['identity'].rsplit('/ns/', 1)[-1]} ({_cert_state(c)})"
+                   for c in n["ztunnel"]["certificates"]) or "-"]
         for n in st["nodes"]])
     print("\nPODS")
     _table(["NAMESPACE", "NAME", "NODE", "IP", "PHASE", "RESTARTS", "AMBIENT", "SERVICE ACCOUNT"]
@@ -237,6 +238,12 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
             for w in ws:
                 print(f"  {w}")
     return 0
+
+
+def _cert_state(c: dict) -> str:
+    """`valid`, `expired`, `pending`, plus how long renewal has been failing (an outage)."""
+    since = c.get("failing_since")
+    return c["state"] if since is None else f"{c['state']}, renewal failing for {max(0, time.time() - since):.0f}s"
 
 
 def _users(u: dict[str, list[str]]) -> str:

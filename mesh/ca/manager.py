@@ -42,6 +42,7 @@ class _Entry:
     retry: asyncio.Event = field(default_factory=asyncio.Event)  # end the backoff (CA is back)
     dropped: bool = False
     backing_off: bool = False
+    failing_since: float | None = None  # first failed fetch since the last success
     fetches: int = 0
     fetch_errors: int = 0
     last_error: str | None = None
@@ -138,6 +139,7 @@ class SecretManager:
                 "fetches": entry.fetches,
                 "fetch_errors": entry.fetch_errors,
                 "last_error": entry.last_error,
+                "failing_since": entry.failing_since,
             })
         return sorted(rows, key=lambda r: r["identity"])
 
@@ -191,8 +193,12 @@ class SecretManager:
         for attempt in itertools.count():
             entry.fetches += 1
             try:
-                return await self._fetch_once(identity)
+                cert = await self._fetch_once(identity)
+                entry.failing_since = None
+                return cert
             except Exception as e:  # any CA/transport failure is retried, never fatal
+                if entry.failing_since is None:
+                    entry.failing_since = self._clock.now()
                 entry.fetch_errors += 1
                 entry.last_error = f"{type(e).__name__}: {e}"
                 delay = self._backoff(attempt)

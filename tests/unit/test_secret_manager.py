@@ -169,7 +169,7 @@ def test_prefetch_fetches_in_background():
         mgr.prefetch(BOB)
         assert mgr.snapshot(clock.now()) == [
             {"identity": BOB.uri, "state": "pending", "not_before": None, "not_after": None,
-             "refresh_at": None, "fetches": 0, "fetch_errors": 0, "last_error": None}]
+             "refresh_at": None, "fetches": 0, "fetch_errors": 0, "last_error": None, "failing_since": None}]
         await clock.settle()
         assert len(ca.calls) == 1
         snap = mgr.snapshot(clock.now())[0]
@@ -250,6 +250,7 @@ def test_ten_minute_outage_keeps_the_old_cert_and_renews_as_soon_as_the_ca_retur
         assert mgr.current(ALICE) is first and await mgr.get(ALICE) is first  # kept, not replaced
         snap = mgr.snapshot(clock.now())[0]
         assert snap["state"] == "valid" and snap["fetch_errors"] == tries - 1
+        assert START + 500 <= snap["failing_since"] <= START + 506  # the first failed renewal
         ca.failing = False  # back at t=900; the pending backoff could last up to 30 s more
         assert mgr.retry_now() == 1
         await clock.settle()
@@ -257,6 +258,7 @@ def test_ten_minute_outage_keeps_the_old_cert_and_renews_as_soon_as_the_ca_retur
         assert second is not None and second is not first
         assert second.not_before == START + 300 + OUTAGE  # renewed at once, no virtual time passed
         assert mgr.retry_now() == 0  # nothing is backing off any more
+        assert mgr.snapshot(clock.now())[0]["failing_since"] is None
     run(t)
 
 
