@@ -1,7 +1,7 @@
 """End to end (root): a control-plane outage longer than a certificate renewal period, scaled.
 
-The cluster runs with 20 s workload certificates (renewed at half-life, 10 s), so the real
-10-minute drill (scripts/outage.sh) fits in CI as a 12 s outage right after a renewal: it
+The cluster runs with 30 s workload certificates (renewed at half-life, 15 s), so the real
+10-minute drill (scripts/outage.sh) fits in CI as a 17 s outage right after a renewal: it
 spans a renewal that must fail, yet ends before the certificates expire. While the control
 plane is away, a long connection through the ztunnel pair stays byte-exact, new connections
 work from the last config, and the certificates are the very ones held before (never replaced
@@ -20,7 +20,7 @@ import pytest
 from .cluster_helper import LocalCluster, pod_yaml, wait_for
 
 NAME = f"ou{os.getpid() % 100000}"
-TTL = 20.0
+TTL = 30.0
 RENEW_BOUND = 3.0  # reconnect (backoff <= 1 s) + CSR; without retry_now up to 30 s of backoff
 
 CLUSTER = textwrap.dedent("""
