@@ -81,6 +81,7 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ctx: ssl.SSLContext | None = None
         self._serving_cert: WorkloadCert | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self.stats = {"snapshots": 0, "deltas": 0, "certificates": 0, "csr_denied": 0, "auth_denied": 0,
                       "pushes": 0}
         """`deltas` counts changes (one frame each), `pushes` the frames written to subscribers."""
@@ -118,11 +119,15 @@ class ControlPlane:
             self._server = await asyncio.start_unix_server(self._serve, path=self.socket_path, ssl=self._ctx)
             os.chmod(self.socket_path, 0o600)
             log.info("control plane listening on %s (version %d)", self.socket_path, self.version)
+        self._renewer = asyncio.ensure_future(self._renew_serving_cert())
 
     async def stop(self) -> None:
         """Stop listening and drop every proxy connection (they keep their last state)."""
         servers = [s for s in (self._server, self._tcp) if s is not None]
         self._server = self._tcp = None
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
         if not servers:
             return
         for server in servers:
@@ -140,6 +145,16 @@ class ControlPlane:
         if self.socket_path is not None and os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
         log.info("control plane stopped")
+
+    async def _renew_serving_cert(self) -> None:
+        """Re-issue the serving cert at every half-life, connections or not: a handshake
+        presents the cert loaded before it, so renewing only when a proxy connects would show
+        an expired cert to the first proxy after a quiet spell longer than the TTL (proxies
+        reconnecting after an outage) and that handshake would fail again and again."""
+        while True:
+            cert = self._serving_cert
+            await self.clock.sleep(max(0.05, cert.refresh_at - self.clock.now()) if cert else 0.05)
+            self._refresh_serving_cert()
 
     def _refresh_serving_cert(self) -> None:
         # The serving cert is re-issued at half-life; new handshakes use the reloaded context.

@@ -196,7 +196,8 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
         [n["name"], n["ip"], n["pod_cidr"],
          ("ready" if n["ztunnel"]["ready"] else "not ready") + ("" if n["ztunnel"]["connected"] else ", disconnected"),
          f"v{n['ztunnel']['version']}",
-         ", ".join(f"{c['identity'].rsplit('/ns/', 1)[-1]} ({c['state']})" for c in n["ztunnel"]["certificates"]) or "-"]
+         ", ".join(f"{c['identity'].rsplit('/ns/', 1)[-1]} ({_cert_state(c)})"
+                   for c in n["ztunnel"]["certificates"]) or "-"]
         for n in st["nodes"]])
     print("\nPODS")
     _table(["NAMESPACE", "NAME", "NODE", "IP", "PHASE", "RESTARTS", "AMBIENT", "SERVICE ACCOUNT"]
@@ -204,6 +205,9 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
         [p["namespace"], p["name"], p["node"], p["ip"], p["phase"], str(p["restarts"]),
          "yes" if p["ambient"] else "no", p["service_account"]]
         + ([p["netns"] or "-", p["cgroup"] or "-"] if wide else []) for p in st["pods"]])
+    for p in st["pods"]:
+        if p.get("reason"):  # held before start (localcluster/meshgate.py)
+            print(f"  {p['namespace']}/{p['name']}: {p['phase']}, {p['reason']}: {p['message']}")
     if st["services"]:
         print("\nSERVICES")
         _table(["NAMESPACE", "NAME", "CLUSTER IP", "PORTS"], [
@@ -234,6 +238,12 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
             for w in ws:
                 print(f"  {w}")
     return 0
+
+
+def _cert_state(c: dict) -> str:
+    """`valid`, `expired`, `pending`, plus how long renewal has been failing (an outage)."""
+    since = c.get("failing_since")
+    return c["state"] if since is None else f"{c['state']}, renewal failing for {max(0, time.time() - since):.0f}s"
 
 
 def _users(u: dict[str, list[str]]) -> str:

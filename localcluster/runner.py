@@ -50,6 +50,7 @@ from localcluster.procs import Containment
 from controlplane.store import ResourceStore
 from localcluster.system import RESTART_BACKOFF_MAX, Proc, ProcSpec, SystemWorkload, restart_delay
 from localcluster import waypoints
+from localcluster.meshgate import GateDecision, GateReason, decide as gate_decide
 from localcluster.handover import hand_over
 from mesh.identity import SpiffeId
 from mesh.model import PolicyObject
@@ -85,6 +86,9 @@ class _PodRt:
     ip: ipaddress.IPv4Address
     net: Any
     containers: dict[str, Proc]
+    meshed: bool = False
+    gate: GateDecision | None = None
+    """Why the containers have not started yet (localcluster/meshgate.py); None once started."""
 
 
 class Runner:
@@ -112,6 +116,7 @@ class Runner:
         """Config warnings of each object as last applied (ambient status shows them)."""
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
+        self._gate_task: asyncio.Task[None] | None = None
         self.committed_at: float | None = None
 
     # -- lifecycle --
@@ -124,9 +129,12 @@ class Runner:
         if (prom := self.obs.prometheus_workload()) is not None:
             self._start_system(prom)
         self._supervisor = asyncio.ensure_future(self._supervise())
+        self._gate_task = asyncio.ensure_future(self._gate_loop())
 
     async def shutdown(self) -> None:
         """Stop every process and remove every namespace, cgroup and pin of this cluster."""
+        if self._gate_task is not None:
+            self._gate_task.cancel()
         if self._supervisor is not None:
             self._supervisor.cancel()
         await self.cp.stop()
@@ -493,21 +501,57 @@ class Runner:
         for c in pod.containers:
             if not c.argv:
                 continue  # no command: the image's entrypoint, which local mode has not got
-            proc = Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup,
-                         env=env | dict(c.env), cwd=c.working_dir or pod.source_dir or None,
-                         log_path=self.paths.container_log(pod.namespace, pod.name, c.name),
-                         contain=self._containment(pod, c))
+            containers[c.name] = Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup,
+                                      env=env | dict(c.env), cwd=c.working_dir or pod.source_dir or None,
+                                      log_path=self.paths.container_log(pod.namespace, pod.name, c.name),
+                                      contain=self._containment(pod, c))
+        meshed = enrolled(pod, next((n for n in self.store.of(Namespace) if n.name == pod.namespace), None))
+        rt = self._pods[uid] = _PodRt(uid=uid, node=pod.node_name, ip=pod.pod_ip, net=podnet,
+                                      containers=containers, meshed=meshed)
+        # The CNI's hand-over to the node proxy: where this pod's netns and cgroup are.
+        self._sandboxes(pod.node_name).write(Sandbox(uid=uid, netns=podnet.netns_path, cgroup=podnet.cgroup))
+        if meshed and containers:  # held until ztunnel has enrolled it (meshgate.py)
+            rt.gate = GateDecision(start=False, reason=GateReason.WAITING_FOR_ENROLLMENT,
+                                   message=f"waiting for ztunnel on node {pod.node_name} to enroll it")
+        else:
+            self._start_containers(rt)
+        log.info("pod %s up on %s at %s%s", uid, pod.node_name, pod.pod_ip,
+                 " (containers wait for enrollment)" if rt.gate else "")
+
+    def _start_containers(self, rt: _PodRt) -> None:
+        rt.gate = None
+        for name, proc in rt.containers.items():
             try:
                 proc.start()
             except OSError as e:
-                log.warning("pod %s container %s failed to start: %s", uid, c.name, e)
+                log.warning("pod %s container %s failed to start: %s", rt.uid, name, e)
                 proc.last_exit, proc.next_start = -1, time.monotonic() + 1
-            containers[c.name] = proc
-        self._pods[uid] = _PodRt(uid=uid, node=pod.node_name, ip=pod.pod_ip, net=podnet,
-                                 containers=containers)
-        # The CNI's hand-over to the node proxy: where this pod's netns and cgroup are.
-        self._sandboxes(pod.node_name).write(Sandbox(uid=uid, netns=podnet.netns_path, cgroup=podnet.cgroup))
-        log.info("pod %s up on %s at %s", uid, pod.node_name, pod.pod_ip)
+
+    async def _gate_loop(self) -> None:
+        """Start held pods' containers once their node's ztunnel has enrolled them."""
+        while True:
+            held = [rt for rt in self._pods.values() if rt.gate is not None]
+            await asyncio.sleep(0.05 if held else 0.2)
+            if not held:
+                continue
+            nss = {n.name: n for n in self.store.of(Namespace)}
+            dumps: dict[str, dict[str, Any] | None] = {}
+            for rt in held:
+                if rt.node not in dumps:
+                    replicas = self._system.get(("ztunnel", rt.node), [])
+                    dumps[rt.node] = await self._dump(replicas[0].admin_socket if replicas else None)
+                pod = self.store.get(ResourceKey("Pod", *rt.uid.split("/", 1)))
+                if self._pods.get(rt.uid) is not rt or not isinstance(pod, Pod):
+                    continue  # deleted meanwhile
+                d = gate_decide(uid=rt.uid, node=rt.node, meshed=enrolled(pod, nss.get(pod.namespace)),
+                                control_plane_running=self.cp.running, dump=dumps[rt.node])
+                if d.start:
+                    log.info("pod %s: %s; starting its containers", rt.uid, d.message)
+                    self._start_containers(rt)
+                else:
+                    if rt.gate is None or rt.gate.reason is not d.reason:
+                        log.warning("pod %s held: %s: %s", rt.uid, d.reason.label, d.message)
+                    rt.gate = d
 
     def _containment(self, pod: Pod, c: Container | None) -> Containment:
         """A container's sandbox: its securityContext's user and group (root without
@@ -579,6 +623,9 @@ class Runner:
                     if d is None or d.get("version", 0) < self.cp.version:
                         pending.append(p.label)
             for rt in self._pods.values():
+                if rt.gate is not None:
+                    pending.append(f"pod {rt.uid} ({rt.gate.reason.label}: {rt.gate.message})")
+                    continue
                 for name, c in rt.containers.items():
                     if not c.running:
                         pending.append(f"pod {rt.uid} container {name}")
@@ -612,11 +659,13 @@ class Runner:
             uid = f"{p.namespace}/{p.name}"
             rt = self._pods.get(uid)
             cs = rt.containers if rt else {}
-            phase = ("Running" if cs and all(c.running for c in cs.values())
-                     else "Pending" if rt is None else "Failed" if cs else "Running")
+            phase = ("Pending" if rt is None or rt.gate is not None
+                     else "Running" if not cs or all(c.running for c in cs.values()) else "Failed")
             pods.append({
                 "namespace": p.namespace, "name": p.name, "node": p.node_name, "ip": str(p.pod_ip),
                 "phase": phase, "restarts": sum(c.restarts for c in cs.values()),
+                "reason": rt.gate.reason.label if rt and rt.gate else None,
+                "message": rt.gate.message if rt and rt.gate else None,
                 "service_account": p.service_account,
                 "ambient": enrolled(p, nss.get(p.namespace)),
                 "owner": str(owner) if (owner := waypoints.owner_of(p)) is not None else None,

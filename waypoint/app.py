@@ -53,7 +53,8 @@ class Waypoint:
         self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
         self.client = ControlPlaneClient(
             socket_path=cfg.control_plane, ssl_context=self._cp_context,
-            trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng)
+            trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng,
+            on_connected=lambda: self.secrets.retry_now())  # renew at once after an outage
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
         self.tls = TlsContexts(self.secrets, self._roots)
         self.pool = HbonePool(clock=clock)

@@ -26,6 +26,19 @@ def _tune_malloc() -> None:
         pass
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as Istio's ztunnel does at start: a relayed
+    connection costs ztunnel two fds (the pod's socket and, on the destination side, the
+    upstream one), so the usual soft 1024 would cap a node at a few hundred connections."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ztunnel", description="ambient node L4 proxy")
     p.add_argument("--node", required=True)
@@ -50,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                         ca_token=a.ca_token, ca_root=a.ca_root,
                         trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
                         sandbox_dir=a.sandbox_dir, pin_dir=a.pin_dir if a.worker == 0 else "",
-                        fail_open=a.fail_open, worker=a.worker, drain_timeout=a.drain_timeout)
+                        fail_open=a.fail_open, worker=a.worker, drain_timeout=a.drain_timeout,
+                        pool_unused_release_timeout=float(os.environ.get("ZTUNNEL_POOL_UNUSED_RELEASE_TIMEOUT", 300.0)))
     _tune_malloc()
+    _raise_fd_limit()
 
     async def run() -> None:
         capture = None

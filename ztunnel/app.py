@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import resource
 import signal
 import ssl
 from typing import Any
@@ -74,10 +75,10 @@ class Ztunnel:
         self.client = ControlPlaneClient(
             socket_path=None if address else cfg.control_plane, address=address, ssl_context=self._cp_context,
             trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng,
-            on_update=self._on_update, token=token)
+            on_update=self._on_update, token=token, on_connected=self._on_connected)
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
         self.tls = TlsContexts(self.secrets, self._roots)
-        self.pool = HbonePool(clock=clock)
+        self.pool = HbonePool(clock=clock, idle_timeout=cfg.pool_unused_release_timeout)
         self.metrics = TcpMetrics()
         self.conn_log = Recorder(self.metrics.record)
         self.capture = capture
@@ -114,6 +115,12 @@ class Ztunnel:
 
     async def _fetch_cert(self, identity, csr_pem):
         return await self.client.request_certificate(identity, csr_pem)
+
+    def _on_connected(self) -> None:
+        # Back from an outage: renew what failed now rather than after the backoff (<= 30 s).
+        n = self.secrets.retry_now()
+        if n:
+            log.info("control plane reachable: retrying %d certificate fetch(es) now", n)
 
     def _on_update(self, state: ProxyState) -> None:
         # Hold a certificate for every enrolled service account on this node (Istio prefetches
@@ -184,7 +191,8 @@ class Ztunnel:
             for uid in set(self.capture.enrolled()) - set(want):
                 self.capture.release(uid)
         for ident in {pp.workload.identity for pp in self.pods.values()}:
-            await self.tls.refresh(ident)
+            if self.secrets.current(ident) is not None:  # expired in an outage: do not block the sync
+                await self.tls.refresh(ident)
         self.draining = [pp for pp in self.draining if not pp.drained]
 
     async def _enroll(self, w: Workload) -> None:
@@ -265,6 +273,7 @@ class Ztunnel:
         return Response(200, {
             "tasks": len(asyncio.all_tasks()),
             "fds": fds,
+            "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "pool_connections": self.pool.open_connections,
             "capture_links": self.capture.link_count if self.capture is not None else 0,
             "pods": {uid: pp.live() for uid, pp in self.pods.items()},

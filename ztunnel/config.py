@@ -40,6 +40,9 @@ class ZtunnelConfig:
     drain_timeout: float = 5.0
     """On SIGTERM (a restart), how long open connections may still finish before they are cut
     (Istio's default termination drain is 5 s); `--drain-timeout`, `ZTUNNEL_DRAIN_TIMEOUT`."""
+    pool_unused_release_timeout: float = 300.0
+    """Seconds a pooled outbound HBONE connection with no stream stays open (Istio's
+    `POOL_UNUSED_RELEASE_TIMEOUT`, default 5 min); `ZTUNNEL_POOL_UNUSED_RELEASE_TIMEOUT`."""
     worker: int = 0
     """This process's index among the node's ztunnel workers. Every worker opens the in-pod
     listeners with SO_REUSEPORT, so the kernel spreads connections over them; worker 0 alone

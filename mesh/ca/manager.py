@@ -39,7 +39,10 @@ class _Entry:
     task: asyncio.Task[None] | None = None
     updated: asyncio.Event = field(default_factory=asyncio.Event)  # pulsed on every change
     kick: asyncio.Event = field(default_factory=asyncio.Event)  # renew now (wall clock jumped)
+    retry: asyncio.Event = field(default_factory=asyncio.Event)  # end the backoff (CA is back)
     dropped: bool = False
+    backing_off: bool = False
+    failing_since: float | None = None  # first failed fetch since the last success
     fetches: int = 0
     fetch_errors: int = 0
     last_error: str | None = None
@@ -54,7 +57,11 @@ class SecretManager:
 
     One task per identity fetches (retrying with exponential backoff and jitter), then sleeps
     until the cert's half-life and renews; so concurrent `get`s share one in-flight fetch. A
-    failed renewal keeps serving the old cert until it expires.
+    failed renewal keeps serving the old cert until it expires (never replacing it with
+    anything but a fresh, valid certificate for the same identity), and after that `get`
+    waits: fail closed, as a TLS peer would refuse the expired certificate anyway.
+    `retry_now()` (the CA connection is back) ends every backoff wait at once, so renewal
+    after a control-plane outage does not wait out up to `backoff_max`.
     """
 
     def __init__(self, fetch: Fetch, *, clock: Clock, rng: random.Random,
@@ -85,6 +92,21 @@ class SecretManager:
                     return cert
                 entry.kick.set()  # the renewal sleep may lag wall-clock time (suspend, jumps)
             await entry.updated.wait()
+
+    def current(self, identity: Identity) -> WorkloadCert | None:
+        """The certificate held for `identity` if it is still valid now, without waiting."""
+        entry = self._entries.get(identity)
+        cert = entry.cert if entry is not None else None
+        return cert if cert is not None and not cert.expired(self._clock.now()) else None
+
+    def retry_now(self) -> int:
+        """End the backoff of every identity whose last fetch failed; how many were waiting."""
+        n = 0
+        for entry in self._entries.values():
+            if entry.backing_off:
+                entry.retry.set()
+                n += 1
+        return n
 
     def prefetch(self, identity: Identity) -> None:
         """Start fetching and renewing `identity` in the background (needs a running loop)."""
@@ -117,6 +139,7 @@ class SecretManager:
                 "fetches": entry.fetches,
                 "fetch_errors": entry.fetch_errors,
                 "last_error": entry.last_error,
+                "failing_since": entry.failing_since,
             })
         return sorted(rows, key=lambda r: r["identity"])
 
@@ -170,14 +193,22 @@ class SecretManager:
         for attempt in itertools.count():
             entry.fetches += 1
             try:
-                return await self._fetch_once(identity)
+                cert = await self._fetch_once(identity)
+                entry.failing_since = None
+                return cert
             except Exception as e:  # any CA/transport failure is retried, never fatal
+                if entry.failing_since is None:
+                    entry.failing_since = self._clock.now()
                 entry.fetch_errors += 1
                 entry.last_error = f"{type(e).__name__}: {e}"
                 delay = self._backoff(attempt)
                 log.warning("fetching certificate for %s failed (%s); retrying in %.1fs",
                             identity.uri, entry.last_error, delay)
-            await self._clock.sleep(delay)
+            entry.backing_off = True
+            try:
+                await self._sleep_or(entry.retry, delay)
+            finally:
+                entry.backing_off = False
         raise AssertionError("unreachable")
 
     async def _fetch_once(self, identity: Identity) -> WorkloadCert:
@@ -197,9 +228,12 @@ class SecretManager:
         return base / 2 + self._rng.random() * base / 2
 
     async def _sleep_or_kick(self, entry: _Entry, delay: float) -> None:
-        entry.kick.clear()
+        await self._sleep_or(entry.kick, delay)
+
+    async def _sleep_or(self, event: asyncio.Event, delay: float) -> None:
+        event.clear()
         sleeper = asyncio.ensure_future(self._clock.sleep(max(0.0, delay)))
-        kicked = asyncio.ensure_future(entry.kick.wait())
+        kicked = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait((sleeper, kicked), return_when=asyncio.FIRST_COMPLETED)
         finally:

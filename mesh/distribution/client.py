@@ -49,6 +49,7 @@ class ControlPlaneClient:
                  trust_domain: str, state: ProxyState, clock: Clock, rng: random.Random,
                  on_update: Callable[[ProxyState], None] | None = None,
                  token: Callable[[], str] | None = None,
+                 on_connected: Callable[[], None] | None = None,
                  backoff_initial: float = 0.05, backoff_max: float = 1.0) -> None:
         if (socket_path is None) == (address is None):
             raise ValueError("give the control plane's socket_path or its TCP address, not both")
@@ -61,6 +62,8 @@ class ControlPlaneClient:
         self.clock = clock
         self.rng = rng
         self.on_update = on_update
+        self.on_connected = on_connected
+        """Called on every (re)connection: the proxy retries what failed while away (certificates)."""
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.connected = asyncio.Event()
@@ -100,6 +103,8 @@ class ControlPlaneClient:
             writer.write(encode(Subscribe(last_version=self.state.version, token=self._current_token())))
             self.stats["connects"] += 1
             self.connected.set()
+            if self.on_connected is not None:
+                self.on_connected()
             decoder = FrameDecoder()
             while True:
                 data = await reader.read(1024 * 1024)

@@ -159,3 +159,32 @@ def test_state_survives_control_plane_outage_and_resyncs(tmp_path):
         await until(lambda: c.state.workload("shop/b") is None, timeout=3)
         assert c.connected.is_set() and c.state.version > v
     run(tmp_path, body)
+
+
+def test_serving_cert_is_renewed_without_connections(tmp_path):
+    """A proxy connecting after a quiet spell longer than the TTL meets a valid serving cert
+    (it used to be renewed only once a handshake had already succeeded)."""
+    async def main():
+        clock = SystemClock()
+        ca = CertificateAuthority.generate(TD, clock=clock)
+        sock = str(tmp_path / "cp.sock")
+        cp = ControlPlane(ca=ca, socket_path=sock, clock=clock, cert_ttl=2, resources=RESOURCES)
+        await cp.start()
+        first = cp._serving_cert
+        try:
+            await asyncio.sleep(3)  # the first serving cert has expired; nobody connected
+            cert = ca.issue(NodeId(trust_domain=TD, node="n1"), 3600)
+            c = ControlPlaneClient(socket_path=sock, trust_domain=TD, state=ProxyState(), clock=clock,
+                                   rng=random.Random(1), backoff_max=0.2,
+                                   ssl_context=lambda: tls.client_context(cert, ca.roots_pem, alpn=(ALPN,)))
+            task = asyncio.ensure_future(c.run())
+            try:
+                await until(lambda: c.state.synced, timeout=2)
+                assert c.stats["connect_failures"] == 0
+                assert cp._serving_cert is not first
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await cp.stop()
+    asyncio.run(asyncio.wait_for(main(), 20))

@@ -169,7 +169,7 @@ def test_prefetch_fetches_in_background():
         mgr.prefetch(BOB)
         assert mgr.snapshot(clock.now()) == [
             {"identity": BOB.uri, "state": "pending", "not_before": None, "not_after": None,
-             "refresh_at": None, "fetches": 0, "fetch_errors": 0, "last_error": None}]
+             "refresh_at": None, "fetches": 0, "fetch_errors": 0, "last_error": None, "failing_since": None}]
         await clock.settle()
         assert len(ca.calls) == 1
         snap = mgr.snapshot(clock.now())[0]
@@ -233,4 +233,58 @@ def test_close_cancels_everything():
         assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         with pytest.raises(SecretError):
             await mgr.get(ALICE)
+    run(t)
+
+
+OUTAGE = 600.0  # the 10-minute control-plane outage, in virtual seconds
+
+
+def test_ten_minute_outage_keeps_the_old_cert_and_renews_as_soon_as_the_ca_returns():
+    async def t(clock, ca, mgr):
+        first = await mgr.get(ALICE)
+        await clock.advance(300)
+        ca.failing = True  # the control plane goes away 200 s before the half-life renewal
+        await clock.advance(OUTAGE)
+        tries = len(ca.calls)
+        assert tries > 10  # renewal attempted from t=500 on, with backoff
+        assert mgr.current(ALICE) is first and await mgr.get(ALICE) is first  # kept, not replaced
+        snap = mgr.snapshot(clock.now())[0]
+        assert snap["state"] == "valid" and snap["fetch_errors"] == tries - 1
+        assert START + 500 <= snap["failing_since"] <= START + 506  # the first failed renewal
+        ca.failing = False  # back at t=900; the pending backoff could last up to 30 s more
+        assert mgr.retry_now() == 1
+        await clock.settle()
+        second = mgr.current(ALICE)
+        assert second is not None and second is not first
+        assert second.not_before == START + 300 + OUTAGE  # renewed at once, no virtual time passed
+        assert mgr.retry_now() == 0  # nothing is backing off any more
+        assert mgr.snapshot(clock.now())[0]["failing_since"] is None
+    run(t)
+
+
+def test_outage_past_expiry_fails_closed_then_renews_at_once():
+    async def t(clock, ca, mgr):
+        first = await mgr.get(ALICE)
+        ca.failing = True
+        await clock.advance(TTL + 1)
+        assert mgr.current(ALICE) is None  # never an expired certificate
+        waiter = asyncio.create_task(mgr.get(ALICE))
+        await clock.settle()
+        assert not waiter.done()  # new connections wait: fail closed
+        ca.failing = False
+        mgr.retry_now()
+        fresh = await asyncio.wait_for(waiter, 1)
+        assert fresh is not first and fresh.not_before == START + TTL + 1
+    run(t)
+
+
+def test_retry_now_while_still_down_only_costs_one_attempt():
+    async def t(clock, ca, mgr):
+        ca.failing = True
+        mgr.prefetch(ALICE)
+        await clock.advance(100)
+        n = len(ca.calls)
+        assert mgr.retry_now() == 1
+        await clock.settle()
+        assert len(ca.calls) == n + 1 and mgr.current(ALICE) is None
     run(t)

@@ -11,6 +11,7 @@ a backend failing mid-stream, for fault tests.
 import argparse
 import asyncio
 import os
+import resource
 import socket
 
 RESET_ON = None
@@ -42,10 +43,13 @@ async def main():
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--reset-on-line", default=None)
     a = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one fd per connection (load tests)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     global RESET_ON
     if a.reset_on_line:
         RESET_ON = b"\n" + a.reset_on_line.encode() + b"\n"
-    server = await asyncio.get_running_loop().create_server(Echo, "0.0.0.0", a.port, reuse_address=True)
+    server = await asyncio.get_running_loop().create_server(Echo, "0.0.0.0", a.port, reuse_address=True,
+                                                                backlog=1024)
     print(f"echo listening on :{a.port}", flush=True)
     async with server:
         await server.serve_forever()
