@@ -381,7 +381,7 @@ class ClusterNetwork:
     def update_routes(self, name: str, routes: Mapping[IPv4Network | str, IPv4Address | str]) -> int:
         """Make node `name`'s inter-node routes exactly `routes` (pod CIDR -> node IP); how
         many it had to change. The kernel deletes routes through a link that goes down and
-        does not bring them back with it, so the runner calls this again every second."""
+        does not bring them back with it, so the runner calls this again every 2 s."""
         with self._lock, _rtnl(self.node_netns(name)) as ipr:
             eth0 = _index(ipr, "eth0")
             node_net = own = None
