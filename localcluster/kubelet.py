@@ -49,7 +49,8 @@ from controlplane.kube.reflector import Delete, Event, Reflector, Relisted, Upse
 from mesh.linux.netns import NETNS_DIR, NetnsError
 
 from .addressing import AddressPlan, ClusterAddressing
-from .kubelet_pods import SA_TOKEN_DIR, ContainerFacts, PodPlan, plan_pod, pod_status, resolve_env
+from .kubelet_pods import (SA_TOKEN_DIR, TOKEN_SECONDS, ContainerFacts, PodPlan, plan_pod, pod_status, resolve_env,
+                           token_refresh_due)
 from .network import ClusterNetwork
 from .procs import Containment
 from .runner import base_env
@@ -89,6 +90,8 @@ class _PodRt:
     start_time: str
     containers: list[_Container] = field(default_factory=list)
     last_status: Any = None
+    token_issued_at: float | None = None
+    """When the ServiceAccount token volume was last written (wall clock); None: no volume."""
 
 
 class NodeAgent:
@@ -302,6 +305,12 @@ class NodeAgent:
                 continue
             if rt is None:
                 rt = await self._add(p)
+            if rt.token_issued_at is not None and token_refresh_due(rt.token_issued_at, TOKEN_SECONDS, time.time()):
+                try:  # the directory is bind-mounted: files replaced in it are what the pod reads
+                    await self._token_volume(p)
+                    rt.token_issued_at = time.time()
+                except (ApiError, OSError) as e:
+                    log.warning("pod %s: token refresh failed (retrying): %s", p.key, e)
             self._supervise(rt)
             await self._write_status(rt)
 
@@ -324,6 +333,7 @@ class NodeAgent:
             if c.api_token:
                 try:
                     volumes = ((await self._token_volume(p), SA_TOKEN_DIR),)
+                    rt.token_issued_at = time.time()
                 except (ApiError, OSError) as e:
                     log.warning("pod %s: no API token volume: %s", p.key, e)
                     rt.containers.append(_Container(plan=c, proc=None, problem=f"API token volume: {e}"))
@@ -405,9 +415,9 @@ class NodeAgent:
 
     async def _token_volume(self, p: PodPlan) -> str:
         """The ServiceAccount volume a kubelet projects: a token bound to this pod (the API
-        server's audience, ~1 h; not yet refreshed before expiry), ca.crt and namespace."""
+        server's audience, ~1 h, rewritten at 80% of its lifetime), ca.crt and namespace."""
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                "spec": {"expirationSeconds": 3607,
+                "spec": {"expirationSeconds": TOKEN_SECONDS,
                          "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": p.name, "uid": p.uid}}}
         out = await self.api.request_json(
             "POST", f"/api/v1/namespaces/{p.namespace}/serviceaccounts/{p.service_account}/token", body=body)

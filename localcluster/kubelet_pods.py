@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ContainerPlan", "PodPlan", "Probe", "ContainerFacts", "plan_pod", "pod_status", "resolve_env", "UNSUPPORTED",
-           "SA_TOKEN_DIR"]
+           "SA_TOKEN_DIR", "TOKEN_SECONDS", "token_refresh_due"]
 
 UNSUPPORTED = "CreateContainerConfigError"
 """The waiting reason of a container this node cannot run as specified (Kubernetes' own)."""
@@ -209,3 +209,12 @@ def pod_status(p: PodPlan, containers: Sequence[ContainerFacts], *, pod_ip: str,
             "conditions": [cond("Initialized", True), cond("Ready", ready), cond("ContainersReady", ready),
                            cond("PodScheduled", True)],
             "containerStatuses": statuses}
+
+
+TOKEN_SECONDS = 3607
+"""The API token's requested lifetime (a kubelet's default for the ServiceAccount volume)."""
+
+
+def token_refresh_due(issued_at: float, lifetime: float, now: float) -> bool:
+    """A projected token is rewritten once 80% of its lifetime has passed, as a kubelet does."""
+    return now >= issued_at + 0.8 * lifetime

@@ -85,3 +85,9 @@ def test_readiness_probes_are_planned_and_gate_ready():
     st = pod_status(p, [running_not_ready], pod_ip="10.244.1.2", host_ip="h", start_time="t0", now="t1")
     assert st["phase"] == "Running" and st["containerStatuses"][0]["ready"] is False
     assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "False"
+
+
+@pytest.mark.parametrize("elapsed, due", [(0, False), (2885, False), (2886, True), (4000, True)])
+def test_token_is_rewritten_at_80_percent_of_its_lifetime(elapsed, due):
+    from localcluster.kubelet_pods import TOKEN_SECONDS, token_refresh_due
+    assert token_refresh_due(1000.0, TOKEN_SECONDS, 1000.0 + elapsed) is due
