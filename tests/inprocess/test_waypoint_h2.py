@@ -167,6 +167,8 @@ def test_h2_to_h2_backend_multiplexes_one_pooled_connection_and_keeps_trailers()
         r = await c.request("POST", "/trailers-only", [("content-type", "application/grpc")], body=b"x")
         assert r.status == 200 and r.header("grpc-status") == "5" and r.body == b"" and r.data_frames == 0
         assert pod.connects == 1 and pod.app.connections == 1
+        (snap,) = [c for c in mesh.inbound.upstreams.snapshot() if "greeter" in c["name"]]
+        assert snap["http2"] and [(h["streams"], h["served"]) for h in snap["http2_connections"]] == [(0, 12)]
         text = mesh.metrics.exposition().decode()
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         samples = fams["istio_requests"].samples
