@@ -557,7 +557,10 @@ class Upstreams:
                 "endpoints": [{"address": a, "ejected": bool(od and od.is_ejected(a))} for a in c.addresses],
                 "open_connections": c.open_connections, "pending_requests": c.pending_requests,
                 "active_requests": c.active_requests, "inflight": c.inflight,
-                "idle_connections": sum(len(self._idle.get((c.key, a), ())) for a in c.addresses)})
+                "idle_connections": sum(len(self._idle.get((c.key, a), ())) for a in c.addresses),
+                "http2": wants_http2(c),
+                "http2_connections": [{"endpoint": a, "streams": m.active, "served": m.served}
+                                      for a in c.addresses for m in self._h2.get((c.key, a), ())]})
         return out
 
     def exposition(self) -> bytes:

@@ -103,6 +103,8 @@ class H2Client(_Peer):
         self.responses: dict[int, H2Response] = {}
         self.done: dict[int, asyncio.Future] = {}
         self.unacked: dict[int, int] = {}
+        self.goaway: int | None = None
+        """The error code of the GOAWAY received, if any."""
 
     def on_event(self, ev) -> None:
         sid = getattr(ev, "stream_id", 0)
@@ -122,6 +124,8 @@ class H2Client(_Peer):
             r.trailers = list(ev.headers)
         elif isinstance(ev, h2.events.StreamEnded):
             self._finish(sid)
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.goaway = int(ev.error_code)
         elif isinstance(ev, h2.events.StreamReset) and r is not None:
             r.reset = int(ev.error_code)
             self._finish(sid)

@@ -167,6 +167,8 @@ def test_h2_to_h2_backend_multiplexes_one_pooled_connection_and_keeps_trailers()
         r = await c.request("POST", "/trailers-only", [("content-type", "application/grpc")], body=b"x")
         assert r.status == 200 and r.header("grpc-status") == "5" and r.body == b"" and r.data_frames == 0
         assert pod.connects == 1 and pod.app.connections == 1
+        (snap,) = [c for c in mesh.inbound.upstreams.snapshot() if "greeter" in c["name"]]
+        assert snap["http2"] and [(h["streams"], h["served"]) for h in snap["http2_connections"]] == [(0, 12)]
         text = mesh.metrics.exposition().decode()
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         samples = fams["istio_requests"].samples
@@ -297,4 +299,30 @@ spec:
         assert r.status == 200 and r.json()["body_bytes"] == 8, r
         assert pod.app.requests == 2 and pod.app.connections == 1       # two streams, one connection
         assert [s[3] for s in pod.app.seen] == [8, 8]
+    run(go)
+
+
+def test_rapid_reset_ends_the_connection_with_enhance_your_calm():
+    async def go(mesh):
+        (pod,) = await reviews(mesh, ("v1",))
+        pod.backend.delay = 5.0
+        c = await h2_client(mesh, f"{VIP}:80")
+        import h2.exceptions
+        sent = 0
+        for _ in range(2000):                    # open and cancel at once, as the 2023 attack
+            try:
+                sid = c.start("GET", "/slow")
+                c.reset(sid)
+            except h2.exceptions.ProtocolError:  # our side saw the GOAWAY: no more streams
+                break
+            sent += 1
+            await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 20
+        while c.goaway is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        assert c.goaway == 11 and 500 <= sent < 2000, (c.goaway, sent)    # ENHANCE_YOUR_CALM
+        assert mesh.inbound.counts["h2_connections"] == 1
+        ok = await h2_client(mesh, f"{VIP}:80")  # others are served
+        pod.backend.delay = 0
+        assert (await ok.request("GET", "/fine")).status == 200
     run(go)

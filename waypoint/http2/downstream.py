@@ -26,6 +26,9 @@ __all__ = ["H2Downstream", "ServerStream", "current_stream"]
 
 log = logging.getLogger("ambient.waypoint")
 
+PREMATURE_RESET_MIN = 500
+"""Envoy's premature_reset_total_stream_count default."""
+
 current_stream: contextvars.ContextVar[ServerStream | None] = contextvars.ContextVar("h2_stream", default=None)
 """The HTTP/2 stream whose request the running task serves (each stream has its own task):
 what the pipeline's telemetry reads the response's grpc-status from."""
@@ -84,6 +87,8 @@ class H2Downstream:
         self.transport_paused = False
         self.client_done = False
         self.requests = 0
+        self.premature_resets = 0
+        """Streams the client reset before their response ended."""
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -120,7 +125,18 @@ class H2Downstream:
             elif t is StreamReset:
                 s = streams.get(sid)
                 if s is not None:
+                    if not s.local_ended:
+                        self.premature_resets += 1
                     s.lose()
+                    if (self.premature_resets >= PREMATURE_RESET_MIN
+                            and self.premature_resets * 2 > self.requests):
+                        # Envoy's defence against rapid reset (CVE-2023-44487): more than half of
+                        # at least 500 streams cancelled before their response -> end the connection
+                        log.warning("waypoint HTTP/2: %d of %d streams reset early by the client; closing",
+                                    self.premature_resets, self.requests)
+                        self.conn.close(ErrorCode.ENHANCE_YOUR_CALM)
+                        self._ended(ConnectionEnded(code=int(ErrorCode.ENHANCE_YOUR_CALM), reason="rapid_reset"))
+                        return
             elif t is Writable:
                 s = streams.get(sid)
                 if s is not None:
@@ -201,7 +217,9 @@ class H2Downstream:
             for s in list(self.streams.values()):
                 s.lose()
             if self.transport is not None:
-                self.transport.close()
+                self.transport.close()           # GOAWAY goes out; the HBONE stream ends with the peer
+            if not self.closed.done():
+                self.closed.set_result(None)     # we are done with it whatever the peer does
             return
         for sid, s in list(self.streams.items()):
             if sid > ev.last_stream_id:            # the client says it never saw them
