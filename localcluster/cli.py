@@ -47,6 +47,9 @@ def _running(paths: ClusterPaths) -> bool:
 
 
 def _start_runner(paths: ClusterPaths, a: argparse.Namespace) -> None:
+    if a.prometheus:
+        from localcluster import prometheus
+        prometheus.check_port(a.prometheus_port)
     os.makedirs(paths.run_dir, mode=0o700, exist_ok=True)
     argv = [sys.executable, "-m", "localcluster.daemon", "--cluster", paths.name,
             "--trust-domain", a.trust_domain, "--cert-ttl", str(a.cert_ttl)]
@@ -160,6 +163,20 @@ def cmd_logs(paths: ClusterPaths, a: argparse.Namespace) -> int:
 
 
 def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    if not a.watch:
+        return _status_once(paths, a)
+    try:
+        while True:  # until interrupted or the reader goes away (`| head`)
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")
+            _status_once(paths, a)
+            sys.stdout.flush()
+            time.sleep(a.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
     st = call(paths.runner_socket, "status")
     out = "json" if a.json else a.output
     if out == "json":
@@ -200,6 +217,13 @@ def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
              str(w["restarts"]), _users(w["used_by"])] for w in st.get("waypoints", [])]
             + [[*m["waypoint"].split("/", 1), "-", "-", "MISSING (traffic refused)", "-", _users(m["used_by"])]
                for m in st.get("missing_waypoints", [])])
+    obs = st.get("observability")
+    if obs:
+        prom = obs.get("prometheus")
+        print(f"\nOBSERVABILITY\n  scrape endpoint {obs['scrape_endpoint']}/targets ({obs['targets']} proxies)")
+        if prom:
+            print(f"  prometheus {prom['url']} ({'running' if prom['running'] else 'NOT RUNNING'}, "
+                  f"restarts {prom['restarts']}); `ambient stat`, `ambient edges` query it")
     if st["policies"]:
         print("\nPOLICIES")
         for p in st["policies"]:
@@ -253,6 +277,15 @@ def cmd_down(paths: ClusterPaths, a: argparse.Namespace) -> int:
 def cmd_control_plane(paths: ClusterPaths, a: argparse.Namespace) -> int:
     res = call(paths.runner_socket, "control_plane", action=a.action)
     print(f"control plane {'running' if res['running'] else 'stopped'} (version {res['version']})")
+    return 0
+
+
+def cmd_restart(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    res = call(paths.runner_socket, "restart", kind=a.kind, node=a.node, timeout=300)
+    for r in res["restarted"]:
+        print(f"ztunnel on {r['node']}" + (f" (worker {r['worker']})" if r["worker"] else "") +
+              f": pid {r['old_pid']} -> {r['new_pid']}, serving after {r['serving_s']:.2f}s, "
+              f"old one drained and gone after {r['drain_s']:.2f}s")
     return 0
 
 
@@ -316,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, pods, IPs, enrollment and certificates")
     st.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"], default="table")
     st.add_argument("--json", action="store_true", help="same as -o json")
+    st.add_argument("-w", "--watch", action="store_true", help="print again every --interval seconds")
+    st.add_argument("--interval", type=float, default=2.0)
     st.set_defaults(fn=cmd_status)
 
     dn = sub.add_parser("down", help="remove every process, netns, cgroup and pin of the cluster")
@@ -324,6 +359,10 @@ def parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("control-plane", help="stop or start the control plane (failure drills)")
     cp.add_argument("action", choices=["start", "stop"])
     cp.set_defaults(fn=cmd_control_plane)
+    rs = sub.add_parser("restart", help="restart ztunnels without dropping traffic (new process first, old drains)")
+    rs.add_argument("kind", choices=["ztunnel"])
+    rs.add_argument("--node", default=None, help="only this node's ztunnel (default: every node, one at a time)")
+    rs.set_defaults(fn=cmd_restart)
     kube_cli.register(sub)  # install, uninstall, check: Kubernetes mode
     stat_cli.register(sub)  # stat, edges: golden signals from Prometheus
     return p

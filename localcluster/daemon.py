@@ -46,13 +46,19 @@ async def serve(paths: ClusterPaths, settings: ClusterSettings) -> None:
             raise ApiError(f"unknown control-plane action {action!r} (start|stop)", "bad_request")
         return {"running": runner.cp.running, "version": runner.cp.version}
 
+    async def restart(kind: str, node: str | None = None) -> Any:
+        if kind != "ztunnel":
+            raise ApiError(f"cannot restart {kind!r} (only ztunnel)", "bad_request")
+        return await runner.restart_ztunnel(node)
+
     async def shutdown() -> Any:
         await runner.shutdown()
         asyncio.get_running_loop().call_later(0.05, done.set)
         return {"stopped": paths.name}
 
     api = ApiServer({"ping": ping, "apply": apply, "delete": delete, "status": status,
-                     "pod_info": pod_info, "control_plane": control_plane, "shutdown": shutdown})
+                     "pod_info": pod_info, "control_plane": control_plane, "restart": restart,
+                     "shutdown": shutdown})
     loop = asyncio.get_running_loop()
     me = os.getpid()
 

@@ -358,7 +358,7 @@ class ClusterNetwork:
         return out
 
     @staticmethod
-    def _sync_routes(ipr: "IPRoute", want: dict[IPv4Network, IPv4Address]) -> None:
+    def _sync_routes(ipr: "IPRoute", want: dict[IPv4Network, IPv4Address]) -> int:
         have: dict[IPv4Network, IPv4Address | None] = {}
         for r in ipr.get_routes(family=2, table=254, proto=RTPROT_STATIC):
             if r["proto"] != RTPROT_STATIC:
@@ -366,16 +366,22 @@ class ClusterNetwork:
             gw = r.get_attr("RTA_GATEWAY")
             have[IPv4Network((r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"]))] = (
                 IPv4Address(gw) if gw else None)
+        changed = 0
         for dst, gw in have.items():
             if want.get(dst) != gw:
                 ipr.route("del", dst=str(dst), proto=RTPROT_STATIC)
+                changed += 1
         for dst, gw in want.items():
             if have.get(dst) != gw:
                 ipr.route("replace", dst=str(dst), gateway=str(gw), proto=RTPROT_STATIC)
+                changed += 1
+        return changed
 
     @_blocking
-    def update_routes(self, name: str, routes: Mapping[IPv4Network | str, IPv4Address | str]) -> None:
-        """Make node `name`'s inter-node routes exactly `routes` (pod CIDR -> node IP)."""
+    def update_routes(self, name: str, routes: Mapping[IPv4Network | str, IPv4Address | str]) -> int:
+        """Make node `name`'s inter-node routes exactly `routes` (pod CIDR -> node IP); how
+        many it had to change. The kernel deletes routes through a link that goes down and
+        does not bring them back with it, so the runner calls this again every second."""
         with self._lock, _rtnl(self.node_netns(name)) as ipr:
             eth0 = _index(ipr, "eth0")
             node_net = own = None
@@ -387,7 +393,7 @@ class ClusterNetwork:
                     own = addr.network
             if node_net is None or own is None:
                 raise NetworkError(f"node {name!r} has no eth0/cni0 address")
-            self._sync_routes(ipr, self._check_routes(node_net, own, routes))
+            return self._sync_routes(ipr, self._check_routes(node_net, own, routes))
 
     @_blocking
     def remove_node(self, name: str) -> None:
@@ -444,6 +450,12 @@ class ClusterNetwork:
                     ipr.addr("add", index=eth0, address=str(ip), prefixlen=cidr.prefixlen)
                     ipr.link("set", index=eth0, state="up")
                     ipr.route("add", dst="0.0.0.0/0", gateway=str(gw))
+                # A restarted ztunnel binds the in-pod ports next to the old one (SO_REUSEPORT);
+                # when the old closes its listeners, connections they had not accepted yet move
+                # to the new one's instead of being reset (Linux 5.14+).
+                with netns.in_netns(ns):
+                    with open("/proc/sys/net/ipv4/tcp_migrate_req", "w", encoding="ascii") as f:
+                        f.write("1")
                 cg = cgroup.create(self.pod_cgroup_rel(pod_uid))
             except BaseException:
                 self._remove_pod_hashed(h, node_ns=node_ns)

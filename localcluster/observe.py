@@ -17,13 +17,14 @@ from typing import Any
 
 from controlplane.server import ControlPlane
 from ebpf.capture import pod_links
-from localcluster import prometheus as prom, waypoints
+from localcluster import dashboard, prometheus as prom, waypoints
 from localcluster.meshmetrics import CertSample, ControlPlaneSample, Convergence, MeshSample, ProxySample, render
 from localcluster.paths import ClusterPaths
 from localcluster.scrape import ScrapeServer, ScrapeTarget
 from localcluster.system import Proc, SystemWorkload
-from mesh.admin_http import get_unix
+from mesh.admin_http import Response, get_unix
 from mesh.clock import Clock
+from mesh.linux import cgroup
 
 __all__ = ["ObserveSettings", "Observability"]
 
@@ -48,7 +49,9 @@ class Observability:
         self._system = system
         self._pods = pods
         self.clock = clock
-        self.server = ScrapeServer(self.targets, self.mesh_metrics)
+        self.server = ScrapeServer(self.targets, self.mesh_metrics, {
+            "/dashboard": lambda _: Response(200, dashboard.PAGE, "text/html; charset=utf-8"),
+            "/dashboard/data.json": self._dashboard_data})
         self.convergence = Convergence()
         self._lock = asyncio.Lock()
 
@@ -67,9 +70,11 @@ class Observability:
         if not self.settings.prometheus:
             return None
         shutil.rmtree(self.prometheus_dir, ignore_errors=True)  # a fresh TSDB per cluster start
+        # In the cluster's cgroup tree: `ambient down` kills it even if the runner died.
+        cg = cgroup.create(f"{self.paths.prefix}/prometheus")
         return prom.workload(self.prometheus_dir, f"http://{self.server.address}/targets",
-                                   port=self.settings.prometheus_port, scrape_interval=self.settings.scrape_interval,
-                                   log_path=os.path.join(self.paths.logs_dir, "prometheus.log"))
+                             port=self.settings.prometheus_port, scrape_interval=self.settings.scrape_interval,
+                             log_path=os.path.join(self.paths.logs_dir, "prometheus.log"), cgroup=cg)
 
     async def close(self) -> None:
         """After the runner stopped its processes (Prometheus included): close, remove the TSDB."""
@@ -108,10 +113,17 @@ class Observability:
     # -- mesh health --
 
     async def mesh_metrics(self) -> bytes:
+        return render(await self._observed(), self.convergence)
+
+    async def _dashboard_data(self, _path: str) -> Response:
+        doc = await dashboard.data(self.paths.name, await self._observed(), self.convergence, self.prometheus_url)
+        return Response(200, doc)
+
+    async def _observed(self) -> MeshSample:
         async with self._lock:  # one sample at a time: the convergence tracker is stateful
             sample = await self.sample()
             self.convergence.observe(sample)
-            return render(sample, self.convergence)
+            return sample
 
     async def sample(self) -> MeshSample:
         targets = self.targets()

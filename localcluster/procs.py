@@ -198,8 +198,8 @@ def _leads_group(pid: int) -> bool:
         return False
 
 
-def stop(proc: subprocess.Popen | int, timeout: float = 3.0) -> int | None:
-    """SIGTERM the process (its whole process group if it leads one), SIGKILL after `timeout`.
+def stop(proc: subprocess.Popen | int, timeout: float = 3.0, sig: int = signal.SIGTERM) -> int | None:
+    """SIGTERM (or `sig`) the process (its whole process group if it leads one), SIGKILL after `timeout`.
 
     Once the leader has exited, members of its group still running get SIGKILL too.  Returns
     the exit code when `proc` is a Popen, else None.  Bounded: waits at most `timeout`
@@ -211,8 +211,8 @@ def stop(proc: subprocess.Popen | int, timeout: float = 3.0) -> int | None:
         return popen.returncode
     if not _exited(pid):
         group = _leads_group(pid)
-        for sig, limit in ((signal.SIGTERM, timeout), (signal.SIGKILL, 1.0)):
-            _signal(pid, sig, group)
+        for s, limit in ((sig, timeout), (signal.SIGKILL, 1.0)):
+            _signal(pid, s, group)
             deadline = time.monotonic() + limit
             while not _exited(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)

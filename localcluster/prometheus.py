@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import urllib.error
@@ -26,7 +27,7 @@ import yaml
 from localcluster.system import ProcSpec, SystemWorkload
 
 __all__ = ["PROMETHEUS", "PrometheusError", "config", "recording_rules", "write_files", "workload",
-           "wait_ready", "query", "DEFAULT_PORT"]
+           "wait_ready", "query", "check_port", "DEFAULT_PORT"]
 
 PROMETHEUS = "/usr/bin/prometheus"
 DEFAULT_PORT = 9090
@@ -123,17 +124,28 @@ def write_files(directory: str, sd_url: str, *, scrape_interval: float) -> str:
     return path
 
 
+def check_port(port: int) -> None:
+    """Fail now, with a reason, rather than restart a Prometheus that cannot bind forever."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise PrometheusError(f"cannot run Prometheus on 127.0.0.1:{port}: {e.strerror}; "
+                                  "pick another --prometheus-port", "port_in_use") from None
+
+
 def workload(directory: str, sd_url: str, *, port: int, scrape_interval: float, log_path: str,
-             binary: str = PROMETHEUS) -> SystemWorkload:
+             cgroup: str | None = None, binary: str = PROMETHEUS) -> SystemWorkload:
     """The Prometheus system workload (`istio-system/prometheus`): host netns, 127.0.0.1:`port`."""
     if shutil.which(binary) is None:
         raise PrometheusError(f"{binary} not found: run scripts/install.sh (apt package prometheus)",
                               "prometheus_missing")
+    check_port(port)
     cfg = write_files(directory, sd_url, scrape_interval=scrape_interval)
     argv = (binary, f"--config.file={cfg}", f"--storage.tsdb.path={os.path.join(directory, 'data')}",
             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=6h",
             "--log.level=warn")
-    spec = ProcSpec(argv=argv, netns=None, cgroup=None, log_path=log_path, label="prometheus",
+    spec = ProcSpec(argv=argv, netns=None, cgroup=cgroup, log_path=log_path, label="prometheus",
                     env=(("PATH", "/usr/bin:/bin"), ("HOME", directory)))
     return SystemWorkload(kind="prometheus", target="istio-system/prometheus", replicas=(spec,))
 

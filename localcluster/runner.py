@@ -50,6 +50,7 @@ from localcluster.procs import Containment
 from controlplane.store import ResourceStore
 from localcluster.system import RESTART_BACKOFF_MAX, Proc, ProcSpec, SystemWorkload, restart_delay
 from localcluster import waypoints
+from localcluster.handover import hand_over
 from mesh.identity import SpiffeId
 from mesh.model import PolicyObject
 
@@ -134,7 +135,7 @@ class Runner:
                 c.stop()
         for replicas in self._system.values():
             for z in replicas:
-                z.stop()
+                z.stop(now=True)
         self._system.clear()
         self._pods.clear()
         await self.obs.close()
@@ -352,6 +353,16 @@ class Runner:
     def _routes(self, node: str) -> dict[Any, Any]:
         return self.addr.routes_for(node)
 
+    async def _repair_routes(self) -> None:
+        for name in self._nodes():
+            try:
+                n = await asyncio.to_thread(self.net.update_routes, name, self._routes(name))
+            except Exception as e:  # noqa: BLE001 - e.g. the link is still down: next second
+                log.debug("node %s: routes not repaired yet: %s", name, e)
+                continue
+            if n:
+                log.warning("node %s: restored %d route(s) to other nodes (its link went down and up?)", name, n)
+
     async def _add_node(self, name: str) -> None:
         na = self.addr.node(name)
         await asyncio.to_thread(self.net.add_node, name, na.ip, na.pod_cidr, self._routes(name))
@@ -392,13 +403,34 @@ class Runner:
                 started.append(p)
         except BaseException:
             for p in started:
-                p.stop()
+                p.stop(now=True)
             raise
         self._system[sw.key] = started
 
     def _stop_system(self, kind: str, target: str) -> None:
         for p in self._system.pop((kind, target), []):
-            p.stop()
+            p.stop(now=True)
+
+    # -- graceful ztunnel restart --
+
+    async def restart_ztunnel(self, node: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Restart each ztunnel (of `node`, or of every node) without dropping traffic: start
+        the new process next to the old, wait until it serves every local pod, then SIGTERM
+        the old one, which drains (ztunnel/app.py) and exits. One replica at a time."""
+        async with self._lock:
+            nodes = self._nodes()
+            if node is not None and node not in nodes:
+                raise ApiError(f"no node {node!r} (nodes: {', '.join(nodes) or 'none'})", "not_found")
+            done = []
+            for name in [node] if node is not None else nodes:
+                replicas = self._system[("ztunnel", name)]
+                for i, spec in enumerate(self._ztunnel_workload(name).replicas):
+                    # The supervisor watches the new one from the moment it serves.
+                    res = await hand_over(replicas[i], spec, lambda: self._dump(spec.admin_socket),
+                                          lambda: self.cp.version, timeout=timeout,
+                                          on_serving=lambda new, i=i: replicas.__setitem__(i, new))
+                    done.append({"node": name, "worker": i, **res})
+            return {"restarted": done}
 
     def _add_waypoint(self, gw: PolicyObject) -> None:
         wdir = self.paths.waypoint_dir(gw.namespace, gw.name)
@@ -497,9 +529,15 @@ class Runner:
         return SandboxDir(os.path.join(self.paths.node_dir(node), "pods"))
 
     async def _supervise(self) -> None:
-        """Restart exited containers and system workloads (ztunnels, waypoints) with capped backoff."""
+        """Restart exited containers and system workloads (ztunnels, waypoints) with capped
+        backoff; every second, put back node routes a link down/up removed."""
+        tick = 0
         while True:
             await asyncio.sleep(0.5)
+            tick += 1
+            if tick % 2 == 0 and not self._lock.locked():
+                async with self._lock:  # not while apply/delete changes nodes
+                    await self._repair_routes()
             now = time.monotonic()
             procs_ = [*(p for replicas in self._system.values() for p in replicas),
                       *(c for rt in self._pods.values() for c in rt.containers.values())]

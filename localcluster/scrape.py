@@ -24,7 +24,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from mesh.admin_http import AdminServer, Response, get_unix
+from mesh.admin_http import AdminServer, Handler, Response, get_unix
 from mesh.metrics import family
 
 __all__ = ["ScrapeTarget", "ScrapeServer", "http_sd", "process_metrics", "MESH_PATH"]
@@ -117,11 +117,12 @@ def read_process(pid: int) -> bytes:
 class ScrapeServer:
     """The endpoint above. `targets()` lists the proxies now; `mesh()` renders mesh health."""
 
-    def __init__(self, targets: Callable[[], list[ScrapeTarget]], mesh: Callable[[], Awaitable[bytes]]) -> None:
+    def __init__(self, targets: Callable[[], list[ScrapeTarget]], mesh: Callable[[], Awaitable[bytes]],
+                 extra: dict[str, Handler] | None = None) -> None:
         self._targets = targets
         self._mesh = mesh
         self._admin = AdminServer({"/targets": self._sd, MESH_PATH: self._mesh_metrics,
-                                   "/": self._index}, fallback=self._proxy)
+                                   "/": self._index, **(extra or {})}, fallback=self._proxy)
         self.port: int | None = None
 
     @property
@@ -136,7 +137,7 @@ class ScrapeServer:
         await self._admin.close()
 
     def _index(self, _path: str) -> Response:
-        return Response(200, "".join(f"{t.path}\n" for t in self._targets()) + f"{MESH_PATH}\n/targets\n")
+        return Response(200, "".join(f"{t.path}\n" for t in self._targets()) + f"{MESH_PATH}\n/targets\n/dashboard\n")
 
     def _sd(self, _path: str) -> Response:
         return Response(200, json.dumps(http_sd(self._targets(), self.address)).encode(), "application/json")

@@ -191,13 +191,18 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _ms(v: float | None) -> str:
+    # Local hops take well under a millisecond: keep a decimal below 10 ms.
+    return "-" if v is None else f"{v:.1f}ms" if v < 10 else f"{v:.0f}ms"
+
+
 def table(kind: str, rs: list[dict[str, Any]], *, wide: bool = False) -> list[list[str]]:
     head = ["NAME", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN/S"]
     out = [head + (list(_KEYS[kind]) if wide else [])]
     for r in rs:
         out.append([r["name"], _fmt(None if r["success"] is None else r["success"] * 100, ".2f", "%"),
-                    _fmt(r["rps"], ".2f"), _fmt(r["latency_ms_p50"], ".0f", "ms"), _fmt(r["latency_ms_p95"], ".0f", "ms"),
-                    _fmt(r["latency_ms_p99"], ".0f", "ms"), _fmt(r["tcp_connections_per_second"], ".2f")]
+                    _fmt(r["rps"], ".2f"), _ms(r["latency_ms_p50"]), _ms(r["latency_ms_p95"]), _ms(r["latency_ms_p99"]),
+                    _fmt(r["tcp_connections_per_second"], ".2f")]
                    + ([r.get(k, "") for k in _KEYS[kind]] if wide else []))
     return out
 

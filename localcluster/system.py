@@ -10,6 +10,7 @@ returns.
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ class Proc:
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None
 
-    def stop(self) -> None:
+    def stop(self, *, now: bool = False) -> None:
+        """SIGTERM (a proxy drains first), or with `now` SIGINT (a proxy exits at once)."""
         if self.popen is not None:
-            procs.stop(self.popen)
+            procs.stop(self.popen, sig=signal.SIGINT if now else signal.SIGTERM)

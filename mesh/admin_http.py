@@ -48,6 +48,7 @@ class AdminServer:
         self.fallback = fallback
         """Handles paths not in `routes` (it may answer 404 itself)."""
         self._servers: list[asyncio.AbstractServer] = []
+        self._tcp: list[asyncio.AbstractServer] = []
 
     async def listen_unix(self, path: str) -> None:
         if os.path.exists(path):
@@ -57,9 +58,19 @@ class AdminServer:
 
     async def listen_tcp(self, host: str, port: int) -> int:
         """Listen on host:port (0: a free port); returns the port."""
-        server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        # SO_REUSEPORT: a restarted proxy binds the port while the old one still drains.
+        server = await asyncio.start_server(self._serve, host, port, reuse_address=True, reuse_port=True)
         self._servers.append(server)
+        self._tcp.append(server)
         return server.sockets[0].getsockname()[1]
+
+    async def close_tcp(self) -> None:
+        """Stop serving the TCP ports only (a draining proxy keeps its Unix socket)."""
+        for s in self._tcp:
+            s.close()
+            if s in self._servers:
+                self._servers.remove(s)
+        self._tcp.clear()
 
     async def close(self) -> None:
         for s in self._servers:

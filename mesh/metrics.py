@@ -61,7 +61,8 @@ def family(name: str, kind: str, documentation: str,
     for labels, value in samples:
         text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
         v = float(value)
-        out.append(f"{name}{{{text}}} {int(v) if v.is_integer() else repr(v)}")
+        out.append(f"{name}{{{text}}} {int(v) if v.is_integer() else repr(v)}" if text
+                   else f"{name} {int(v) if v.is_integer() else repr(v)}")
     return "\n".join(out) + "\n"
 
 

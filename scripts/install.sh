@@ -7,8 +7,10 @@ root=$(pwd)
 
 [ "$(id -u)" = 0 ] || { echo "install.sh: must run as root (netns, cgroups and eBPF need it)" >&2; exit 1; }
 
+# chromium: the dashboard test drives Debian's browser with Playwright (pip, from pyproject's
+# test extra); no browser is ever downloaded (`playwright install` is not run).
 apt_pkgs=(python3 python3-venv python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2
-          openssl procps util-linux tcpdump iperf3 curl ca-certificates wrk nginx-light)
+          openssl procps util-linux tcpdump iperf3 curl ca-certificates wrk nginx-light chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -40,8 +40,8 @@ from mesh.model.route import ConsistentHash, DestinationRule, TrafficPolicy
 from mesh.state import ProxyState
 
 from .plan import Forward, destination_rule_for, service_fqdn
-from .resilience import (AttemptOutcome, Balancer, BalancerConfig, CircuitLimits, OutcomeKind, OutlierConfig,
-                         OutlierDetector, ResultKind, WeightedEndpoint)
+from .resilience import (AttemptOutcome, Balancer, BalancerConfig, CircuitLimits, Ejection, OutcomeKind,
+                         OutlierConfig, OutlierDetector, ResultKind, WeightedEndpoint)
 
 __all__ = ["HashRequest", "EndpointTarget", "ClusterConfig", "ClusterStats", "Cluster", "Clusters", "cluster_key",
            "traffic_policy", "endpoint_targets", "request_hash_key"]
@@ -187,6 +187,7 @@ class ClusterStats:
     upstream_rq_pending_total: int = 0
     upstream_rq_pending_overflow: int = 0
     upstream_rq_timeout: int = 0
+    upstream_rq_cancelled: int = 0
     upstream_cx_total: int = 0
     upstream_cx_connect_fail: int = 0
     upstream_cx_connect_timeout: int = 0
@@ -291,12 +292,13 @@ class Cluster:
         return self.targets[ep.address]
 
     def report(self, target: EndpointTarget, outcome: AttemptOutcome | None, rtt: float | None,
-               now: float) -> None:
+               now: float) -> Ejection | None:
+        """Count one attempt's end; returns the ejection it caused, if any."""
         self.inflight = max(0, self.inflight - 1)
         addr = target.address
         self.balancer.on_end(addr, now, rtt if outcome is not None and outcome.kind is OutcomeKind.RESPONSE else None)
         if outcome is None or outcome.kind is OutcomeKind.OVERFLOW:
-            return
+            return None
         self.stats.upstream_rq_total += 1
         if outcome.kind is OutcomeKind.RESPONSE and outcome.status is not None:
             cls = f"{outcome.status // 100}xx"
@@ -305,7 +307,7 @@ class Cluster:
             self.stats.upstream_rq_timeout += 1
         od = self.outlier
         if od is None:
-            return
+            return None
         if outcome.kind is OutcomeKind.RESPONSE:
             ej = od.record(addr, ResultKind.RESPONSE, now, outcome.status or 0)
         else:
@@ -314,6 +316,7 @@ class Cluster:
             self.stats.outlier_detection_ejections_enforced_total += 1
             name = _CAUSE_STAT[ej.cause.value]
             setattr(self.stats, name, getattr(self.stats, name) + 1)
+        return ej
 
     def sweep(self, now: float) -> tuple[str, ...]:
         """Outlier detection's periodic pass, if due: the endpoints brought back."""
@@ -395,6 +398,7 @@ STAT_HELP: dict[str, tuple[str, str]] = {
     "upstream_rq_pending_overflow": ("counter", "Requests refused by the connection pool or requests circuit "
                                                 "breaker (503 UO)."),
     "upstream_rq_timeout": ("counter", "Attempts that timed out waiting for a response."),
+    "upstream_rq_cancelled": ("counter", "Requests withdrawn before they got a connection (the client left)."),
     "upstream_cx_total": ("counter", "Upstream connections opened."),
     "upstream_cx_active": ("gauge", "Upstream connections open or opening."),
     "upstream_cx_connect_fail": ("counter", "Upstream connection attempts that failed."),

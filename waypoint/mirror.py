@@ -149,7 +149,7 @@ class Mirrors:
 
     def tee(self, plan: Forward, head: RequestHead, headers: list[tuple[bytes, bytes]], down, src_ip: str):
         """`down` itself when the plan mirrors nothing, else a stand-in that copies the body."""
-        if not plan.mirrors:
+        if not plan.mirrors or head.upgrade is not None:   # a WebSocket is never mirrored
             return down
         return _Tee(down, self, plan, head, headers, src_ip)
 

@@ -24,6 +24,7 @@ Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -43,6 +44,7 @@ from . import authz, fault
 from .channel import HttpChannel
 from .headers import apply_modifiers
 from .mirror import Mirrors
+from .upgrade import relay
 from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
                    ResponseHead, ServerConnection)
 from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
@@ -50,7 +52,7 @@ from .routing import RequestInfo
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
 from .resilience import AttemptOutcome, OutcomeKind
 from .resilience.circuit import OVERFLOW_BODY, OVERFLOW_HEADERS
-from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams
+from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams, Withdrawn
 
 __all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "attempt_outcome",
            "local_reply_bytes"]
@@ -69,11 +71,35 @@ _CONNECT_FAILURE = AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent
 class DownstreamConn(HttpChannel):
     """The client side of one HBONE stream carrying HTTP/1.1, with its server codec."""
 
-    __slots__ = ("codec",)
+    __slots__ = ("codec", "_gone")
 
     def __init__(self, codec: ServerConnection) -> None:
         self.codec = codec
+        self._gone: asyncio.Future[None] | None = None
         super().__init__(codec.receive_data)
+
+    def gone(self) -> asyncio.Future[None]:
+        """Resolves when the client closes or resets its side (made on first use: only a request
+        waiting for an upstream connection asks)."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.ended or self.lost:
+                self._gone.set_result(None)
+        return self._gone
+
+    def _left(self) -> None:
+        g = self._gone
+        if g is not None and not g.done():
+            g.set_result(None)
+
+    def eof_received(self) -> bool:
+        keep = super().eof_received()
+        self._left()
+        return keep
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self._left()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,6 +222,13 @@ async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
                     res.flags, res.details = "DC", "downstream_remote_disconnect"
                     return res
             elif t is ResponseHead:
+                if ev.status == 101 and head.upgrade is not None:   # WebSocket: raw bytes both ways now
+                    down.write(down.codec.send(ev))
+                    res.status, res.started = 101, True
+                    up_n, down_n = await relay(down, up)
+                    res.request_bytes += up_n
+                    res.response_bytes += down_n
+                    return res
                 if response_mods:
                     ev = ResponseHead(status=ev.status, reason=ev.reason, content_length=ev.content_length,
                                       headers=tuple(_apply(list(ev.headers), response_mods)))
@@ -335,9 +368,10 @@ class Pipeline:
         assert f is not None
         if f.delay > 0:
             await self.clock.sleep(f.delay)
-            if down.lost:       # the client gave up during the delay
+            if down.lost:       # the client gave up during the delay: an abort drawn never happened
                 self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
-                             rid=rid, fwd=plan, route=plan.route_name)
+                             rid=rid, fwd=dataclasses.replace(plan, fault=fault.FaultDecision(delay=f.delay)),
+                             route=plan.route_name)
                 return True
         if f.abort is None:
             return False
@@ -401,11 +435,17 @@ class Pipeline:
         if plan.authority is not None:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
-                              content_length=head.content_length, chunked=head.chunked)
+                              content_length=head.content_length, chunked=head.chunked, upgrade=head.upgrade)
         reported = False
         try:
             try:
-                up = await self.upstreams.acquire(target, info.src_ip)
+                up = await self.upstreams.acquire(target, info.src_ip, gone=down.gone)
+            except Withdrawn:         # the client left while the request waited for a connection
+                self.upstreams.report(target, None)
+                reported = True
+                self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
+                             rid=rid, fwd=plan, target=target, route=plan.route_name)
+                return
             except Overflow:
                 self.upstreams.report(target, _OVERFLOW_OUTCOME)
                 reported = True

@@ -4,8 +4,8 @@
 pod ip:port) and says whether that port is plain TCP (port name `tcp`/`tcp-*`, Istio's port
 naming; such traffic is relayed at L4). `plan_request` takes the request's routing view and
 returns either a `Forward` (the backend Service, port, subset labels, header and URL rewrites)
-or a `Reply` the waypoint sends itself (404 NR, redirect, 500 for a rule without backends,
-503 NC for an undefined subset). A Forward also carries the route's fault decision
+or a `Reply` the waypoint sends itself (404 NR, redirect, VirtualService directResponse, 500 for
+a rule without backends, 503 NC for an undefined subset). A Forward also carries the route's fault decision
 (waypoint/fault.py: VirtualService `fault`, drawn here) and the mirrors drawn for this request
 (VirtualService `mirror`/`mirrorPercentage`/`mirrors`, HTTPRoute `RequestMirror` filters on the
 rule and on the chosen backendRef), which waypoint/mirror.py sends.
@@ -32,6 +32,7 @@ from mesh.model.resources import ServicePort
 from mesh.state import ProxyState
 
 from .fault import FaultDecision, decide, drawn, per_million
+from .headers import apply_modifiers
 from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
                       pick_backend, pick_vs_destination)
 
@@ -212,22 +213,23 @@ def _forward_to(svc: ServiceInfo, port: int | None, default_port: int, **kw) -> 
     return Forward(service=svc, port=sp.port, target_port=_target(sp), **kw)
 
 
+def _names(dr: DestinationRule, svc: ServiceInfo) -> bool:
+    h = dr.host
+    return (h == service_fqdn(svc) or (h == svc.name and dr.namespace == svc.namespace)
+            or h == f"{svc.name}.{svc.namespace}")
+
+
 def destination_rule_for(drs: Sequence[DestinationRule], svc: ServiceInfo) -> DestinationRule | None:
-    """The DestinationRule whose host names `svc` (the first by namespace/name when several do)."""
-    fqdn = service_fqdn(svc)
-    for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
-        h = dr.host
-        if h == fqdn or (h == svc.name and dr.namespace == svc.namespace) or h == f"{svc.name}.{svc.namespace}":
-            return dr
-    return None
+    """The DestinationRule whose host names `svc` (the first by namespace/name)."""
+    return next((dr for dr in sorted(drs, key=lambda d: (d.namespace, d.name)) if _names(dr, svc)), None)
 
 
 def _subset_labels(drs: Sequence[DestinationRule], svc: ServiceInfo, subset: str) -> FrozenMap | None:
-    dr = destination_rule_for(drs, svc)
-    if dr is not None:
-        for s in dr.subsets:
-            if s.name == subset:
-                return s.labels
+    for dr in sorted(drs, key=lambda d: (d.namespace, d.name)):
+        if _names(dr, svc):
+            for s in dr.subsets:
+                if s.name == subset:
+                    return s.labels
     return None
 
 
@@ -349,6 +351,34 @@ def _vs_mods(*hs: VSHeaders | None) -> tuple[tuple[HeaderModifier, ...], tuple[H
             tuple(h.response for h in hs if h is not None and h.response is not None))
 
 
+def _vs_local_reply(route: VSHTTPRoute, req: RequestInfo, raw_query: bytes, port: int, name: str) -> Reply:
+    """`redirect` / `directResponse`: Envoy's direct response (details `direct_response`), with
+    the rule's response header operations applied."""
+    hs: list[tuple[bytes, bytes]] = []
+    if route.direct_response is not None:
+        status, body = route.direct_response.status, route.direct_response.body
+    else:
+        r = route.redirect
+        assert r is not None
+        scheme = r.scheme or "http"
+        host = r.authority or next((v for n, v in req.headers if n == "host"), req.host)
+        out_port = r.port if r.port is not None else (port if r.derive_port == "FROM_REQUEST_PORT" else None)
+        if out_port is not None:   # Envoy's port_redirect: replaces the Host's port; a scheme's default is left out
+            h, sep, p = host.rpartition(":")
+            host = h if sep and p.isdigit() else host
+            if _WELL_KNOWN.get(scheme) != out_port:
+                host = f"{host}:{out_port}"
+        if r.uri is None:
+            target = _with_query(req.path, req, raw_query)
+        else:   # path_redirect: a `?` in it replaces the query, else the request's query is kept
+            target = r.uri.encode() if "?" in r.uri else _with_query(r.uri, req, raw_query)
+        hs.append((b"location", f"{scheme}://{host}".encode() + target))
+        status, body = r.redirect_code, b""
+    if route.headers is not None and route.headers.response is not None:
+        hs = apply_modifiers(hs, (route.headers.response,))
+    return Reply(status=status, body=body, details="direct_response", headers=tuple(hs), route_name=name)
+
+
 def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[DestinationRule], req: RequestInfo,
              raw_query: bytes, port: int, rng: random.Random) -> Forward | Reply:
     m = find_vs_route(vss, req)
@@ -356,6 +386,8 @@ def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[Des
         return _NO_ROUTE
     vs, route = m.virtual_service, m.route
     name = route.name or f"{vs.namespace}.{vs.name}.{m.route_index}"
+    if route.redirect is not None or route.direct_response is not None:
+        return _vs_local_reply(route, req, raw_query, port, name)
     dest = pick_vs_destination(route.route, rng)
     fault = decide(route.fault, rng)
     if dest is None:

@@ -7,12 +7,13 @@ once with the attempt's outcome and RTT (`UpstreamConn.rtt`: first response byte
 request went out).
 
 `acquire(target, src_ip)` applies the cluster's DestinationRule connectionPool limits in Envoy's
-order (resilience/circuit.py decides, this module counts and waits): too many requests in flight
-(`http2MaxRequests`) -> `Overflow`; a free keep-alive connection to the endpoint -> use it; else a
-new connection while fewer than `maxConnections` are open (or the endpoint has none at all) -- it
-must be up within `connectTimeout`, else `ConnectTimeout`; else wait in the endpoint's queue
-while fewer than `http1MaxPendingRequests` wait (a released connection goes straight to the
-oldest waiter; a closed one lets a waiter connect), else `Overflow`. The data path answers
+order (resilience/circuit.py decides, this module counts and waits): a free keep-alive connection
+to the endpoint -> use it; else a new connection while fewer than `maxConnections` are open (or
+the endpoint has none at all) -- it must be up within `connectTimeout`, else `ConnectTimeout`;
+else wait in the endpoint's queue while fewer than `http1MaxPendingRequests` wait (a released
+connection goes straight to the oldest waiter; a closed one lets a waiter connect), else
+`Overflow`. With a connection in hand, `http2MaxRequests` requests already in flight -> `Overflow`
+(the connection stays for the next request). The data path answers
 `Overflow` with 503 UO (`x-envoy-overloaded: true`) and `ConnectTimeout` like any connect
 failure (503 UF, `connection timeout`).
 
@@ -43,14 +44,15 @@ from mesh.proxy.sockets import SocketFactory
 from mesh.state import ProxyState
 
 from .channel import HttpChannel
-from .endpoints import NO_REQUEST, Cluster, Clusters, EndpointTarget, HashRequest, cluster_exposition
+from .endpoints import (NO_REQUEST, Cluster, ClusterConfig, Clusters, EndpointTarget, HashRequest, cluster_exposition,
+                        endpoint_targets)
 from .http import ClientConnection, Limits
 from .plan import Forward
 from .resilience import (AttemptOutcome, ConnectionAction, OverflowReason, PoolCounters, admit_request,
                          connection_reusable, idle_expired, plan_connection)
 
-__all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overflow", "ConnectTimeout",
-           "HBONE_PORT", "MAX_IDLE_PER_ENDPOINT"]
+__all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overflow", "ConnectTimeout", "Withdrawn",
+           "HBONE_PORT", "MAX_IDLE_PER_ENDPOINT", "endpoints", "pick"]
 
 log = logging.getLogger("ambient.waypoint")
 
@@ -66,6 +68,11 @@ class Overflow(Exception):
     def __init__(self, reason: OverflowReason, cluster: str) -> None:
         super().__init__(f"{cluster}: {reason.value} circuit breaker overflowed")
         self.reason = reason
+
+
+class Withdrawn(Exception):
+    """The client left while its request waited for a connection (Envoy cancels such a pending
+    request: upstream_rq_cancelled); nothing was sent upstream."""
 
 
 class ConnectTimeout(TimeoutError):
@@ -119,6 +126,19 @@ class UpstreamConn(HttpChannel):
             self._on_lost(self)
 
 
+def endpoints(state: ProxyState, fwd: Forward) -> list[EndpointTarget]:
+    """The endpoints of `fwd`, unbalanced and unfiltered by outlier detection, for code not yet
+    on `Upstreams.choose`: they belong to no cluster (`cluster` ""), so `acquire` applies no
+    circuit limits to them and nothing reports to a balancer."""
+    svc = (state.service(fwd.service.uid) or fwd.service) if fwd.service is not None else None
+    return endpoint_targets(state, svc, fwd, "")
+
+
+def pick(targets: list[EndpointTarget], rng: random.Random) -> EndpointTarget | None:
+    """Uniform choice (the stand-in balancer before `Upstreams.choose`)."""
+    return targets[rng.randrange(len(targets))] if targets else None
+
+
 def _counters(c: Cluster) -> PoolCounters:
     return PoolCounters(open_connections=c.open_connections, pending_requests=c.pending_requests,
                         active_requests=c.active_requests)
@@ -139,6 +159,9 @@ class Upstreams:
         self.rng = rng
         self.limits = limits
         self.clusters = Clusters(state)
+        self._loose = Cluster("", Forward(service=None, port=0, target_port=0), ClusterConfig(), None, [], now=0.0,
+                              version=-1, service=None)
+        """Where targets that no cluster chose (cluster "", from `endpoints()`) are counted: no limits."""
         self._idle: dict[tuple[str, str], list[UpstreamConn]] = {}
         self._waiters: dict[tuple[str, str], deque[asyncio.Future[UpstreamConn | None]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -162,8 +185,12 @@ class Upstreams:
         """How the attempt `choose` sent to `target` ended (exactly once per chosen target);
         None: it ended without a verdict on the endpoint (the client went away)."""
         c = self.clusters.get(target.cluster)
-        if c is not None:
-            c.report(target, outcome, rtt, self.clock.now())
+        if c is None:
+            return
+        ej = c.report(target, outcome, rtt, self.clock.now())
+        if ej is not None:
+            log.info("waypoint cluster %s: %s ejected (%s, ejection %d, until +%.1fs)", c.key, ej.endpoint,
+                     ej.cause.value, ej.ejection_count, ej.until - self.clock.now())
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -183,17 +210,15 @@ class Upstreams:
             await asyncio.get_running_loop().create_connection(lambda: protocol, sock=sock)
         self.opened += 1
 
-    async def acquire(self, target: EndpointTarget, src_ip: str) -> UpstreamConn:
+    async def acquire(self, target: EndpointTarget, src_ip: str, *,
+                      gone: Callable[[], asyncio.Future[None]] | None = None) -> UpstreamConn:
         """A connection to `target` for one attempt, within the cluster's circuit limits.
-        Raises Overflow, ConnectTimeout, TunnelError or OSError."""
-        c = self.clusters.get(target.cluster)
+        Raises Overflow, ConnectTimeout, TunnelError or OSError; Withdrawn when `gone()` (the
+        client's departure) resolves while the request waits in the pending queue."""
+        c = self._cluster_of(target.cluster)
         if c is None:
             raise LookupError(f"acquire for {target.address} of cluster {target.cluster!r}, which choose() "
                               f"did not return")
-        adm = admit_request(c.limits, _counters(c))
-        if not adm.admitted:
-            c.stats.upstream_rq_pending_overflow += 1
-            raise Overflow(adm.overflow or OverflowReason.MAX_REQUESTS, c.key)
         key = (c.key, target.address)
         queued = False
         while True:
@@ -215,21 +240,38 @@ class Upstreams:
                 queued = True
                 c.stats.upstream_cx_overflow += 1
                 c.stats.upstream_rq_pending_total += 1
-            conn = await self._wait(key, c)
+            conn = await self._wait(key, c, gone)
             if conn is not None and conn.usable:
                 break
             # None: a connection to the endpoint went away; plan again (room to connect now)
+        # http2MaxRequests is checked as the request is put on its connection, as Envoy's pool
+        # does (attachStreamToClient): requests waiting for one do not count.
+        adm = admit_request(c.limits, _counters(c))
+        if not adm.admitted:
+            self._offer(conn)
+            c.stats.upstream_rq_pending_overflow += 1
+            raise Overflow(adm.overflow or OverflowReason.MAX_REQUESTS, c.key)
         c.active_requests += 1
         conn.started_at = self.clock.now()
         conn.first_byte_at = None
         return conn
 
-    async def _wait(self, key: tuple[str, str], c: Cluster) -> UpstreamConn | None:
+    async def _wait(self, key: tuple[str, str], c: Cluster,
+                    gone: Callable[[], asyncio.Future[None]] | None) -> UpstreamConn | None:
         fut: asyncio.Future[UpstreamConn | None] = asyncio.get_running_loop().create_future()
         q = self._waiters.setdefault(key, deque())
         q.append(fut)
         c.pending_requests += 1
         try:
+            if gone is not None:
+                g = gone()
+                await asyncio.wait((fut, g), return_when=asyncio.FIRST_COMPLETED)
+                if g.done():
+                    if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+                        self._offer(fut.result())    # handed over just as the client left: pass it on
+                    fut.cancel()
+                    c.stats.upstream_rq_cancelled += 1
+                    raise Withdrawn(f"the client left while its request to {key[1]} waited for a connection")
             return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.result() is not None:
@@ -270,6 +312,9 @@ class Upstreams:
             c.pending_requests -= 1
         return conn
 
+    def _cluster_of(self, key: str) -> Cluster | None:
+        return self.clusters.get(key) if key else self._loose
+
     def _pop_idle(self, key: tuple[str, str], c: Cluster) -> UpstreamConn | None:
         idle = self._idle.get(key)
         now = self.clock.now()
@@ -296,7 +341,7 @@ class Upstreams:
                 idle.remove(conn)
             if not idle:
                 del self._idle[key]
-        c = self.clusters.get(t.cluster)
+        c = self._cluster_of(t.cluster)
         if c is None:
             return
         c.open_connections -= 1
@@ -333,7 +378,7 @@ class Upstreams:
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
         """Done with `conn` (once per acquire): keep it for the next request to its endpoint,
         or close it."""
-        c = self.clusters.get(conn.target.cluster)
+        c = self._cluster_of(conn.target.cluster)
         conn.served += 1
         limits_ok = True
         if c is not None:
@@ -355,7 +400,10 @@ class Upstreams:
             nxt = self.clusters.next_sweep()
             now = clock.now()
             await clock.sleep(SWEEP_TICK if nxt is None else min(SWEEP_TICK, max(0.01, nxt - now)))
-            self.sweep(clock.now())
+            try:
+                self.sweep(clock.now())
+            except Exception:   # a bug here must not end the sweeps (ejections would never end)
+                log.exception("waypoint upstream sweep failed")
 
     def sweep(self, now: float) -> None:
         """Due outlier sweeps; idle connections past idleTimeout, or to endpoints that left
@@ -363,8 +411,8 @@ class Upstreams:
         for c, back in self.clusters.sweep(now):
             log.info("waypoint cluster %s: %s back from outlier ejection", c.key, ", ".join(back))
         for (cluster, address), conns in list(self._idle.items()):
-            c = self.clusters.get(cluster)
-            gone = c is None or address not in c.targets
+            c = self._cluster_of(cluster)
+            gone = c is None or (c is not self._loose and address not in c.targets)
             for conn in list(conns):
                 if gone or idle_expired(c.limits, conn.idle_since, now):
                     if not gone:

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fail-open", action="store_true", help="uncaptured traffic passes while ztunnel is down")
     p.add_argument("--worker", type=int, default=0,
                    help="worker index; workers > 0 share the in-pod ports and leave capture to worker 0")
+    p.add_argument("--drain-timeout", type=float, default=float(os.environ.get("ZTUNNEL_DRAIN_TIMEOUT", 5.0)),
+                   help="seconds open connections may finish after SIGTERM (default 5, ZTUNNEL_DRAIN_TIMEOUT)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     setup_logging(a.log_level)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                         ca_token=a.ca_token, ca_root=a.ca_root,
                         trust_domain=a.trust_domain, listen_tcp=not a.no_tcp_admin,
                         sandbox_dir=a.sandbox_dir, pin_dir=a.pin_dir if a.worker == 0 else "",
-                        fail_open=a.fail_open, worker=a.worker)
+                        fail_open=a.fail_open, worker=a.worker, drain_timeout=a.drain_timeout)
     _tune_malloc()
 
     async def run() -> None:

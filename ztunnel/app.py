@@ -1,9 +1,18 @@
-"""ztunnel wiring: control-plane subscription, certificates, enrollment of pods, admin.
+"""ztunnel wiring: control-plane subscription, certificates, enrollment of pods, admin, drain.
 
 The decisions live elsewhere (outbound/plan.py, inbound/validate.py, eBPF capture rules);
 this module connects the parts and keeps the set of enrolled pods equal to what the state says:
 every workload on this node with tunnel protocol HBONE gets in-pod listeners (PodProxy) and
 eBPF capture; a workload that leaves the mesh is released (its open connections carry on).
+
+Graceful restart (`ambient restart ztunnel`): the new process starts next to this one, opens
+the same in-pod listeners (SO_REUSEPORT), re-opens the pinned eBPF (enrolling again only
+re-points the SOCKHASH entries at its listeners; links exist once) and says `serving` in
+/config_dump once every local pod is enrolled. Then this one gets SIGTERM and drains: it stops
+enrolling and accepting (closing a listener hands its not-yet-accepted connections to the
+new one's, with the pod netns' tcp_migrate_req), sends GOAWAY on its HBONE connections, lets
+open connections finish for up to `drain_timeout` (Istio's 5 s), cuts the rest and exits,
+leaving the pins in place. A second SIGTERM, or SIGINT, exits at once.
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import signal
 import ssl
 from typing import Any
 
@@ -79,6 +89,10 @@ class Ztunnel:
         self._wanted: set[SpiffeId] = set()
         self._ips: dict[str, str] = {}  # workload IP -> uid, to notice pods that went away
         self._kick = asyncio.Event()
+        self._drain = asyncio.Event()
+        self.serving = False
+        """Every local pod enrolled at least once (a restarted ztunnel may take over now)."""
+        self.drain_started: float | None = None
         self.admin = AdminServer({
             "/healthz/ready": self._ready,
             "/config_dump": self._config_dump,
@@ -163,6 +177,9 @@ class Ztunnel:
                     if self.enroll_errors.get(uid) != str(e):
                         log.warning("enroll_failed: %s: %s", uid, e)
                     self.enroll_errors[uid] = str(e)
+        if not self.serving and all(uid in self.pods for uid in want):
+            self.serving = True
+            log.info("serving: %d local pod(s) enrolled", len(self.pods))
         if self.capture is not None:  # pods captured by an earlier ztunnel that are gone now
             for uid in set(self.capture.enrolled()) - set(want):
                 self.capture.release(uid)
@@ -220,6 +237,9 @@ class Ztunnel:
         st = self.state
         return Response(200, {
             "node": self.cfg.node,
+            "pid": os.getpid(),
+            "serving": self.serving,
+            "draining": self.drain_started is not None,
             "version": st.version,
             "synced": st.synced,
             "connected": self.client.connected.is_set(),
@@ -253,6 +273,30 @@ class Ztunnel:
 
     # -- lifecycle --
 
+    async def _drain_out(self) -> None:
+        """Stop accepting and enrolling; let open connections end until the deadline."""
+        self.drain_started = self.clock.now()
+        deadline = self.drain_started + self.cfg.drain_timeout
+        log.info("draining: %d pod(s), up to %.1fs", len(self.pods), self.cfg.drain_timeout)
+        await self.admin.close_tcp()  # the node-local ports are the new process's now
+        for uid in list(self.pods):
+            pp = self.pods.pop(uid)
+            await pp.close()  # listeners closed; HBONE connections get GOAWAY
+            self.draining.append(pp)
+        self.pool.drain()
+        while self.clock.now() < deadline:
+            left = [pp for pp in self.draining if not pp.drained]
+            if not left and self.pool.open_connections == 0:
+                break
+            await self.clock.sleep(0.05)
+        left = sum(1 for pp in self.draining if not pp.drained)
+        log.info("drained in %.2fs%s", self.clock.now() - self.drain_started,
+                 f"; cutting {left} pod(s)' remaining connections" if left else "")
+        for pp in self.draining:
+            if not pp.drained:
+                await pp.abort(Reason.DRAIN_TIMEOUT)
+
+
     async def run(self) -> None:
         await self.admin.listen_unix(self.cfg.admin_socket)
         if self.cfg.listen_tcp and self.cfg.worker == 0:
@@ -262,12 +306,26 @@ class Ztunnel:
         log.info("ztunnel for node %s started (cgroup %s); control plane %s", self.cfg.node,
                  cgroups.cgroup_of(os.getpid()), self.cfg.control_plane)
         sync = asyncio.ensure_future(self._sync_loop())
+        client = asyncio.ensure_future(self.client.run())
+        main = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        # SIGTERM drains (first) or exits now (second); replaces the plain cancel handler.
+        loop.add_signal_handler(signal.SIGTERM, lambda: main.cancel() if self._drain.is_set() else self._drain.set())
+        drain = asyncio.ensure_future(self._drain.wait())
         try:
-            await self.client.run()
+            await asyncio.wait([client, drain], return_when=asyncio.FIRST_COMPLETED)
+            if client.done():
+                client.result()
+            sync.cancel()
+            await self._drain_out()
         finally:
             sync.cancel()
+            client.cancel()
+            drain.cancel()
             for uid in list(self.pods):
                 await self.pods.pop(uid).close()
+            for pp in self.draining:
+                await pp.close()
             if self.capture is not None:
                 self.capture.close()  # pins stay: fail-closed while down, re-opened on restart
             await self.pool.close()

@@ -40,6 +40,9 @@ class ZtunnelConfig:
     """bpffs directory for this node's pinned eBPF maps and links ("" = no eBPF capture)."""
     fail_open: bool = False
     """Let a captured pod's traffic through uncaptured while ztunnel is down (default: refuse)."""
+    drain_timeout: float = 5.0
+    """On SIGTERM (a restart), how long open connections may still finish before they are cut
+    (Istio's default termination drain is 5 s); `--drain-timeout`, `ZTUNNEL_DRAIN_TIMEOUT`."""
     worker: int = 0
     """This process's index among the node's ztunnel workers. Every worker opens the in-pod
     listeners with SO_REUSEPORT, so the kernel spreads connections over them; worker 0 alone

@@ -2,11 +2,13 @@
 
 Every field Istio's schema has is accepted (deprecated forms mapped as Istio maps them); a field
 the mesh does not act on yet is kept with a warning that names it; unknown fields are errors
-(typo protection). The few fields that would change where traffic goes if ignored (redirect,
-directResponse, delegate) stay `unsupported`.
+(typo protection). The one field that would change where traffic goes if ignored (`delegate`)
+stays `unsupported`.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from http import HTTPStatus
 from collections.abc import Mapping
@@ -18,7 +20,7 @@ from ..model.route import (ENVOY_RETRY_ON, MAX_WEIGHT, MESH_GATEWAY, ClientTLS, 
                            OutlierDetection, StringMatchType, Subset, TCPKeepalive, TCPSettings,
                            TLSMode, TrafficPolicy, VirtualService, VSDestination, VSFault,
                            VSFaultAbort, VSFaultDelay, VSHeaders, VSHTTPRoute, VSMatch, VSMirror,
-                           VSRetries, VSRewrite, VSRouteDestination, Warmup)
+                           VSDirectResponse, VSRedirect, VSRetries, VSRewrite, VSRouteDestination, Warmup)
 from .source import Ctx, Invalid, Path, describe, get_map, get_str
 from .route_fields import (_known, _mapping, _int, _number, _items, _each, _regex, _duration,
                            _HEADER_NAME, _str_value, _no_dup_names, _header_modifier, _shape, _bool)
@@ -260,16 +262,83 @@ def _old_mirror_percent(ctx: Ctx, m: Mapping[Any, Any], path: Path, mpct: float 
     return mpct
 
 
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+"""What Istio translates (route.go applyRedirect); other 3xx pass its validation but drop the route."""
+_DERIVE_PORT = ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT")
+
+
+def _vs_redirect(ctx: Ctx, v: Any, path: Path) -> VSRedirect:
+    m = _mapping(ctx, v, path)
+    _known(ctx, m, path, {"uri", "authority", "port", "derivePort", "scheme", "redirectCode"})
+    if "port" in m and "derivePort" in m:
+        ctx.fail(path + ("derivePort",), "port and derivePort are mutually exclusive")
+    uri, authority = get_str(ctx, m, path + ("uri",)), get_str(ctx, m, path + ("authority",))
+    scheme = get_str(ctx, m, path + ("scheme",))
+    port = _int(ctx, m, path + ("port",), 1, 65535)
+    derive = get_str(ctx, m, path + ("derivePort",))
+    if derive is not None and derive not in _DERIVE_PORT:
+        ctx.fail(path + ("derivePort",), f"must be one of {', '.join(_DERIVE_PORT)}, got {describe(derive)}")
+    if scheme is not None and scheme not in ("http", "https"):
+        ctx.fail(path + ("scheme",), f'must be "http" or "https", got {describe(scheme)}')
+    code = _int(ctx, m, path + ("redirectCode",), 0)
+    if code not in (None, 0, *_REDIRECT_CODES):
+        ctx.fail(path + ("redirectCode",), f"must be one of {', '.join(map(str, _REDIRECT_CODES))} (Istio drops "
+                 f"a route with any other code), got {code}")
+    if not (uri or authority or scheme or port is not None or derive is not None):
+        ctx.fail(path, "must specify uri, authority, scheme, or port (as Istio requires)")
+    return VSRedirect(uri=uri or None, authority=authority or None, port=port,
+                      derive_port=derive or "FROM_PROTOCOL_DEFAULT", scheme=scheme, redirect_code=code or 301)
+
+
+_MAX_DIRECT_BODY = 1 << 20
+
+
+def _vs_direct_response(ctx: Ctx, v: Any, path: Path) -> VSDirectResponse:
+    m = _mapping(ctx, v, path)
+    _known(ctx, m, path, {"status", "body"})
+    status = _int(ctx, m, path + ("status",), 200, 600)   # Istio's ValidateHTTPStatus, as for aborts
+    if status is None:
+        ctx.fail(path + ("status",), "is required", "missing_field")
+    body = b""
+    if m.get("body") is not None:
+        bp = path + ("body",)
+        b = _mapping(ctx, m["body"], bp, "a mapping with string or bytes")
+        _known(ctx, b, bp, {"string", "bytes"})
+        if ("string" in b) == ("bytes" in b):
+            ctx.fail(bp, "must have exactly one of string or bytes")
+        if "string" in b:
+            body = (get_str(ctx, b, bp + ("string",)) or "").encode()
+        else:
+            raw = get_str(ctx, b, bp + ("bytes",)) or ""
+            try:
+                body = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                ctx.fail(bp + ("bytes",), "must be base64")
+        if len(body) > _MAX_DIRECT_BODY:
+            ctx.fail(bp, f"must be less than 1MB (Istio's limit), got {len(body)} bytes")
+    return VSDirectResponse(status=status, body=body)
+
+
 def _vs_http(ctx: Ctx, v: Any, path: Path) -> VSHTTPRoute:
     m = _mapping(ctx, v, path)
     _known(ctx, m, path, {"name", "match", "route", "timeout", "retries", "fault", "mirror",
                           "mirrorPercentage", "headers", "rewrite", "mirrors", "mirrorPercent",
-                          "mirror_percent", "corsPolicy"},
-           {k: "not implemented by the waypoint (ignoring it would send traffic elsewhere)"
-            for k in ("redirect", "directResponse", "delegate")})
+                          "mirror_percent", "corsPolicy", "redirect", "directResponse"},
+           {"delegate": "not implemented by the waypoint (ignoring it would send traffic elsewhere)"})
     mp, rp = path + ("match",), path + ("route",)
     matches = ctx.collect(lambda: _each(ctx, _items(ctx, m, mp), mp, lambda x, ip: _vs_match(ctx, x, ip)))
-    raw_routes = ctx.collect(lambda: _items(ctx, m, rp, required=True)) or []
+    redirect = ctx.collect(lambda: _vs_redirect(ctx, m["redirect"], path + ("redirect",))
+                           if m.get("redirect") is not None else None)
+    direct = ctx.collect(lambda: _vs_direct_response(ctx, m["directResponse"], path + ("directResponse",))
+                         if m.get("directResponse") is not None else None)
+    local = m.get("redirect") is not None or m.get("directResponse") is not None
+    for a, b in (("route", "redirect"), ("route", "directResponse"), ("redirect", "directResponse"),
+                 ("fault", "redirect"), ("fault", "directResponse"), ("rewrite", "redirect")):
+        if m.get(a) and m.get(b) is not None:    # Istio's validateHTTPRoute
+            ctx.error(path + (a,), f"must not be set together with {b}", "bad_value")
+    if not local and not m.get("route"):
+        ctx.error(rp, "is required (or redirect, or directResponse)", "missing_field")
+    raw_routes = ctx.collect(lambda: _items(ctx, m, rp)) or []
     routes = ctx.collect(lambda: _each(ctx, raw_routes, rp,
                                        lambda x, ip: _vs_route_dest(ctx, x, ip, len(raw_routes) == 1)))
     timeout = ctx.collect(lambda: _duration(ctx, m, path + ("timeout",), gep=False))
@@ -301,7 +370,8 @@ def _vs_http(ctx: Ctx, v: Any, path: Path) -> VSHTTPRoute:
         ctx.fail(rp, "at least one destination needs a non-zero weight")
     return VSHTTPRoute(name=get_str(ctx, m, path + ("name",)), match=matches, route=routes,
                        timeout=timeout, retries=retries, fault=fault, mirror=mirror,
-                       mirror_percentage=mpct, headers=headers, rewrite=rw, mirrors=mirrors or ())
+                       mirror_percentage=mpct, headers=headers, rewrite=rw, mirrors=mirrors or (),
+                       redirect=redirect, direct_response=direct)
 
 
 _STRING_MATCH = {"exact": None, "prefix": None, "regex": None}

@@ -476,7 +476,9 @@ class H2Connection:
             self._transition(s, "reset")
             if not s.response_seen and not self._client:
                 self.abuse.premature_reset()
-            events.append(StreamReset(ev.stream_id, ev.error_code, True, "peer_reset"))
+            # REFUSED_STREAM: the peer did not process the stream at all (a client may retry).
+            events.append(StreamReset(ev.stream_id, ev.error_code, True,
+                                      "refused_stream" if ev.error_code == ErrorCode.REFUSED_STREAM else "peer_reset"))
         elif t is f.PingReceived:
             if not ev.ack:
                 self.abuse.ping()

@@ -16,6 +16,10 @@ Invariants:
   check (a mismatching server is never pooled).
 * A connection with no reservation since `idle_timeout` is closed by a reaper task that
   runs on the injected clock.
+* A CONNECT unanswered after `response_timeout` fails with connect_timeout, and its
+  connection leaves the pool (GOAWAY; its other tunnels carry on): a connection whose peer
+  went silent (a link down, a peer node gone without a reset) must not take every new
+  tunnel for the key with it until TCP gives up, which can take many minutes.
 * The pool never creates sockets: `connect()` is the caller's (pod netns, SO_MARK).
 
 Two ways to use a stream. `open_stream()` returns the CONNECT stream after the 200 as a
@@ -47,19 +51,24 @@ __all__ = ["HbonePool"]
 log = logging.getLogger(__name__)
 
 _MAX_ACQUIRE_ATTEMPTS = 8
+_REFUSED_RETRIES = 2
+_NEVER_PROCESSED = frozenset({"goaway", "refused_stream"})
 
 
 class HbonePool:
     """Client side of HBONE for one ztunnel (see the module docstring)."""
 
     def __init__(self, *, max_streams_per_conn: int = 100, idle_timeout: float = 300.0,
-                 connect_timeout: float = 5.0, clock: Clock | None = None,
+                 connect_timeout: float = 5.0, response_timeout: float = 10.0, clock: Clock | None = None,
                  config: ConnectionConfig | None = None) -> None:
         if max_streams_per_conn < 1:
             raise ValueError("max_streams_per_conn must be >= 1")
         self.max_streams_per_conn = max_streams_per_conn
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        """Longest wait for the answer to a CONNECT; above the server's own upstream connect
+        timeout (5 s), since it answers 200 only once the application is connected."""
         self._clock = clock or SystemClock()
         self._config = config or ConnectionConfig()
         self._conns: dict[PoolKey, list[ClientSession]] = {}
@@ -78,16 +87,45 @@ class HbonePool:
         """Open a CONNECT to `authority` on a pooled connection for `key` and return the
         stream once the server answered 200 (see stream.HboneStream). The pool reservation
         is held until the stream's `done` resolves. Raises TunnelError (stable `reason`;
-        `connect_rejected` with `status` for a non-200 answer)."""
+        `connect_rejected` with `status` for a non-200 answer).
+
+        A CONNECT the server never processed -- refused (REFUSED_STREAM) or above the
+        last stream id of a GOAWAY that crossed it (a peer ztunnel restarting) -- is sent
+        again on another connection, up to twice (RFC 9113 §8.7: safe to retry)."""
+        for attempt in range(_REFUSED_RETRIES + 1):
+            try:
+                return await self._open_once(key, connect=connect, ssl_context=ssl_context, authority=authority,
+                                             headers=headers, trust_domain=trust_domain)
+            except TunnelError as e:
+                if e.reason not in _NEVER_PROCESSED or attempt == _REFUSED_RETRIES:
+                    raise
+                log.debug("hbone pool: CONNECT %s not processed by the server (%s); retrying", authority, e.reason)
+        raise AssertionError("unreachable")
+
+    async def _open_once(self, key: PoolKey, *, connect: Callable[[], Awaitable[socket.socket]],
+                          ssl_context: Callable[[], ssl.SSLContext], authority: str,
+                          headers: Sequence[tuple[str, str]] = (), trust_domain: str) -> HboneStream:
+        """One attempt of open_stream."""
         session = await self._acquire(key, connect, ssl_context, trust_domain)
         stream: HboneStream | None = None
         try:
             stream = session.open_stream(authority, headers)
             session.flush()
             try:
-                status = await stream.response
+                status = await asyncio.wait_for(asyncio.shield(stream.response), self.response_timeout)
             except TunnelError as e:
+                if e.reason == "refused_stream":  # the retry must go to another connection
+                    self._unpool(session)
+                    session.goaway()
                 raise TunnelError(e.reason, str(e)) from None
+            except (asyncio.TimeoutError, TimeoutError):
+                stream.abort("connect_timeout")
+                # Suspect: out of the pool, so new tunnels get a new connection; it closes
+                # once its other tunnels (if any) ended.
+                self._unpool(session)
+                session.goaway()
+                raise TunnelError("connect_timeout", f"no answer to CONNECT {authority} within "
+                                  f"{self.response_timeout:g}s") from None
             if status != 200:
                 stream.discard = True
                 stream.abort("connect_rejected")
@@ -168,6 +206,18 @@ class HbonePool:
                 tun.abort("pool_closed")
             s.abort("pool_closed")
         await asyncio.sleep(0)
+
+    def drain(self) -> None:
+        """A restart: every pooled connection leaves the pool with GOAWAY and closes once its
+        tunnels ended; a later tunnel (rare: its connection was accepted just before the
+        listeners closed) opens a new one."""
+        for key, conns in list(self._conns.items()):
+            for s in conns:
+                if isinstance(s, ClientSession):
+                    s.goaway()
+            conns[:] = [s for s in conns if isinstance(s, _Placeholder)]
+            if not conns:
+                del self._conns[key]
 
     def evict(self, gone: Callable[[PoolKey], bool], reason: str) -> int:
         """Drop at once every connection (pooled or draining) whose key `gone` says is dead --
@@ -294,10 +344,13 @@ class HbonePool:
         if not session.usable or session.conn.stream_ids_exhausted:
             self._drop(session)
 
-    def _drop(self, session: ClientSession) -> None:
+    def _unpool(self, session: ClientSession) -> None:
         for conns in self._conns.values():
             if session in conns:
                 conns.remove(session)
+
+    def _drop(self, session: ClientSession) -> None:
+        self._unpool(session)
         if session.reserved == 0 and not session.tunnels:
             session.goaway()
 

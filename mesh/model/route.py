@@ -24,7 +24,7 @@ __all__ = [
     # Istio
     "StringMatchType", "IstioStringMatch", "VSMatch", "VSDestination", "VSRouteDestination",
     "VSRetries", "VSMirror", "VSFaultDelay", "VSFaultAbort", "VSFault", "VSHeaders", "VSRewrite",
-    "VSHTTPRoute", "VirtualService", "TCPSettings", "HTTPSettings", "ConnectionPool",
+    "VSRedirect", "VSDirectResponse", "VSHTTPRoute", "VirtualService", "TCPSettings", "HTTPSettings", "ConnectionPool",
     "OutlierDetection", "LoadBalancer", "TrafficPolicy", "Subset", "DestinationRule", "MESH_GATEWAY",
     "TCPKeepalive", "H2UpgradePolicy", "TLSMode", "ClientTLS",
     "ENVOY_RETRY_ON", "HTTPCookie", "ConsistentHash", "Warmup",
@@ -336,6 +336,30 @@ class VSRewrite:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class VSRedirect:
+    """`http[].redirect`: answer with a redirect instead of routing."""
+
+    uri: str | None = None
+    """Replaces the whole path (a `?` in it replaces the query too)."""
+    authority: str | None = None
+    port: int | None = None
+    """`redirectPort`; None: `derivePort` decides."""
+    derive_port: str = "FROM_PROTOCOL_DEFAULT"
+    """FROM_PROTOCOL_DEFAULT (no port unless the Host has one) or FROM_REQUEST_PORT (the port dialled)."""
+    scheme: str | None = None
+    redirect_code: int = 301
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VSDirectResponse:
+    """`http[].directResponse`: answer with this status and body instead of routing."""
+
+    status: int
+    body: bytes = b""
+    """`body.string` (UTF-8) or `body.bytes` (base64 in the YAML), decoded."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VSHTTPRoute:
     name: str | None = None
     match: tuple[VSMatch, ...] = ()
@@ -350,6 +374,9 @@ class VSHTTPRoute:
     headers: VSHeaders | None = None
     rewrite: VSRewrite | None = None
     mirrors: tuple[VSMirror, ...] = ()
+    redirect: VSRedirect | None = None
+    """With `redirect` or `direct_response`, `route` is empty."""
+    direct_response: VSDirectResponse | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,6 +1,7 @@
 """JSON wire form of model dataclasses, derived from their type hints (the distribution edge)."""
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import ipaddress
@@ -26,6 +27,8 @@ def to_wire(obj: Any) -> Any:
     """Convert a model value into JSON-compatible data."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    if isinstance(obj, bytes):
+        return base64.b64encode(obj).decode("ascii")
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, _IP_TYPES):
@@ -83,6 +86,11 @@ def from_wire(tp: Any, data: Any, *, path: str = "") -> Any:
             return tp(data)
         except (ValueError, TypeError) as e:
             raise WireError(f"{path or '<root>'}: {e}") from None
+    if tp is bytes:
+        try:
+            return base64.b64decode(data, validate=True)
+        except (TypeError, ValueError) as e:
+            raise WireError(f"{path or '<root>'}: expected base64 bytes ({e})") from None
     if tp in (str, int, float, bool):
         # bool is an int in Python; keep the two apart on the wire.
         if type(data) is not tp and not (tp is float and type(data) is int):

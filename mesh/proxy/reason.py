@@ -132,6 +132,8 @@ class Reason(enum.Enum):
     ACCEPT_FAILED = ("accept_failed", Kind.LIMIT, "OM", None, False)
     MAX_CONCURRENT_STREAMS = ("max_concurrent_streams", Kind.LIMIT, "OM", None, False)
     STREAM_UNAVAILABLE = ("stream_unavailable", Kind.LIMIT, "UO", None, False)
+    REFUSED_STREAM = ("refused_stream", Kind.LIMIT, "UO", None, False)
+    """The HBONE server refused the CONNECT unprocessed (REFUSED_STREAM), also after retries."""
     STREAM_IDS_EXHAUSTED = ("stream_ids_exhausted", Kind.LIMIT, "UO", None, False)
     HANDSHAKE_TIMEOUT = ("handshake_timeout", Kind.TIMEOUT, "DT", None, False)
     H2_HANDSHAKE_TIMEOUT = ("h2_handshake_timeout", Kind.TIMEOUT, "DT", None, False)
@@ -171,6 +173,8 @@ class Reason(enum.Enum):
     POD_DELETED = ("pod_deleted", Kind.CLOSED, "UC", None, False)
     """A pod at one end was deleted while the connection was open: ztunnel cut it at once,
     since the pod's netns cannot carry it on (UC: mostly the destination pod)."""
+    DRAIN_TIMEOUT = ("drain_timeout", Kind.CLOSED, "-", None, False)
+    """ztunnel was restarted and the connection was still open at the end of its drain."""
     POOL_CLOSED = ("pool_closed", Kind.CLOSED, "-", None, False)
     CANCELLED = ("cancelled", Kind.CLOSED, "-", None, False)
 

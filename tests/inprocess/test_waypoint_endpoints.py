@@ -66,7 +66,7 @@ async def get(client, path: str = "/", headers=None):
 def test_peak_ewma_is_the_default_and_avoids_a_ten_times_slower_endpoint():
     async def go(mesh):
         pods = await web(mesh, 3)
-        pods[2].backend.delay = 0.1             # loopback answers take a few ms: this one 10x+ more
+        pods[2].backend.always = "delay:0.1"    # loopback answers take a few ms: this one 10x+ more
         c = await mesh.client(f"{VIP}:80")
         got = Counter()
         for _ in range(150):
@@ -90,7 +90,7 @@ OUTLIER = ("{loadBalancer: {simple: ROUND_ROBIN}, "
 def test_outlier_detection_ejects_a_503_endpoint_and_brings_it_back_after_the_ejection_time():
     async def go(mesh):
         good, bad = await web(mesh, 2, OUTLIER)
-        bad.backend.status = 503
+        bad.backend.always = "503"
         c = await mesh.client(f"{VIP}:80")
         fails = 0
         for _ in range(10):                    # until the bad one answered 503 twice in a row
@@ -109,7 +109,7 @@ def test_outlier_detection_ejects_a_503_endpoint_and_brings_it_back_after_the_ej
             status, name, _ = await get(c)
             assert (status, name) == (200, "web-0")
         assert bad.backend.requests == before
-        bad.backend.status = 200
+        bad.backend.always = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:     # back once its 2 s are over and a sweep ran
             status, name, _ = await get(c)
@@ -134,7 +134,7 @@ def test_max_connections_and_pending_requests_overflow_is_503_uo_beyond_the_conf
         first = await mesh.client(f"{VIP}:80")
         assert (await get(first))[0] == 200               # one upstream connection, kept alive
         first.close()
-        pod.backend.delay = 1.5
+        pod.backend.always = "delay:1.5"
 
         async def one():
             c = await mesh.client(f"{VIP}:80")
@@ -142,21 +142,12 @@ def test_max_connections_and_pending_requests_overflow_is_503_uo_beyond_the_conf
                 return await get(c)
             finally:
                 c.close()
-        peak = 0
-
-        async def watch():
-            nonlocal peak
-            while True:
-                peak = max(peak, pod.backend.active)
-                await asyncio.sleep(0.01)
-        w = asyncio.ensure_future(watch())
         # 1 connection + 1 pending: two at once both succeed (one waits for the other's connection)
         two = await asyncio.gather(one(), one())
         assert [s for s, _, _ in two] == [200, 200]
         assert stat(mesh, "envoy_cluster_upstream_rq_pending_overflow") == 0
         # five at once: one in flight, one pending, the rest overflow (at least one whatever the load)
         five = await asyncio.gather(*(one() for _ in range(5)))
-        w.cancel()
         statuses = Counter(s for s, _, _ in five)
         assert statuses[200] >= 2 and statuses[503] >= 1 and statuses[200] + statuses[503] == 5, statuses
         for s, _, r in five:
@@ -164,14 +155,16 @@ def test_max_connections_and_pending_requests_overflow_is_503_uo_beyond_the_conf
                 assert r.body == (b"upstream connect error or disconnect/reset before headers. "
                                   b"reset reason: overflow")
                 assert r.header("x-envoy-overloaded") == "true"
-        assert peak == 1                                   # never more than maxConnections upstream
-        assert pod.connects == 1
+        assert pod.connects == 1 and pod.backend.connections == 1   # never more than maxConnections
         assert stat(mesh, "envoy_cluster_upstream_rq_pending_overflow") == statuses[503]
         assert stat(mesh, "envoy_cluster_upstream_cx_overflow") >= 2   # the queued requests
         flags = [s.labels["response_flags"] for f in text_string_to_metric_families(mesh.metrics.exposition().decode())
                  if f.name == "istio_requests" for s in f.samples
                  if s.name == "istio_requests_total" and s.labels["response_code"] == "503" for _ in range(int(s.value))]
         assert flags == ["UO"] * statuses[503]
+        assert stat(mesh, "envoy_cluster_upstream_rq_active") == 0          # every count came back
+        assert stat(mesh, "envoy_cluster_upstream_rq_pending_active") == 0
+        assert stat(mesh, "envoy_cluster_upstream_cx_active") == 1
     run(go)
 
 
@@ -257,5 +250,96 @@ def test_endpoint_changes_reach_a_downstream_connection_opened_before_them():
             await asyncio.sleep(0.05)
         (snap,) = mesh.inbound.upstreams.snapshot()
         assert [e["address"] for e in snap["endpoints"]] == [f"{b.ip}:8080"] and snap["idle_connections"] == 1
+        c.close()
+    run(go)
+
+
+def test_targets_from_endpoints_outside_any_cluster_connect_without_limits():
+    # Code not yet on choose() (endpoints() + pick()) still gets pooled connections.
+    from waypoint.plan import Forward
+    from waypoint.upstream import endpoints
+
+    async def go(mesh):
+        (pod,) = await web(mesh, 1, LIMITS)
+        ups = mesh.inbound.upstreams
+        svc = mesh.state.service("shop/web")
+        (t,) = endpoints(mesh.state, Forward(service=svc, port=80, target_port=8080))
+        assert t.cluster == ""
+        a = await ups.acquire(t, mesh.wp_ip)
+        b = await ups.acquire(t, mesh.wp_ip)             # maxConnections does not apply here
+        for conn in (a, b):
+            ups.release(conn, True)
+        assert ups.idle_count() == 2 and pod.connects == 2
+        c = await ups.acquire(t, mesh.wp_ip)
+        assert c in (a, b) and pod.connects == 2        # reused
+        ups.release(c, False)
+        assert len(ups.clusters) == 0                    # nothing was registered as a cluster
+    run(go)
+
+
+def test_a_request_waiting_for_a_connection_is_withdrawn_when_its_client_leaves():
+    async def go(mesh):
+        (pod,) = await web(mesh, 1, "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 5}}}")
+        first = await mesh.client(f"{VIP}:80")
+        assert (await get(first))[0] == 200
+        pod.backend.always = "delay:1.5"
+        busy = asyncio.ensure_future(get(first))                  # holds the one connection
+        deadline = time.monotonic() + 30
+        while stat(mesh, "envoy_cluster_upstream_rq_active") != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        leaver = await mesh.client(f"{VIP}:80")
+        leaver.send("GET", "/")
+        while stat(mesh, "envoy_cluster_upstream_rq_pending_active") != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        leaver.close()                                            # gives up while queued
+        while stat(mesh, "envoy_cluster_upstream_rq_pending_active") != 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert stat(mesh, "envoy_cluster_upstream_rq_cancelled") == 1
+        assert (await busy)[0] == 200
+        assert pod.backend.requests == 2                          # the withdrawn one never went up
+        fam = next(f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())
+                   if f.name == "istio_requests")
+        assert any(s.labels["response_flags"] == "DC" and s.labels["response_code"] == "0" for s in fam.samples)
+        first.close()
+    run(go)
+
+
+def test_http2_max_requests_bounds_requests_in_flight_across_connections():
+    async def go(mesh):
+        pods = await web(mesh, 2, "{connectionPool: {http: {http2MaxRequests: 1}}}")
+        for p in pods:
+            p.backend.always = "delay:1.5"
+
+        async def one():
+            c = await mesh.client(f"{VIP}:80")
+            try:
+                return await get(c)
+            finally:
+                c.close()
+        got = await asyncio.gather(*(one() for _ in range(3)))
+        statuses = sorted(s for s, _, _ in got)
+        assert statuses[0] == 200 and statuses.count(503) >= 1, statuses
+        for s, _, r in got:
+            if s == 503:
+                assert r.header("x-envoy-overloaded") == "true" and r.body.endswith(b"reset reason: overflow")
+        assert stat(mesh, "envoy_cluster_upstream_rq_pending_overflow") == statuses.count(503)
+    run(go)
+
+
+def test_idle_timeout_closes_a_kept_alive_upstream_connection():
+    async def go(mesh):
+        (pod,) = await web(mesh, 1, "{connectionPool: {http: {idleTimeout: 2s}}}")
+        c = await mesh.client(f"{VIP}:80")
+        assert (await get(c))[0] == 200 and (await get(c))[0] == 200
+        assert pod.connects == 1                                  # kept alive while in use
+        deadline = time.monotonic() + 30
+        while stat(mesh, "envoy_cluster_upstream_cx_idle_timeout") < 1:   # the background pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert stat(mesh, "envoy_cluster_upstream_cx_active") == 0
+        assert (await get(c))[0] == 200 and pod.connects == 2
         c.close()
     run(go)

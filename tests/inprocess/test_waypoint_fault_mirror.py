@@ -226,3 +226,18 @@ spec:
         assert got == len(s.backend.seen) and within_binomial(got, n, 0.5), got
         c.close()
     run(go)
+
+
+def test_client_gone_during_the_delay_is_di_dc_and_nothing_is_sent():
+    async def go(mesh):
+        a, _ = await web(mesh, shadow=False)
+        mesh.apply(vs("    fault:\n      delay: {fixedDelay: 300ms, percentage: {value: 100}}\n"
+                      "      abort: {httpStatus: 503, percentage: {value: 100}}\n"))
+        c = await mesh.client(f"{VIP}:80")
+        c.send("GET", "/gone")
+        await asyncio.sleep(0.05)
+        c.stream.abort("client went away")
+        await until(lambda: flags_counts(mesh))
+        assert flags_counts(mesh) == {("0", "DI,DC"): 1}          # the abort drawn never happened
+        assert a.connects == 0
+    run(go)

@@ -9,6 +9,8 @@ pod's backend on `<pod ip>:8080` and counts CONNECTs. The backend echoes the req
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import ipaddress
 import json
 import random
@@ -71,18 +73,29 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, 
 
 
 class Backend:
-    """A pod's HTTP/1.1 app: echoes requests as JSON; `/download/N` streams N bytes; keep-alive."""
+    """A pod's HTTP/1.1 app: echoes requests as JSON; `/download/N` streams N bytes; keep-alive.
+
+    `script` is what the next requests get, one entry each (then the echo): `"503"` (or any
+    status), `"reset"` (the connection is dropped without a response), `"delay:S"` (the echo
+    after S seconds); `always` (same form) applies to every request once the script is used up.
+    Each request's `x-envoy-attempt-count` is kept in `attempt_counts`. `delay` and `status` apply
+    to every unscripted request (a slow or failing replica); `seen` records each request.
+    """
 
     def __init__(self, name: str, version: str) -> None:
         self.name, self.version = name, version
         self.connections = 0
         self.requests = 0
+        self.script: list[str] = []
+        self.always: str | None = None
+        self.attempt_counts: list[str | None] = []
+        self.bodies: list[int] = []
         self.delay = 0.0
         """Seconds to wait before answering (a slow replica)."""
         self.status = 200
         """The status of echo responses (a failing replica)."""
         self.active = 0
-        """Requests being answered now."""
+        """Echo requests being answered now."""
         self.seen: list[tuple[str, str, list[tuple[str, str]], int]] = []
         """(method, target, headers, body bytes) of each request, in arrival order."""
 
@@ -97,8 +110,24 @@ class Backend:
                 self.requests += 1
                 method, target, _ = line.split(" ", 2)
                 h = dict(hs)
+                if h.get("upgrade", "").lower() == "websocket" and not target.startswith("/refuse"):
+                    await self._websocket(reader, writer, h)
+                    return
                 got = await _read_body(reader, h)
                 self.seen.append((method, target, hs, got))
+                self.attempt_counts.append(h.get("x-envoy-attempt-count"))
+                self.bodies.append(got)
+                action = self.script.pop(0) if self.script else self.always
+                if action == "reset":
+                    writer.transport.abort()
+                    return
+                if action is not None and action.startswith("delay:"):
+                    await asyncio.sleep(float(action[6:]))
+                elif action is not None:
+                    writer.write(b"HTTP/1.1 %s Scripted\r\ncontent-length: 6\r\nx-backend: %s\r\n\r\nfailed"
+                                 % (action.encode(), self.name.encode()))
+                    await writer.drain()
+                    continue
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 if target.startswith("/download/"):
@@ -114,8 +143,6 @@ class Backend:
                                    "headers": hs, "body_bytes": got}).encode()
                 self.active += 1
                 try:
-                    if self.delay:
-                        await asyncio.sleep(self.delay)
                     writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nx-backend: %s\r\n"
                                  b"content-length: %d\r\n\r\n%s" % (self.status, HTTPStatus(self.status).phrase.encode(),
                                                                     self.name.encode(), len(body), body))
@@ -124,6 +151,19 @@ class Backend:
                     self.active -= 1
         finally:
             writer.close()
+
+
+    async def _websocket(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, h: dict) -> None:
+        """RFC 6455 handshake, then echo raw bytes until the client half-closes (then close)."""
+        accept = base64.b64encode(hashlib.sha1((h["sec-websocket-key"] + WS_GUID).encode()).digest()).decode()
+        writer.write(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Accept: {accept}\r\nx-backend: {self.name}\r\n\r\n".encode())
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class Pod:

@@ -345,3 +345,69 @@ def test_baggage_and_forwarded_headers_reach_handler(pki):
         assert seen[0].peer_addr[0] == "127.0.0.1" and seen[0].local_addr == env.server_addr
         await env.close()
     run(main())
+
+
+def test_unanswered_connect_times_out_and_its_connection_leaves_the_pool(pki):
+    """A server that went silent (link down, peer gone without a reset) must not hold every
+    new tunnel for its key: the CONNECT fails with connect_timeout, the next tunnel gets a
+    new connection."""
+    async def main():
+        hang = asyncio.Event()
+        calls = []
+
+        async def handler(req):
+            calls.append(req)
+            if len(calls) == 1:
+                await hang.wait()                   # never answers the first CONNECT
+            return await dial_authority(req.authority)
+
+        env = await Env().start(pki, handler=handler, pool=HbonePool(response_timeout=0.3))
+        reader, writer = await asyncio.open_connection(*env.out.addr)
+        (err,) = await asyncio.gather(*env.out.tasks)
+        assert isinstance(err, TunnelError) and err.reason == "connect_timeout", err
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await reader.readexactly(1)
+        writer.close()
+        assert env.pool.connection_count(env.out.key) == 0      # the suspect left the pool
+        env.out.tasks.clear()
+        payload = os.urandom(1000)
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        await asyncio.gather(*env.out.tasks)
+        assert env.pool.connections_opened == 2
+        hang.set()
+        await env.close()
+    run(main())
+
+
+def test_connect_crossing_a_goaway_is_retried_on_a_new_connection(pki):
+    """A peer ztunnel restarting sends GOAWAY while our CONNECT is in flight: the stream is
+    above its last stream id (never processed), so the pool sends it again elsewhere."""
+    async def main():
+        env = await Env().start(pki)
+        payload = os.urandom(1000)
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        await asyncio.gather(*env.out.tasks)
+        env.out.tasks.clear()
+        (server_session,) = env.server._sessions
+        server_session.conn.close()      # GOAWAY queued, not flushed: it crosses our next CONNECT
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        (res,) = await asyncio.gather(*env.out.tasks)
+        assert res.error is None and env.pool.connections_opened == 2
+        await env.close()
+    run(main())
+
+
+def test_refused_stream_is_retried_on_another_connection(pki):
+    async def main():
+        env = await Env().start(pki)
+        payload = os.urandom(1000)
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        await asyncio.gather(*env.out.tasks)
+        env.out.tasks.clear()
+        (server_session,) = env.server._sessions
+        server_session.conn.goaway_sent = True   # refuses new streams with REFUSED_STREAM only
+        assert await echo_roundtrip(env.out.addr, payload) == payload
+        (res,) = await asyncio.gather(*env.out.tasks)
+        assert res.error is None and env.pool.connections_opened == 2
+        await env.close()
+    run(main())

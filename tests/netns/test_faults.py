@@ -205,3 +205,50 @@ def test_peer_ztunnel_killed_is_connection_lost_and_recovers(cluster):
     wait_for(lambda: len(c.enrolled("n2")) == 1, timeout=10)
     assert "echo ok" in c.echo("mesh", "c1", c.ip("s2")).stdout
     assert quiet(n2.live())
+
+
+def test_node_link_down_and_up(cluster):
+    """n2's eth0 goes down and up (`ip link set`): a long connection across a 2 s outage
+    survives byte-exact (TCP retransmits; the runner puts back the routes the kernel dropped
+    with the link within a second). A new connection during a longer outage, offered to the
+    pooled HBONE connection that went silent, fails at the CONNECT deadline (10 s) with
+    connect_timeout, and that connection leaves the pool; with the link up again, traffic
+    flows on a new connection and nothing is left behind."""
+    c = cluster
+    link = ["ip", "-n", f"{c.paths.prefix}-n-n2", "link", "set", "eth0"]
+    warm_s2 = c.echo("mesh", "c1", c.ip("s2"))
+    assert "echo ok" in warm_s2.stdout
+    n1 = Node(c, "n1")
+    b1 = n1.snapshot()
+    t1, f1 = n1.total(), n1.failed()
+    long = subprocess.Popen([sys.executable, "-m", "localcluster.cli", "-c", c.name, "exec", "-n", "mesh", "c1", "--",
+                             "python3", "longconn.py", c.ip("s2"), "8080", "--duration", "8", "--timeout", "20"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    subprocess.run([*link, "down"], check=True)
+    try:
+        time.sleep(2.0)
+        subprocess.run([*link, "up"], check=True)  # a short outage first: the long one survives
+        out, _ = long.communicate(timeout=30)
+        assert out.strip().splitlines()[-1].startswith("ok"), out
+        wait_for(lambda: n1.total() > t1, timeout=10)
+        assert n1.last().get("error") is None, n1.last()
+        t1 = n1.total()
+        subprocess.run([*link, "down"], check=True)
+        t0 = time.monotonic()
+        p = subprocess.Popen(
+            [sys.executable, "-m", "localcluster.cli", "-c", c.name, "exec", "-n", "mesh", "c1", "--", "python3",
+             "client.py", c.ip("s2"), "8080", "--timeout", "30"], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        out, _ = p.communicate(timeout=40)
+        failed_after = time.monotonic() - t0
+    finally:
+        subprocess.run([*link, "up"], check=True)
+    assert p.returncode != 0 and "echo ok" not in out, out
+    assert 8 < failed_after < 20, failed_after  # at the CONNECT deadline, not the app's 30 s
+    wait_for(lambda: n1.total() > t1, timeout=10)
+    assert n1.last()["error"] == "connect_timeout" and n1.last()["dst.workload"] == "s2", n1.last()
+    assert n1.failed() == f1 + 1
+    # The link is back: a new HBONE connection carries new traffic; the silent one is gone.
+    wait_for(lambda: "echo ok" in c.echo("mesh", "c1", c.ip("s2"), check=False).stdout, timeout=20, step=0.5)
+    settled((n1, b1), timeout=40)  # the suspect connection closes once its TLS shutdown ends

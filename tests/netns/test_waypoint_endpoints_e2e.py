@@ -8,6 +8,7 @@ client pod calls on the replica's pod IP directly (pod-addressed traffic does no
 Service's waypoint) to make that one replica slow or failing."""
 import asyncio
 import json
+import math
 import os
 import textwrap
 
@@ -225,13 +226,19 @@ def waypoint_stats(cluster) -> dict[tuple[str, str], float]:
 def test_peak_ewma_sends_most_requests_to_the_fast_replicas(cluster):
     reset(cluster)
     try:
-        (ctl, run) = steps(cluster, {"control": pod_ip(cluster, "web-c"), "query": "delay_ms=150"}, {"seq": 200})
+        (warm,) = steps(cluster, {"seq": 60})
+        t = [r[0] for r in warm["rows"]]
+        gaps = sorted(b - a for a, b in zip(t, t[1:]))
+        median_ms = gaps[len(gaps) // 2] * 1000      # a whole request as the client sees it
+        delay = max(5, math.ceil(10 * median_ms))     # web-c: 10x that (the waypoint sees less than the client)
+        (ctl, run) = steps(cluster, {"control": pod_ip(cluster, "web-c"), "query": f"delay_ms={delay}"},
+                           {"seq": 200})
         rows = run["rows"]
         assert ctl["control"] == 200 and all(r[1] == 200 for r in rows), rows[:5]
         bodies = [r[2] for r in rows]
         fast = (bodies.count("web-a") + bodies.count("web-b")) / len(bodies)
-        print(f"peak EWMA with web-c 150 ms slower: {fast:.1%} of {len(bodies)} to web-a/web-b "
-              f"(web-c {bodies.count('web-c')})")
+        print(f"peak EWMA, requests take {median_ms:.1f} ms, web-c {delay} ms slower: {fast:.1%} of "
+              f"{len(bodies)} to web-a/web-b (web-c {bodies.count('web-c')})")
         assert len(bodies) == 200 and fast >= 0.8
     finally:
         reset(cluster)

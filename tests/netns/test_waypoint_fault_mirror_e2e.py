@@ -99,6 +99,53 @@ async def main():
 asyncio.run(main())
 '''
 
+# A WebSocket echo app: RFC 6455 handshake, then raw bytes echoed until the client half-closes.
+WSD = '''
+import asyncio, base64, hashlib, sys
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+async def serve(r, w):
+    head = (await r.readuntil(b"\\r\\n\\r\\n")).decode("latin-1").split("\\r\\n")
+    hs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in head[1:] if ln)}
+    if hs.get("upgrade", "").lower() != "websocket":
+        w.write(b"HTTP/1.1 426 Upgrade Required\\r\\ncontent-length: 0\\r\\n\\r\\n")
+        w.close()
+        return
+    acc = base64.b64encode(hashlib.sha1((hs["sec-websocket-key"] + GUID).encode()).digest()).decode()
+    w.write(("HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n"
+             f"Sec-WebSocket-Accept: {acc}\\r\\n\\r\\n").encode())
+    while data := await r.read(65536):
+        w.write(data)
+        await w.drain()
+    w.close()
+async def main():
+    srv = await asyncio.start_server(serve, "0.0.0.0", int(sys.argv[1]))
+    await srv.serve_forever()
+asyncio.run(main())
+'''
+
+# argv: host port nbytes: upgrade, send nbytes, read them back, half-close, expect EOF.
+WSC = '''
+import asyncio, base64, hashlib, json, os, sys
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+async def main():
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    w.write(f"GET /chat HTTP/1.1\\r\\nHost: ws\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n"
+            f"Sec-WebSocket-Key: {key}\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n".encode())
+    head = (await asyncio.wait_for(r.readuntil(b"\\r\\n\\r\\n"), 10)).decode("latin-1").split("\\r\\n")
+    hs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in head[1:] if ln)}
+    want = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+    data = os.urandom(n)
+    w.write(data)
+    echoed = await asyncio.wait_for(r.readexactly(n), 60)
+    w.write_eof()
+    rest = await asyncio.wait_for(r.read(), 10)
+    print(json.dumps({"status": head[0], "accept_ok": hs.get("sec-websocket-accept") == want,
+                      "upgrade": hs.get("upgrade"), "echo_ok": echoed == data, "rest": len(rest)}))
+asyncio.run(main())
+'''
+
 COUNT = '''
 import http.client, sys
 c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=10)
@@ -165,7 +212,19 @@ CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
                  listeners:
                  - {name: mesh, port: 15008, protocol: HBONE}
                """)
-           + service("web", waypoint=True) + service("shadow") + service("slow") + service("dead"))
+           + textwrap.dedent("""
+               ---
+               apiVersion: v1
+               kind: Pod
+               metadata: {name: ws-1, namespace: shop, labels: {app: ws}}
+               spec:
+                 nodeName: n2
+                 containers:
+                 - name: app
+                   command: [python3, wsd.py, "8080"]
+               """)
+           + service("web", waypoint=True) + service("shadow") + service("slow") + service("dead")
+           + service("ws", waypoint=True))
 
 
 def rule(prefix, extra=""):
@@ -194,7 +253,8 @@ def cluster(tmp_path_factory):
     global C
     d = tmp_path_factory.mktemp("wpfault")
     C = LocalCluster(NAME, d)
-    for name, text in (("httpd.py", HTTPD), ("load.py", LOAD), ("count.py", COUNT)):
+    for name, text in (("httpd.py", HTTPD), ("load.py", LOAD), ("count.py", COUNT), ("wsd.py", WSD),
+                       ("wsc.py", WSC)):
         (d / name).write_text(text)
     C.ambient("down", check=False)
     C.ambient("up", C.write("cluster.yaml", CLUSTER))
@@ -341,3 +401,18 @@ def test_dead_or_slow_mirror_changes_neither_status_nor_p99(cluster):
     # or, with its 64 slots full, were dropped -- without starving the dead mirror's copies.
     assert delta.get("connect_failure", 0) == N, delta
     assert delta.get("overflow", 0) > 0 and delta.get("completed", 0) + delta.get("overflow", 0) == N, delta
+
+
+@pytest.mark.root
+def test_websocket_passes_through_the_waypoint(cluster):
+    vip = next(s["cluster_ip"] for s in cluster.status()["services"] if s["name"] == "ws")
+    since = len(waypoint_log(cluster))
+    p = cluster.ambient("exec", "-n", "shop", "client", "--", "python3", "wsc.py", vip, "80", str(1 << 20),
+                        timeout=120)
+    got = json.loads(p.stdout)
+    assert got == {"status": "HTTP/1.1 101 Switching Protocols", "accept_ok": True, "upgrade": "websocket",
+                   "echo_ok": True, "rest": 0}, got
+    # One access-log line for the whole WebSocket, at its end: a 101 with both directions' bytes.
+    wait_for(lambda: any('"GET /chat HTTP/1.1" 101' in ln for ln in waypoint_log(cluster)[since:]), timeout=10)
+    (line,) = [ln for ln in waypoint_log(cluster)[since:] if '"GET /chat HTTP/1.1"' in ln]
+    assert f" 101 - via_upstream - \"-\" {1 << 20} {1 << 20} " in line, line

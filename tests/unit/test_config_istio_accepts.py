@@ -9,7 +9,8 @@ import pytest
 from mesh.config import WARNING_REASONS, ConfigErrors, parse_text
 from mesh.model import PolicyObject
 from mesh.model.route import (ClientTLS, H2UpgradePolicy, IstioStringMatch, LoadBalancer,
-                              StringMatchType, TCPKeepalive, TLSMode, VSDestination, VSMirror)
+                              StringMatchType, TCPKeepalive, TLSMode, VSDestination, VSDirectResponse, VSMirror,
+                              VSRedirect)
 from waypoint.routing.match import RequestInfo, vs_match_holds
 
 SRC = "istio.yaml"
@@ -69,6 +70,20 @@ CASES = [
                  (VSMirror(destination=VSDestination(host="a"), percentage=10.0),
                   VSMirror(destination=VSDestination(host="b"))),
                  [], id="mirrors-list"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - redirect: {uri: /v2, authority: b.example, "
+                      "derivePort: FROM_REQUEST_PORT, scheme: https, redirectCode: 308}\n",
+                 lambda vs: vs.http[0].redirect,
+                 VSRedirect(uri="/v2", authority="b.example", derive_port="FROM_REQUEST_PORT", scheme="https",
+                            redirect_code=308), [], id="redirect"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - redirect: {port: 8080}\n",
+                 lambda vs: (vs.http[0].redirect, vs.http[0].route),
+                 (VSRedirect(port=8080), ()), [], id="redirect-port-default-301"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - directResponse: {status: 503, body: {string: down}}\n",
+                 lambda vs: vs.http[0].direct_response, VSDirectResponse(status=503, body=b"down"), [],
+                 id="directResponse-string"),
+    pytest.param(VS + "spec:\n  hosts: [r]\n  http:\n  - directResponse: {status: 200, body: {bytes: AAEC}}\n",
+                 lambda vs: vs.http[0].direct_response, VSDirectResponse(status=200, body=b"\0\1\2"), [],
+                 id="directResponse-bytes"),
     pytest.param(http("match: [{sourceLabels: {app: productpage}, uri: {prefix: /}}]"),
                  lambda vs: rule(vs).match[0].applies_at_waypoint, False,
                  [("spec.http[0].match[0].sourceLabels", "not_enforced")], id="sourceLabels"),

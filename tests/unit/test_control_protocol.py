@@ -15,7 +15,8 @@ from mesh.model.route import (BackendRef, ConnectionPool, DestinationRule, Heade
                               HTTPRouteRule, HTTPRouteTimeouts, HTTPSettings, IstioStringMatch,
                               LoadBalancer, OutlierDetection, ParentRef, PathMatch, PathMatchType,
                               RequestMirror, StringMatchType, Subset, TCPSettings, TrafficPolicy,
-                              VirtualService, VSDestination, VSFault, VSFaultAbort, VSFaultDelay,
+                              VirtualService, VSDestination, VSDirectResponse, VSFault, VSFaultAbort, VSFaultDelay,
+                              VSRedirect,
                               VSHTTPRoute, VSMatch, VSRetries, VSRouteDestination)
 
 SA = SpiffeId(trust_domain="cluster.local", namespace="demo", service_account="web")
@@ -47,7 +48,9 @@ VS = VirtualService(meta=ObjectMeta(name="web", namespace="demo"), hosts=("web",
     timeout=1.5, retries=VSRetries(attempts=3, per_try_timeout=2.0, retry_on=("5xx",)),
     fault=VSFault(delay=VSFaultDelay(fixed_delay=0.5, percentage=10.0),
                   abort=VSFaultAbort(http_status=503, percentage=1.0)),
-    mirror=VSDestination(host="shadow"), mirror_percentage=5.0),))
+    mirror=VSDestination(host="shadow"), mirror_percentage=5.0),
+    VSHTTPRoute(redirect=VSRedirect(uri="/x", port=8080, redirect_code=308)),
+    VSHTTPRoute(direct_response=VSDirectResponse(status=503, body=b"\0down\xff")),))
 DR = DestinationRule(meta=ObjectMeta(name="web", namespace="demo"), host="web",
                      subsets=(Subset(name="v1", labels=FrozenMap({"version": "v1"})),),
                      traffic_policy=TrafficPolicy(

@@ -206,7 +206,7 @@ def test_server_refuses_streams_beyond_max_concurrent():
     p.client.peer_max_concurrent_streams = 10                 # a client ignoring the limit
     sid = p.client.send_connect("10.0.0.2:80")
     assert p.to_server() == [RequestRejected(sid, 0, "max_concurrent_streams")]
-    assert p.to_client() == [StreamReset(sid, ErrorCode.REFUSED_STREAM, True, "peer_reset")]
+    assert p.to_client() == [StreamReset(sid, ErrorCode.REFUSED_STREAM, True, "refused_stream")]
 
 
 def raw_request(headers) -> bytes:

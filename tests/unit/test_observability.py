@@ -97,7 +97,8 @@ def test_rows_join_the_queries_by_key_and_compute_success():
     assert rc["rps"] is None and rc["success"] is None and rc["tcp_connections_per_second"] == 0.25
     t = table("svc", rs)
     assert t[0] == ["NAME", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN/S"]
-    assert t[1] == [a, "90.00%", "10.00", "3ms", "8ms", "10ms", "0.50"]
+    assert t[1] == [a, "90.00%", "10.00", "3.0ms", "7.5ms", "9.9ms", "0.50"]
+    assert table("svc", [dict(ra, latency_ms_p99=12.4)])[1][5] == "12ms"
     assert t[3][1:3] == ["-", "-"]
 
 
@@ -202,7 +203,7 @@ def test_process_metrics_from_proc_stat():
 
 def test_family_and_build_info_text():
     assert family("x_total", "counter", "doc", [({"a": 'q"'}, 2), ({}, 0.5)]) == (
-        '# HELP x_total doc\n# TYPE x_total counter\nx_total{a="q\\""} 2\nx_total{} 0.5\n')
+        '# HELP x_total doc\n# TYPE x_total counter\nx_total{a="q\\""} 2\nx_total 0.5\n')
     assert b'istio_build{component="ztunnel",tag="0.1.0"} 1\n' in build_info("ztunnel")
 
 
@@ -235,3 +236,38 @@ def test_queries_go_to_loopback_only():
     with pytest.raises(prometheus.PrometheusError) as e:
         prometheus.query("http://10.0.0.1:9090", "up")
     assert e.value.reason == "not_local"
+
+
+def test_dashboard_document_without_prometheus_and_a_self_contained_page():
+    import asyncio
+
+    from localcluster import dashboard
+    zt = ProxySample(proxy="ztunnel-n1", kind="ztunnel", node="n1", up=True, version=5, connected=True,
+                     certificates=(CertSample(identity="a", not_after=1600.0), CertSample(identity="b", not_after=1300.0)),
+                     ebpf=(("shop/a", "connect4"), ("shop/a", "sockops")))
+    conv = Convergence()
+    conv.sum, conv.count = 0.01, 2
+    doc = asyncio.run(dashboard.data("c1", _sample(proxies=[zt]), conv, None))
+    assert doc["proxies"] == [{"proxy": "ztunnel-n1", "kind": "ztunnel", "node": "n1", "up": True, "connected": True,
+                               "version": 5, "cert_expiry_seconds": 300.0, "ebpf_links": 2}]
+    assert doc["control_plane"]["convergence_mean_seconds"] == 0.005 and doc["services"] == [] and doc["error"] is None
+    # Nothing from elsewhere: no URL with a scheme or host, no external script or style.
+    assert not re.search(rb"(https?|wss?):|//[a-z0-9]", dashboard.PAGE) and b"src=" not in dashboard.PAGE and b"<link" not in dashboard.PAGE
+    assert b"innerHTML" not in dashboard.PAGE  # data goes in as text only
+
+
+def test_prometheus_workload_refuses_a_port_in_use(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(prometheus.PrometheusError) as e:
+            prometheus.workload(str(tmp_path), "http://127.0.0.1:1/targets", port=port, scrape_interval=1.0,
+                                log_path=str(tmp_path / "log"))
+        assert e.value.reason == "port_in_use" and str(port) in str(e.value)
+    sw = prometheus.workload(str(tmp_path), "http://127.0.0.1:1/targets", port=port, scrape_interval=1.0,
+                             log_path=str(tmp_path / "log"))
+    (spec,) = sw.replicas
+    assert sw.key == ("prometheus", "istio-system/prometheus") and spec.admin_socket is None
+    assert f"--web.listen-address=127.0.0.1:{port}" in spec.argv and spec.netns is None

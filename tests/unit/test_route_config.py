@@ -337,8 +337,22 @@ BAD = [
     pytest.param(y(VSH, "spec:\n  hosts: [a]\n  tcp:\n  - rout: []\n"), "unknown_field", "spec.tcp[0].rout", 7,
                  "unknown field", id="vs-tcp-typo"),
     pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: a}}]\n"
-                       "    redirect: {uri: /x}\n"), "unsupported", "spec.http[0].redirect", 8,
-                 "would send traffic elsewhere", id="vs-redirect"),
+                       "    redirect: {uri: /x}\n"), "bad_value", "spec.http[0].route", 7,
+                 "must not be set together with redirect", id="vs-redirect-with-route"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: a}}]\n"
+                       "    delegate: {name: x}\n"), "unsupported", "spec.http[0].delegate", 8,
+                 "would send traffic elsewhere", id="vs-delegate"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - directResponse: {status: 503}\n"
+                       "    fault: {abort: {httpStatus: 500, percentage: {value: 1}}}\n"), "bad_value",
+                 "spec.http[0].fault", 8, "must not be set together with directResponse", id="vs-direct-with-fault"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - redirect: {redirectCode: 304, uri: /x}\n"),
+                 "bad_value", "spec.http[0].redirect.redirectCode", 7, "Istio drops", id="vs-redirect-code"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - redirect: {redirectCode: 302}\n"),
+                 "bad_value", "spec.http[0].redirect", 7, "must specify uri", id="vs-redirect-empty"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - match: [{uri: {prefix: /}}]\n"),
+                 "missing_field", "spec.http[0].route", 7, "or directResponse", id="vs-no-route"),
+    pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - directResponse: {status: 200, body: {bytes: '%%%'}}\n"),
+                 "bad_value", "spec.http[0].directResponse.body.bytes", 7, "base64", id="vs-direct-bad-bytes"),
     pytest.param(y(VSH, "spec:\n  hosts: [a]\n  http:\n  - route: [{destination: {host: a}, weight: 0}]\n"),
                  "bad_value", "spec.http[0].route", 7, "non-zero weight", id="vs-all-zero-weights"),
     # DestinationRule

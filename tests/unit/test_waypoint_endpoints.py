@@ -194,11 +194,13 @@ def test_reports_feed_outlier_detection(outcome, ejects):
     w = World([_w(1), _w(2)], dr("trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}"))
     c = Clusters(w.state).cluster_for(w.fwd(), 0.0)
     t = c.targets["10.0.0.1:8080"]
+    got = []
     for i in range(3):
         c.balancer.on_start(t.address)
         c.inflight += 1
-        c.report(t, outcome, None, float(i))
+        got.append(c.report(t, outcome, None, float(i)))
     assert c.outlier.is_ejected(t.address) is ejects
+    assert [e is not None for e in got] == [False, False, ejects]
     assert c.stats.outlier_detection_ejections_enforced_total == int(ejects)
     assert c.inflight == 0
 
@@ -310,3 +312,23 @@ def test_clusters_of_deleted_services_are_forgotten_once_idle():
     c.report(t, RESP[200], 0.001, 1.0)
     cs.sweep(2.0)
     assert len(cs) == 0
+
+
+def test_warmup_ramps_up_an_endpoint_added_after_the_cluster_was_built():
+    yaml = dr("trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}}}")
+    w = World([_w(1), _w(2)], yaml)
+    cs = Clusters(w.state)
+    cs.cluster_for(w.fwd(), 0.0)
+    w.put([_w(1), _w(2), _w(3)], yaml)                  # 10.0.0.3 joins at t=100
+
+    def share(now: float) -> float:
+        c = cs.cluster_for(w.fwd(), now)     # the first call after the update adds it, at 100
+        picks = Counter()
+        for _ in range(2100):
+            t = c.choose(now, random.Random(0), REQ, frozenset())
+            c.report(t, RESP[200], 0.001, now)
+            picks[t.address] += 1
+        return picks["10.0.0.3:8080"] / 2100
+    assert share(100.0) == pytest.approx(0.1 / 2.1, abs=0.01)      # Envoy's 10 % minimum weight
+    assert share(105.0) == pytest.approx(0.5 / 2.5, abs=0.01)      # linear ramp (aggression 1)
+    assert share(111.0) == pytest.approx(1 / 3, abs=0.01)          # warmed up

@@ -252,3 +252,42 @@ def test_mirror_head_is_the_primarys_upstream_request():
     assert dict(m.headers) == {b"host": b"r.example", b"x-request-id": b"abc", b"x-a": b"1"}
     get = RequestHead(method=b"GET", target=b"/", headers=((b"host", b"r"),))
     assert mirror_head(get, list(get.headers), p, 0).content_length is None
+
+
+# -- VirtualService redirect / directResponse (Envoy direct responses) -----------------------------
+
+def _vs_rule(rule: str) -> ProxyState:
+    return _state("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: shop}\n"
+                  "spec:\n  hosts: [r]\n  http:\n  - " + rule + "\n")
+
+
+def _plan_req(st, target="/old/p?q=1", host="r"):
+    d = resolve(st, "10.96.0.1:80")
+    path, _, query = target.partition("?")
+    req = RequestInfo.from_target("GET", target, (("host", host),), host=host.partition(":")[0], port=80)
+    return plan_request(st, d, req, query.encode(), client_namespace="shop", waypoint_namespace="shop",
+                        rng=random.Random(1))
+
+
+@pytest.mark.parametrize("redirect,host,location,code", [
+    ("{uri: /new}", "r", "http://r/new?q=1", 301),                                  # query kept
+    ("{uri: '/new?x=2'}", "r", "http://r/new?x=2", 301),                            # query replaced
+    ("{authority: b.example}", "r:80", "http://b.example/old/p?q=1", 301),
+    ("{scheme: https}", "r", "https://r/old/p?q=1", 301),                           # protocol default: no port
+    ("{port: 8443, scheme: https, redirectCode: 302}", "r:80", "https://r:8443/old/p?q=1", 302),
+    ("{port: 443, scheme: https}", "r:80", "https://r/old/p?q=1", 301),             # a scheme's default port
+    ("{derivePort: FROM_REQUEST_PORT, authority: b}", "r", "http://b/old/p?q=1", 301),   # 80 is http's
+    ("{derivePort: FROM_REQUEST_PORT, scheme: https}", "r", "https://r:80/old/p?q=1", 301),
+    ("{uri: /n, redirectCode: 308}", "r:9000", "http://r:9000/n?q=1", 308),         # the Host's own port stays
+])
+def test_vs_redirect_location(redirect, host, location, code):
+    p = _plan_req(_vs_rule(f"redirect: {redirect}"), host=host)
+    assert (p.status, p.headers, p.body, p.details) == (code, ((b"location", location.encode()),), b"",
+                                                        "direct_response")
+
+
+def test_vs_direct_response_with_response_headers():
+    p = _plan_req(_vs_rule("directResponse: {status: 503, body: {string: maintenance}}\n"
+                           "    headers: {response: {set: {retry-after: '30'}}}"))
+    assert (p.status, p.body, p.headers, p.details, p.flags) == (
+        503, b"maintenance", ((b"retry-after", b"30"),), "direct_response", "-")

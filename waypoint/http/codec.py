@@ -39,9 +39,17 @@ streams the body upstream as it arrives. If it answers with a final response ins
 connection closes after that response (see above). Any other expectation is a 417. Upstream
 1xx responses arrive as InformationalResponse; ServerConnection drops 1xx for HTTP/1.0 clients.
 
-*Not supported*: Upgrade and CONNECT (Upgrade is stripped as hop-by-hop and the request is
-served as a plain one; CONNECT is a 501), transfer codings other than chunked (501), HTTP/0.9
-and HTTP/2 (400), obs-fold (400).
+*WebSocket* (RFC 6455 4, RFC 9110 7.8): an HTTP/1.1 request with `Upgrade: websocket` and
+`Connection: upgrade` (and no body) comes out with `upgrade=b"websocket"`; the bytes after it
+are raw Body events. ClientConnection sends it on with both fields; a 101 answer comes out as
+a ResponseHead(101) followed by raw Body events, and the connection is never reused. Sent
+downstream, the 101 carries `connection: upgrade` / `upgrade: websocket` and switches the
+send side to TUNNEL (Body raw, EndOfMessage ends it); any other answer to an upgrade request
+closes the connection after it.
+
+*Not supported*: other Upgrades and CONNECT (another Upgrade is stripped as hop-by-hop and the
+request is served as a plain one; CONNECT is a 501), transfer codings other than chunked (501),
+HTTP/0.9 and HTTP/2 (400), obs-fold (400).
 
 *Errors*: anything the peer does wrong raises HttpError(status, reason) (errors.py) and the
 connection is finished; misuse by the caller raises LocalProtocolError. The send side of each
@@ -66,6 +74,7 @@ class SendState(enum.Enum):
     IDLE = "idle"            # between messages (server: may send 1xx or a final head)
     BODY = "body"            # head sent, Body* then EndOfMessage
     AWAITING = "awaiting"    # client: request sent, response not complete yet
+    TUNNEL = "tunnel"        # protocols switched (101): Body is raw bytes, EndOfMessage ends it
     CLOSED = "closed"        # last message had close semantics; nothing more may be sent
 
 
@@ -74,12 +83,17 @@ _SERVER_SEND: dict[tuple[SendState, type], SendState] = {
     (SendState.IDLE, ResponseHead): SendState.BODY,
     (SendState.BODY, Body): SendState.BODY,
     (SendState.BODY, EndOfMessage): SendState.IDLE,       # or CLOSED, see _end_response
+    (SendState.TUNNEL, Body): SendState.TUNNEL,           # after a 101 (ResponseHead -> TUNNEL)
+    (SendState.TUNNEL, EndOfMessage): SendState.CLOSED,
 }
 
 _CLIENT_SEND: dict[tuple[SendState, type], SendState] = {
     (SendState.IDLE, RequestHead): SendState.BODY,
     (SendState.BODY, Body): SendState.BODY,
     (SendState.BODY, EndOfMessage): SendState.AWAITING,   # IDLE again once the response ends
+    (SendState.AWAITING, Body): SendState.TUNNEL,         # only once a 101 switched protocols
+    (SendState.TUNNEL, Body): SendState.TUNNEL,
+    (SendState.TUNNEL, EndOfMessage): SendState.CLOSED,
 }
 
 
@@ -157,9 +171,12 @@ class ServerConnection:
     def send(self, event: Event) -> bytes:
         """Bytes for `event`, answering the oldest request still unanswered."""
         nxt = _transition(_SERVER_SEND, self.state, event)
-        if not self._pending:
+        if not self._pending and self.state is not SendState.TUNNEL:
             raise LocalProtocolError("no_request", "no request is waiting for a response")
         t = type(event)
+        if self.state is SendState.TUNNEL:
+            self.state = nxt
+            return bytes(event.data) if t is Body else b""
         if t is Body:
             self.state = nxt
             return self._out.body(event.data)
@@ -177,6 +194,13 @@ class ServerConnection:
             if req.http_version == "1.0":
                 return b""                      # RFC 9110 15.2: never 1xx to an HTTP/1.0 client
             return serialize_head(status_line(event.status, event.reason), event.headers, [])
+        if event.status == 101:
+            if req.upgrade is None:
+                raise LocalProtocolError("bad_status", "101 answers only an upgrade request")
+            self.state = SendState.TUNNEL
+            self._closing = True
+            return serialize_head(status_line(101, event.reason), event.headers,
+                                  [b"connection: upgrade", b"upgrade: " + req.upgrade])
         self.state = nxt
         return self._response_head(req, event)
 
@@ -185,7 +209,8 @@ class ServerConnection:
         if status < 200:
             raise LocalProtocolError("bad_status", "use InformationalResponse for 1xx")
         extra: list[bytes] = []
-        keep = req.keep_alive and not self._close_after and self._complete[0]
+        # After an upgrade request the client's bytes are not HTTP: any answer but a 101 ends it.
+        keep = req.keep_alive and not self._close_after and self._complete[0] and req.upgrade is None
         if req.method == b"HEAD" or status == 204 or status == 304:
             self._out = _Outgoing(False, None, True)
             if head.content_length is not None and status != 204:
@@ -226,6 +251,11 @@ class ClientConnection:
         """Bytes for `event`. One exchange at a time: RequestHead, Body*, EndOfMessage."""
         nxt = _transition(_CLIENT_SEND, self.state, event)
         t = type(event)
+        if nxt is SendState.TUNNEL or self.state is SendState.TUNNEL:
+            if not self._parser.tunnel:
+                raise LocalProtocolError("bad_event_order", "raw bytes only after a 101")
+            self.state = nxt
+            return bytes(event.data) if t is Body else b""
         if t is Body:
             self.state = nxt
             return self._out.body(event.data)
@@ -239,7 +269,10 @@ class ClientConnection:
         self.state = nxt
         self._response_done = False
         self._parser.request_method = event.method
+        self._parser.request_upgrade = event.upgrade
         extra: list[bytes] = []
+        if event.upgrade is not None:
+            extra += [b"connection: upgrade", b"upgrade: " + event.upgrade]
         if event.chunked:
             self._out = _Outgoing(True, None, False)
             extra.append(b"transfer-encoding: chunked")
@@ -263,7 +296,7 @@ class ClientConnection:
         for ev in events:
             t = type(ev)
             if t is ResponseHead:
-                if not ev.keep_alive:
+                if not ev.keep_alive:   # (a 101 never is)
                     self._reusable = False
             elif t is EndOfMessage:
                 self._response_done = True

@@ -34,6 +34,10 @@ class RequestHead:
     """Body framed by Transfer-Encoding: chunked (length unknown up front)."""
     expect_continue: bool = False
     """The client sent `Expect: 100-continue` and may wait for a 100 before its body."""
+    upgrade: bytes | None = None
+    """b"websocket" when the client asked to switch to WebSocket (`Upgrade: websocket`,
+    `Connection: upgrade`): sent on upstream as such; if a 101 answers it, both connections
+    carry raw bytes from then on (Body events, then the end of the connection)."""
 
     @property
     def has_body(self) -> bool:
@@ -42,7 +46,8 @@ class RequestHead:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResponseHead:
-    """A final (status >= 200) response head; framing fields as in RequestHead."""
+    """A final (status >= 200) response head, or the 101 that switches an upgrade request's
+    connection to raw bytes; framing fields as in RequestHead."""
 
     status: int
     reason: bytes = b""

@@ -40,6 +40,8 @@ class FramingFields:
     transfer_encoding: bytes | None = None
     expect: bytes | None = None
     host_count: int = 0
+    upgrade: bytes | None = None
+    """The Upgrade field (hop-by-hop: never in the headers passed on)."""
 
 
 def split_fields(raw: list[tuple[bytes, bytes]], framing: FramingFields) -> Headers:
@@ -61,6 +63,8 @@ def split_fields(raw: list[tuple[bytes, bytes]], framing: FramingFields) -> Head
             elif n == b"transfer-encoding":
                 te = framing.transfer_encoding
                 framing.transfer_encoding = hv[1] if te is None else te + b", " + hv[1]
+            elif n == b"upgrade":
+                framing.upgrade = hv[1]
             continue
         if n in _FRAMING:
             if n == b"host":

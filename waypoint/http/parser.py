@@ -73,6 +73,8 @@ class _MessageParser:
         self._stall = 0
         self._progress = False
         self._parser = self._new_parser()
+        self.tunnel = False
+        """Switched protocols (WebSocket): every later byte is raw Body, never parsed."""
 
     def _new_parser(self):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -86,6 +88,8 @@ class _MessageParser:
     # -- feeding ----------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> list:
+        if self.tunnel:
+            return [Body(data)] if data else []
         if self._error is not None:
             raise self._error
         if self._stopped or not data:
@@ -204,6 +208,7 @@ class RequestParser(_MessageParser):
     def _reset_message(self) -> None:
         super()._reset_message()
         self._url = b""
+        self._upgrade_pending = False
 
     def on_url(self, url: bytes) -> None:
         self._progress = True
@@ -238,10 +243,15 @@ class RequestParser(_MessageParser):
             raise HttpError(413, "body_too_large")
         if p.should_upgrade() and (chunked or cl):
             raise HttpError(501, "upgrade_with_body")
+        # Only WebSocket is passed through (Istio configures Envoy's `upgrade_configs` with
+        # websocket only); any other Upgrade is stripped and the request served as a plain one.
+        ws = (p.should_upgrade() and framing.upgrade is not None and framing.upgrade.strip().lower() == b"websocket"
+              and version == "1.1")
+        self._upgrade_pending = ws
         self._events.append(RequestHead(
             method=method, target=target, path=path, query=query, headers=headers,
             http_version=version, keep_alive=p.should_keep_alive(), content_length=cl,
-            chunked=chunked, expect_continue=expect))
+            chunked=chunked, expect_continue=expect, upgrade=b"websocket" if ws else None))
         self._start_trailers()
 
     def on_body(self, body: bytes) -> None:
@@ -256,11 +266,18 @@ class RequestParser(_MessageParser):
             raise _Stop  # the client will send nothing we may answer after this request
 
     def _on_upgrade(self, data: bytes, offset: int) -> None:
-        # Upgrade is hop-by-hop and stripped: the request was an ordinary one. llhttp stops at
-        # its end, so continue with a fresh parser on the rest of this read.
+        rest = data[offset:]
+        if self._upgrade_pending:
+            # A WebSocket upgrade: what follows the request is not HTTP any more (if the
+            # upstream refuses, the connection closes after its answer).
+            self.tunnel = True
+            if rest:
+                self._events.append(Body(rest))
+            return
+        # Another Upgrade is hop-by-hop and stripped: the request was an ordinary one. llhttp
+        # stops at its end, so continue with a fresh parser on the rest of this read.
         events = self._events
         self._parser = self._new_parser()
-        rest = data[offset:]
         if rest:
             events.extend(self.feed(rest))
             self._events = events
@@ -270,6 +287,8 @@ class RequestParser(_MessageParser):
         return self._in_message
 
     def feed_eof(self) -> list:
+        if self.tunnel:
+            return []
         if self._error is not None:
             raise self._error
         if self._in_message and not self._stopped:
@@ -288,6 +307,9 @@ class ResponseParser(_MessageParser):
     def __init__(self, limits: Limits) -> None:
         super().__init__(limits)
         self.request_method: bytes | None = None
+        self.request_upgrade: bytes | None = None
+        """The Upgrade the request in flight asked for: only then is a 101 welcome."""
+        self._switched = False
         self._interim = False
         self._close_delimited = False
         self.tainted = False
@@ -321,7 +343,12 @@ class ResponseParser(_MessageParser):
         headers = split_fields(self._raw, framing)
         if status < 200:
             if status == 101:
-                raise HttpError(502, "unexpected_upgrade", "upstream switched protocols unasked")
+                if self.request_upgrade is None:
+                    raise HttpError(502, "unexpected_upgrade", "upstream switched protocols unasked")
+                self._switched = True
+                self._events.append(ResponseHead(status=101, reason=self._reason, headers=headers,
+                                                 http_version=version, keep_alive=False))
+                return
             self._interim = True
             self._events.append(InformationalResponse(status=status, reason=self._reason, headers=headers))
             return
@@ -341,6 +368,9 @@ class ResponseParser(_MessageParser):
             raise _Stop  # llhttp cannot be told the request was HEAD: halt and start over
 
     def on_message_complete(self) -> None:
+        if self._switched:          # the 101 has no end: raw bytes follow (_on_upgrade)
+            self._in_message = False
+            return
         if self._interim:
             self._interim = False
             self._in_message = False
@@ -348,6 +378,15 @@ class ResponseParser(_MessageParser):
         self._end()
         self.request_method = None
         self._close_delimited = False
+
+    def _on_upgrade(self, data: bytes, offset: int) -> None:
+        if not self._switched:
+            self._fail(HttpError(502, "unexpected_upgrade"))
+        self.tunnel = True
+        self.request_method = None
+        rest = data[offset:]
+        if rest:
+            self._events.append(Body(rest))
 
     def _on_stop(self, data: bytes) -> None:
         # After a HEAD response only more responses may follow, and none is due: bytes after
@@ -362,6 +401,8 @@ class ResponseParser(_MessageParser):
         return self._in_message or self.request_method is not None
 
     def feed_eof(self) -> list:
+        if self.tunnel:
+            return []
         if self._error is not None:
             raise self._error
         if self._close_delimited and self._in_message:

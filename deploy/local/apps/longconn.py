@@ -18,10 +18,11 @@ def main():
     p.add_argument("port", type=int)
     p.add_argument("--interval", type=float, default=0.1)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0, help="socket timeout (s)")
     p.add_argument("--send-line", default=None)
     p.add_argument("--send-after", type=float, default=0.0)
     a = p.parse_args()
-    with socket.create_connection((a.host, a.port), timeout=5) as s:
+    with socket.create_connection((a.host, a.port), timeout=a.timeout) as s:
         f = s.makefile("rb")
         print(f.readline().decode().strip(), flush=True)
         n, end = 0, time.monotonic() + a.duration
