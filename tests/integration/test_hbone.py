@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import warnings
 
 import pytest
 import uvloop
@@ -409,5 +411,32 @@ def test_refused_stream_is_retried_on_another_connection(pki):
         assert await echo_roundtrip(env.out.addr, payload) == payload
         (res,) = await asyncio.gather(*env.out.tasks)
         assert res.error is None and env.pool.connections_opened == 2
+        await env.close()
+    run(main())
+
+
+def test_no_tcp_transport_is_left_open_for_the_gc(pki):
+    # uvloop 0.23 stops tracking a transport that is not reading; freed by the GC while still
+    # open with a write_eof() shutdown pending, it is freed twice (SIGSEGV;
+    # tests/bench/repro_uvloop_shutdown_crash.py). So after half-closed echoes through the
+    # pool, the server's tunnels and the echo backend, every TCP transport that carried them
+    # must be closed by its owner, not left open for the GC to find.
+    async def main():
+        env = await Env().start(pki)
+        payloads = [os.urandom(n) for n in (1, 300_000, 3 * 1024 * 1024)]
+        got = await asyncio.gather(*(echo_roundtrip(env.out.addr, p) for p in payloads))
+        assert got == payloads
+        await asyncio.gather(*env.out.tasks)
+        for _ in range(200):
+            if len(env.results) == len(payloads):
+                break
+            await asyncio.sleep(0.01)
+        assert [r.error for r in env.results] == [None] * len(payloads)
+        await asyncio.sleep(0.1)                  # connection_lost callbacks of the closes
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            gc.collect()
+        unclosed = [str(w.message) for w in caught if "unclosed" in str(w.message)]
+        assert unclosed == []
         await env.close()
     run(main())
