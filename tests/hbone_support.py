@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 from mesh import tls
@@ -88,6 +90,16 @@ class EchoProtocol(asyncio.Protocol):
 
     def resume_writing(self):
         self.t.resume_reading()
+
+
+def unclosed_transports() -> list[str]:
+    """Transports the GC finds still open (uvloop warns "unclosed resource" as it frees them).
+    Each is a bug: uvloop 0.23 crashes freeing an open stream whose write_eof() shutdown is
+    pending (tests/bench/repro_uvloop_shutdown_crash.py), so owners must close or abort them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    return [str(w.message) for w in caught if "unclosed" in str(w.message)]
 
 
 async def start_echo() -> tuple[asyncio.AbstractServer, tuple[str, int]]:

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
-import warnings
 
 import pytest
 import uvloop
@@ -13,7 +11,7 @@ from mesh.hbone import HbonePool, HboneServer, PoolKey, Reject, TunnelError, Tun
 from mesh.identity import SpiffeId
 from tests.fakes import FakeClock
 from tests.hbone_support import (CLIENT_ID, SERVER_ID, TD, Outbound, Pki, dial_authority, echo_roundtrip,
-                                 listening_socket, start_echo)
+                                 listening_socket, start_echo, unclosed_transports)
 
 
 @pytest.fixture(scope="module")
@@ -433,10 +431,6 @@ def test_no_tcp_transport_is_left_open_for_the_gc(pki):
             await asyncio.sleep(0.01)
         assert [r.error for r in env.results] == [None] * len(payloads)
         await asyncio.sleep(0.1)                  # connection_lost callbacks of the closes
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ResourceWarning)
-            gc.collect()
-        unclosed = [str(w.message) for w in caught if "unclosed" in str(w.message)]
-        assert unclosed == []
+        assert unclosed_transports() == []
         await env.close()
     run(main())

@@ -17,7 +17,7 @@ from mesh.hbone.abuse import AbuseLimits
 from tests import h2_attack as atk
 from tests.h2_attack import FrameReader
 from tests.hbone_support import CLIENT_ID, TD, EchoProtocol, Outbound, Pki, dial_authority, echo_roundtrip, \
-    listening_socket
+    listening_socket, unclosed_transports
 
 LIMITS = AbuseLimits()
 
@@ -159,6 +159,8 @@ def test_rapid_reset_of_20000_streams_is_cut_at_the_bound(pki, chunks, pause):
         assert env.app.connections <= LIMITS.max_premature_resets + 1
         print(f"\nrapid reset: GOAWAY after stream {last_sid} ({sent} writes, "
               f"{attack_end - t0:.2f}s), app saw {env.app.connections} connections")
+        await asyncio.sleep(0.1)
+        assert unclosed_transports() == []      # reset tunnels closed theirs (uvloop: never the GC)
         await env.close()
     run(main())
 
@@ -254,5 +256,6 @@ def test_rapid_reset_against_a_slow_app_leaves_no_connect_running(pki):
         assert len(env.results) <= LIMITS.max_premature_resets
         assert all(r.error == "peer_reset" or r.error == "rapid_reset" for r in env.results)
         print(f"\nslow app: {started} handlers started, all cancelled; GOAWAY after stream {last_sid}")
+        assert unclosed_transports() == []      # cancelled connects left nothing open
         await env.close()
     run(main())
