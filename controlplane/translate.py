@@ -131,6 +131,7 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
         waypoint = s.labels.get(WAYPOINT_LABEL) or (ns.labels.get(WAYPOINT_LABEL) if ns else None)
         info = ServiceInfo(name=s.name, namespace=s.namespace, vip=s.cluster_ip, ports=s.ports,
                            endpoints=eps, waypoint=waypoint,
+                           retry_budget=s.retry_budget,
                            waypoint_binding=waypoint_binding(s.labels, s.namespace, ns, source=BindingSource.SERVICE,
                                                              waypoints=waypoints))
         out[resource_ref(info)] = info

@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         # Config errors found by the runner come back as ApiErrors with the config reason.
         print(f"error: {e}", file=sys.stderr)
         if e.reason not in ("runner_unavailable", "runner_failed", "not_found", "not_ready", "bad_request",
-                            "prometheus_unavailable", "prometheus_not_ready", "bad_query", "not_local"):
+                            "prometheus_unavailable", "prometheus_not_ready", "bad_query", "not_local",
+                            "restart_failed"):
             print("nothing was applied", file=sys.stderr)
         return 1
 

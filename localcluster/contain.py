@@ -1,7 +1,7 @@
 """A pod's mount namespace, set up as a container runtime sets up a container's (run as a script).
 
 Theory of operation.  :mod:`localcluster.procs` runs this file as
-``python3 -I -S contain.py [--hide DIR]... [--keep DIR]... [--writable DIR] -- NEXT...`` as the first program
+``python3 -I -S contain.py [--hide DIR]... [--keep DIR]... [--volume SRC:DST]... [--writable DIR] -- NEXT...`` as the first program
 in a fresh mount and PID namespace (``unshare --mount --pid --fork --mount-proc``), still root
 with every capability.  It changes only this private mount namespace (propagation is private,
 so nothing reaches the host's), in this order, and then execs ``NEXT`` (``setpriv``, which
@@ -20,6 +20,8 @@ drops the user, the groups and every capability):
 4. /tmp is a fresh tmpfs (the pod's own, as a container's), and ``--writable`` (the pod's
    working directory, carried into the new /tmp if it lies under /tmp) is bind-mounted
    read-write over itself and becomes the cwd, so the app's own files stay writable.
+5. Volumes (``--volume SRC:DST``, the node agent's ServiceAccount token directory) are bound
+   read-only at DST, under a fresh /run when DST is there (see ``volumes``).
 
 Stdlib only and no ``site`` (``-I -S``): it starts in ~15 ms and nothing from the host's
 Python path runs while it is still privileged.  Any failure exits 126 with the step and errno
@@ -156,17 +158,37 @@ def private_tmp(work: str | None, keep_ro: list[str]) -> None:
             mount(None, d, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
+def volumes(fds: list[tuple[int, str]]) -> None:
+    """The pod's volumes (``--volume SRC:DST``), read-only at DST: a fresh /run first when a
+    DST lies under it (the pod's own, as a container's), so DST can be made without touching
+    the host's. SRC was opened before the mesh's state was hidden (it lives there)."""
+    if any(under(dst, "/run") for _, dst in fds):
+        mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for fd, dst in fds:
+        if not (under(dst, "/run") or under(dst, "/tmp")):
+            raise StepFailed(f"volume {dst}: only under /run, /var/run or /tmp")
+        os.makedirs(dst, mode=0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND)
+        os.close(fd)
+        mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
 def writable(path: str) -> None:
     mount(path, path, None, MS_BIND)
     mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
     os.chdir(path)  # the old cwd is the read-only mount's directory underneath
 
 
-def parse(argv: list[str]) -> tuple[list[str], str | None, list[str], list[str]]:
-    hidden, work, keep, i = [], None, [], 0
+def parse(argv: list[str]) -> tuple[list[str], str | None, list[str], list[str], list[tuple[str, str]]]:
+    hidden, work, keep, vols, i = [], None, [], [], 0
     while i < len(argv) and argv[i] != "--":
         if argv[i] == "--hide":
             hidden.append(argv[i + 1])
+        elif argv[i] == "--volume":
+            src, sep, dst = argv[i + 1].partition(":")
+            if not sep or not os.path.isabs(src) or not os.path.isabs(dst):
+                raise StepFailed(f"--volume {argv[i + 1]!r}: expected /SRC:/DST")
+            vols.append((src, dst))
         elif argv[i] == "--keep":
             keep.append(os.path.realpath(argv[i + 1]))
         elif argv[i] == "--writable":
@@ -176,15 +198,17 @@ def parse(argv: list[str]) -> tuple[list[str], str | None, list[str], list[str]]
         i += 2
     if i + 1 >= len(argv):
         raise StepFailed("no program after --")
-    return hidden, work, argv[i + 1:], keep
+    return hidden, work, argv[i + 1:], keep, vols
 
 
 def main(argv: list[str]) -> None:
     step = "arguments"
     try:
-        hidden, work, nxt, keep = parse(argv)
+        hidden, work, nxt, keep, vols = parse(argv)
         step = "making / private"
         mount(None, "/", None, MS_REC | MS_PRIVATE)
+        step = "opening volumes"
+        vol_fds = [(os.open(src, os.O_PATH | os.O_DIRECTORY), os.path.realpath(dst)) for src, dst in vols]
         for d in hidden:
             step = f"hiding {d}"
             d = os.path.realpath(d)
@@ -199,6 +223,9 @@ def main(argv: list[str]) -> None:
         work = os.path.realpath(work) if work is not None else None
         step = "a private /tmp"
         private_tmp(work, keep)
+        if vol_fds:
+            step = "volumes"
+            volumes(vol_fds)
         if work is not None:
             step = f"a writable working directory {work}"
             writable(work)

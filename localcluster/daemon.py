@@ -5,11 +5,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from typing import Any
 
 from mesh.clock import SystemClock
+from localcluster.signals import set_on_signals
 from localcluster.api import ApiError, ApiServer
 from localcluster.paths import ClusterPaths, check_cluster_name
 from localcluster.observe import ObserveSettings
@@ -59,21 +59,7 @@ async def serve(paths: ClusterPaths, settings: ClusterSettings) -> None:
     api = ApiServer({"ping": ping, "apply": apply, "delete": delete, "status": status,
                      "pod_info": pod_info, "control_plane": control_plane, "restart": restart,
                      "shutdown": shutdown})
-    loop = asyncio.get_running_loop()
-    me = os.getpid()
-
-    def on_signal(sig: int, _frame: object) -> None:
-        # Not loop.add_signal_handler: pyroute2 forks helpers that inherit the loop's signal
-        # wakeup fd, and a signal sent to such a child would stop this daemon. A plain handler
-        # runs in the process that got the signal; a child just dies as it would by default.
-        if os.getpid() != me:
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-            return
-        loop.call_soon_threadsafe(done.set)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    set_on_signals(done)
     try:
         await runner.start()
         await api.listen(paths.runner_socket)

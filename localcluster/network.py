@@ -381,7 +381,7 @@ class ClusterNetwork:
     def update_routes(self, name: str, routes: Mapping[IPv4Network | str, IPv4Address | str]) -> int:
         """Make node `name`'s inter-node routes exactly `routes` (pod CIDR -> node IP); how
         many it had to change. The kernel deletes routes through a link that goes down and
-        does not bring them back with it, so the runner calls this again every second."""
+        does not bring them back with it, so the runner calls this again every 2 s."""
         with self._lock, _rtnl(self.node_netns(name)) as ipr:
             eth0 = _index(ipr, "eth0")
             node_net = own = None
@@ -394,6 +394,16 @@ class ClusterNetwork:
             if node_net is None or own is None:
                 raise NetworkError(f"node {name!r} has no eth0/cni0 address")
             return self._sync_routes(ipr, self._check_routes(node_net, own, routes))
+
+    @_blocking
+    def add_local_address(self, name: str, ip: IPv4Address | str) -> None:
+        """Give node `name` the host address `ip` (/32 on lo), so its pods reach a service the
+        node itself answers at that address (the API server's ClusterIP). Idempotent."""
+        with self._lock, _rtnl(self.node_netns(name)) as ipr:
+            lo = _index(ipr, "lo")
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2, index=lo)}
+            if str(ip) not in have:
+                ipr.addr("add", index=lo, address=str(ip), prefixlen=32)
 
     @_blocking
     def remove_node(self, name: str) -> None:

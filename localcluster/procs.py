@@ -76,6 +76,8 @@ class Containment:
     gid: int = 0
     hide: tuple[str, ...] = ()
     """Directories covered by an empty tmpfs (the mesh's state, /var/run/netns, /sys/fs/bpf)."""
+    volumes: tuple[tuple[str, str], ...] = ()
+    """(host directory, path in the pod) bound read-only (the ServiceAccount token's)."""
 
 
 class SpawnError(OSError):
@@ -110,7 +112,7 @@ _KEEP = tuple(a for d in sorted({os.path.dirname(os.path.dirname(_CONTAIN)), sys
 
 def contain_argv(argv: Sequence[str], c: Containment, cwd: str | None) -> list[str]:
     """The part of the chain after the netns: namespaces, hidden state, user, capabilities."""
-    hide = [a for d in c.hide for a in ("--hide", d)]
+    hide = [a for d in c.hide for a in ("--hide", d)] + [a for src, dst in c.volumes for a in ("--volume", f"{src}:{dst}")]
     return [_tool("unshare"), "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
             sys.executable, "-I", "-S", _CONTAIN, *hide, *_KEEP, *(("--writable", cwd) if cwd else ()), "--",
             _tool("setpriv"), f"--reuid={c.uid}", f"--regid={c.gid}", "--clear-groups",

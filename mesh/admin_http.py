@@ -56,10 +56,10 @@ class AdminServer:
         self._servers.append(await asyncio.start_unix_server(self._serve, path=path))
         os.chmod(path, 0o600)
 
-    async def listen_tcp(self, host: str, port: int) -> int:
-        """Listen on host:port (0: a free port); returns the port."""
-        # SO_REUSEPORT: a restarted proxy binds the port while the old one still drains.
-        server = await asyncio.start_server(self._serve, host, port, reuse_address=True, reuse_port=True)
+    async def listen_tcp(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen on host:port (0: a free port); returns the port. `reuse_port`: a restarted
+        proxy binds the port while the old one still drains (SO_REUSEPORT)."""
+        server = await asyncio.start_server(self._serve, host, port, reuse_address=True, reuse_port=reuse_port)
         self._servers.append(server)
         self._tcp.append(server)
         return server.sockets[0].getsockname()[1]

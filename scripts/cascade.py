@@ -8,8 +8,9 @@ retried by its callers' VirtualService, one namespace waypoint), makes `catalog`
 
 1. `no budget`: the three retried services annotated `retry.ambient.dev/budget: "off"`, i.e.
    what Istio does: each layer retries on its own and the attempts multiply;
-2. `budget`: the annotation removed, the mesh's default retry budget (20 % of requests plus
-   10 retries/s over 10 s, per destination service);
+2. `budget`: the annotation removed, the mesh's default retry budget (20 % of requests, at
+   least 10 retries/s, over 10 s, per destination service; a request seen again by its
+   x-request-id counts as a retry, so the layers do not compound);
 3. `outlier`: catalog-1 fails every request, catalog-2 none, and a DestinationRule with
    `outlierDetection` on catalog: the bad replica is ejected and the client hardly notices.
 

@@ -198,6 +198,10 @@ class ClusterStats:
     outlier_detection_ejections_enforced_consecutive_5xx: int = 0
     outlier_detection_ejections_enforced_consecutive_gateway_failure: int = 0
     lb_healthy_panic: int = 0
+    upstream_rq_retry: int = 0
+    upstream_rq_retry_success: int = 0
+    upstream_rq_retry_overflow: int = 0
+    upstream_rq_retry_limit_exceeded: int = 0
     upstream_rq_by_class: dict[str, int] = field(default_factory=dict)
     """`2xx`..`5xx`: upstream_rq_2xx etc."""
 
@@ -216,6 +220,8 @@ class Cluster:
                  targets: list[EndpointTarget], *, now: float, version: int, service: ServiceInfo | None) -> None:
         self.key = key
         self.service_uid = fwd.service.uid if fwd.service is not None else None
+        self.port = fwd.port
+        """The Service port the cluster is for (part of its key): its declared protocol picks HTTP/2."""
         self.config = config
         self.policy = policy
         self.version = version
@@ -412,6 +418,10 @@ STAT_HELP: dict[str, tuple[str, str]] = {
     "outlier_detection_ejections_enforced_consecutive_gateway_failure": (
         "counter", "Ejections for consecutive gateway errors."),
     "lb_healthy_panic": ("counter", "Picks made in panic (healthy share below minHealthPercent)."),
+    "upstream_rq_retry": ("counter", "Retries sent (waypoint/attempts.py)."),
+    "upstream_rq_retry_success": ("counter", "Retried requests whose last attempt needed no further retry."),
+    "upstream_rq_retry_overflow": ("counter", "Retries not sent: the retry budget or maxRetries said no."),
+    "upstream_rq_retry_limit_exceeded": ("counter", "Retriable outcomes not retried: attempts ran out."),
     "membership_total": ("gauge", "Endpoints of the cluster."),
     "membership_healthy": ("gauge", "Endpoints not ejected."),
 }

@@ -8,12 +8,15 @@ SPIFFE identity from the mTLS handshake is the request source for policy and tel
 Protocol: a Service port declared TCP (name `tcp`/`tcp-*`) is relayed at L4 straight away.
 Otherwise the first bytes are sniffed: an HTTP/1.x request line (an upper-case method token,
 then a space) goes to the L7 path (`DownstreamConn` + `Pipeline`, keep-alive and pipelined
-requests in order); anything else (TLS, HTTP/2 prior knowledge, a server-first protocol that
-stays silent for `detect_timeout`) is relayed at L4 to an endpoint over its own CONNECT.
+requests in order); the HTTP/2 prior-knowledge preface (gRPC) goes to the L7 path as
+HTTP/2 (waypoint/http2/downstream.py: each stream is one `Pipeline.handle`, concurrently);
+anything else (TLS, a server-first protocol that stays silent for `detect_timeout`) is
+relayed at L4 to an endpoint over its own CONNECT.
 """
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import ssl
@@ -28,19 +31,26 @@ from mesh.proxy.sockets import SocketFactory
 from mesh.state import ProxyState
 
 from .http import ConnectionClosed, HttpError, Limits, RequestHead, ServerConnection
+from .http2 import PREFACE, H2Downstream, H2Settings
 from .pipeline import ConnInfo, DownstreamConn, Pipeline, local_reply_bytes
 from .plan import Destination, Forward, resolve
 from .telemetry import WaypointMetrics
 from .resilience import AttemptOutcome, OutcomeKind
 from .upstream import Upstreams
 
-__all__ = ["Inbound", "InboundContext", "sniff_http1"]
+__all__ = ["Inbound", "InboundContext", "sniff_http1", "sniff", "Sniffed"]
 
 log = logging.getLogger("ambient.waypoint")
 
 _MAX_METHOD = 20
 _CONNECT_FAILURE = AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent=False)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0"
+
+
+class Sniffed(enum.Enum):
+    HTTP1 = "http1"
+    HTTP2 = "http2"
+    TCP = "tcp"
 
 
 def sniff_http1(buf: bytes) -> bool | None:
@@ -52,6 +62,15 @@ def sniff_http1(buf: bytes) -> bool | None:
             if c != 0x2D:
                 return False
     return False if len(buf) > _MAX_METHOD else None
+
+
+def sniff(buf: bytes) -> Sniffed | None:
+    """What the stream's first bytes say it carries; None: need more bytes."""
+    n = min(len(buf), len(PREFACE))
+    if buf[:n] == PREFACE[:n]:
+        return Sniffed.HTTP2 if n == len(PREFACE) else None
+    v = sniff_http1(buf)
+    return None if v is None else Sniffed.HTTP1 if v else Sniffed.TCP
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,10 +97,10 @@ class _Sniffer:
     def __init__(self) -> None:
         self.buf = b""
         self.eof = False
-        self.decided: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self.decided: asyncio.Future[Sniffed | None] = asyncio.get_running_loop().create_future()
         self.transport: HboneStream | None = None
 
-    def _decide(self, v: bool | None) -> None:
+    def _decide(self, v: Sniffed | None) -> None:
         if not self.decided.done():
             self.transport.pause_reading()   # later bytes wait in the stream (unacknowledged)
             self.decided.set_result(v)
@@ -91,13 +110,13 @@ class _Sniffer:
 
     def data_received(self, data) -> None:
         self.buf += data
-        v = sniff_http1(self.buf)
+        v = sniff(self.buf)
         if v is not None:
             self._decide(v)
 
     def eof_received(self) -> None:
         self.eof = True
-        self._decide(False)
+        self._decide(Sniffed.TCP)
 
     def connection_lost(self, exc) -> None:
         if not self.decided.done():
@@ -159,7 +178,7 @@ class Inbound:
                                                                    ctx.waypoint_name),
                                  waypoint_namespace=ctx.waypoint_namespace)
         self.counts = {"connects": 0, "unknown_destination": 0, "l7_streams": 0, "l4_streams": 0,
-                       "l4_connect_failures": 0, "codec_errors": 0}
+                       "l4_connect_failures": 0, "codec_errors": 0, "h2_connections": 0, "h2_streams": 0}
         self._tasks: set[asyncio.Task] = set()
 
     def stats(self) -> dict:
@@ -202,14 +221,16 @@ class Inbound:
             sniffer = _Sniffer()
             stream.set_protocol(sniffer)
             try:
-                http = await asyncio.wait_for(asyncio.shield(sniffer.decided), self.ctx.detect_timeout)
+                proto = await asyncio.wait_for(asyncio.shield(sniffer.decided), self.ctx.detect_timeout)
             except asyncio.TimeoutError:
                 stream.pause_reading()
-                http = False
-            if http is None:
+                proto = Sniffed.TCP
+            if proto is None:
                 return                                   # gone before saying anything
-            if http:
+            if proto is Sniffed.HTTP1:
                 await self._l7(stream, info, sniffer.buf, sniffer.eof)
+            elif proto is Sniffed.HTTP2:
+                await self._h2(stream, info, sniffer.buf, sniffer.eof)
             else:
                 await self._l4(stream, info, sniffer.buf, sniffer.eof)
         finally:
@@ -241,6 +262,29 @@ class Inbound:
                         break
         finally:
             down.close()
+
+    async def _h2(self, stream: HboneStream, info: ConnInfo, first: bytes, eof: bool) -> None:
+        self.counts["h2_connections"] += 1
+        pipeline = self.pipeline
+
+        def refused(e: HttpError) -> None:      # a request stream the HTTP/2 codec answered itself
+            self.counts["codec_errors"] += 1
+            pipeline.record_codec_error(info, e)
+
+        limits = self.ctx.limits or Limits()
+        down = H2Downstream(lambda head, s: pipeline.handle(head, s, info), refused=refused,
+                            settings=H2Settings(max_header_list_size=limits.max_head_size))
+        stream.set_protocol(down)
+        if first:
+            down.data_received(first)
+        if eof:
+            down.eof_received()
+        stream.resume_reading()
+        try:
+            await down.closed
+        finally:
+            down.close()
+            self.counts["h2_streams"] += down.requests
 
     async def _l4(self, stream: HboneStream, info: ConnInfo, first: bytes, eof: bool) -> None:
         self.counts["l4_streams"] += 1

@@ -5,21 +5,21 @@ end and records exactly one `RequestResult` (metrics + one access-log line on `a
 
 1. `x-request-id` is kept, or generated (uuid4 from the injected rng) and sent upstream;
 2. L7 AuthorizationPolicy (waypoint/authz.py): a deny is its LocalReply (403 `RBAC: access denied`);
-3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward;
-   then its fault (waypoint/fault.py: delay, then abort as a local reply, flags DI/FI) and its
-   mirrors (waypoint/mirror.py: the body is teed, copies go fire-and-forget once it has ended);
-4. endpoint: `Upstreams.choose` (the cluster's balancer over the endpoints outlier detection
-   leaves, waypoint/endpoints.py); none -> 503 `no healthy upstream` (UH);
-5. `Upstreams.acquire` within the cluster's circuit limits: overflow -> 503 UO
-   (`x-envoy-overloaded: true`); a connect failure or connectTimeout -> 503 UF with Envoy's body;
-6. `exchange()` over the kept-alive or new upstream connection, then `release` and `report`
-   (exactly once per chosen endpoint: the outcome feeds outlier detection and the balancer).
-   `exchange` is the seam the resilience layer (retries, timeouts) wraps:
-   it takes one attempt's upstream connection and streams the request body up and the
-   response down, returning a typed `ExchangeResult`.
+3. routing (waypoint/plan.py): a Reply (404 NR, redirect, 500/503 NC) or a Forward, which
+   carries the route's retry policy and timeouts; then its fault (waypoint/fault.py: delay,
+   then abort as a local reply, flags DI/FI) and its mirrors (waypoint/mirror.py: the body is
+   teed, copies go fire-and-forget once it has ended);
+4. `Attempts.forward` (waypoint/attempts.py): for each attempt an endpoint from
+   `Upstreams.choose` (the cluster's balancer over the endpoints outlier detection leaves,
+   previous hosts avoided), a connection from `Upstreams.acquire` within the cluster's circuit
+   limits, the exchange, `release` and `report` (exactly once per chosen endpoint), all under
+   the route's retry policy, the destination's retry budget and the route and per-try
+   timeouts; the response, or Envoy's local reply (503 UH / UO / UF / UC, 504 UT, ...), goes
+   downstream.
 
-Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`), never buffered
-(a mirrored request's body is also copied, up to a bound, for its copies).
+Bodies stream both ways with backpressure (HttpChannel water marks, `drain()`); a request
+body's first 64 KiB are kept for a retry (a mirrored request's body is also copied, up to a
+bound, for its copies).
 """
 from __future__ import annotations
 
@@ -30,43 +30,32 @@ import logging
 import random
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.clock import Clock
-from mesh.hbone import TunnelError
 from mesh.identity import SpiffeId
 from mesh.model import Workload
 from mesh.model.base import ResourceKey
-from mesh.model.route import HeaderModifier
 from mesh.state import ProxyState
 
 from . import authz, fault
+from .attempts import Attempts
 from .channel import HttpChannel
 from .headers import apply_modifiers
 from .mirror import Mirrors
-from .upgrade import relay
-from .http import (Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead,
-                   ResponseHead, ServerConnection)
+from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, ServerConnection
 from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
 from .routing import RequestInfo
-from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line
-from .resilience import AttemptOutcome, OutcomeKind
-from .resilience.circuit import OVERFLOW_BODY, OVERFLOW_HEADERS
-from .upstream import ConnectTimeout, EndpointTarget, HashRequest, Overflow, UpstreamConn, Upstreams, Withdrawn
+from .http2.convert import is_grpc
+from .http2.downstream import current_stream
+from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line, grpc_response_status
+from .upstream import EndpointTarget, HashRequest, Upstreams
 
-__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "ExchangeResult", "exchange", "attempt_outcome",
-           "local_reply_bytes"]
+__all__ = ["Pipeline", "ConnInfo", "DownstreamConn", "local_reply_bytes"]
+
 
 access = logging.getLogger("ambient.access")
 log = logging.getLogger("ambient.waypoint")
-
-_NO_HEALTHY = Reply(status=503, body=b"no healthy upstream", flags="UH", details="no_healthy_upstream")
-_UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: "
-_OVERFLOW = Reply(status=503, body=OVERFLOW_BODY, flags="UO", details="upstream_reset_before_response_started{overflow}",
-                  headers=tuple((n.encode(), v.encode()) for n, v in OVERFLOW_HEADERS))
-_OVERFLOW_OUTCOME = AttemptOutcome(kind=OutcomeKind.OVERFLOW, request_sent=False)
-_CONNECT_FAILURE = AttemptOutcome(kind=OutcomeKind.CONNECT_FAILURE, request_sent=False)
-
 
 class DownstreamConn(HttpChannel):
     """The client side of one HBONE stream carrying HTTP/1.1, with its server codec."""
@@ -117,26 +106,6 @@ class ConnInfo:
     """The client workload, when the state knows one with the peer's identity and IP."""
 
 
-@dataclass(slots=True, kw_only=True)
-class ExchangeResult:
-    """How one upstream attempt went."""
-
-    status: int = 0
-    """Status sent downstream (0: none was)."""
-    request_bytes: int = 0
-    response_bytes: int = 0
-    flags: str = "-"
-    details: str = "via_upstream"
-    reusable: bool = False
-    """The upstream connection may carry another request."""
-    started: bool = False
-    """A response head went downstream (nothing can be retried or replaced any more)."""
-    failure: str = ""
-    """Upstream transport failure reason, if any."""
-    client_error: HttpError | None = None
-    """The client's request body was malformed (the codec's error: its status goes downstream)."""
-
-
 def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = (), *,
                       close: bool = True) -> bytes:
     """A complete local reply outside any codec state (for requests the codec refused)."""
@@ -149,117 +118,6 @@ def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, b
 
 
 _apply = apply_modifiers
-
-
-async def _pump_request_body(down: DownstreamConn, up: UpstreamConn, res: ExchangeResult) -> bool:
-    """Copy the request body up to its EndOfMessage. If the client goes away or its body is
-    malformed, the upstream attempt is aborted (it would wait for the rest forever)."""
-    while True:
-        try:
-            ev = await down.next()
-        except HttpError as e:
-            res.client_error = e
-            up.abort()
-            return False
-        if ev is None:
-            up.abort()
-            return False
-        t = type(ev)
-        if t is Body:
-            res.request_bytes += len(ev.data)
-            up.write(up.codec.send(ev))
-            if up.writing_paused:
-                await up.drain()
-        elif t is EndOfMessage:
-            up.write(up.codec.send(ev))
-            return True
-
-
-async def exchange(up: UpstreamConn, head: RequestHead, down: DownstreamConn,
-                   response_mods: tuple[HeaderModifier, ...]) -> ExchangeResult:
-    """One attempt: send `head` and the body from `down` to `up`, stream the response back."""
-    res = ExchangeResult()
-    try:
-        up.write(up.codec.send(head))
-    except LocalProtocolError:
-        return ExchangeResult(flags="UC", details="upstream_reset_before_response_started{connection_termination}")
-    if head.expect_continue:
-        down.write(down.codec.send(InformationalResponse(status=100)))
-    pump = asyncio.ensure_future(_pump_request_body(down, up, res))
-    body_done = False
-    try:
-        while True:
-            try:
-                ev = await up.next()
-            except HttpError as e:
-                res.flags, res.details, res.failure = "UPE", f"upstream_protocol_error{{{e.reason}}}", e.reason
-                if res.started:
-                    down.abort()
-                else:
-                    res.status = 502
-                return res
-            if ev is None:
-                if res.client_error is not None:
-                    res.flags, res.details = "DPE", f"http1.codec_error{{{res.client_error.reason}}}"
-                    if res.started:
-                        down.abort()
-                    return res
-                if not res.started:
-                    res.flags = "UC"
-                    res.details = "upstream_reset_before_response_started{connection_termination}"
-                else:
-                    res.flags = "UPE"
-                    res.details = "upstream_reset_after_response_started{connection_termination}"
-                    down.abort()
-                return res
-            t = type(ev)
-            if t is Body:
-                res.response_bytes += len(ev.data)
-                down.write(down.codec.send(ev))
-                if down.writing_paused:
-                    await down.drain()
-                if down.lost:                      # the client went away: stop reading upstream
-                    res.flags, res.details = "DC", "downstream_remote_disconnect"
-                    return res
-            elif t is ResponseHead:
-                if ev.status == 101 and head.upgrade is not None:   # WebSocket: raw bytes both ways now
-                    down.write(down.codec.send(ev))
-                    res.status, res.started = 101, True
-                    up_n, down_n = await relay(down, up)
-                    res.request_bytes += up_n
-                    res.response_bytes += down_n
-                    return res
-                if response_mods:
-                    ev = ResponseHead(status=ev.status, reason=ev.reason, content_length=ev.content_length,
-                                      headers=tuple(_apply(list(ev.headers), response_mods)))
-                down.write(down.codec.send(ev))
-                res.status, res.started = ev.status, True
-            elif t is EndOfMessage:
-                down.write(down.codec.send(ev))
-                break
-            elif t is InformationalResponse:
-                if ev.status != 100 or not head.expect_continue:
-                    down.write(down.codec.send(ev))
-            # ConnectionClosed comes after the response's end or as None: nothing to do
-        if not pump.done() and not down.codec.should_close:
-            await pump            # the response is complete: the rest of the request body follows
-        body_done = pump.done() and not pump.cancelled() and pump.exception() is None and pump.result()
-        res.reusable = body_done and up.codec.reusable
-        return res
-    finally:
-        if not pump.done():
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-
-
-def attempt_outcome(res: ExchangeResult, down: DownstreamConn) -> AttemptOutcome | None:
-    """What one exchange says about its endpoint (for outlier detection, the balancer and
-    retries); None when it ended for the client's sake (gone, or a malformed body)."""
-    if res.started:
-        return AttemptOutcome(kind=OutcomeKind.RESPONSE, status=res.status)
-    if res.client_error is not None or down.lost or res.flags in ("DC", "DPE"):
-        return None
-    return AttemptOutcome(kind=OutcomeKind.RESET)
 
 
 class Pipeline:
@@ -275,8 +133,8 @@ class Pipeline:
         self.waypoint = waypoint
         self.waypoint_namespace = waypoint_namespace
         self.requests = 0
-        self.exchange = exchange
-        """One upstream attempt (`exchange`'s signature): the seam retries/timeouts/faults wrap."""
+        self.attempts = Attempts(state=state, upstreams=upstreams, metrics=metrics, clock=clock, rng=rng)
+        """The upstream side of a routed request (waypoint/attempts.py)."""
         self.mirrors = Mirrors(state=state, upstreams=upstreams, metrics=metrics, rng=rng)
         """Fire-and-forget copies of requests whose route mirrors (waypoint/mirror.py)."""
 
@@ -323,8 +181,13 @@ class Pipeline:
         else:
             cluster = (f"outbound|{fwd.port}|{fwd.subset}|{service_fqdn(svc)}" if fwd is not None and svc is not None
                        else "")
+        labels = self._labels(info, fwd, target, status, flags)
+        if head is not None and is_grpc(head.headers):   # gRPC: Istio's request_protocol and status labels
+            stream = current_stream.get()
+            labels = replace(labels, request_protocol="grpc", grpc_response_status=grpc_response_status(
+                status, stream.grpc_status if stream is not None else None))
         r = RequestResult(
-            labels=self._labels(info, fwd, target, status, flags), start_time=start,
+            labels=labels, start_time=start,
             duration_ms=(self.clock.now() - t0) * 1000.0, request_bytes=req_bytes, response_bytes=resp_bytes,
             method=head.method.decode("latin-1") if head is not None else "",
             path=head.target.decode("latin-1") if head is not None else "",
@@ -422,80 +285,24 @@ class Pipeline:
         if plan.fault is not None and await self._inject_fault(plan, head, headers, down, info, start, t0, rid):
             return
         down = self.mirrors.tee(plan, head, headers, down, info.src_ip)
-        target = self.upstreams.choose(plan, request=HashRequest(headers=head.headers, query=head.query,
-                                                                 source_ip=info.peer_ip))
-        if target is None:
-            self._reply(down, _NO_HEALTHY)
-            self._record(info, head, start, t0, status=503, flags="UH", details=_NO_HEALTHY.details,
-                         resp_bytes=len(_NO_HEALTHY.body), rid=rid, fwd=plan, route=plan.route_name)
-            await self._finish_request_body(down, head)
-            return
         if plan.request_headers:
             headers = _apply(headers, plan.request_headers)
         if plan.authority is not None:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
         up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
-                              content_length=head.content_length, chunked=head.chunked, upgrade=head.upgrade)
-        reported = False
-        try:
-            try:
-                up = await self.upstreams.acquire(target, info.src_ip, gone=down.gone)
-            except Withdrawn:         # the client left while the request waited for a connection
-                self.upstreams.report(target, None)
-                reported = True
-                self._record(info, head, start, t0, status=0, flags="DC", details="downstream_remote_disconnect",
-                             rid=rid, fwd=plan, target=target, route=plan.route_name)
-                return
-            except Overflow:
-                self.upstreams.report(target, _OVERFLOW_OUTCOME)
-                reported = True
-                self._reply(down, _OVERFLOW)
-                self._record(info, head, start, t0, status=503, flags="UO", details=_OVERFLOW.details,
-                             resp_bytes=len(_OVERFLOW.body), rid=rid, fwd=plan, target=target,
-                             route=plan.route_name, failure="overflow")
-                await self._finish_request_body(down, head)
-                return
-            except (TunnelError, OSError) as e:
-                self.upstreams.report(target, _CONNECT_FAILURE)
-                reported = True
-                reason = getattr(e, "reason", None) or type(e).__name__
-                if isinstance(e, ConnectTimeout):
-                    body, details = _UPSTREAM_RESET + b"connection timeout", "connection_timeout"
-                else:
-                    body = (_UPSTREAM_RESET + b"remote connection failure, transport failure reason: " +
-                            str(e).encode("latin-1", "replace"))
-                    details = "remote_connection_failure"
-                self._reply(down, Reply(status=503, body=body))
-                self._record(info, head, start, t0, status=503, flags="UF",
-                             details=f"upstream_reset_before_response_started{{{details}}}", resp_bytes=len(body),
-                             rid=rid, fwd=plan, target=target, route=plan.route_name, failure=reason)
-                await self._finish_request_body(down, head)
-                return
-            try:
-                res = await self.exchange(up, up_head, down, plan.response_headers)
-            except BaseException:
-                self.upstreams.release(up, False)
-                raise
-            self.upstreams.release(up, res.reusable)
-            self.upstreams.report(target, attempt_outcome(res, down), up.rtt)
-            reported = True
-        finally:
-            if not reported:       # cancelled or failed before an outcome: still reported once
-                self.upstreams.report(target, None)
-        if res.client_error is not None:
-            if not res.started and not down.lost:
-                down.codec.close_after_response()
-                self._reply(down, Reply(status=res.client_error.status))
-                res.status = res.client_error.status
-        elif not res.started and res.status == 0 and not down.lost:
-            body = _UPSTREAM_RESET + b"connection termination"
-            self._reply(down, Reply(status=503, body=body))
-            res.status, res.response_bytes = 503, len(body)
-        elif not res.started and res.status == 502 and not down.lost:
-            self._reply(down, Reply(status=502, body=b"upstream sent an invalid HTTP response"))
+                              content_length=head.content_length, chunked=head.chunked,
+                              expect_continue=head.expect_continue, upgrade=head.upgrade)
+        res = await self.attempts.forward(plan, up_head, down, info.src_ip, rid,
+                                          HashRequest(headers=head.headers, query=head.query, source_ip=info.peer_ip))
+        if res.client_error is not None and not res.started and not down.lost:
+            down.codec.close_after_response()
+            self._reply(down, Reply(status=res.client_error.status))
+            res.status = res.client_error.status
         self._record(info, head, start, t0, status=res.status, flags=res.flags, details=res.details,
-                     req_bytes=res.request_bytes, resp_bytes=res.response_bytes, rid=rid, fwd=plan, target=target,
-                     route=plan.route_name, failure=res.failure)
+                     req_bytes=res.request_bytes, resp_bytes=res.response_bytes, rid=rid, fwd=plan,
+                     target=res.target, route=plan.route_name, failure=res.failure)
+        if not res.body_complete and res.client_error is None and not down.lost and res.status != 101:
+            await self._finish_request_body(down, head)    # a local reply came before the body's end
 
     def record_codec_error(self, info: ConnInfo, e: HttpError) -> None:
         """A request the codec refused (its stable status went back, the connection closes)."""

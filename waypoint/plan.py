@@ -1,8 +1,8 @@
 """What the waypoint does with one request, decided purely: logical -> route -> backend -> endpoint set.
 
 `resolve` turns the CONNECT `:authority` into the logical destination (a Service VIP:port or a
-pod ip:port) and says whether that port is plain TCP (port name `tcp`/`tcp-*`, Istio's port
-naming; such traffic is relayed at L4). `plan_request` takes the request's routing view and
+pod ip:port) and says whether that port is plain TCP (appProtocol or port name, Istio's
+protocol selection in waypoint/protocols.py; such traffic is relayed at L4). `plan_request` takes the request's routing view and
 returns either a `Forward` (the backend Service, port, subset labels, header and URL rewrites)
 or a `Reply` the waypoint sends itself (404 NR, redirect, VirtualService directResponse, 500 for
 a rule without backends, 503 NC for an undefined subset). A Forward also carries the route's fault decision
@@ -31,8 +31,11 @@ from mesh.model.route import (BackendRef, DestinationRule, HeaderModifier, HTTPF
 from mesh.model.resources import ServicePort
 from mesh.state import ProxyState
 
+from .protocols import PortProtocol, port_protocol
 from .fault import FaultDecision, decide, drawn, per_million
 from .headers import apply_modifiers
+from .resilience.retry import (DEFAULT_RETRY_POLICY, RetryPolicy, policy_from_http_route,
+                               policy_from_virtual_service)
 from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_route, find_vs_route,
                       pick_backend, pick_vs_destination)
 
@@ -115,6 +118,41 @@ class Forward:
     """The fault injected into this request (delay and/or abort), decided at plan time."""
     mirrors: tuple[MirrorTarget, ...] = ()
     """Copies to send (already drawn against their percentages)."""
+    retry: RetryPolicy = DEFAULT_RETRY_POLICY
+    """The route's retry policy (Istio's default when the route sets none)."""
+    timeout: float | None = None
+    """Seconds for the whole request, retries included (VS `timeout`, HTTPRoute
+    `timeouts.request`); None: no timeout, as Istio's routes."""
+
+
+_POLICIES: dict[int, tuple[object, RetryPolicy]] = {}
+"""Retry policies by id() of the config object they come from (kept with it, so an id is
+never reused while cached): converted once per route, not per request."""
+
+
+def _cached_policy(obj: object, make) -> RetryPolicy:
+    hit = _POLICIES.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    if len(_POLICIES) > 4096:   # config churn: start over rather than grow
+        _POLICIES.clear()
+    policy = make()
+    _POLICIES[id(obj)] = (obj, policy)
+    return policy
+
+
+def _rule_resilience(rule) -> dict:
+    """HTTPRoute rule -> Forward's retry and timeout (GEP-1731 / GEP-1742; 0 = disabled)."""
+    t = rule.timeouts
+    backend = (t.backend_request or None) if t is not None else None
+    retry = _cached_policy(rule, lambda: policy_from_http_route(rule.retry, backend_request_timeout=backend))
+    return {"retry": retry, "timeout": (t.request or None) if t is not None else None}
+
+
+def _vs_resilience(route) -> dict:
+    retry = (DEFAULT_RETRY_POLICY if route.retries is None
+             else _cached_policy(route.retries, lambda: policy_from_virtual_service(route.retries)))
+    return {"retry": retry, "timeout": route.timeout or None}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,10 +170,7 @@ class RouteSet:
 
 
 def _is_tcp(sp: ServicePort | None) -> bool:
-    if sp is None:
-        return False
-    n = sp.name.lower()
-    return n == "tcp" or n.startswith("tcp-")
+    return port_protocol(sp) is PortProtocol.TCP
 
 
 def resolve(state: ProxyState, authority: str) -> Destination | None:
@@ -343,7 +378,8 @@ def _plan_http_route(state: ProxyState, routes: Sequence[HTTPRoute], req: Reques
     resp_mods = tuple(x for x in (f.response_headers, bf.response_headers) if x is not None)
     mirrors = _http_route_mirrors(state, (f, bf), port, rng)
     return _forward_to(svc, backend.port, port, request_headers=req_mods, response_headers=resp_mods,
-                       target=target, authority=authority, route_name=name, mirrors=mirrors)
+                       target=target, authority=authority, route_name=name, mirrors=mirrors,
+                       **_rule_resilience(m.rule))
 
 
 def _vs_mods(*hs: VSHeaders | None) -> tuple[tuple[HeaderModifier, ...], tuple[HeaderModifier, ...]]:
@@ -417,7 +453,8 @@ def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[Des
         state, drs, route, vs.namespace, port, rng)
     return _forward_to(svc, dest.destination.port, port, subset=dest.destination.subset or "",
                        subset_labels=labels, request_headers=req_mods, response_headers=resp_mods,
-                       target=target, authority=authority, route_name=name, fault=fault, mirrors=mirrors)
+                       target=target, authority=authority, route_name=name, fault=fault, mirrors=mirrors,
+                       **_vs_resilience(route))
 
 
 def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_query: bytes, *,

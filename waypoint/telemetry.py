@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 
-__all__ = ["DURATION_BUCKETS_MS", "BYTES_BUCKETS", "DEFAULT_MAX_SERIES", "RequestLabels", "RequestResult",
+__all__ = ["grpc_response_status", "DURATION_BUCKETS_MS", "BYTES_BUCKETS", "DEFAULT_MAX_SERIES", "RequestLabels", "RequestResult",
            "WaypointMetrics", "access_log_line", "ACCESS_LOG_FORMAT"]
 
 DURATION_BUCKETS_MS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
@@ -168,6 +168,8 @@ class WaypointMetrics:
         self._overflow: dict[str, _Series] = {}
         self.overflowed = 0
         """Requests counted in an overflow series because the cap was reached."""
+        self.budget_exhausted: dict[str, int] = {}
+        """Retries not sent because the destination service's retry budget was exhausted."""
         self.mirrors: dict[str, int] = {}
         """Mirrored copies by result (waypoint/mirror.py MirrorResult labels, a closed set)."""
 
@@ -211,6 +213,10 @@ class WaypointMetrics:
         s.resp[bisect_left(self._bytes_bounds, rs)] += 1
         s.resp_sum += rs
 
+    def retry_budget_exhausted(self, destination_service: str) -> None:
+        """A retry the destination's budget refused (bounded: one series per service)."""
+        self.budget_exhausted[destination_service] = self.budget_exhausted.get(destination_service, 0) + 1
+
     def _histogram(self, name: str, doc: str, bounds: tuple[float, ...], series: list[_Series],
                    counts_attr: str, sum_attr: str) -> Iterator[bytes]:
         yield f"# HELP {name} {doc}\n# TYPE {name} histogram\n".encode()
@@ -240,6 +246,11 @@ class WaypointMetrics:
         yield (b"# HELP waypoint_metric_series_overflow_total Requests counted in the overflow series "
                b"because the label-set cap was reached.\n# TYPE waypoint_metric_series_overflow_total counter\n"
                b"waypoint_metric_series_overflow_total %d\n" % self.overflowed)
+        yield (b"# HELP ambient_waypoint_retry_budget_exhausted_total Retries not sent because the destination "
+               b"service's retry budget was exhausted.\n"
+               b"# TYPE ambient_waypoint_retry_budget_exhausted_total counter\n")
+        yield "".join(f'ambient_waypoint_retry_budget_exhausted_total{{destination_service="{_escape(k)}"}} {v}\n'
+                      for k, v in sorted(self.budget_exhausted.items())).encode()
         yield (b"# HELP waypoint_mirror_requests_total Mirrored request copies by how they ended.\n"
                b"# TYPE waypoint_mirror_requests_total counter\n" +
                b"".join(b'waypoint_mirror_requests_total{result="%s"} %d\n' % (k.encode(), v)
@@ -289,3 +300,17 @@ def access_log_line(r: RequestResult) -> str:
             f'"{_f(r.user_agent)}" "{_f(r.request_id)}" "{_f(r.authority)}" "{_f(r.upstream_host)}" '
             f'{_f(r.upstream_cluster)} {_f(r.upstream_local_address)} {_f(r.downstream_local_address)} '
             f'{_f(r.downstream_remote_address)} {_f(r.requested_server_name)} {_f(r.route_name)}')
+
+
+_HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
+
+
+def grpc_response_status(http_status: int, sent: str | None) -> str:
+    """`grpc_response_status` of a gRPC request: the grpc-status the response carried, else
+    Envoy's mapping of the HTTP status (Grpc::Utility::httpToGrpcStatus: 503 -> 14
+    UNAVAILABLE, 404 -> 12, 403 -> 7, ..., anything else 2 UNKNOWN); "" when nothing was sent."""
+    if sent is not None:
+        return sent
+    if not http_status:
+        return ""
+    return _HTTP_TO_GRPC.get(http_status, "2")

@@ -24,6 +24,15 @@ MAX_IDLE_PER_ENDPOINT per endpoint) unless it is not reusable, has served
 ztunnel (`<pod ip>:15008`, `:authority <pod ip>:<target port>`, pooled per PoolKey by HbonePool so
 streams share one mTLS connection); pods outside the mesh (tunnel protocol NONE) get plain TCP.
 
+HTTP/2 upstream: when the cluster's Service port declares HTTP/2 (appProtocol `grpc`, `http2`,
+`kubernetes.io/h2c`, or a `grpc-`/`http2-` name: waypoint/protocols.py) one CONNECT carries
+one h2c connection (waypoint/http2/upstream.py) and `acquire` returns a stream on it: the
+endpoint's open connection with stream capacity is shared by concurrent requests (one
+connect at a time per endpoint, the others wait for it), another is opened when the
+backend's MAX_CONCURRENT_STREAMS is reached or it sent GOAWAY. The request limits
+(`http2MaxRequests`) apply per stream; `maxRequestsPerConnection` and `idleTimeout` per
+connection.
+
 A background task (started with the first cluster) runs each cluster's outlier sweep every
 `interval` and closes idle connections past `idleTimeout`.
 """
@@ -47,7 +56,9 @@ from .channel import HttpChannel
 from .endpoints import (NO_REQUEST, Cluster, ClusterConfig, Clusters, EndpointTarget, HashRequest, cluster_exposition,
                         endpoint_targets)
 from .http import ClientConnection, Limits
+from .http2.upstream import ClientStream, H2Upstream
 from .plan import Forward
+from .protocols import PortProtocol, port_protocol
 from .resilience import (AttemptOutcome, ConnectionAction, OverflowReason, PoolCounters, admit_request,
                          connection_reusable, idle_expired, plan_connection)
 
@@ -163,6 +174,8 @@ class Upstreams:
                               version=-1, service=None)
         """Where targets that no cluster chose (cluster "", from `endpoints()`) are counted: no limits."""
         self._idle: dict[tuple[str, str], list[UpstreamConn]] = {}
+        self._h2: dict[tuple[str, str], list[H2Upstream]] = {}
+        self._h2_connecting: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._waiters: dict[tuple[str, str], deque[asyncio.Future[UpstreamConn | None]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -192,6 +205,12 @@ class Upstreams:
             log.info("waypoint cluster %s: %s ejected (%s, ejection %d, until +%.1fs)", c.key, ej.endpoint,
                      ej.cause.value, ej.ejection_count, ej.until - self.clock.now())
 
+    def count(self, target: EndpointTarget, stat: str) -> None:
+        """One more of the cluster statistic `stat` (a ClusterStats field) for `target`'s cluster."""
+        c = self.clusters.get(target.cluster)
+        if c is not None:
+            setattr(c.stats, stat, getattr(c.stats, stat) + 1)
+
     # -- connections ---------------------------------------------------------------------------
 
     async def open_transport(self, target: EndpointTarget, src_ip: str, protocol) -> None:
@@ -220,6 +239,8 @@ class Upstreams:
             raise LookupError(f"acquire for {target.address} of cluster {target.cluster!r}, which choose() "
                               f"did not return")
         key = (c.key, target.address)
+        if wants_http2(c):
+            return await self._acquire_h2(c, key, target, src_ip)
         queued = False
         while True:
             conn = self._pop_idle(key, c)
@@ -255,6 +276,101 @@ class Upstreams:
         conn.started_at = self.clock.now()
         conn.first_byte_at = None
         return conn
+
+    async def _acquire_h2(self, c: Cluster, key: tuple[str, str], target: EndpointTarget,
+                          src_ip: str) -> ClientStream:
+        while True:
+            mux = next((m for m in self._h2.get(key, ()) if m.has_capacity), None)
+            if mux is not None:
+                self.reused += 1
+                break
+            pending = self._h2_connecting.get(key)
+            if pending is not None:                 # another request is connecting: share it
+                await asyncio.shield(pending)
+                continue
+            fut = self._h2_connecting[key] = asyncio.get_running_loop().create_future()
+            try:
+                mux = await self._connect_h2(c, target, src_ip)
+            finally:
+                del self._h2_connecting[key]
+                fut.set_result(None)
+            break
+        adm = admit_request(c.limits, _counters(c))       # http2MaxRequests, per stream
+        if not adm.admitted:
+            c.stats.upstream_rq_pending_overflow += 1
+            raise Overflow(adm.overflow or OverflowReason.MAX_REQUESTS, c.key)
+        c.active_requests += 1
+        s = mux.new_stream()
+        s.started_at = self.clock.now()
+        return s
+
+    async def _connect_h2(self, c: Cluster, target: EndpointTarget, src_ip: str) -> H2Upstream:
+        mux = H2Upstream(target, clock=self.clock, on_lost=self._forget_h2)
+        mux.counted = True
+        c.open_connections += 1
+        c.endpoint_connections[target.address] = c.endpoint_connections.get(target.address, 0) + 1
+        c.pending_requests += 1
+        c.stats.upstream_cx_total += 1
+        c.stats.upstream_rq_pending_total += 1
+        timeout = c.limits.connect_timeout
+        try:
+            await asyncio.wait_for(self.open_transport(target, src_ip, mux), timeout)
+        except TimeoutError as e:
+            c.stats.upstream_cx_connect_fail += 1
+            c.stats.upstream_cx_connect_timeout += 1
+            mux.abort()
+            self._forget_h2(mux)
+            raise ConnectTimeout(f"connection timeout: {target.address} not connected within {timeout:g}s") from e
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                c.stats.upstream_cx_connect_fail += 1
+            mux.abort()
+            self._forget_h2(mux)
+            raise
+        finally:
+            c.pending_requests -= 1
+        if mux.gone:
+            self._forget_h2(mux)
+            raise ConnectionResetError(f"{target.address}: the HTTP/2 connection closed at once")
+        self._h2.setdefault((c.key, target.address), []).append(mux)
+        return mux
+
+    def _forget_h2(self, mux: H2Upstream) -> None:
+        if not mux.counted:
+            return
+        mux.counted = False
+        t = mux.target
+        key = (t.cluster, t.address)
+        conns = self._h2.get(key)
+        if conns is not None:
+            if mux in conns:
+                conns.remove(mux)
+            if not conns:
+                del self._h2[key]
+        c = self._cluster_of(t.cluster)
+        if c is None:
+            return
+        c.open_connections -= 1
+        n = c.endpoint_connections.get(t.address, 0) - 1
+        if n > 0:
+            c.endpoint_connections[t.address] = n
+        else:
+            c.endpoint_connections.pop(t.address, None)
+
+    def _release_h2(self, s: ClientStream, reusable: bool) -> None:
+        mux = s.mux
+        c = self._cluster_of(s.target.cluster)
+        mux.release(s)
+        if c is not None:
+            c.active_requests = max(0, c.active_requests - 1)
+            if not connection_reusable(c.limits, mux.served) and not mux.going_away:
+                c.stats.upstream_cx_max_requests += 1
+                mux.going_away = True        # no new streams; closed once its streams are done
+        if mux.active == 0:
+            mux.idle_since = self.clock.now()
+            if mux.going_away or self._closed:
+                mux.close()
+                self._forget_h2(mux)
 
     async def _wait(self, key: tuple[str, str], c: Cluster,
                     gone: Callable[[], asyncio.Future[None]] | None) -> UpstreamConn | None:
@@ -378,6 +494,9 @@ class Upstreams:
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
         """Done with `conn` (once per acquire): keep it for the next request to its endpoint,
         or close it."""
+        if type(conn) is ClientStream:
+            self._release_h2(conn, reusable)
+            return
         c = self._cluster_of(conn.target.cluster)
         conn.served += 1
         limits_ok = True
@@ -410,6 +529,14 @@ class Upstreams:
         their cluster, closed."""
         for c, back in self.clusters.sweep(now):
             log.info("waypoint cluster %s: %s back from outlier ejection", c.key, ", ".join(back))
+        for (cluster, _), muxes in list(self._h2.items()):
+            c = self.clusters.get(cluster)
+            for mux in list(muxes):
+                if mux.active == 0 and (c is None or idle_expired(c.limits, mux.idle_since, now)):
+                    if c is not None:
+                        c.stats.upstream_cx_idle_timeout += 1
+                    mux.close()
+                    self._forget_h2(mux)
         for (cluster, address), conns in list(self._idle.items()):
             c = self._cluster_of(cluster)
             gone = c is None or (c is not self._loose and address not in c.targets)
@@ -438,7 +565,8 @@ class Upstreams:
         return cluster_exposition(self.clusters)
 
     def idle_count(self) -> int:
-        return sum(1 for conns in self._idle.values() for c in conns if c.usable)
+        return (sum(1 for conns in self._idle.values() for c in conns if c.usable) +
+                sum(1 for muxes in self._h2.values() for m in muxes if m.usable and m.active == 0))
 
     def close(self) -> None:
         self._closed = True
@@ -449,6 +577,10 @@ class Upstreams:
                 c.close()
                 self._forget(c)
         self._idle.clear()
+        for muxes in list(self._h2.values()):
+            for m in list(muxes):
+                m.close()
+                self._forget_h2(m)
         for q in self._waiters.values():
             for fut in q:
                 if not fut.done():
@@ -458,3 +590,12 @@ class Upstreams:
         self.close()
         if self._sweeper is not None:
             await asyncio.gather(self._sweeper, return_exceptions=True)
+
+
+def wants_http2(c: Cluster) -> bool:
+    """The cluster's Service port declares HTTP/2 (gRPC, h2c): requests go upstream as HTTP/2."""
+    svc = c.service
+    if svc is None:
+        return False
+    sp = next((p for p in svc.ports if p.port == c.port), None)
+    return port_protocol(sp) is PortProtocol.HTTP2

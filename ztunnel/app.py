@@ -300,9 +300,9 @@ class Ztunnel:
     async def run(self) -> None:
         await self.admin.listen_unix(self.cfg.admin_socket)
         if self.cfg.listen_tcp and self.cfg.worker == 0:
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.admin_port)
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.readiness_port)
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.metrics_port)
+            await self.admin.listen_tcp("127.0.0.1", self.cfg.admin_port, reuse_port=True)
+            await self.admin.listen_tcp("127.0.0.1", self.cfg.readiness_port, reuse_port=True)
+            await self.admin.listen_tcp("127.0.0.1", self.cfg.metrics_port, reuse_port=True)
         log.info("ztunnel for node %s started (cgroup %s); control plane %s", self.cfg.node,
                  cgroups.cgroup_of(os.getpid()), self.cfg.control_plane)
         sync = asyncio.ensure_future(self._sync_loop())

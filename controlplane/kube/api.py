@@ -62,14 +62,25 @@ class KubeApi:
             await config.load_kube_config(config_file=path, client_configuration=cfg)
         return cls(client.ApiClient(configuration=cfg))
 
+    @property
+    def server(self) -> str:
+        """The API server's URL."""
+        return str(self._client.configuration.host)
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA bundle that verifies the API server (None: the system's)."""
+        return self._client.configuration.ssl_ca_cert
+
     async def close(self) -> None:
         await self._client.close()
 
     async def _request(self, method: str, path: str, query: list[tuple[str, Any]] | None = None,
-                       body: Any = None, timeout: aiohttp.ClientTimeout | None = None) -> Any:
+                       body: Any = None, timeout: aiohttp.ClientTimeout | None = None,
+                       content_type: str = "application/json") -> Any:
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         try:
             return await self._client.call_api(
                 path, method, query_params=query or [], header_params=headers, body=body,
@@ -79,8 +90,8 @@ class KubeApi:
             raise ApiError(0, type(e).__name__, str(e) or repr(e)) from e
 
     async def _json(self, method: str, path: str, query: list[tuple[str, Any]] | None = None,
-                    body: Any = None) -> dict[str, Any]:
-        resp = await self._request(method, path, query, body)
+                    body: Any = None, content_type: str = "application/json") -> dict[str, Any]:
+        resp = await self._request(method, path, query, body, content_type=content_type)
         try:
             data = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
@@ -97,6 +108,8 @@ class KubeApi:
         token = ""
         while True:
             query: list[tuple[str, Any]] = [("limit", page)]
+            if kind.field_selector:
+                query.append(("fieldSelector", kind.field_selector))
             if token:
                 query.append(("continue", token))
             data = await self._json("GET", kind.path, query)
@@ -113,6 +126,8 @@ class KubeApi:
         query: list[tuple[str, Any]] = [
             ("watch", "1"), ("resourceVersion", resource_version), ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", timeout_seconds)]
+        if kind.field_selector:
+            query.append(("fieldSelector", kind.field_selector))
         resp = await self._request("GET", kind.path, query, timeout=aiohttp.ClientTimeout(
             sock_connect=10, sock_read=timeout_seconds + 30))
         try:
@@ -142,6 +157,11 @@ class KubeApi:
     async def create_event(self, namespace: str, event: Mapping[str, Any]) -> None:
         await self._json("POST", f"/api/v1/namespaces/{namespace}/events", body=dict(event))
 
-    async def request_json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    async def request_json(self, method: str, path: str, body: Any = None,
+                           query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
         """Any other call (tests, status writers): JSON in, JSON out, ApiError on failure."""
-        return await self._json(method, path, body=body)
+        return await self._json(method, path, query, body=body)
+
+    async def merge_patch(self, path: str, body: Any) -> dict[str, Any]:
+        """PATCH with a JSON merge patch (RFC 7386): status writes, node registration."""
+        return await self._json("PATCH", path, body=body, content_type="application/merge-patch+json")

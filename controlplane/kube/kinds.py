@@ -30,6 +30,8 @@ class WatchedKind:
     version: str
     plural: str
     namespaced: bool
+    field_selector: str = ""
+    """Only these objects (`spec.nodeName=n1`: a node agent's pods); "" = all."""
 
     @property
     def api_version(self) -> str:
@@ -86,7 +88,7 @@ def _service(obj: Mapping[str, Any]) -> dict[str, Any] | None:
     out = {k: spec[k] for k in ("selector", "type") if spec.get(k)}
     if spec.get("clusterIP") not in (None, "", "None"):
         out["clusterIP"] = spec["clusterIP"]
-    out["ports"] = [{k: p[k] for k in ("name", "port", "targetPort", "protocol") if p.get(k) is not None}
+    out["ports"] = [{k: p[k] for k in ("name", "port", "targetPort", "protocol", "appProtocol") if p.get(k) is not None}
                     for p in ports]
     return {"spec": out}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..model import (Container, FrozenMap, Namespace, Node, ObjectMeta, Pod, Resource, Service,
                      ServiceAccount, ServicePort)
+from .annotations import retry_budget
 from .source import (Ctx, Invalid, Path, describe, get_ipv4, get_ipv4_net, get_list, get_map, get_port,
                      get_str, get_str_list, quote_hint)
 
@@ -228,7 +229,9 @@ def _service_port(ctx: Ctx, p: Any, path: Path, many: bool) -> ServicePort:
                  "missing_field")
     if name is not None:
         _check_name(ctx, name, path + ("name",), "label")
-    return ServicePort(port=port, target_port=target, name=name or "", protocol="TCP")
+    app_protocol = get_str(ctx, p, path + ("appProtocol",))
+    return ServicePort(port=port, target_port=target, name=name or "", protocol="TCP",
+                       app_protocol=app_protocol or "")
 
 
 def _service(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> Service:
@@ -271,7 +274,8 @@ def _service(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> Service:
         names.setdefault(sp.name, i)
         numbers.setdefault(sp.port, i)
         ports.append(sp)
-    return Service(meta=meta, selector=selector or FrozenMap(), ports=tuple(ports), cluster_ip=ip)
+    return Service(meta=meta, selector=selector or FrozenMap(), ports=tuple(ports), cluster_ip=ip,
+                   retry_budget=retry_budget(ctx, meta.annotations))
 
 
 def _simple(cls: type[Resource]) -> Callable[[Ctx, Mapping[Any, Any], ObjectMeta], Resource]:

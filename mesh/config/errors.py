@@ -33,6 +33,7 @@ WARNING_REASONS: frozenset[str] = frozenset({
     "deprecated",    # a deprecated form, mapped as Istio maps it (or ignored, as Istio ignores it)
     "superseded",    # the same object is defined again later in the batch; the last one is used
     "unset_percentage",  # a fault without percentage: valid, but Istio then injects nothing (0 %)
+    "bad_annotation",  # a mesh annotation with a value it cannot use: ignored, the default kept
 })
 """Every `reason` a ConfigWarning carries."""
 

@@ -204,9 +204,8 @@ def _vs_retries(ctx: Ctx, v: Any, path: Path) -> VSRetries:
         for k in ("perTryTimeout", "retryOn", "retryRemoteLocalities"):
             if m.get(k) is not None:
                 ctx.fail(path + (k,), "must not be set with attempts: 0 (retries disabled)")
-    for k in ("retryRemoteLocalities", "retryIgnorePreviousHosts", "backoff"):
-        if m.get(k) is not None:
-            ctx.warn(path + (k,), "not enforced yet by the waypoint")
+    if m.get("retryRemoteLocalities") is not None:
+        ctx.warn(path + ("retryRemoteLocalities",), "not enforced: the mesh has no localities")
     return VSRetries(attempts=attempts,
                      per_try_timeout=_duration(ctx, m, path + ("perTryTimeout",), gep=False),
                      retry_on=tokens,

@@ -10,6 +10,7 @@ from .base import FrozenMap, ObjectMeta, ResourceKey
 __all__ = [
     "AMBIENT_LABEL", "WAYPOINT_LABEL", "Resource", "Namespace", "Node", "ServiceAccount",
     "Container", "Pod", "ServicePort", "Service", "PolicyObject", "POLICY_KINDS", "CORE_KINDS",
+    "RetryBudgetSpec", "RETRY_BUDGET_ANNOTATION_PREFIX",
 ]
 
 AMBIENT_LABEL = "istio.io/dataplane-mode"
@@ -112,6 +113,26 @@ class ServicePort:
     """A number, or the name of a container port (kept as given)."""
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""
+    """spec.ports[].appProtocol as given (Istio's protocol selection reads it before the name)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryBudgetSpec:
+    """A Service's retry-budget tuning, from its `retry.ambient.dev/*` annotations (None: the
+    mesh's default; see waypoint/resilience/budget.py)."""
+
+    enabled: bool = True
+    """`retry.ambient.dev/budget: "off"` turns the budget off (maxRetries still applies)."""
+    percent: float | None = None
+    """`retry.ambient.dev/budget-percent`: retries as a percentage of requests, 0..1000."""
+    min_retries_per_second: float | None = None
+    """`retry.ambient.dev/budget-min-retries-per-second`: the floor."""
+    window: float | None = None
+    """`retry.ambient.dev/budget-window`: seconds (a duration such as `10s`, 1 s .. 10 min)."""
+
+
+RETRY_BUDGET_ANNOTATION_PREFIX = "retry.ambient.dev/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +142,8 @@ class Service(Resource):
     ports: tuple[ServicePort, ...] = ()
     cluster_ip: ipaddress.IPv4Address | None = None
     """spec.clusterIP when given; otherwise allocated from the service CIDR."""
+    retry_budget: RetryBudgetSpec | None = None
+    """From the `retry.ambient.dev/*` annotations; None when there are none."""
 
 
 POLICY_KINDS: dict[str, tuple[str, ...]] = {

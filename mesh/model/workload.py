@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..identity import SpiffeId
 from .base import FrozenMap
-from .resources import ServicePort
+from .resources import RetryBudgetSpec, ServicePort
 
 __all__ = ["TunnelProtocol", "Workload", "Endpoint", "ServiceInfo", "WAYPOINT_CLASS", "WAYPOINT_FOR_LABEL",
            "WAYPOINT_NAMESPACE_LABEL", "GATEWAY_NAME_LABEL", "WaypointFor", "BindingSource", "WaypointStatus",
@@ -144,6 +144,8 @@ class ServiceInfo:
     """Value of istio.io/use-waypoint (service, else namespace), when set (raw; see waypoint_binding)."""
     waypoint_binding: WaypointBinding | None = None
     """The waypoint for traffic addressed to this Service; None = direct."""
+    retry_budget: RetryBudgetSpec | None = None
+    """The Service's retry-budget tuning (its `retry.ambient.dev/*` annotations); None: defaults."""
 
     @property
     def uid(self) -> str:

@@ -304,3 +304,54 @@ def test_no_transport_is_left_open_for_the_gc_after_hbone_and_passthrough():
         await asyncio.sleep(0.2)                   # the closes' connection_lost callbacks
         assert unclosed_transports() == []
     run(main)
+
+
+@pytest.mark.parametrize("meshed", [True, False])
+def test_a_deleted_pods_connections_are_cut_with_pod_deleted_and_nothing_stays_open(meshed):
+    async def main(mesh):
+        client = await mesh.pod("client", sa="client")
+        server = await mesh.pod("server", sa="server")
+        if meshed:
+            reader, writer = await mesh.dial_out(client, (server.ip, APP_PORT))
+        else:
+            reader, writer = await mesh.dial_in(client.ip, server)
+        writer.write(b"one")
+        assert await asyncio.wait_for(reader.readexactly(len(server.greeting()) + 3), 5) == server.greeting() + b"one"
+        assert server.proxy.live()["inbound"] == 1
+        await server.proxy.abort(Reason.POD_DELETED)  # what ztunnel does when the pod is gone
+        try:
+            rest = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+        writer.close()
+        inb = await mesh.result(inbound_of(server))
+        assert (inb.reason, inb.response_flag) == (Reason.POD_DELETED, "UC")
+        assert server.proxy.drained, server.proxy.live()
+        if meshed:
+            out = await mesh.result(outbound_of(client))
+            assert out.reason is not None  # the source saw its tunnel end abnormally
+    run(main)
+
+
+def test_evicting_a_deleted_destination_cuts_its_tunnels_and_empties_the_pool():
+    async def main(mesh):
+        client = await mesh.pod("client", sa="client")
+        server = await mesh.pod("server", sa="server")
+        reader, writer = await mesh.dial_out(client, (server.ip, APP_PORT))
+        writer.write(b"one")
+        await asyncio.wait_for(reader.readexactly(len(server.greeting()) + 3), 5)
+        assert mesh.pool.open_connections == 1
+        assert mesh.pool.evict(lambda k: k.dst_ip == server.ip, Reason.POD_DELETED.label) == 1
+        try:
+            rest = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+        writer.close()
+        out = await mesh.result(outbound_of(client))
+        assert out.reason is Reason.POD_DELETED
+        await asyncio.sleep(0.05)
+        assert mesh.pool.open_connections == 0 and mesh.pool.connection_count() == 0
+        assert client.proxy.drained, client.proxy.live()
+    run(main)

@@ -31,8 +31,12 @@ async def web(mesh: WaypointMesh, *, shadow: bool = True, shadow_backend: bool =
 
 def flags_counts(mesh) -> dict[tuple[str, str], float]:
     fams = {f.name: f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())}
-    return {(s.labels["response_code"], s.labels["response_flags"]): s.value
-            for s in fams["istio_requests"].samples if s.name == "istio_requests_total"}
+    out: dict[tuple[str, str], float] = {}
+    for s in fams["istio_requests"].samples:      # summed: gRPC requests are series of their own
+        if s.name == "istio_requests_total":
+            k = (s.labels["response_code"], s.labels["response_flags"])
+            out[k] = out.get(k, 0) + s.value
+    return out
 
 
 async def until(pred, timeout=10.0):

@@ -302,17 +302,18 @@ def test_pipelined_requests_and_malformed_request_400():
 
 
 def test_upstream_connect_failure_is_503_uf():
+    """Istio's default policy retries connect-failure twice; then Envoy's body says it retried."""
     async def go(mesh):
         gone = await mesh.pod("gone", backend=False)           # no ztunnel listening on its 15008
         mesh.service("web", VIP, [gone])
         c = await mesh.client(f"{VIP}:80")
         r = await c.request("GET", "/")
         assert r.status == 503
-        assert r.body.startswith(b"upstream connect error or disconnect/reset before headers. reset reason: "
-                                 b"remote connection failure")
+        assert r.body.startswith(b"upstream connect error or disconnect/reset before headers. retried and the "
+                                 b"latest reset reason: remote connection failure, transport failure reason: ")
         fam = next(f for f in text_string_to_metric_families(mesh.metrics.exposition().decode())
                    if f.name == "istio_requests")
-        assert any(s.labels["response_flags"] == "UF" for s in fam.samples)
+        assert any(s.labels["response_flags"] == "UF,URX" for s in fam.samples)
         c.close()
     run(go)
 

@@ -21,7 +21,7 @@ from mesh import tls
 from mesh.clock import SystemClock
 from mesh.hbone import HbonePool, HboneServer, PoolKey
 from mesh.identity import SpiffeId
-from mesh.model import Endpoint, ServiceInfo, TunnelProtocol, Workload
+from mesh.model import Endpoint, RetryBudgetSpec, ServiceInfo, TunnelProtocol, Workload
 from mesh.model.base import FrozenMap
 from mesh.model.resources import ServicePort
 from mesh.proxy.sockets import LoopbackSockets
@@ -77,9 +77,10 @@ class Backend:
 
     `script` is what the next requests get, one entry each (then the echo): `"503"` (or any
     status), `"reset"` (the connection is dropped without a response), `"delay:S"` (the echo
-    after S seconds); `always` (same form) applies to every request once the script is used up.
-    Each request's `x-envoy-attempt-count` is kept in `attempt_counts`. `delay` and `status` apply
-    to every unscripted request (a slow or failing replica); `seen` records each request.
+    after S seconds), `"grpc:N"` (a trailers-only gRPC answer with grpc-status N); `always` (same
+    form) applies to every request once the script is used up. Each request's
+    `x-envoy-attempt-count` is kept in `attempt_counts`. `delay` and `status` apply to every
+    unscripted request (a slow or failing replica); `seen` records each request.
     """
 
     def __init__(self, name: str, version: str) -> None:
@@ -123,6 +124,11 @@ class Backend:
                     return
                 if action is not None and action.startswith("delay:"):
                     await asyncio.sleep(float(action[6:]))
+                elif action is not None and action.startswith("grpc:"):      # a trailers-only gRPC status
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ngrpc-status: %s\r\n"
+                                 b"content-length: 0\r\n\r\n" % action[5:].encode())
+                    await writer.drain()
+                    continue
                 elif action is not None:
                     writer.write(b"HTTP/1.1 %s Scripted\r\ncontent-length: 6\r\nx-backend: %s\r\n\r\nfailed"
                                  % (action.encode(), self.name.encode()))
@@ -275,8 +281,8 @@ class WaypointMesh(MeshObjects):
         return pod
 
     def service(self, name: str, vip: str, pods: list[Pod], *, port: int = 80, ns: str = "shop",
-                port_name: str = "http") -> ServiceInfo:
-        svc = ServiceInfo(name=name, namespace=ns, vip=ipaddress.IPv4Address(vip),
+                port_name: str = "http", retry_budget: RetryBudgetSpec | None = None) -> ServiceInfo:
+        svc = ServiceInfo(name=name, namespace=ns, vip=ipaddress.IPv4Address(vip), retry_budget=retry_budget,
                           ports=(ServicePort(port=port, target_port=APP_PORT, name=port_name),),
                           endpoints=tuple(Endpoint(workload_uid=p.workload.uid, ip=p.workload.ip) for p in pods))
         self.objects.append(svc)

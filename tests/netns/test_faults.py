@@ -210,7 +210,7 @@ def test_peer_ztunnel_killed_is_connection_lost_and_recovers(cluster):
 def test_node_link_down_and_up(cluster):
     """n2's eth0 goes down and up (`ip link set`): a long connection across a 2 s outage
     survives byte-exact (TCP retransmits; the runner puts back the routes the kernel dropped
-    with the link within a second). A new connection during a longer outage, offered to the
+    with the link within 2 s). A new connection during a longer outage, offered to the
     pooled HBONE connection that went silent, fails at the CONNECT deadline (10 s) with
     connect_timeout, and that connection leaves the pool; with the link up again, traffic
     flows on a new connection and nothing is left behind."""

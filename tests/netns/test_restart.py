@@ -71,9 +71,13 @@ def ztunnels(c):
 
 
 def links(c, pod):
-    cg = next(p for p in c.status()["pods"] if p["name"] == pod)["cgroup"]
-    out = subprocess.run(["bpftool", "cgroup", "show", cg], capture_output=True, text=True).stdout
-    return out.count("capture_connect4"), out.count("capture_sockops")
+    """(connect4, sock_ops) programs on the pod's cgroup, sk_lookup links in its netns."""
+    p = next(p for p in c.status()["pods"] if p["name"] == pod)
+    out = subprocess.run(["bpftool", "cgroup", "show", p["cgroup"]], capture_output=True, text=True).stdout
+    ino = os.stat(f"/var/run/netns/{p['netns']}").st_ino
+    netns_links = json.loads(subprocess.run(["bpftool", "-j", "link", "list"], capture_output=True, text=True).stdout)
+    sk_lookup = sum(1 for link in netns_links if link.get("type") == "netns" and link.get("netns_ino") == ino)
+    return out.count("capture_connect4"), out.count("capture_sockops"), sk_lookup
 
 
 def test_three_restarts_under_load_lose_no_request(cluster):
@@ -117,7 +121,8 @@ def test_three_restarts_under_load_lose_no_request(cluster):
     assert all(now[n]["pid"] != old[n] and now[n]["ready"] for n in old), now
     for pid in old.values():  # the old processes are gone
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-    assert links(c, "c1") == (1, 1)  # re-opened from the pins, not attached again
+    # Re-opened from the pins, not attached again.
+    assert links(c, "c1") == (1, 1, 1) and links(c, "s1") == (1, 1, 1)
     assert "echo ok" in c.echo("mesh", "c1", s1).stdout
 
 

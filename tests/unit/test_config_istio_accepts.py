@@ -105,8 +105,10 @@ CASES = [
                   ("spec.http[0].fault.abort.percentage", "unset_percentage")], id="fault-percentage-unset-is-zero"),
     pytest.param(http("retries: {attempts: 3, retryIgnorePreviousHosts: false, backoff: 50ms}"),
                  lambda vs: (rule(vs).retries.retry_ignore_previous_hosts, rule(vs).retries.backoff),
-                 (False, 0.05), [("spec.http[0].retries.retryIgnorePreviousHosts", "not_enforced"),
-                                 ("spec.http[0].retries.backoff", "not_enforced")], id="retries-extras"),
+                 (False, 0.05), [], id="retries-extras"),                 # both enforced by the waypoint
+    pytest.param(http("retries: {attempts: 3, retryRemoteLocalities: true}"),
+                 lambda vs: rule(vs).retries.retry_remote_localities, True,
+                 [("spec.http[0].retries.retryRemoteLocalities", "not_enforced")], id="retries-localities"),
     pytest.param(http("corsPolicy: {allowOrigins: [{exact: 'https://a.example'}], allowMethods: [GET]}"),
                  lambda vs: len(vs.http), 1, [("spec.http[0].corsPolicy", "not_enforced")], id="corsPolicy"),
     pytest.param(VS + "spec:\n  hosts: [reviews]\n  tcp:\n  - match: [{port: 27017}]\n"

@@ -145,12 +145,13 @@ VALID = [
           selector: {app: web}
           ports:
           - {name: http, port: 80, targetPort: 8080, protocol: TCP}
-          - {name: admin, port: 9090, targetPort: admin-port}
+          - {name: admin, port: 9090, targetPort: admin-port, appProtocol: kubernetes.io/h2c}
         """, Service(meta=ObjectMeta(name="web", namespace="demo",
                                      labels=FrozenMap({"tier": "front"})),
                      selector=FrozenMap({"app": "web"}),
                      ports=(ServicePort(port=80, target_port=8080, name="http"),
-                            ServicePort(port=9090, target_port="admin-port", name="admin")),
+                            ServicePort(port=9090, target_port="admin-port", name="admin",
+                                        app_protocol="kubernetes.io/h2c")),
                      cluster_ip=ipaddress.IPv4Address("10.96.0.10")), id="service-full"),
     pytest.param("""
         apiVersion: v1

@@ -1,6 +1,8 @@
 """Retry policy from VirtualService / HTTPRoute, and the per-attempt retry decision (Envoy's rules)."""
 from __future__ import annotations
 
+import dataclasses
+
 import random
 
 import pytest
@@ -56,6 +58,7 @@ def test_policy_from_virtual_service(retries, want):
 
 @pytest.mark.parametrize("retry, timeout, want", [
     (None, None, DEFAULT_RETRY_POLICY),
+    (None, 2.0, dataclasses.replace(DEFAULT_RETRY_POLICY, per_try_timeout=2.0)),   # backendRequest alone
     (HTTPRouteRetry(attempts=3), None,
      RetryPolicy(num_retries=3, retry_on=R.CONNECT_FAILURE | R.RESET | R.REFUSED_STREAM)),
     (HTTPRouteRetry(codes=(500, 502), attempts=1, backoff=0.2), 1.5,

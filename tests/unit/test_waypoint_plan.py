@@ -18,6 +18,7 @@ from mesh.state import ProxyState
 from waypoint.inbound import sniff_http1
 from waypoint.pipeline import _apply
 from waypoint.plan import Forward, Reply, plan_request, resolve
+from waypoint.resilience.retry import DEFAULT_RETRY_POLICY, NO_RETRY, RetryOn, RetryPolicy
 from waypoint.routing import RequestInfo
 from waypoint.endpoints import cluster_key, endpoint_targets
 
@@ -134,3 +135,59 @@ def test_header_modifier_order_set_add_remove():
     out = _apply(hs, [HeaderModifier(set=(("A", "x"),), add=(("b", "y"),), remove=("c",)),
                       HeaderModifier(remove=("b",))])
     assert out == [(b"a", b"x")]
+
+
+RESILIENT_VS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: shop}
+spec:
+  hosts: [r]
+  http:
+  - match: [{uri: {prefix: /none}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: r}}]
+  - match: [{uri: {prefix: /tuned}}]
+    timeout: 2s
+    retries: {attempts: 4, perTryTimeout: 500ms, retryOn: "gateway-error,409", retryIgnorePreviousHosts: false}
+    route: [{destination: {host: r}}]
+  - route: [{destination: {host: r}}]
+"""
+
+RESILIENT_ROUTE = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: r}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /gep}}]
+    timeouts: {request: 3s, backendRequest: 1s}
+    retry: {attempts: 1, codes: [503], backoff: 100ms}
+    backendRefs: [{name: r, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /off}}]
+    timeouts: {request: "0s"}
+    backendRefs: [{name: r, port: 80}]
+  - backendRefs: [{name: r, port: 80}]
+"""
+
+
+@pytest.mark.parametrize("yaml, path, want_retry, want_timeout", [
+    ("", "/", DEFAULT_RETRY_POLICY, None),                          # the default route: Istio's default policy
+    (RESILIENT_VS, "/none", NO_RETRY, None),
+    (RESILIENT_VS, "/tuned", RetryPolicy(num_retries=4, retry_on=RetryOn.GATEWAY_ERROR | RetryOn.RETRIABLE_STATUS_CODES,
+                                        retriable_status_codes=frozenset({409}), per_try_timeout=0.5,
+                                        avoid_previous_hosts=False), 2.0),
+    (RESILIENT_VS, "/other", DEFAULT_RETRY_POLICY, None),
+    (RESILIENT_ROUTE, "/gep", RetryPolicy(num_retries=1, retry_on=RetryOn.CONNECT_FAILURE | RetryOn.RESET
+                                         | RetryOn.REFUSED_STREAM | RetryOn.RETRIABLE_STATUS_CODES,
+                                         retriable_status_codes=frozenset({503}), per_try_timeout=1.0,
+                                         base_interval=0.1), 3.0),
+    (RESILIENT_ROUTE, "/off", DEFAULT_RETRY_POLICY, None),          # GEP-1742: 0s disables the timeout
+    (RESILIENT_ROUTE, "/", DEFAULT_RETRY_POLICY, None),
+])
+def test_forward_carries_the_routes_retry_policy_and_timeout(yaml, path, want_retry, want_timeout):
+    st = _state(yaml)
+    p = _plan(st, path)
+    assert isinstance(p, Forward) and (p.retry, p.timeout) == (want_retry, want_timeout)
+    assert _plan(st, path).retry is p.retry                        # converted once per route, not per request

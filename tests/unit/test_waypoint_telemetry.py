@@ -47,7 +47,8 @@ def test_families_names_types_and_istio_labels():
     assert {n: f.type for n, f in fams.items()} == {
         "istio_requests": "counter", "istio_request_duration_milliseconds": "histogram",
         "istio_request_bytes": "histogram", "istio_response_bytes": "histogram",
-        "waypoint_metric_series_overflow": "counter", "waypoint_mirror_requests": "counter"}
+        "waypoint_metric_series_overflow": "counter", "waypoint_mirror_requests": "counter",
+        "ambient_waypoint_retry_budget_exhausted": "counter"}
     (s,) = samples(fams["istio_requests"], "_total")
     assert set(s.labels) == ISTIO_LABELS | ROUTE and s.labels["route"] == "unknown"
     assert s.labels["reporter"] == "waypoint" and s.labels["destination_service"] == "httpbin.foo.svc.cluster.local"

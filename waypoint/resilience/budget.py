@@ -7,11 +7,25 @@ retry twice turn one failing backend's trouble into a cascade (the seed article'
 Envoy's per-request `num_retries` does not bound that; Linkerd's retry budget does, and this
 module is that budget, on by default for every destination service:
 
-* A retry is allowed while `retries in the window + 1 <= min_retries_per_second x window +
-  retry_ratio x requests in the window` (Linkerd's ServiceProfile `retryBudget` and tower's
-  TpsBudget: the ratio caps retries as a share of original requests, the floor lets a quiet
-  service still retry). Defaults are Linkerd's: ratio 0.2, floor 10 retries per second,
-  window (ttl) 10 s.
+* A retry is allowed while `retries in the window + 1 <= retry_ratio x requests in the
+  window`; for a quiet service (that share below `min_retries_per_second x window`) also while
+  `retries in the current bucket + 1 <= min_retries_per_second x bucket width`: the ratio caps
+  retries as a share of original requests, the floor lets a quiet service still retry. Defaults are Linkerd's: ratio 0.2, floor 10 retries per second, window
+  (ttl) 10 s. In steady state that is max(ratio x request rate, floor) retries per second.
+  **Deliberate deviations** from Linkerd's ServiceProfile `retryBudget` (tower's TpsBudget),
+  which allows the floor PLUS the ratio, the floor as a reserve of a whole window: with the
+  sum a service that fails everything gets 1 + 0.2 + 100/N attempts per request over N
+  requests in a window (1.3x at 1,000), and a reserve lets a burst of 100 retries through at
+  once (1.25x measured over 800 requests at 50/s); so the mesh takes the larger of the two and
+  spreads the floor per bucket: at most 1.2x once the traffic is above floor / ratio
+  (50 requests/s), and the floor still governs quiet services.
+* Hops compound: A retries B, whose app calls C again for each retry, so C sees the same
+  request twice without any retry at C's hop. An original request whose `x-request-id`
+  (with its method and path) the destination already saw in the window therefore counts as
+  a retry against its budget, and is refused like one when the budget has no room
+  (`admit(now, key)`), so attempts reaching C stay within 1.2x of the DISTINCT requests, not
+  1.2^hops (counting without refusing still gave 1.28x in a three-hop simulation: repeats
+  arrive after the budget let retries in). Keys are kept for one window, at most `max_ids`.
 * Independently, at most `max_concurrent_retries` retries may be in flight: DestinationRule
   `trafficPolicy.connectionPool.http.maxRetries`, Envoy's `max_retries` circuit breaker
   (Istio's default 2^32-1, i.e. off; overflow is Envoy's upstream_rq_retry_overflow).
@@ -22,12 +36,13 @@ expired buckets, so every operation is O(1) (bounded by the constant bucket coun
 window is exact to one bucket width (1 s by default).
 
 Usage by the data path, per destination service (`RetryBudgets.for_service`):
-`record_request(now)` for each original request; `check(now)` -> a `BudgetVerdict` passed to
+`admit(now, key)` for each original request (or `record_request(now)` without a key); `check(now)` -> a `BudgetVerdict` passed to
 `retry.should_retry`; then `settle(decision, now)`, which counts an allowed retry (and holds a
 concurrency slot until `retry_finished()`), or counts a denial by reason (`denials`), which the
 data path turns into a metric and a response flag.
 
-Tuning (Service annotations, read once per Service update by `budget_config`):
+Tuning (Service annotations, converted at the config edge into ServiceInfo.retry_budget,
+mesh/config/annotations.py; `budget_config` applies them):
 
 * `retry.ambient.dev/budget`: `off` disables the budget for the service (not the maxRetries cap);
 * `retry.ambient.dev/budget-percent`: the ratio as a percentage, 0..1000 (default `20`);
@@ -36,27 +51,23 @@ Tuning (Service annotations, read once per Service update by `budget_config`):
 
 Annotations on the Service suit Istio users (the annotation idiom istio.io/* uses for per-service
 knobs) and keep the budget next to the service it protects; Istio's DestinationRule has no field
-for it. A bad annotation is reported and the default is kept: a typo must not switch the
-protection off.
+for it. A bad annotation is a warning at `ambient apply` (reason `bad_annotation`) and the
+default is kept: a typo must not switch the protection off.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from mesh.config.route_fields import parse_go_duration
+from mesh.model import RetryBudgetSpec
 from mesh.model.route import ConnectionPool
 
 from .retry import BudgetVerdict, GiveUpReason, RetryDecision
 
-__all__ = ["RetryBudgetConfig", "DEFAULT_BUDGET", "UNLIMITED", "ANNOTATION_PREFIX",
-           "budget_config", "RetryBudget", "RetryBudgets"]
+__all__ = ["RetryBudgetConfig", "DEFAULT_BUDGET", "UNLIMITED", "budget_config", "RetryBudget", "RetryBudgets"]
 
 UNLIMITED = 2 ** 32 - 1
 """Istio's circuit-breaker thresholds when unset (cluster_traffic_policy.go)."""
-
-ANNOTATION_PREFIX = "retry.ambient.dev/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +82,8 @@ class RetryBudgetConfig:
     buckets: int = 10
     max_concurrent_retries: int = UNLIMITED
     """DestinationRule connectionPool.http.maxRetries."""
+    max_ids: int = 65536
+    """Request ids remembered per service (the oldest are forgotten first)."""
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.buckets < 1 or self.retry_ratio < 0 or self.min_retries_per_second < 0:
@@ -80,59 +93,30 @@ class RetryBudgetConfig:
 DEFAULT_BUDGET = RetryBudgetConfig()
 
 
-def _annotation_float(annotations: Mapping[str, str], key: str, lo: float, hi: float,
-                      problems: list[str]) -> float | None:
-    raw = annotations.get(ANNOTATION_PREFIX + key)
-    if raw is None:
-        return None
-    try:
-        v = float(raw)
-    except (TypeError, ValueError):
-        v = math.nan
-    if not lo <= v <= hi:  # NaN fails too
-        problems.append(f"{ANNOTATION_PREFIX}{key}: {raw!r} is not a number between {lo:g} and {hi:g}; "
-                        "the default is used")
-        return None
-    return v
-
-
-def budget_config(annotations: Mapping[str, str], pool: ConnectionPool | None = None
-                  ) -> tuple[RetryBudgetConfig, tuple[str, ...]]:
-    """The budget for a destination service from its annotations and its DestinationRule's
-    connection pool; also the problems found (each names the annotation and the bad value)."""
-    problems: list[str] = []
+def budget_config(spec: RetryBudgetSpec | None, pool: ConnectionPool | None = None) -> RetryBudgetConfig:
+    """The budget for a destination service from its annotations (already converted and
+    checked at the config edge, mesh/config/annotations.py) and its DestinationRule's pool."""
     cfg = DEFAULT_BUDGET
-    switch = annotations.get(ANNOTATION_PREFIX + "budget")
-    if switch is not None:
-        if switch.strip().lower() in ("off", "false", "disabled"):
+    if spec is not None:
+        if not spec.enabled:
             cfg = replace(cfg, enabled=False)
-        elif switch.strip().lower() not in ("on", "true", "enabled"):
-            problems.append(f"{ANNOTATION_PREFIX}budget: {switch!r} is not on or off; the budget stays on")
-    pct = _annotation_float(annotations, "budget-percent", 0.0, 1000.0, problems)
-    if pct is not None:
-        cfg = replace(cfg, retry_ratio=pct / 100.0)
-    floor = _annotation_float(annotations, "budget-min-retries-per-second", 0.0, 1e6, problems)
-    if floor is not None:
-        cfg = replace(cfg, min_retries_per_second=floor)
-    raw = annotations.get(ANNOTATION_PREFIX + "budget-window")
-    if raw is not None:
-        w = parse_go_duration(raw) if isinstance(raw, str) else None
-        if w is None or not 1.0 <= w <= 600.0:
-            problems.append(f"{ANNOTATION_PREFIX}budget-window: {raw!r} is not a duration between 1s "
-                            "and 10m; the default is used")
-        else:
-            cfg = replace(cfg, window=w)
+        if spec.percent is not None:
+            cfg = replace(cfg, retry_ratio=spec.percent / 100.0)
+        if spec.min_retries_per_second is not None:
+            cfg = replace(cfg, min_retries_per_second=spec.min_retries_per_second)
+        if spec.window is not None:
+            cfg = replace(cfg, window=spec.window)
     max_retries = pool.http.max_retries if pool is not None and pool.http is not None else None
     if max_retries:  # Istio: zero means unset
         cfg = replace(cfg, max_concurrent_retries=max_retries)
-    return cfg, tuple(problems)
+    return cfg
 
 
 class RetryBudget:
     """One destination service's window of requests and retries (single-threaded, loop-owned)."""
 
     __slots__ = ("config", "_width", "_epoch", "_requests", "_retries", "_req_sum", "_ret_sum",
-                 "in_flight", "_denials")
+                 "in_flight", "_denials", "_ids")
 
     def __init__(self, config: RetryBudgetConfig = DEFAULT_BUDGET) -> None:
         self.config = config
@@ -145,6 +129,8 @@ class RetryBudget:
         self._ret_sum = 0
         self.in_flight = 0
         self._denials: dict[GiveUpReason, int] = {}
+        self._ids: dict[str | bytes, float] = {}
+        """Request id -> when last seen, oldest first."""
 
     def _advance(self, now: float) -> int:
         epoch = int(now // self._width)
@@ -167,6 +153,36 @@ class RetryBudget:
         self._requests[i] += 1
         self._req_sum += 1
 
+    def admit(self, now: float, key: str | bytes | None) -> BudgetVerdict:
+        """An original request at this hop, `key` naming it across hops (its x-request-id,
+        method and path). A key not seen in the window counts as a request. A key seen again
+        is a retry made further up the chain: it counts as a retry, and when the budget has
+        no room it is refused (EXHAUSTED, counted as a denial: the data path does not send it)."""
+        if key is None:
+            self.record_request(now)
+            return BudgetVerdict.ALLOWED
+        i = self._advance(now)
+        ids = self._ids
+        horizon = now - self.config.window
+        while ids:                                   # forget keys older than the window
+            oldest = next(iter(ids))
+            if ids[oldest] > horizon and len(ids) < self.config.max_ids:
+                break
+            del ids[oldest]
+        seen = ids.pop(key, None) is not None
+        ids[key] = now
+        if not seen:
+            self._requests[i] += 1
+            self._req_sum += 1
+            return BudgetVerdict.ALLOWED
+        if self.config.enabled and not self._has_room(now):
+            r = GiveUpReason.BUDGET_EXHAUSTED
+            self._denials[r] = self._denials.get(r, 0) + 1
+            return BudgetVerdict.EXHAUSTED
+        self._retries[i] += 1
+        self._ret_sum += 1
+        return BudgetVerdict.ALLOWED
+
     def requests_in_window(self, now: float) -> int:
         self._advance(now)
         return self._req_sum
@@ -176,16 +192,27 @@ class RetryBudget:
         return self._ret_sum
 
     def allowance(self, now: float) -> float:
-        """Retries the window allows in total right now (ratio share plus floor)."""
+        """Retries the ratio allows in the window right now."""
         self._advance(now)
+        return self.config.retry_ratio * self._req_sum
+
+    def _has_room(self, now: float) -> bool:
+        """One more retry fits the ratio's share of the window; or, for a quiet service (the
+        ratio's share below the floor's), the floor's share of the current bucket (the floor is
+        a rate, spread per bucket: never a burst of a window's worth, never added to a busy
+        service's ratio)."""
+        i = self._advance(now)
         c = self.config
-        return c.min_retries_per_second * c.window + c.retry_ratio * self._req_sum
+        share = c.retry_ratio * self._req_sum
+        if self._ret_sum + 1 <= share:
+            return True
+        return share < c.min_retries_per_second * c.window and self._retries[i] + 1 <= c.min_retries_per_second * self._width
 
     def check(self, now: float) -> BudgetVerdict:
         """May one more retry start now? (Counts nothing: `settle` does.)"""
         if self.in_flight >= self.config.max_concurrent_retries:
             return BudgetVerdict.OVERFLOW
-        if self.config.enabled and self.retries_in_window(now) + 1 > self.allowance(now):
+        if self.config.enabled and not self._has_room(now):
             return BudgetVerdict.EXHAUSTED
         return BudgetVerdict.ALLOWED
 
@@ -217,6 +244,7 @@ class RetryBudget:
         fresh = RetryBudget(config)
         fresh.in_flight = self.in_flight
         fresh._denials = dict(self._denials)
+        fresh._ids = self._ids
         return fresh
 
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 
 from mesh.model.route import ENVOY_RETRY_ON, HTTPRouteRetry, VSRetries
@@ -191,7 +191,8 @@ def policy_from_http_route(retry: HTTPRouteRetry | None, *,
     """A rule's `retry` (GEP-1731) -> policy; `backend_request_timeout` (the rule's
     `timeouts.backendRequest`) becomes the per-try timeout. None -> the default policy."""
     if retry is None:
-        return DEFAULT_RETRY_POLICY
+        return (replace(DEFAULT_RETRY_POLICY, per_try_timeout=backend_request_timeout)
+                if backend_request_timeout else DEFAULT_RETRY_POLICY)
     attempts = DEFAULT_RETRY_POLICY.num_retries if retry.attempts is None else retry.attempts
     if attempts <= 0:
         return NO_RETRY
