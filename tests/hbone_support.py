@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 from mesh import tls
@@ -61,7 +63,8 @@ async def dial_authority(authority: str) -> socket.socket:
 
 
 class EchoProtocol(asyncio.Protocol):
-    """Echoes bytes back, propagating half-close, pausing reads while its writes are paused."""
+    """Echoes bytes back and closes after the peer's EOF (once what it echoed is flushed),
+    pausing reads while its writes are paused."""
 
     def connection_made(self, transport):
         self.t = transport
@@ -70,7 +73,13 @@ class EchoProtocol(asyncio.Protocol):
         self.t.write(data)
 
     def eof_received(self):
-        self.t.write_eof()
+        # Everything received is echoed (or buffered): close, which flushes, then FINs. Not
+        # write_eof() + keep open: the loop stops reading after EOF, so the peer's close would
+        # never be seen, and the transport, open and referenced only by this protocol, would
+        # be left to the GC -- which crashes uvloop 0.23 when it frees a stream whose shutdown
+        # is still pending (tests/bench/repro_uvloop_shutdown_crash.py; the Envoy interop
+        # crash, core dumps: an accepted echo transport, _eof=1, not reading, not closing).
+        self.t.close()
         return True
 
     def connection_lost(self, exc):
@@ -81,6 +90,16 @@ class EchoProtocol(asyncio.Protocol):
 
     def resume_writing(self):
         self.t.resume_reading()
+
+
+def unclosed_transports() -> list[str]:
+    """Transports the GC finds still open (uvloop warns "unclosed resource" as it frees them).
+    Each is a bug: uvloop 0.23 crashes freeing an open stream whose write_eof() shutdown is
+    pending (tests/bench/repro_uvloop_shutdown_crash.py), so owners must close or abort them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    return [str(w.message) for w in caught if "unclosed" in str(w.message)]
 
 
 async def start_echo() -> tuple[asyncio.AbstractServer, tuple[str, int]]:

@@ -1,8 +1,11 @@
 """ztunnel's settings: node, trust domain, control plane, files and ports."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+
+from mesh.hbone.abuse import AbuseLimits
 
 __all__ = ["ZtunnelConfig", "InboundLimits"]
 
@@ -76,11 +79,16 @@ class ZtunnelConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InboundLimits:
-    """Bounds on what a peer may cost an in-pod HBONE listener before it is authenticated.
+    """Bounds on what a peer may cost an in-pod HBONE listener, before and after it is authenticated.
 
     Istio's ztunnel is configured by environment variables; so are these (the local runner
     passes `ZTUNNEL_*` variables from `ambient up`'s environment to every ztunnel):
-    `ZTUNNEL_HANDSHAKE_TIMEOUT` (seconds) and `ZTUNNEL_MAX_PENDING_HANDSHAKES`.
+    `ZTUNNEL_HANDSHAKE_TIMEOUT` (seconds), `ZTUNNEL_MAX_PENDING_HANDSHAKES`, and one variable
+    per HTTP/2 abuse bound (`h2`, mesh/hbone/abuse.py), named after its field:
+    `ZTUNNEL_MAX_PREMATURE_RESETS`, `ZTUNNEL_PREMATURE_RESET_RATE`, `ZTUNNEL_NEW_STREAM_RATE`,
+    `ZTUNNEL_NEW_STREAM_BURST`, `ZTUNNEL_PING_RATE`, `ZTUNNEL_PING_BURST`,
+    `ZTUNNEL_SETTINGS_RATE`, `ZTUNNEL_SETTINGS_BURST`, `ZTUNNEL_MAX_PENDING_CONTROL_FRAMES`,
+    `ZTUNNEL_MAX_CONSECUTIVE_EMPTY_FRAMES`, `ZTUNNEL_MAX_WINDOW_UPDATES_PER_DATA_FRAME`.
     """
 
     handshake_timeout: float = 10.0
@@ -89,6 +97,9 @@ class InboundLimits:
     max_pending_handshakes: int = 256
     """Connections per listener between accept and a complete handshake; beyond this the
     oldest pending one is closed (reason too_many_pending_handshakes)."""
+    h2: AbuseLimits = AbuseLimits()
+    """Per-connection HTTP/2 abuse bounds against a peer with a valid certificate: rapid reset,
+    stream rate, PING/SETTINGS/control-frame/empty-frame/WINDOW_UPDATE floods."""
 
     @classmethod
     def from_env(cls, env: "os._Environ[str] | dict[str, str] | None" = None) -> "InboundLimits":
@@ -98,4 +109,17 @@ class InboundLimits:
         pending = int(env.get("ZTUNNEL_MAX_PENDING_HANDSHAKES", d.max_pending_handshakes))
         if not 0 < timeout <= 3600 or pending < 1:
             raise ValueError(f"bad ztunnel limits: handshake timeout {timeout}s, max pending {pending}")
-        return cls(handshake_timeout=timeout, max_pending_handshakes=pending)
+        h2 = {}
+        for f in dataclasses.fields(AbuseLimits):
+            name = "ZTUNNEL_" + f.name.upper()
+            if name in env:
+                default = getattr(d.h2, f.name)
+                try:
+                    h2[f.name] = type(default)(env[name])
+                except ValueError:
+                    raise ValueError(f"bad ztunnel limit {name}={env[name]!r}: not a number") from None
+        try:
+            limits = AbuseLimits(**h2)
+        except ValueError as e:
+            raise ValueError(f"bad ztunnel limits: {e}") from None
+        return cls(handshake_timeout=timeout, max_pending_handshakes=pending, h2=limits)

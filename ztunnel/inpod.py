@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from mesh.hbone import HbonePool, HboneServer, HoldingProtocol
+from mesh.hbone import ConnectionConfig, HbonePool, HboneServer, HoldingProtocol
 from mesh.model import Workload
 from mesh.proxy.reason import Reason
 
@@ -85,6 +85,7 @@ class PodProxy:
                                                   trust_domain=self.ctx.trust_domain, on_result=self.hbone.on_result,
                                                   handshake_timeout=self.limits.handshake_timeout,
                                                   max_pending_handshakes=self.limits.max_pending_handshakes,
+                                                  config=ConnectionConfig(abuse=self.limits.h2),
                                                   on_reject=self.hbone.on_reject)
         except BaseException:
             await self.close()

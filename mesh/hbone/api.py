@@ -94,7 +94,9 @@ class Rejection:
     cert_expired, cert_not_yet_valid, untrusted_cert, tls_failed, tls_aborted,
     handshake_timeout, h2_handshake_timeout, h2_handshake_failed, wrong_trust_domain,
     bad_preface, header_list_too_large, too_many_continuations, header_block_timeout,
-    too_many_pending_handshakes, accept_failed, not_connect, scheme_or_path_present, ..."""
+    too_many_pending_handshakes, accept_failed, not_connect, scheme_or_path_present, and the
+    HTTP/2 abuse bounds (abuse.py): rapid_reset, stream_rate_limited, stream_rate_exceeded,
+    ping_flood, settings_flood, control_frame_flood, empty_frame_flood, window_update_flood..."""
     stage: str
     """Where it happened: "accept" (before TLS), "tls", "h2" (after TLS, connection
     closed), "stream" (one CONNECT refused, the connection lives on)."""

@@ -28,6 +28,13 @@ CONNECT validation (server, §8.5): exactly `:method CONNECT` and `:authority ho
 the stream is closed, the connection lives on. Regular headers (baggage, forwarded,
 traceparent...) are exposed as decoded strings.
 
+Abuse by a peer that breaks no framing rule (rapid reset, stream, PING, SETTINGS, empty-frame
+and WINDOW_UPDATE floods) is bounded by `ConnectionConfig.abuse` (abuse.py): the clock the
+connection is given drives its token buckets; past a bound it is a connection error with
+ENHANCE_YOUR_CALM. The I/O layer calls `control_frames_written()` once what it took from
+`data_to_send()` has left its buffers, which is what bounds the answers we owe a peer that
+does not read.
+
 Connection errors raise `ProtocolError`; a GOAWAY with its code is queued first, so the
 caller flushes `data_to_send()` and closes the transport. Stream errors reset the stream and
 surface as `StreamReset(remote=False)`.
@@ -35,9 +42,12 @@ surface as `StreamReset(remote=False)`.
 from __future__ import annotations
 
 import enum
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import frames as f
+from .abuse import AbuseGuard, AbuseLimits
 from .connect_rules import regular_headers, validate_connect
 from .events import (GoAway, HandshakeCompleted, RequestReceived, RequestRejected, ResponseReceived,
                      SendUnblocked, StreamEnded, StreamReset)
@@ -47,6 +57,7 @@ __all__ = [
     "Role", "StreamState", "ConnectionConfig", "H2Connection", "LocalProtocolError",
     "RequestReceived", "RequestRejected", "ResponseReceived", "StreamEnded", "StreamReset",
     "SendUnblocked", "GoAway", "HandshakeCompleted", "DataReceived", "ProtocolError", "ErrorCode",
+    "AbuseLimits",
 ]
 
 DataReceived = f.DataReceived
@@ -102,11 +113,14 @@ class ConnectionConfig:
     """Server only: streams the peer may have open at once; more are refused."""
     max_header_list_size: int = 64 * 1024
     """Decoded header list bound (SETTINGS_MAX_HEADER_LIST_SIZE)."""
+    abuse: AbuseLimits = AbuseLimits()
+    """Flood and rapid-reset bounds (abuse.py); stream limits apply to the server role only."""
 
 
 class _Stream:
     __slots__ = ("sid", "state", "send_window", "recv_window", "pending", "end_pending",
                  "unacked", "response_seen")
+    # response_seen -- client: the final :status arrived; server: we sent our response.
 
     def __init__(self, sid: int, send_window: int, recv_window: int) -> None:
         self.sid = sid
@@ -116,7 +130,7 @@ class _Stream:
         self.pending: list[bytes | memoryview] = []   # framed once the window allows
         self.end_pending = False                      # END_STREAM queued behind `pending`
         self.unacked = 0                              # consumed, not yet WINDOW_UPDATEd
-        self.response_seen = False                    # client: final :status arrived
+        self.response_seen = False
 
     @property
     def remote_closed(self) -> bool:
@@ -130,12 +144,15 @@ class _Stream:
 class H2Connection:
     """One HTTP/2 connection's state, client or server role (see the module docstring)."""
 
-    def __init__(self, role: Role, config: ConnectionConfig = ConnectionConfig()) -> None:
+    def __init__(self, role: Role, config: ConnectionConfig = ConnectionConfig(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.role = role
         self.config = config
         self._client = role is Role.CLIENT
+        abuse = config.abuse
         self._parser = f.FrameParser(expect_preface=not self._client, max_frame_size=config.max_frame_size,
-                                     max_header_list_size=config.max_header_list_size)
+                                     max_header_list_size=config.max_header_list_size,
+                                     max_consecutive_empty_frames=abuse.max_consecutive_empty_frames)
         self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}
@@ -155,6 +172,9 @@ class H2Connection:
         self.goaway_received: GoAway | None = None
         self.goaway_sent = False
         self.closed = False
+        self.abuse = AbuseGuard(abuse, clock)
+        """Rapid-reset and flood accounting (abuse.py)."""
+        self._data_frames_sent = 0
 
     # -- output -------------------------------------------------------------------------
 
@@ -212,6 +232,12 @@ class H2Connection:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    def control_frames_written(self) -> None:
+        """The I/O layer wrote out what it took (its own buffers are below their high-water
+        mark): the control frames we owed the peer no longer count against
+        `max_pending_control_frames`."""
+        self.abuse.control_pending = 0
+
     # -- queries ------------------------------------------------------------------------
 
     @property
@@ -267,6 +293,7 @@ class H2Connection:
             raise LocalProtocolError("stream_closed", f"stream {stream_id} is not open")
         block = f.encode_status_block(status, headers)
         self._out.append(f.headers_frames(stream_id, block, end_stream=end_stream, max_frame_size=self._peer_max_frame))
+        s.response_seen = True
         if end_stream:
             self._transition(s, "send_end")
 
@@ -287,6 +314,7 @@ class H2Connection:
             self._out.append(data)
             self._send_window -= n
             s.send_window -= n
+            self._data_frames_sent += 1
             return True
         return self._send_slow(s, data)
 
@@ -303,6 +331,7 @@ class H2Connection:
             k = min(n - off, win, fs)
             out.append(f.data_frame_header(s.sid, k))
             out.append(mv[off:off + k])
+            self._data_frames_sent += 1
             off += k
             self._send_window -= k
             s.send_window -= k
@@ -321,6 +350,7 @@ class H2Connection:
             s.end_pending = True
             return
         self._out.append(f.data_frame_header(stream_id, 0, end_stream=True))
+        self._data_frames_sent += 1
         self._transition(s, "send_end")
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
@@ -419,6 +449,7 @@ class H2Connection:
         events.append(ev)
 
     def _stream_error(self, s: _Stream, code: int, reason: str, events: list, credit: int = 0) -> None:
+        self.abuse.owe_control()
         self.reset_stream(s.sid, code)
         if credit:
             self.acknowledge_received_data(s.sid, credit)
@@ -443,11 +474,14 @@ class H2Connection:
                                         f"RST_STREAM on stream {ev.stream_id}, which was never opened")
                 return
             self._transition(s, "reset")
+            if not s.response_seen and not self._client:
+                self.abuse.premature_reset()
             # REFUSED_STREAM: the peer did not process the stream at all (a client may retry).
             events.append(StreamReset(ev.stream_id, ev.error_code, True,
                                       "refused_stream" if ev.error_code == ErrorCode.REFUSED_STREAM else "peer_reset"))
         elif t is f.PingReceived:
             if not ev.ack:
+                self.abuse.ping()
                 self._out.append(f.ping_frame(ev.opaque, ack=True))
         elif t is f.GoAwayReceived:
             self._on_goaway(ev, events)
@@ -456,18 +490,14 @@ class H2Connection:
     def _on_settings(self, ev: f.SettingsReceived, events: list) -> None:
         if ev.ack:
             return
+        self.abuse.settings_frame()
+        window = None
         for key, value in ev.settings:
             if key == Setting.INITIAL_WINDOW_SIZE:
                 if value > f.MAX_WINDOW:
                     raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "bad_initial_window_size",
                                         f"SETTINGS_INITIAL_WINDOW_SIZE {value} > 2^31-1")
-                delta = value - self._peer_initial_window
-                self._peer_initial_window = value
-                for s in self._streams.values():     # §6.9.2: applies to open streams too
-                    s.send_window += delta
-                    if s.send_window > f.MAX_WINDOW:
-                        raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "window_overflow",
-                                            "SETTINGS_INITIAL_WINDOW_SIZE overflows a stream window")
+                window = value       # applied once below: a frame repeating it costs one pass
             elif key == Setting.MAX_FRAME_SIZE:
                 if not f.DEFAULT_MAX_FRAME_SIZE <= value <= f.MAX_ALLOWED_FRAME_SIZE:
                     raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "bad_max_frame_size",
@@ -480,6 +510,14 @@ class H2Connection:
                 if value > 1:
                     raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "bad_enable_push", "SETTINGS_ENABLE_PUSH not 0/1")
             # HEADER_TABLE_SIZE: our encoder never indexes, nothing to resize. Unknown: ignored.
+        if window is not None and window != self._peer_initial_window:
+            delta = window - self._peer_initial_window
+            self._peer_initial_window = window
+            for s in self._streams.values():         # §6.9.2: applies to open streams too
+                s.send_window += delta
+                if s.send_window > f.MAX_WINDOW:
+                    raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "window_overflow",
+                                        "SETTINGS_INITIAL_WINDOW_SIZE overflows a stream window")
         self._out.append(f.settings_ack_frame())
         if not self.handshake_complete:
             self.handshake_complete = True
@@ -489,6 +527,7 @@ class H2Connection:
 
     def _on_window_update(self, ev: f.WindowUpdateReceived, events: list) -> None:
         sid, inc = ev.stream_id, ev.increment
+        self.abuse.window_update(self.abuse.streams_accepted + (self._next_sid >> 1), self._data_frames_sent)
         if sid == 0:
             if inc == 0:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "zero_window_increment",
@@ -594,12 +633,19 @@ class H2Connection:
             raise ProtocolError(ErrorCode.STREAM_CLOSED, "headers_on_closed_stream",
                                 f"HEADERS on closed or non-increasing stream {sid}")
         self._highest_peer_sid = sid
+        if not self.abuse.new_stream():
+            self.abuse.owe_control()
+            self._out.append(f.rst_stream_frame(sid, ErrorCode.REFUSED_STREAM))
+            events.append(RequestRejected(sid, 0, "stream_rate_limited"))
+            return
         if self.goaway_sent or len(self._streams) >= self.config.max_concurrent_streams:
+            self.abuse.owe_control()
             self._out.append(f.rst_stream_frame(sid, ErrorCode.REFUSED_STREAM))
             events.append(RequestRejected(sid, 0, "goaway" if self.goaway_sent else "max_concurrent_streams"))
             return
         result = validate_connect(ev.headers)
         if isinstance(result, str):
+            self.abuse.owe_control()
             # Malformed request (§8.1.1): answer 400 and close the stream; RST_STREAM(NO_ERROR)
             # tells the client to stop sending without discarding the response (§8.1).
             self._out.append(f.headers_frames(sid, f.encode_status_block(400), end_stream=True,
@@ -611,6 +657,7 @@ class H2Connection:
         authority, regular = result
         s = _Stream(sid, self._peer_initial_window, self.config.initial_window_size)
         self._streams[sid] = s
+        self.abuse.streams_accepted += 1
         if ev.end_stream:
             self._transition(s, "recv_end")
         events.append(RequestReceived(sid, authority, regular, ev.end_stream))

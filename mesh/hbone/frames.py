@@ -289,12 +289,16 @@ class FrameParser:
     """Turns the inbound byte stream into frame events (see the module docstring).
 
     `max_frame_size` is the MAX_FRAME_SIZE we advertised; `max_header_list_size` bounds the
-    decoded header list (and, doubled, the raw header block being reassembled).
+    decoded header list (and, doubled, the raw header block being reassembled). DATA frames
+    that carry nothing (no payload, no END_STREAM) are dropped, at most
+    `max_consecutive_empty_frames` in a row (until DATA with a payload or HEADERS).
     """
 
     def __init__(self, *, expect_preface: bool, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-                 max_header_list_size: int = 65_536) -> None:
+                 max_header_list_size: int = 65_536, max_consecutive_empty_frames: int = 100) -> None:
         self.max_frame_size = max_frame_size
+        self.max_consecutive_empty_frames = max_consecutive_empty_frames
+        self._empty = 0
         self._max_block = 2 * max_header_list_size
         self._decoder = hpack.Decoder(max_header_list_size=max_header_list_size)
         self._preface_left = len(PREFACE) if expect_preface else 0
@@ -369,8 +373,15 @@ class FrameParser:
                 if length:
                     self._data_left, self._data_sid = length, sid
                     self._data_end = bool(flags & FLAG_END_STREAM)
+                    self._empty = 0
                 elif flags & FLAG_END_STREAM:
                     append(DataReceived(sid, b"", True, 0))
+                else:
+                    self._empty += 1
+                    if self._empty > self.max_consecutive_empty_frames:
+                        raise ProtocolError(ErrorCode.ENHANCE_YOUR_CALM, "empty_frame_flood",
+                                            f"more than {self.max_consecutive_empty_frames} empty DATA "
+                                            "frames in a row")
                 continue
             if n - off < 9 + length:
                 break
@@ -396,6 +407,7 @@ class FrameParser:
             body = _strip_padding(p)
             return DataReceived(sid, body, bool(flags & FLAG_END_STREAM), len(p))
         if ftype == HEADERS:
+            self._empty = 0
             if flags & FLAG_PADDED:
                 p = _strip_padding(p)
             if flags & FLAG_PRIORITY:

@@ -31,6 +31,13 @@ by their arity, once, at start):
   `HboneStream` is served in process: a waypoint runs HTTP over it), or raise `Reject` /
   `pending.reject(...)`. Returning a socket means splice it; returning None undecided -> 503.
 
+A stream reset before the handler answered (by the peer, or with its connection) stops it:
+a handler that has not started yet is never called, a running one is cancelled (its upstream
+connect with it), so a rapid reset costs no connects to the application; `on_result` still
+sees the stream's end. Rapid reset and floods themselves are bounded by the connection
+(abuse.py) and close it with GOAWAY ENHANCE_YOUR_CALM, reported through `on_reject` (stage
+"h2").
+
 A splice sends `:status 200` only once the socket is attached to the event loop -- so a 200
 from a splice always means "upstream connected" (as ztunnel does). Bytes the client sent
 early are held (they are unacknowledged, so bounded by our stream window) and go to the
@@ -44,6 +51,7 @@ running, connections close as they drain; `wait_closed()` waits for that.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import inspect
 import logging
@@ -120,6 +128,9 @@ class ServerSession(Session):
         self._local: tuple[str, int] = ("", 0)
         self._peer: tuple[str, int] = ("", 0)
         self._rejected = False                  # a connection-level Rejection was reported
+        # Running handler tasks of CONNECTs not answered yet, by stream id: cancelled if the
+        # stream goes first.
+        self._undecided: dict[int, tuple[PendingStream, asyncio.Task]] = {}
 
     def _report(self, reason: str, stage: str, detail: str = "") -> None:
         if stage != "stream":
@@ -215,10 +226,27 @@ class ServerSession(Session):
         server = self.server
         req = pending.request
         try:
-            if server.handler_takes_stream:
-                sock = await server.handler(req, pending)
+            if pending.current.done.done():
+                # Reset (or the connection lost) before the handler even ran: a rapid reset
+                # must not cost an upstream connect.
+                sock = None
+                pending.decided = True
             else:
-                sock = await server.handler(req)
+                self._undecided[req.stream_id] = (pending, asyncio.current_task())  # type: ignore[assignment]
+                try:
+                    if server.handler_takes_stream:
+                        sock = await server.handler(req, pending)
+                    else:
+                        sock = await server.handler(req)
+                finally:
+                    self._undecided.pop(req.stream_id, None)
+        except asyncio.CancelledError:
+            if not pending.gone:
+                raise
+            # Our own cancel (tunnel_done): the stream was reset while the handler worked.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            sock = None
+            pending.decided = True
         except Reject as r:
             self._refuse(pending, r.status, r.reason)
         except Exception as e:
@@ -258,6 +286,13 @@ class ServerSession(Session):
 
     def tunnel_done(self, tunnel: StreamCore) -> None:
         super().tunnel_done(tunnel)
+        undecided = self._undecided.pop(tunnel.sid, None)
+        if undecided is not None and not undecided[0].decided:
+            # Reset before the handler answered: stop it (an upstream connect in progress is
+            # closed by the cancellation) instead of connecting to an app nobody waits for.
+            pending, task = undecided
+            pending.gone = True
+            task.cancel()
         if self.conn.goaway_sent and not self.tunnels and self.transport is not None:
             self.flush()
             self.transport.close()
@@ -278,13 +313,15 @@ class PendingStream:
     in process), or `reject()` / raise `Reject`. Bytes the client sent meanwhile are held
     (unacknowledged, so bounded by the stream window) and go to whichever side takes it."""
 
-    __slots__ = ("request", "current", "decided", "_session")
+    __slots__ = ("request", "current", "decided", "gone", "_session")
 
     def __init__(self, session: ServerSession, request: ConnectRequest, stream: HboneStream) -> None:
         self.request = request
         self.current: StreamCore = stream
         """The stream's object now: the HboneStream, or the Tunnel once spliced."""
         self.decided = False
+        self.gone = False
+        """The stream ended before a decision: the handler's task was cancelled."""
         self._session = session
 
     @property
@@ -296,6 +333,7 @@ class PendingStream:
         if self.decided:
             raise RuntimeError(f"CONNECT {self.request.authority} was already answered")
         self.decided = True
+        self._session._undecided.pop(self.current.sid, None)
 
     async def splice(self, sock: socket.socket) -> None:
         """Relay the stream to a connected socket (ztunnel inbound). `:status 200` is sent
@@ -352,12 +390,7 @@ class HboneServer:
         self.max_pending_handshakes = max_pending_handshakes
         self.on_result = on_result
         self.on_reject = on_reject
-        base = config or ConnectionConfig()
-        self.config = ConnectionConfig(initial_window_size=base.initial_window_size,
-                                       connection_window_size=base.connection_window_size,
-                                       max_frame_size=base.max_frame_size,
-                                       max_concurrent_streams=max_concurrent_streams,
-                                       max_header_list_size=base.max_header_list_size)
+        self.config = dataclasses.replace(config or ConnectionConfig(), max_concurrent_streams=max_concurrent_streams)
         self._sock: socket.socket | None = None
         self._ssl: ssl.SSLContext | None = None
         self._accepter: asyncio.Task[None] | None = None

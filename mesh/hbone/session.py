@@ -11,7 +11,9 @@ via a single `call_soon(flush)` for writes triggered from TCP reads, so many str
 frames share TLS records (the prototype's biggest small-message win).
 
 When the TLS transport goes above its high-water mark every tunnel stops reading its TCP
-socket; `resume_writing` restarts them. A ProtocolError sends GOAWAY and closes the
+socket; `resume_writing` restarts them. Control frames we owe the peer (ACKs, resets) count as
+written once the transport took them below its high-water mark (the connection's
+`max_pending_control_frames` bound on a peer that does not read). A ProtocolError sends GOAWAY and closes the
 connection; losing the connection aborts all its tunnels. Subclasses (client/server) add
 peer verification and what to do with responses/requests.
 """
@@ -40,7 +42,7 @@ class Session(asyncio.Protocol):
 
     def __init__(self, role: Role, config: ConnectionConfig) -> None:
         self.loop = asyncio.get_running_loop()
-        self.conn = H2Connection(role, config)
+        self.conn = H2Connection(role, config, clock=self.loop.time)
         self.tunnels: dict[int, StreamCore] = {}        # Tunnel or HboneStream, by stream id
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
@@ -162,6 +164,7 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.tls_paused = False
+        self.conn.control_frames_written()
         for tun in list(self.tunnels.values()):
             tun.tls_resumed()
 
@@ -179,6 +182,8 @@ class Session(asyncio.Protocol):
             write = self.transport.write
             for chunk in conn.chunks_to_send():
                 write(chunk)
+            if not self.tls_paused:           # else resume_writing says when it left
+                conn.control_frames_written()
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -185,6 +185,20 @@ class Reason(enum.Enum):
     UNEXPECTED = ("unexpected", Kind.INTERNAL, "-", 503, False)
     """Anything `classify` does not know; the exception type goes into the result's detail."""
 
+    # -- HTTP/2 abuse by an authenticated peer (mesh/hbone/abuse.py): GOAWAY ENHANCE_YOUR_CALM --
+    RAPID_RESET = ("rapid_reset", Kind.LIMIT, "DPE", None, True)
+    """Too many streams reset by the peer before they were answered (CVE-2023-44487)."""
+    STREAM_RATE_LIMITED = ("stream_rate_limited", Kind.LIMIT, "DPE", None, True)
+    """A new stream above the connection's stream rate: refused with RST_STREAM(REFUSED_STREAM)."""
+    STREAM_RATE_EXCEEDED = ("stream_rate_exceeded", Kind.LIMIT, "DPE", None, True)
+    """New streams above the rate for too long: the connection is closed."""
+    PING_FLOOD = ("ping_flood", Kind.LIMIT, "DPE", None, True)
+    SETTINGS_FLOOD = ("settings_flood", Kind.LIMIT, "DPE", None, True)
+    CONTROL_FRAME_FLOOD = ("control_frame_flood", Kind.LIMIT, "DPE", None, True)
+    """More answers (ACKs, resets) owed to a peer than it reads."""
+    EMPTY_FRAME_FLOOD = ("empty_frame_flood", Kind.LIMIT, "DPE", None, True)
+    WINDOW_UPDATE_FLOOD = ("window_update_flood", Kind.LIMIT, "DPE", None, True)
+
     def __init__(self, label: str, kind: Kind, flag: str, status: int | None, mirrored: bool) -> None:
         self.label = label
         self.kind = kind

@@ -59,7 +59,8 @@ class Redirects:
 
 
 class App(asyncio.Protocol):
-    """The pod's application: a greeting line, then an echo (half-close propagated)."""
+    """The pod's application: a greeting line, then an echo; closes after the client's EOF
+    (as deploy/local/apps/echo.py does)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -72,7 +73,9 @@ class App(asyncio.Protocol):
         self.t.write(data)
 
     def eof_received(self):
-        self.t.write_eof()
+        # Flush, then FIN. Not write_eof(): a transport kept open after EOF is no longer read,
+        # so it would be left to the GC (tests.hbone_support.EchoProtocol says why not).
+        self.t.close()
         return True
 
 

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.proxy.reason import Direction, Reason
 from mesh.proxy.result import Listener, SecurityPolicy
+from tests.hbone_support import unclosed_transports
 from tests.inprocess.harness import APP_PORT, LoopbackMesh, roundtrip
 
 
@@ -281,6 +282,27 @@ def test_unknown_original_destination_is_logged_as_no_original_dst():
         writer.close()
         out = await mesh.result(outbound_of(client))
         assert (out.reason, out.response_flag) == (Reason.NO_ORIGINAL_DST, "NR")
+    run(main)
+
+
+def test_no_transport_is_left_open_for_the_gc_after_hbone_and_passthrough():
+    # uvloop 0.23 crashes freeing a stream the GC found open with a write_eof() pending
+    # (tests/bench/repro_uvloop_shutdown_crash.py): ztunnel's tunnels and relays must close
+    # every transport they took, after half-closed HBONE and passthrough connections alike.
+    async def main(mesh):
+        client = await mesh.pod("client", sa="client")
+        server = await mesh.pod("server", sa="server")
+        outside = mesh.ip()
+        await mesh.app("outside", outside, 9000)
+        for dst in ((server.ip, APP_PORT), (outside, 9000)):
+            for n in (1, 300_000):
+                got = await roundtrip(*await mesh.dial_out(client, dst), b"x" * n)
+                assert got.endswith(b"x" * n)
+        for _ in range(2):
+            await mesh.result(outbound_of(client))
+        await mesh.result(inbound_of(server))
+        await asyncio.sleep(0.2)                   # the closes' connection_lost callbacks
+        assert unclosed_transports() == []
     run(main)
 
 

@@ -642,3 +642,115 @@ def test_node_bootstrap_cannot_get_certificate_for_a_pod_on_another_node(cluster
             await asyncio.gather(task, return_exceptions=True)
 
     assert asyncio.run(asyncio.wait_for(main(), 20)) == "identity_not_on_node"
+
+
+# -- 15008: HTTP/2 abuse from a peer with a valid certificate (a compromised node) -------------
+
+ATTACKER_ID = "spiffe://cluster.local/ns/plain/sa/default"
+MAX_PREMATURE_RESETS = 100     # AbuseLimits defaults (ztunnel runs with them here)
+PING_BURST = 500
+SETTINGS_BURST = 100
+
+
+def flood_until_goaway(s, chunks, timeout=10.0, pace=0.0):
+    """Write `chunks` on the mTLS socket, reading what comes back between writes, until the
+    server sends GOAWAY or closes; returns the FrameReader of everything the server sent."""
+    from tests.h2_attack import FrameReader
+    r = FrameReader()
+    closed = False
+
+    def drain(wait):
+        nonlocal closed
+        s.settimeout(wait)
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    closed = True
+                    return
+                r.feed(d)
+                s.settimeout(0.0)
+        except (socket.timeout, ssl.SSLWantReadError, BlockingIOError):
+            return
+        except (OSError, ssl.SSLError):
+            closed = True
+
+    for c in chunks:
+        if closed or r.goaway() is not None:
+            break
+        try:
+            s.settimeout(5.0)
+            s.sendall(c)
+        except (OSError, ssl.SSLError):
+            break
+        drain(pace)
+    deadline = time.monotonic() + timeout
+    while not closed and r.goaway() is None and time.monotonic() < deadline:
+        drain(0.2)
+    s.close()
+    return r
+
+
+def opened_by_attacker():
+    return metric_value(metrics(), "istio_tcp_connections_opened_total", source_principal=ATTACKER_ID,
+                        destination_workload="m3")
+
+
+def _batches(frames, per):
+    return [b"".join(frames[i:i + per]) for i in range(0, len(frames), per)]
+
+
+def _abuse_case(cluster, chunks, reason, pace=0.0):
+    from tests import h2_attack as atk
+    exp = Expect(reason)
+    opened = opened_by_attacker()
+    s = mtls(cluster)
+    s.sendall(atk.preface())
+    r = flood_until_goaway(s, chunks, pace=pace)
+    attack_end = time.monotonic()
+    # A meshed client reaches the app right after the attack (same ztunnel, same pod).
+    out = C.echo("mesh", "m1", cluster.ips["m3"], nbytes=1000).stdout
+    meshed_took = time.monotonic() - attack_end
+    assert "echo ok: 1000/1000 bytes" in out
+    g = r.goaway()
+    assert g is not None, "no GOAWAY seen by the attacker"
+    assert g[1:] == (f.ErrorCode.ENHANCE_YOUR_CALM, reason.encode())
+    e = exp.check()
+    assert e["stage"] == "h2" and e["src.identity"] == ATTACKER_ID
+    # Every app connection the attacker caused is one of its CONNECTs ztunnel recorded.
+    app_conns = opened_by_attacker() - opened
+    print(f"\n{reason}: GOAWAY last stream {g[0]}, {app_conns:.0f} CONNECTs reached the data path, "
+          f"meshed echo done {meshed_took:.2f}s after the attack")
+    return r, g, app_conns, meshed_took
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("per_write, pace", [(200, 0.0), (1, 0.002)], ids=["batched", "paced"])
+def test_rapid_reset_from_a_valid_peer_gets_goaway_and_spares_the_app(cluster, per_write, pace):
+    from tests import h2_attack as atk
+    authority = f"{cluster.ips['m3']}:8080"
+    # The metric counts the attacker's CONNECTs that reached the data path: one answered normally first.
+    opened = opened_by_attacker()
+    assert status_of(request(cluster, [(":method", "CONNECT"), (":authority", authority)])) == 200
+    wait_for(lambda: opened_by_attacker() == opened + 1, timeout=5, step=0.1)
+    pairs = [atk.connect(sid, authority) + atk.rst(sid) for sid in range(1, 40_000, 2)]   # 20,000
+    r, g, app_conns, meshed_took = _abuse_case(cluster, _batches(pairs, per_write), "rapid_reset", pace)
+    assert g[0] <= 2 * MAX_PREMATURE_RESETS - 1          # at most 100 streams processed
+    assert app_conns <= MAX_PREMATURE_RESETS
+    assert meshed_took < 1.0                             # includes starting the client process
+
+
+@pytest.mark.root
+def test_ping_flood_from_a_valid_peer_gets_goaway(cluster):
+    from tests import h2_attack as atk
+    r, g, app_conns, meshed_took = _abuse_case(cluster, _batches([atk.ping(i) for i in range(200_000)], 500),
+                                               "ping_flood")
+    assert 0 < r.count(f.PING, f.FLAG_ACK) <= PING_BURST and app_conns == 0 and meshed_took < 1.0
+
+
+@pytest.mark.root
+def test_settings_flood_from_a_valid_peer_gets_goaway(cluster):
+    from tests import h2_attack as atk
+    r, g, app_conns, meshed_took = _abuse_case(cluster, _batches([atk.settings() for _ in range(20_000)], 100),
+                                               "settings_flood")
+    assert 0 < r.count(f.SETTINGS, f.FLAG_ACK) <= SETTINGS_BURST and app_conns == 0 and meshed_took < 1.0
