@@ -86,7 +86,6 @@ class _PodRt:
     ip: ipaddress.IPv4Address
     net: Any
     containers: dict[str, Proc]
-    meshed: bool = False
     gate: GateDecision | None = None
     """Why the containers have not started yet (localcluster/meshgate.py); None once started."""
 
@@ -507,7 +506,7 @@ class Runner:
                                       contain=self._containment(pod, c))
         meshed = enrolled(pod, next((n for n in self.store.of(Namespace) if n.name == pod.namespace), None))
         rt = self._pods[uid] = _PodRt(uid=uid, node=pod.node_name, ip=pod.pod_ip, net=podnet,
-                                      containers=containers, meshed=meshed)
+                                      containers=containers)
         # The CNI's hand-over to the node proxy: where this pod's netns and cgroup are.
         self._sandboxes(pod.node_name).write(Sandbox(uid=uid, netns=podnet.netns_path, cgroup=podnet.cgroup))
         if meshed and containers:  # held until ztunnel has enrolled it (meshgate.py)
@@ -534,24 +533,30 @@ class Runner:
             await asyncio.sleep(0.05 if held else 0.2)
             if not held:
                 continue
-            nss = {n.name: n for n in self.store.of(Namespace)}
-            dumps: dict[str, dict[str, Any] | None] = {}
-            for rt in held:
-                if rt.node not in dumps:
-                    replicas = self._system.get(("ztunnel", rt.node), [])
-                    dumps[rt.node] = await self._dump(replicas[0].admin_socket if replicas else None)
-                pod = self.store.get(ResourceKey("Pod", *rt.uid.split("/", 1)))
-                if self._pods.get(rt.uid) is not rt or not isinstance(pod, Pod):
-                    continue  # deleted meanwhile
-                d = gate_decide(uid=rt.uid, node=rt.node, meshed=enrolled(pod, nss.get(pod.namespace)),
-                                control_plane_running=self.cp.running, dump=dumps[rt.node])
-                if d.start:
-                    log.info("pod %s: %s; starting its containers", rt.uid, d.message)
-                    self._start_containers(rt)
-                else:
-                    if rt.gate is None or rt.gate.reason is not d.reason:
-                        log.warning("pod %s held: %s: %s", rt.uid, d.reason.label, d.message)
-                    rt.gate = d
+            try:
+                await self._gate_pass(held)
+            except Exception:  # never let a bad answer stop every held pod for good
+                log.exception("pod start gate")
+
+    async def _gate_pass(self, held: list[_PodRt]) -> None:
+        nss = {n.name: n for n in self.store.of(Namespace)}
+        dumps: dict[str, dict[str, Any] | None] = {}
+        for rt in held:
+            if rt.node not in dumps:
+                replicas = self._system.get(("ztunnel", rt.node), [])
+                dumps[rt.node] = await self._dump(replicas[0].admin_socket if replicas else None)
+            pod = self.store.get(ResourceKey("Pod", *rt.uid.split("/", 1)))
+            if self._pods.get(rt.uid) is not rt or not isinstance(pod, Pod):
+                continue  # deleted meanwhile
+            d = gate_decide(uid=rt.uid, node=rt.node, meshed=enrolled(pod, nss.get(pod.namespace)),
+                            control_plane_running=self.cp.running, dump=dumps[rt.node])
+            if d.start:
+                log.info("pod %s: %s; starting its containers", rt.uid, d.message)
+                self._start_containers(rt)
+            else:
+                if rt.gate is None or rt.gate.reason is not d.reason:
+                    log.warning("pod %s held: %s: %s", rt.uid, d.reason.label, d.message)
+                rt.gate = d
 
     def _containment(self, pod: Pod, c: Container | None) -> Containment:
         """A container's sandbox: its securityContext's user and group (root without
