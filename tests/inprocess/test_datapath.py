@@ -290,6 +290,7 @@ def test_no_transport_is_left_open_for_the_gc_after_hbone_and_passthrough():
     # (tests/bench/repro_uvloop_shutdown_crash.py): ztunnel's tunnels and relays must close
     # every transport they took, after half-closed HBONE and passthrough connections alike.
     async def main(mesh):
+        unclosed_transports()   # earlier tests' garbage, collected now, is not this test's
         client = await mesh.pod("client", sa="client")
         server = await mesh.pod("server", sa="server")
         outside = mesh.ip()

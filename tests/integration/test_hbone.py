@@ -420,6 +420,7 @@ def test_no_tcp_transport_is_left_open_for_the_gc(pki):
     # pool, the server's tunnels and the echo backend, every TCP transport that carried them
     # must be closed by its owner, not left open for the GC to find.
     async def main():
+        unclosed_transports()   # earlier tests' garbage, collected now, is not this test's
         env = await Env().start(pki)
         payloads = [os.urandom(n) for n in (1, 300_000, 3 * 1024 * 1024)]
         got = await asyncio.gather(*(echo_roundtrip(env.out.addr, p) for p in payloads))

@@ -145,6 +145,7 @@ def _split_pairs(n):
 ], ids=["batched", "split"])
 def test_rapid_reset_of_20000_streams_is_cut_at_the_bound(pki, chunks, pause):
     async def main():
+        unclosed_transports()   # earlier tests' garbage, collected now, is not this test's
         env = await Env().start(pki)
         a = await Attacker().open(pki, env.addr)
         t0 = time.monotonic()
@@ -234,6 +235,7 @@ def test_a_reset_stream_cancels_its_pending_upstream_connect(pki):
 
 def test_rapid_reset_against_a_slow_app_leaves_no_connect_running(pki):
     async def main():
+        unclosed_transports()   # earlier tests' garbage, collected now, is not this test's
         pending = started = 0
 
         async def slow_handler(req):
