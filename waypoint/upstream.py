@@ -347,6 +347,10 @@ class Upstreams:
                 conns.remove(mux)
             if not conns:
                 del self._h2[key]
+        self._uncount(t)
+
+    def _uncount(self, t: EndpointTarget) -> None:
+        """One upstream connection to `t` fewer in its cluster's circuit counters."""
         c = self._cluster_of(t.cluster)
         if c is None:
             return
@@ -457,15 +461,7 @@ class Upstreams:
                 idle.remove(conn)
             if not idle:
                 del self._idle[key]
-        c = self._cluster_of(t.cluster)
-        if c is None:
-            return
-        c.open_connections -= 1
-        n = c.endpoint_connections.get(t.address, 0) - 1
-        if n > 0:
-            c.endpoint_connections[t.address] = n
-        else:
-            c.endpoint_connections.pop(t.address, None)
+        self._uncount(t)
         self._wake(key, None)
 
     def _wake(self, key: tuple[str, str], conn: UpstreamConn | None) -> bool:
