@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from .cluster_helper import ROOT, LocalCluster, pod_yaml, wait_for
+from .cluster_helper import ROOT, LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml, wait_for
 
 NAME = f"fl{os.getpid() % 100000}"
 
@@ -38,27 +38,9 @@ def server_yaml(name, node):
         """)
 
 
-CLUSTER = textwrap.dedent("""
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n1}
-    ---
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n2}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: client, namespace: mesh}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: server, namespace: mesh}
-    """) + pod_yaml("c1", "mesh", "n1", "client", "client") + server_yaml("s1", "n2") + server_yaml("s2", "n2")
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("mesh", ambient=True)
+           + service_accounts_yaml(("mesh", "client"), ("mesh", "server"))
+           + pod_yaml("c1", "mesh", "n1", "client", "client") + server_yaml("s1", "n2") + server_yaml("s2", "n2"))
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,12 @@ import os
 import queue
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
 import pytest
 
-from .cluster_helper import APPS, ROOT, LocalCluster, pod_yaml, wait_for
+from .cluster_helper import APPS, ROOT, LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml, wait_for
 
 NAME = f"ld{os.getpid() % 100000}"
 N = int(os.environ.get("AMBIENT_LOAD_N", "10000"))
@@ -29,27 +28,9 @@ PAYLOAD = 1024
 PER_CONN_KIB = 25
 RSS_CAP_MB_AT_10K = 200
 
-CLUSTER = textwrap.dedent("""
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n1}
-    ---
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n2}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: client, namespace: mesh}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: server, namespace: mesh}
-    """) + pod_yaml("c1", "mesh", "n1", "client", "client") + pod_yaml("s1", "mesh", "n2", "server", "server")
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("mesh", ambient=True)
+           + service_accounts_yaml(("mesh", "client"), ("mesh", "server"))
+           + pod_yaml("c1", "mesh", "n1", "client", "client") + pod_yaml("s1", "mesh", "n2", "server", "server"))
 
 
 @pytest.fixture(scope="module")

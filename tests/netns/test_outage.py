@@ -12,38 +12,19 @@ second test lets the certificates expire during the outage: status says `expired
 established connection carries on, and renewal follows the return at once.
 """
 import os
-import textwrap
 import time
 
 import pytest
 
-from .cluster_helper import LocalCluster, pod_yaml, wait_for
+from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml, wait_for
 
 NAME = f"ou{os.getpid() % 100000}"
 TTL = 30.0
 RENEW_BOUND = 3.0  # reconnect (backoff <= 1 s) + CSR; without retry_now up to 30 s of backoff
 
-CLUSTER = textwrap.dedent("""
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n1}
-    ---
-    apiVersion: v1
-    kind: Node
-    metadata: {name: n2}
-    ---
-    apiVersion: v1
-    kind: Namespace
-    metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: client, namespace: mesh}
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: server, namespace: mesh}
-    """) + pod_yaml("c1", "mesh", "n1", "client", "client") + pod_yaml("s1", "mesh", "n2", "server", "server")
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("mesh", ambient=True)
+           + service_accounts_yaml(("mesh", "client"), ("mesh", "server"))
+           + pod_yaml("c1", "mesh", "n1", "client", "client") + pod_yaml("s1", "mesh", "n2", "server", "server"))
 
 
 @pytest.fixture(scope="module")
