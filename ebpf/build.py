@@ -7,7 +7,7 @@ LLVM live only in this short-lived process, never in ztunnel.  It
 
 1. removes the knobs record ``<pin_dir>/progs/knobs`` (a build that dies from here on leaves
    none, so the next start builds again);
-2. compiles and loads the four programs, one bcc module per ``.c``; the maps pin themselves
+2. compiles and loads the programs (``loader.PROGRAMS``), one bcc module per ``.c``; the maps pin themselves
    under ``MAPS_PIN_DIR`` (``maps.h``), or are reopened if an earlier build pinned them;
 3. pins each program at ``<pin_dir>/progs/<name>``, replacing an older pin (links attached to
    the old program keep it until ztunnel moves them over with ``BPF_LINK_UPDATE``);
@@ -32,7 +32,8 @@ from collections.abc import Sequence
 from .loader import (BPF_DIR, KNOBS_LINK, PROGRAMS, PROGS_DIR, CaptureError, check_pin_path,
                      knobs_for, obj_pin, prog_id)
 
-MAP_NAMES = ("pending", "orig_dst", "inbound_listeners", "outbound_listeners", "pods", "counters")
+MAP_NAMES = ("pending", "orig_dst", "inbound_listeners", "outbound_listeners", "pods", "ztunnel_dials",
+             "counters")
 
 
 class BccPrograms:

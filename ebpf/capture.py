@@ -6,15 +6,15 @@ Theory of operation
 ztunnel (one process per node, in its own cgroup ``<cg2>/<prefix>/ztunnel/<node>``) opens
 three listeners *inside* every enrolled pod's network namespace: ``127.0.0.1:15001``
 (outbound), ``0.0.0.0:15006`` (inbound plaintext) and ``0.0.0.0:15008`` (inbound HBONE).
-Four eBPF programs steer the pod's TCP traffic onto them; no iptables rule exists anywhere::
+Six eBPF programs steer the pod's TCP traffic onto them; no iptables rule exists anywhere::
 
     pod A (netns + cgroup)                                 pod B (netns + cgroup)
     app: connect(B:8080)                                   app listening on :8080
-      |  cgroup/connect4 (pod A's cgroup)                    ^
-      |   rewrite to 127.0.0.1:15001,                        | ztunnel dials B:8080 from a
-      |   pending[socket cookie] = B:8080                    | socket in B's netns bound to
-      |  sock_ops ACTIVE_ESTABLISHED (pod A's cgroup)        | B's IP: remote == local, so
-      |   orig_dst[{netns A, 127.0.0.1, eph}] = B:8080       | sk_lookup passes it (no loop)
+      |  cgroup/connect4|6 (pod A's cgroup)                  ^
+      |   rewrite to 127.0.0.1:15001,                        | ztunnel dials B:8080 from A's
+      |   pending[socket cookie] = B:8080                    | IP (IP_TRANSPARENT, mark 0x111):
+      |  sock_ops ACTIVE_ESTABLISHED (pod A's cgroup)        | its sock_ops puts the 4-tuple in
+      |   orig_dst[{netns A, 127.0.0.1, eph}] = B:8080       | ztunnel_dials, sk_lookup passes it
       v                                                      |
     ztunnel 127.0.0.1:15001 in A's netns          ztunnel 0.0.0.0:15006 / :15008 in B's netns
       | accept(); getsockopt(SO_ORIGINAL_DST)            ^ getsockname() == (B, 8080)
@@ -23,24 +23,35 @@ Four eBPF programs steer the pod's TCP traffic onto them; no iptables rule exist
       v                                                  |     (:15008 -> [{B, hbone}])
       +---- HBONE / TCP, SO_MARK 0x539 -------------------+
 
-Loop guards: ztunnel is in none of the pod cgroups, so connect4 never sees its connects; its
-sockets also carry ``SO_MARK`` ``mark``, which connect4 skips.  Connects to 127/8 are never
-redirected.  sk_lookup passes connections whose remote is the pod IP itself or 127/8 (it
-cannot use the ingress interface: see the sk_lookup program).
+Loop guards: ztunnel is in none of the pod cgroups, so connect4/6 never see its connects; its
+sockets also carry ``SO_MARK`` ``mark``, which they skip.  Connects to 127/8 are never
+redirected.  sk_lookup passes connections whose remote is the pod IP itself or 127/8, and
+ztunnel's source-preserving dials recorded in ``ztunnel_dials`` by the sock_ops program on
+ztunnel's cgroup (it cannot use the ingress interface: see the sk_lookup program).
 
 Lifetimes.  Every program, map and link is pinned on bpffs, so it survives ztunnel::
 
-    <pin_dir>/progs/{connect4,sockops,getsockopt,sk_lookup}   + knobs (symlink: build knobs)
-    <pin_dir>/maps/{pending,orig_dst,inbound_listeners,outbound_listeners,pods,counters}
-    <pin_dir>/ztunnel/getsockopt-<cgroup id>
-    <pin_dir>/pods/<sha256(uid)[:16]>/{connect4-<cgroup id>,sockops-<cgroup id>,
-                                       sk_lookup-<netns inode>}
+    <pin_dir>/progs/{connect4,connect6,sockops,ztunnel_sockops,getsockopt,sk_lookup} + knobs
+    <pin_dir>/maps/{pending,orig_dst,inbound_listeners,outbound_listeners,pods,ztunnel_dials,
+                    counters}
+    <pin_dir>/ztunnel/{getsockopt,ztunnel_sockops}-<cgroup id>
+    <pin_dir>/pods/<sha256(uid)[:16]>/{connect4,connect6,sockops}-<cgroup id>,
+                                      sk_lookup-<netns inode>
 
 When ztunnel dies its listeners close and the kernel drops them from the SOCKHASHes, but the
 pinned programs stay: with ``fail_open=False`` (default) new connections are refused
 (connect4 still redirects to the dead 127.0.0.1:15001; sk_lookup returns SK_DROP for an
 enrolled pod IP without listener), with ``fail_open=True`` they go directly, unproxied.
 Connections already established are never touched by attaching, detaching or restarting.
+
+Workers.  A node may run several ztunnel processes sharing each in-pod port with
+SO_REUSEPORT.  Worker 0 (``Capture(worker=0)``, the owner) builds, attaches and releases as
+above; every other worker (``worker=i``) only opens the pinned maps and puts its own listeners
+in its slot of the listener SOCKHASHes (key ``{pod, kind, worker}``).  sk_lookup (and connect4
+with FAIL_OPEN) takes the first slot present, and the kernel's reuseport selection behind
+``bpf_sk_assign`` spreads connections over every live worker, so when one worker dies (its
+entries leave the maps with its sockets) the others keep serving its pods: only the
+connections it held are lost.  Links stay pinned, so worker 0 dying loses no capture either.
 
 A restarted ztunnel builds ``Capture`` on the same ``pin_dir``: :meth:`Capture.start` reuses
 the pinned maps and links (nothing is attached twice) and :meth:`Capture.enroll` with the new
@@ -68,11 +79,13 @@ import threading
 
 from . import loader
 from .loader import CaptureError, Programs
-from .maps import CaptureMaps, PodRecord
+from .maps import CaptureMaps, PodRecord, max_workers
 
-__all__ = ["Capture", "CaptureError", "teardown_pins", "original_dst", "SO_ORIGINAL_DST", "netns_cookie", "pod_links"]
+__all__ = ["Capture", "CaptureError", "teardown_pins", "original_dst", "SO_ORIGINAL_DST", "INBOUND_MARK",
+           "netns_cookie", "pod_links"]
 
 SO_ORIGINAL_DST = 80      # linux/netfilter_ipv4.h
+INBOUND_MARK = 0x111      # SO_MARK of ztunnel's source-preserving dials (include/config.h)
 SO_NETNS_COOKIE = 71      # asm-generic/socket.h (Linux >= 5.14)
 SIOCGSKNS = 0x894C        # linux/sockios.h: fd of a socket's network namespace
 _LINK_DIRS = ("ztunnel", "pods")
@@ -127,18 +140,28 @@ class Capture:
     """
 
     def __init__(self, pin_dir: str, *, ztunnel_cgroup: str, mark: int = 0x539,
-                 fail_open: bool = False, ports: tuple[int, int, int] = (15001, 15006, 15008)):
+                 inbound_mark: int = INBOUND_MARK, fail_open: bool = False,
+                 ports: tuple[int, int, int] = (15001, 15006, 15008), worker: int = 0):
         if not os.path.isabs(ztunnel_cgroup):
             raise CaptureError("bad_cgroup", f"ztunnel_cgroup must be absolute: {ztunnel_cgroup!r}")
+        if not 0 <= int(worker) < max_workers():
+            raise CaptureError("bad_config", f"worker {worker!r} out of range: a node has at most "
+                               f"{max_workers()} ztunnel workers with capture (MAX_WORKERS)")
+        self.worker = int(worker)
+        self.owner = self.worker == 0
+        """Worker 0 builds, attaches and releases; the others only fill their listener slots."""
+        self._slots: dict[str, tuple[str, int]] = {}   # uid -> (pod ip, netns cookie) we put
         self.pin_dir = loader.check_pin_path(pin_dir.rstrip("/"))
         self.ztunnel_cgroup = ztunnel_cgroup
         self.mark = int(mark)
+        self.inbound_mark = int(inbound_mark)
         self.fail_open = bool(fail_open)
         self.ports = tuple(int(p) for p in ports)
         if len(self.ports) != 3:
             raise CaptureError("bad_config", "ports is (outbound, inbound, hbone)")
         self._cflags = loader.cflags_for(maps_pin_dir=f"{self.pin_dir}/maps", ports=self.ports,
-                                         mark=self.mark, fail_open=self.fail_open)
+                                         mark=self.mark, fail_open=self.fail_open,
+                                         inbound_mark=self.inbound_mark)
         self._lock = threading.RLock()
         self._progs: Programs | None = None
         self._maps: CaptureMaps | None = None
@@ -153,9 +176,19 @@ class Capture:
         """Open the pinned programs (building them in the child process first if they are
         missing or were built with other knobs), open the pinned maps, reopen pinned pod links
         (moving them to the current programs if needed), and attach getsockopt to ztunnel's
-        cgroup unless a pinned link already is."""
+        cgroup unless a pinned link already is.  A worker > 0 only opens the pinned maps; if
+        worker 0 has not pinned them yet it raises ``no_such_map`` (enroll retries the start)."""
         with self._lock:
             if self._progs is not None:
+                return
+            if not self.owner:
+                progs = Programs(self.pin_dir, self._cflags)
+                try:
+                    self._maps, self._progs = CaptureMaps(progs), progs
+                except BaseException:
+                    progs.close()
+                    raise
+                self.restarted = True
                 return
             cg_id = _ino(self.ztunnel_cgroup, "bad_cgroup", "ztunnel cgroup")
             for sub in ("maps", *_LINK_DIRS):
@@ -169,12 +202,14 @@ class Capture:
                 for d in self._pod_dirs():
                     for name in sorted(os.listdir(d)):
                         self._reopen(f"{d}/{name}")
-                gso = f"{self.pin_dir}/ztunnel/getsockopt-{cg_id}"
+                own = {f"{self.pin_dir}/ztunnel/{name}-{cg_id}": name
+                       for name in ("getsockopt", "ztunnel_sockops")}
                 for name in os.listdir(f"{self.pin_dir}/ztunnel"):  # ztunnel moved cgroups
-                    if f"{self.pin_dir}/ztunnel/{name}" != gso:
+                    if f"{self.pin_dir}/ztunnel/{name}" not in own:
                         self._drop_link(f"{self.pin_dir}/ztunnel/{name}")
-                self._ensure_link(gso, lambda: progs.attach_cgroup("getsockopt",
-                                                                   self.ztunnel_cgroup))
+                for path, name in own.items():
+                    self._ensure_link(path, lambda n=name: progs.attach_cgroup(
+                        n, self.ztunnel_cgroup))
             except BaseException:
                 self._links.clear()
                 self._progs = self._maps = None
@@ -232,6 +267,9 @@ class Capture:
         rec = PodRecord(uid=uid, pod_ip=ip, netns_cookie=netns_cookie(outbound),
                         netns_ino=ns_ino, cgroup_id=cg_id)
         with self._lock:
+            if not self.owner:
+                self._enroll_slot(uid, ip, rec.netns_cookie, outbound, inbound, hbone)
+                return
             maps, progs = self._started()
             known = maps.pods()
             owner = next((u for u, r in known.items() if r.pod_ip == ip and u != uid), None)
@@ -244,13 +282,14 @@ class Capture:
                     self._forget(old)
                 # Listeners before links: once sk_lookup is attached an enrolled pod IP
                 # without listener is refused, so there must be no such window.
-                maps.put_listener(ip, "inbound", inbound)
-                maps.put_listener(ip, "hbone", hbone)
-                maps.put_outbound(rec.netns_cookie, outbound)
+                maps.put_listener(ip, "inbound", inbound, 0)
+                maps.put_listener(ip, "hbone", hbone, 0)
+                maps.put_outbound(rec.netns_cookie, outbound, 0)
                 maps.put_pod(rec)
                 d = f"{self.pin_dir}/pods/{_uid_dir(uid)}"
                 os.makedirs(d, exist_ok=True)
                 want = {f"{d}/connect4-{cg_id}": lambda: progs.attach_cgroup("connect4", cgroup),
+                        f"{d}/connect6-{cg_id}": lambda: progs.attach_cgroup("connect6", cgroup),
                         f"{d}/sockops-{cg_id}": lambda: progs.attach_cgroup("sockops", cgroup),
                         f"{d}/sk_lookup-{ns_ino}": lambda: progs.attach_netns("sk_lookup",
                                                                                netns_path)}
@@ -271,6 +310,9 @@ class Capture:
         """Stop capturing the pod: detach and unpin its links, then drop its map entries.
         Established connections (proxied or direct) are unaffected.  Idempotent."""
         with self._lock:
+            if not self.owner:
+                self._release_slot(uid)
+                return
             self._started()
             self._release_locked(uid)
 
@@ -291,11 +333,39 @@ class Capture:
             maps, _ = self._started()
             return maps.counters()
 
+    def listener_slots(self) -> dict[str, list[int]]:
+        """Pod IP -> the workers whose listeners sk_lookup can steer it to (diagnostics)."""
+        with self._lock:
+            maps, _ = self._started()
+            return maps.listener_slots()
+
     def original_dst(self, sock: socket.socket) -> tuple[str, int]:
         """The destination the app connected to (see :func:`original_dst`)."""
         return original_dst(sock, ztunnel_cgroup=self.ztunnel_cgroup)
 
     # ---- internals ---------------------------------------------------------------------------
+    def _enroll_slot(self, uid: str, ip: str, cookie: int, outbound: socket.socket,
+                     inbound: socket.socket, hbone: socket.socket) -> None:
+        """A worker > 0: put its listeners in its slots (worker 0 attaches the links)."""
+        self.start()   # maps pinned by worker 0 meanwhile
+        maps, _ = self._started()
+        old = self._slots.get(uid)
+        if old is not None and old != (ip, cookie):
+            self._release_slot(uid)
+        maps.put_listener(ip, "inbound", inbound, self.worker)
+        maps.put_listener(ip, "hbone", hbone, self.worker)
+        maps.put_outbound(cookie, outbound, self.worker)
+        self._slots[uid] = (ip, cookie)
+
+    def _release_slot(self, uid: str) -> None:
+        old = self._slots.pop(uid, None)
+        if old is None or self._maps is None:
+            return
+        ip, cookie = old
+        self._maps.del_listener(ip, "inbound", self.worker)
+        self._maps.del_listener(ip, "hbone", self.worker)
+        self._maps.del_outbound(cookie, self.worker)
+
     def _started(self) -> tuple[CaptureMaps, Programs]:
         if self._progs is None or self._maps is None:
             raise CaptureError("not_started", "Capture.start() has not been called (or close() "
@@ -348,10 +418,13 @@ class Capture:
             pass
 
     def _forget(self, rec: PodRecord) -> None:
+        """Drop the pod's map entries, every worker's slots included (a worker that died
+        keeps none, but one that lags behind must not leave a stale slot for a reused IP)."""
         assert self._maps is not None
-        self._maps.del_listener(rec.pod_ip, "inbound")
-        self._maps.del_listener(rec.pod_ip, "hbone")
-        self._maps.del_outbound(rec.netns_cookie)
+        for w in range(max_workers()):
+            self._maps.del_listener(rec.pod_ip, "inbound", w)
+            self._maps.del_listener(rec.pod_ip, "hbone", w)
+            self._maps.del_outbound(rec.netns_cookie, w)
         self._maps.del_pod(rec.pod_ip)
 
     def _release_locked(self, uid: str) -> None:
@@ -450,7 +523,8 @@ def _bounded_walk(top: str, topdown: bool = True):
 
 def pod_links(pin_dir: str, uid: str) -> list[str]:
     """Names of the links pinned for pod `uid` under a node's `pin_dir` (one per attached
-    program: `connect4-<cgroup id>`, `sockops-<cgroup id>`, `sk_lookup-<netns inode>`)."""
+    program: `connect4-<cgroup id>`, `connect6-<cgroup id>`, `sockops-<cgroup id>`,
+    `sk_lookup-<netns inode>`)."""
     try:
         return sorted(os.listdir(os.path.join(pin_dir, "pods", _uid_dir(uid))))
     except OSError:

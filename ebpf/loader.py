@@ -4,7 +4,7 @@ ztunnel is long-running; bcc (libbcc, libLLVM, libclang: ~100 MB mapped plus LLV
 must not live in it.  So the work is split:
 
 * :mod:`ebpf.build` is a short-lived child (``python -m ebpf.build``) that compiles and loads
-  the four programs with bcc, pins each one at ``<pin_dir>/progs/<name>`` (the maps pin
+  the capture programs with bcc, pins each one at ``<pin_dir>/progs/<name>`` (the maps pin
   themselves at ``<pin_dir>/maps/*``, declared in ``maps.h``), records the knobs it was built
   with, and exits.
 * This module is what the ztunnel process uses: raw ``bpf(2)`` syscalls through ctypes
@@ -52,6 +52,7 @@ PROG_TYPE_CGROUP_SOCKOPT = 25
 PROG_TYPE_SK_LOOKUP = 30
 ATTACH_CGROUP_SOCK_OPS = 3
 ATTACH_CGROUP_INET4_CONNECT = 10
+ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_GETSOCKOPT = 21
 ATTACH_SK_LOOKUP = 36
 BPF_ANY = 0
@@ -99,8 +100,12 @@ class ProgSpec:
 PROGRAMS: Mapping[str, ProgSpec] = {
     "connect4": ProgSpec("capture_connect.c", "capture_connect4", PROG_TYPE_CGROUP_SOCK_ADDR,
                          ATTACH_CGROUP_INET4_CONNECT),
+    "connect6": ProgSpec("capture_connect.c", "capture_connect6", PROG_TYPE_CGROUP_SOCK_ADDR,
+                         ATTACH_CGROUP_INET6_CONNECT),
     "sockops": ProgSpec("capture_sockops.c", "capture_sockops", PROG_TYPE_SOCK_OPS,
                         ATTACH_CGROUP_SOCK_OPS),
+    "ztunnel_sockops": ProgSpec("capture_ztunnel_sockops.c", "capture_ztunnel_sockops",
+                                PROG_TYPE_SOCK_OPS, ATTACH_CGROUP_SOCK_OPS),
     "getsockopt": ProgSpec("capture_getsockopt.c", "capture_getsockopt",
                            PROG_TYPE_CGROUP_SOCKOPT, ATTACH_CGROUP_GETSOCKOPT),
     "sk_lookup": ProgSpec("capture_sklookup.c", "capture_sk_lookup", PROG_TYPE_SK_LOOKUP,
@@ -326,18 +331,23 @@ def check_pin_path(path: str) -> str:
 # ---- programs ------------------------------------------------------------------------------------
 
 def cflags_for(*, maps_pin_dir: str, ports: tuple[int, int, int], mark: int,
-               fail_open: bool) -> list[str]:
+               fail_open: bool, inbound_mark: int = 0x111) -> list[str]:
     """The -D knobs of include/config.h, plus the include path."""
     outbound, inbound, hbone = ports
     for p in ports:
         if not 0 < int(p) < 65536:
             raise CaptureError("bad_config", f"port {p!r} out of range", errno.EINVAL)
-    if not 0 <= int(mark) < 2**32:
-        raise CaptureError("bad_config", f"mark {mark!r} out of range", errno.EINVAL)
+    for m in (mark, inbound_mark):
+        if not 0 <= int(m) < 2**32:
+            raise CaptureError("bad_config", f"mark {m!r} out of range", errno.EINVAL)
+    if int(mark) == int(inbound_mark):
+        raise CaptureError("bad_config", f"mark and inbound_mark must differ (both {mark:#x})",
+                           errno.EINVAL)
     check_pin_path(maps_pin_dir)
     return [f"-I{BPF_DIR}", f'-DMAPS_PIN_DIR="{maps_pin_dir}"',
             f"-DOUTBOUND_PORT={int(outbound)}", f"-DINBOUND_PORT={int(inbound)}",
             f"-DHBONE_PORT={int(hbone)}", f"-DZTUNNEL_MARK={int(mark):#x}",
+            f"-DINBOUND_MARK={int(inbound_mark):#x}",
             f"-DFAIL_OPEN={1 if fail_open else 0}"]
 
 

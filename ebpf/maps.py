@@ -21,7 +21,7 @@ from .loader import (BPF_DIR, CaptureError, Programs, map_delete, map_info, map_
 
 __all__ = ["header_enum", "header_define", "counter_names", "listener_kinds", "ip_to_be32",
            "be32_to_ip", "PodRecord", "CaptureMaps", "OrigDst", "ConnKey", "ListenerKey",
-           "PodInfo", "MAP_TYPES"]
+           "OutboundKey", "PodInfo", "DialKey", "MAP_TYPES", "max_workers"]
 
 TYPES_H = BPF_DIR / "include" / "types.h"
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
@@ -67,8 +67,19 @@ class ConnKey(ctypes.Structure):        # struct conn_key
                 ("port", ctypes.c_uint32)]
 
 
+class DialKey(ctypes.Structure):        # struct dial_key
+    _fields_ = [("app_ip", ctypes.c_uint32), ("client_ip", ctypes.c_uint32),
+                ("app_port", ctypes.c_uint16), ("client_port", ctypes.c_uint16)]
+
+
 class ListenerKey(ctypes.Structure):    # struct listener_key
-    _fields_ = [("pod_ip", ctypes.c_uint32), ("kind", ctypes.c_uint32)]
+    _fields_ = [("pod_ip", ctypes.c_uint32), ("kind", ctypes.c_uint32),
+                ("worker", ctypes.c_uint32)]
+
+
+class OutboundKey(ctypes.Structure):    # struct outbound_key
+    _fields_ = [("netns_cookie", ctypes.c_uint64), ("worker", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
 
 
 class PodInfo(ctypes.Structure):        # struct pod_info
@@ -83,8 +94,9 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "pending": (ctypes.c_uint64, OrigDst),
     "orig_dst": (ConnKey, OrigDst),
     "inbound_listeners": (ListenerKey, ctypes.c_int),
-    "outbound_listeners": (ctypes.c_uint64, ctypes.c_int),
+    "outbound_listeners": (OutboundKey, ctypes.c_int),
     "pods": (ctypes.c_uint32, PodInfo),
+    "ztunnel_dials": (DialKey, ctypes.c_uint32),
     "counters": (ctypes.c_uint32, ctypes.c_uint64),
 }
 
@@ -97,6 +109,12 @@ def counter_names() -> list[str]:
         if name != "CNT__MAX":
             names[idx] = name.removeprefix("CNT_").lower()
     return names
+
+
+def max_workers() -> int:
+    """Listener slots per pod (``MAX_WORKERS`` in types.h): the most ztunnel workers a node
+    may run with capture."""
+    return header_define("MAX_WORKERS")
 
 
 def listener_kinds() -> dict[str, int]:
@@ -133,7 +151,7 @@ class CaptureMaps:
     """
 
     ListenerKey = ListenerKey
-    OutboundKey = ctypes.c_uint64
+    OutboundKey = OutboundKey
     PodKey = ctypes.c_uint32
     PodInfo = PodInfo
 
@@ -159,23 +177,35 @@ class CaptureMaps:
                                "pins of an incompatible version first)")
         return fd
 
-    # -- listeners (SOCKHASH) --
-    def _listener_key(self, pod_ip: str, kind: str):
-        return self.ListenerKey(ip_to_be32(pod_ip), self._kinds[kind])
+    # -- listeners (SOCKHASH), one slot per worker --
+    def _listener_key(self, pod_ip: str, kind: str, worker: int):
+        return self.ListenerKey(ip_to_be32(pod_ip), self._kinds[kind], worker)
 
-    def put_listener(self, pod_ip: str, kind: str, sock: socket.socket) -> None:
-        map_update(self._inbound_fd, self._listener_key(pod_ip, kind),
-                   ctypes.c_int(sock.fileno()), f"inbound_listeners[{pod_ip}, {kind}]")
+    def put_listener(self, pod_ip: str, kind: str, sock: socket.socket, worker: int = 0) -> None:
+        map_update(self._inbound_fd, self._listener_key(pod_ip, kind, worker),
+                   ctypes.c_int(sock.fileno()), f"inbound_listeners[{pod_ip}, {kind}, {worker}]")
 
-    def del_listener(self, pod_ip: str, kind: str) -> bool:
-        return map_delete(self._inbound_fd, self._listener_key(pod_ip, kind))
+    def del_listener(self, pod_ip: str, kind: str, worker: int = 0) -> bool:
+        return map_delete(self._inbound_fd, self._listener_key(pod_ip, kind, worker))
 
-    def put_outbound(self, netns_cookie: int, sock: socket.socket) -> None:
-        map_update(self._outbound_fd, self.OutboundKey(netns_cookie), ctypes.c_int(sock.fileno()),
-                   f"outbound_listeners[{netns_cookie}]")
+    def put_outbound(self, netns_cookie: int, sock: socket.socket, worker: int = 0) -> None:
+        map_update(self._outbound_fd, self.OutboundKey(netns_cookie, worker),
+                   ctypes.c_int(sock.fileno()), f"outbound_listeners[{netns_cookie}, {worker}]")
 
-    def del_outbound(self, netns_cookie: int) -> bool:
-        return map_delete(self._outbound_fd, self.OutboundKey(netns_cookie))
+    def del_outbound(self, netns_cookie: int, worker: int = 0) -> bool:
+        return map_delete(self._outbound_fd, self.OutboundKey(netns_cookie, worker))
+
+    def listener_slots(self) -> dict[str, list[int]]:
+        """Pod IP -> the workers whose inbound (15006) listener is in the map: which processes
+        sk_lookup can steer that pod's connections to (a SOCKHASH lookup from user space is
+        refused for 4-byte values, so this walks the keys)."""
+        out: dict[str, list[int]] = {}
+        inbound = self._kinds["inbound"]
+        limit = 2 * self._max_pods * max_workers()
+        for k in map_keys(self._inbound_fd, self.ListenerKey, limit):
+            if k.kind == inbound:
+                out.setdefault(be32_to_ip(k.pod_ip), []).append(int(k.worker))
+        return {ip: sorted(ws) for ip, ws in sorted(out.items())}
 
     # -- pods (hash) --
     def put_pod(self, rec: PodRecord) -> None:

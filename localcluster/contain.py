@@ -1,7 +1,7 @@
 """A pod's mount namespace, set up as a container runtime sets up a container's (run as a script).
 
 Theory of operation.  :mod:`localcluster.procs` runs this file as
-``python3 -I -S contain.py [--hide DIR]... [--keep DIR]... [--volume SRC:DST]... [--writable DIR] -- NEXT...`` as the first program
+``python3 -I -S contain.py [--hide DIR]... [--keep DIR]... [--volume SRC:DST[:rw]]... [--writable DIR] -- NEXT...`` as the first program
 in a fresh mount and PID namespace (``unshare --mount --pid --fork --mount-proc``), still root
 with every capability.  It changes only this private mount namespace (propagation is private,
 so nothing reaches the host's), in this order, and then execs ``NEXT`` (``setpriv``, which
@@ -21,7 +21,17 @@ drops the user, the groups and every capability):
    working directory, carried into the new /tmp if it lies under /tmp) is bind-mounted
    read-write over itself and becomes the cwd, so the app's own files stay writable.
 5. Volumes (``--volume SRC:DST``, the node agent's ServiceAccount token directory) are bound
-   read-only at DST, under a fresh /run when DST is there (see ``volumes``).
+   read-only (``:rw`` writable) at DST, under a fresh /run when DST is there (see ``volumes``),
+   and ``--hosts FILE`` read-only over /etc/hosts (a kubelet manages every pod's /etc/hosts).
+
+A privileged container (``--privileged [--hosts FILE]``, the node agent's for
+securityContext.privileged, ztunnel's DaemonSet pod) keeps its capabilities, the host's /dev
+and unmasked /proc and /sys, as runc gives one; its mounts follow the host's (rslave: netns
+created later under /var/run/netns appear, as hostPath mountPropagation HostToContainer). It
+gets its own root (a tmpfs of bind mounts of the host's top-level directories, entered with
+chroot) so that hostPath mount points such as /host/proc can be made without touching the
+host; then steps 1, 2 (but /dev), a fresh /tmp and /run, the volumes (hostPaths, recursively
+and writable unless readOnly) and FILE bound over /etc/hosts (the node's Service names).
 
 Stdlib only and no ``site`` (``-I -S``): it starts in ~15 ms and nothing from the host's
 Python path runs while it is still privileged.  Any failure exits 126 with the step and errno
@@ -29,13 +39,14 @@ on stderr (the container log), before the workload's program has run: fail close
 """
 import ctypes
 import errno
+from dataclasses import dataclass, field
 import os
 import stat
 import sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 0x20, 0x400, 0x800, 0x1000
-MS_REC, MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 0x4000, 0x40000, 0x200000, 0x1000000
+MS_REC, MS_PRIVATE, MS_SLAVE, MS_RELATIME, MS_STRICTATIME = 0x4000, 0x40000, 0x80000, 0x200000, 0x1000000
 MNT_DETACH = 0x2
 _KEEP = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
          "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
@@ -103,10 +114,10 @@ def hide(root: str) -> None:
     mount("tmpfs", root, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=4k")
 
 
-def readonly_all() -> None:
+def readonly_all(skip: tuple[str, ...] = ()) -> None:
     done = set()
     for mp, keep in mounts():
-        if under(mp, "/proc") or mp in done:
+        if under(mp, "/proc") or mp in done or any(under(mp, s) for s in skip):
             continue  # /proc is this PID namespace's own; its sensitive parts follow below
         done.add(mp)
         mount(None, mp, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
@@ -158,19 +169,19 @@ def private_tmp(work: str | None, keep_ro: list[str]) -> None:
             mount(None, d, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def volumes(fds: list[tuple[int, str]]) -> None:
+def volumes(fds: list[tuple[int, str, bool]]) -> None:
     """The pod's volumes (``--volume SRC:DST``), read-only at DST: a fresh /run first when a
     DST lies under it (the pod's own, as a container's), so DST can be made without touching
     the host's. SRC was opened before the mesh's state was hidden (it lives there)."""
-    if any(under(dst, "/run") for _, dst in fds):
+    if any(under(dst, "/run") for _, dst, _ in fds):
         mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-    for fd, dst in fds:
+    for fd, dst, rw in fds:
         if not (under(dst, "/run") or under(dst, "/tmp")):
             raise StepFailed(f"volume {dst}: only under /run, /var/run or /tmp")
         os.makedirs(dst, mode=0o755, exist_ok=True)
         mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND)
         os.close(fd)
-        mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC | (0 if rw else MS_RDONLY))
 
 
 def writable(path: str) -> None:
@@ -179,58 +190,156 @@ def writable(path: str) -> None:
     os.chdir(path)  # the old cwd is the read-only mount's directory underneath
 
 
-def parse(argv: list[str]) -> tuple[list[str], str | None, list[str], list[str], list[tuple[str, str]]]:
-    hidden, work, keep, vols, i = [], None, [], [], 0
+@dataclass
+class Args:
+    hidden: list[str] = field(default_factory=list)
+    work: str | None = None
+    keep: list[str] = field(default_factory=list)
+    vols: list[tuple[str, str, bool]] = field(default_factory=list)
+    """(source, destination, writable)."""
+    hosts: str | None = None
+    privileged: bool = False
+    nxt: list[str] = field(default_factory=list)
+
+
+def parse(argv: list[str]) -> Args:
+    a, i = Args(), 0
     while i < len(argv) and argv[i] != "--":
+        if argv[i] == "--privileged":
+            a.privileged = True
+            i += 1
+            continue
         if argv[i] == "--hide":
-            hidden.append(argv[i + 1])
+            a.hidden.append(argv[i + 1])
         elif argv[i] == "--volume":
-            src, sep, dst = argv[i + 1].partition(":")
-            if not sep or not os.path.isabs(src) or not os.path.isabs(dst):
-                raise StepFailed(f"--volume {argv[i + 1]!r}: expected /SRC:/DST")
-            vols.append((src, dst))
+            parts = argv[i + 1].split(":")
+            rw = len(parts) == 3 and parts[2] == "rw"
+            if len(parts) == 3 and parts[2] in ("rw", "ro"):
+                parts = parts[:2]
+            if len(parts) != 2 or not all(os.path.isabs(x) for x in parts):
+                raise StepFailed(f"--volume {argv[i + 1]!r}: expected /SRC:/DST[:rw|ro]")
+            a.vols.append((parts[0], parts[1], rw))
+        elif argv[i] == "--hosts":
+            a.hosts = argv[i + 1]
         elif argv[i] == "--keep":
-            keep.append(os.path.realpath(argv[i + 1]))
+            a.keep.append(os.path.realpath(argv[i + 1]))
         elif argv[i] == "--writable":
-            work = argv[i + 1]
+            a.work = argv[i + 1]
         else:
             raise StepFailed(f"unknown option {argv[i]!r}")
         i += 2
     if i + 1 >= len(argv):
         raise StepFailed("no program after --")
-    return hidden, work, argv[i + 1:], keep, vols
+    a.nxt = argv[i + 1:]
+    return a
+
+
+def bind(fd: int, dst: str, writable: bool, recursive: bool = False) -> None:
+    mount(f"/proc/self/fd/{fd}", dst, None, MS_BIND | (MS_REC if recursive else 0))
+    os.close(fd)
+    if not writable:
+        mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def privileged(a: Args) -> str:
+    """A privileged container's mounts (see the module doc); returns the last step's name."""
+    step = "making / a slave of the host's mounts"
+    mount(None, "/", None, MS_REC | MS_SLAVE)  # hostPath mountPropagation HostToContainer
+    step = "opening volumes"
+    vols = [(os.open(src, os.O_PATH | (os.O_DIRECTORY if os.path.isdir(src) else 0)), os.path.realpath(dst), rw)
+            for src, dst, rw in a.vols]
+    hosts = os.open(a.hosts, os.O_PATH) if a.hosts else None
+    carry = [(os.open(d, os.O_PATH | os.O_DIRECTORY), d) for d in a.keep if under(d, "/tmp") and os.path.isdir(d)]
+    work = os.path.realpath(a.work) if a.work is not None else None
+    if work and under(work, "/tmp"):
+        raise StepFailed("a privileged container's working directory cannot be under /tmp")
+    step = "building the container's root"
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")  # staging, unreachable later
+    root = "/tmp/root"
+    os.mkdir(root)
+    for name in sorted(os.listdir("/")):
+        src, dst = "/" + name, f"{root}/{name}"
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            os.mkdir(dst)
+            if name not in ("tmp", "run"):  # the container's own, below
+                mount(src, dst, None, MS_BIND | MS_REC)
+    for _, dst, _ in vols:  # a mount point under a new top-level directory (/host/proc) is made now
+        top = "/" + dst.strip("/").split("/")[0]
+        if not os.path.lexists(top):
+            os.makedirs(root + dst, exist_ok=True)
+    step = "entering the container's root"
+    os.chroot(root)
+    os.chdir("/")
+    for d in a.hidden:
+        step = f"hiding {d}"
+        d = os.path.realpath(d)
+        if os.path.isdir(d):
+            hide(d)
+    step = "making the host read-only"
+    readonly_all(skip=("/dev",))
+    step = "a private /tmp and /run"
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for fd, d in carry:
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        bind(fd, d, writable=False)
+    for fd, dst, rw in vols:
+        step = f"volume {dst}"
+        if not os.path.exists(dst):
+            if not (under(dst, "/run") or under(dst, "/tmp")):
+                raise StepFailed(f"{dst} does not exist on this node (a new mount point can be made only "
+                                 "under /run, /var/run, /tmp or a new top-level directory)")
+            os.makedirs(dst, mode=0o755, exist_ok=True)
+        bind(fd, dst, rw, recursive=True)  # recursive: the netns bind mounts below /var/run/netns
+    if hosts is not None:
+        step = "/etc/hosts"
+        bind(hosts, "/etc/hosts", writable=False)
+    if work is not None:
+        step = f"a writable working directory {work}"
+        writable(work)
+    return step
 
 
 def main(argv: list[str]) -> None:
     step = "arguments"
     try:
-        hidden, work, nxt, keep, vols = parse(argv)
-        step = "making / private"
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-        step = "opening volumes"
-        vol_fds = [(os.open(src, os.O_PATH | os.O_DIRECTORY), os.path.realpath(dst)) for src, dst in vols]
-        for d in hidden:
-            step = f"hiding {d}"
-            d = os.path.realpath(d)
-            if os.path.isdir(d):
-                hide(d)
-        step = "making the host read-only"
-        readonly_all()
-        step = "a private /dev"
-        private_dev()
-        step = "masking /proc and /sys"
-        proc_and_sys()
-        work = os.path.realpath(work) if work is not None else None
-        step = "a private /tmp"
-        private_tmp(work, keep)
-        if vol_fds:
-            step = "volumes"
-            volumes(vol_fds)
-        if work is not None:
-            step = f"a writable working directory {work}"
-            writable(work)
-        step = f"exec {nxt[0]}"
-        os.execv(nxt[0], nxt)
+        a = parse(argv)
+        if a.privileged:
+            step = privileged(a)
+        else:
+            hidden, work, keep = a.hidden, a.work, a.keep
+            step = "making / private"
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            step = "opening volumes"
+            vol_fds = [(os.open(src, os.O_PATH | os.O_DIRECTORY), os.path.realpath(dst), rw) for src, dst, rw in a.vols]
+            hosts = os.open(a.hosts, os.O_PATH) if a.hosts else None
+            for d in hidden:
+                step = f"hiding {d}"
+                d = os.path.realpath(d)
+                if os.path.isdir(d):
+                    hide(d)
+            step = "making the host read-only"
+            readonly_all()
+            step = "a private /dev"
+            private_dev()
+            step = "masking /proc and /sys"
+            proc_and_sys()
+            work = os.path.realpath(work) if work is not None else None
+            step = "a private /tmp"
+            private_tmp(work, keep)
+            if vol_fds:
+                step = "volumes"
+                volumes(vol_fds)
+            if hosts is not None:
+                step = "/etc/hosts"
+                bind(hosts, "/etc/hosts", writable=False)
+            if work is not None:
+                step = f"a writable working directory {work}"
+                writable(work)
+        step = f"exec {a.nxt[0]}"
+        os.execv(a.nxt[0], a.nxt)
     except (OSError, StepFailed, IndexError) as e:
         sys.stderr.write(f"contain: {step} failed, the container does not start: {e}\n")
         sys.stderr.flush()

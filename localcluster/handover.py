@@ -44,7 +44,7 @@ async def hand_over(old: Proc, spec: ProcSpec, dump: Callable[[], Awaitable[dict
     SIGTERM `old` (it drains, then exits; SIGKILL after its drain deadline + 5 s). If the
     new one dies or is not serving within `timeout`, it is stopped and `old` keeps running."""
     new = Proc.of(spec)
-    new.restarts = old.restarts
+    new.restarts, new.streak = old.restarts, old.streak
     t0 = time.monotonic()
     new.start()
     while True:

@@ -6,13 +6,16 @@ It registers a Node (spec.podCIDR from the address plan, status Ready with alloc
 resources and its InternalIP, the not-ready taint lifted, since no node lifecycle controller
 heartbeats simulated nodes), builds the node's network namespace on the shared fabric
 (localcluster.network, the same as local mode's), keeps routes to every other Node's pod CIDR
-(from their spec.podCIDR and InternalIP, as a flannel-style CNI does), answers the API
-server's ClusterIP inside the node (relayed to the host's loopback, as kube-proxy would make
-that VIP work), and list+watches the
+(from their spec.podCIDR and InternalIP, as a flannel-style CNI does), answers every Service
+ClusterIP inside the node (localcluster.kubeproxy: relayed to a ready endpoint, the API
+server's to the host's loopback) and writes the hosts file of Service names, and list+watches the
 Pods bound to it (fieldSelector spec.nodeName). For each Pod: an IP from the node's CIDR, a
 pod netns + cgroup wired to the node, one contained process per container
 (localcluster.procs, as local mode runs pods) with the `kubernetes` Service's variables and,
-when mounted, the ServiceAccount token volume (a TokenRequest bound to the pod), and the
+when mounted, the ServiceAccount token volume (a TokenRequest bound to the pod), the volumes
+kubelet_volumes plans (hostPath mapped per node, projected tokens for an audience, ConfigMaps;
+the pod waits Pending while one cannot be provided yet), privileged/hostPID containment
+(contain.py --privileged), the pod's sandbox record for ztunnel, and the
 status a kubelet writes (phase, podIP,
 Ready, containerStatuses with restart counts). Containers that exit are restarted with backoff
 (restartPolicy Always/OnFailure). A Pod being deleted gets SIGTERM, its grace period, then
@@ -49,8 +52,13 @@ from controlplane.kube.reflector import Delete, Event, Reflector, Relisted, Upse
 from mesh.linux.netns import NETNS_DIR, NetnsError
 
 from .addressing import AddressPlan, ClusterAddressing
+from mesh.sandbox import Sandbox, SandboxDir
+
 from .kubelet_pods import (SA_TOKEN_DIR, TOKEN_SECONDS, ContainerFacts, PodPlan, plan_pod, pod_status, resolve_env,
                            token_refresh_due)
+from .kubelet_volumes import (BPFFS, SANDBOX_HOST_DIR, EmptyDirVolume, FilesVolume, HostPathVolume, expand_argv,
+                              node_host_path)
+from .kubeproxy import ServiceProxy, apply_event, endpoints, hosts_text
 from .network import ClusterNetwork
 from .procs import Containment
 from .runner import base_env
@@ -61,7 +69,15 @@ __all__ = ["NodeAgent"]
 
 log = logging.getLogger("ambient.kubelet")
 _NODES = WatchedKind("Node", "", "v1", "nodes", False)
+_SERVICES = WatchedKind("Service", "", "v1", "services", True)
+_ALL_PODS = WatchedKind("Pod", "", "v1", "pods", True)
+FILES_REFRESH = 60.0
+"""Seconds between rewrites of a pod's ConfigMap files (a kubelet's sync period is about a minute)."""
 _CAPACITY = {"cpu": "8", "memory": "16Gi", "pods": "110"}
+
+
+class _NotReady(Exception):
+    """A volume cannot be provided yet (retried): the reason is logged."""
 
 
 def _now() -> str:
@@ -92,6 +108,13 @@ class _PodRt:
     last_status: Any = None
     token_issued_at: float | None = None
     """When the ServiceAccount token volume was last written (wall clock); None: no volume."""
+    started: bool = False
+    """Volumes provided and containers started (until then the pod is Pending, retried)."""
+    next_try: float = 0.0
+    files_due: float = float("inf")
+    """When the pod's files volumes (tokens, ConfigMaps) are rewritten next (wall clock)."""
+    volume_dirs: dict[str, str] = field(default_factory=dict)
+    waiting_for: str = ""
 
 
 class NodeAgent:
@@ -105,6 +128,15 @@ class NodeAgent:
         self.net = ClusterNetwork(prefix)
         self.state_dir = state_dir
         self.deregister = deregister
+        self.host_root = os.path.join(state_dir, "host")
+        """The node's own filesystem: hostPaths that are not the kernel's land here (kubelet_volumes)."""
+        self.bpf_root = f"{BPFFS}/{prefix}/{node}"
+        """The node's bpffs: the real bpffs's directory its pods see as /sys/fs/bpf."""
+        self.sandboxes = SandboxDir(self.host_path(SANDBOX_HOST_DIR))
+        self.services: dict[Any, Any] = {}
+        self.all_pods: dict[Any, Any] = {}
+        self._proxy_dirty = True
+        self.proxy: ServiceProxy | None = None
         self.addr = ClusterAddressing(plan)
         self.addr.add_node(node, self.pod_cidr)
         self.pods: dict[str, _PodRt] = {}  # by pod uid
@@ -113,11 +145,20 @@ class NodeAgent:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.api_vip: tuple[str, int] | None = None
-        self._forwarder: asyncio.AbstractServer | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
         self.pod_reflector = Reflector(api, WatchedKind("Pod", "", "v1", "pods", True,
                                                         field_selector=f"spec.nodeName={node}"), self._on_pod)
         self.node_reflector = Reflector(api, _NODES, self._on_node)
+        self.service_reflector = Reflector(api, _SERVICES, lambda ev: self._on_proxied(self.services, ev))
+        self.all_pods_reflector = Reflector(api, _ALL_PODS, lambda ev: self._on_proxied(self.all_pods, ev))
+
+    def host_path(self, path: str) -> str:
+        """Where this node's host path `path` is on the real host."""
+        return node_host_path(path, node_root=self.host_root, bpf_root=self.bpf_root)
+
+    def _on_proxied(self, store: dict[Any, Any], ev: Event) -> None:
+        apply_event(store, ev)
+        self._proxy_dirty = True
+        self._kick.set()
 
     # -- lifecycle --
 
@@ -129,8 +170,11 @@ class NodeAgent:
             if e.errno != errno.EEXIST:
                 raise
         await asyncio.to_thread(self.net.add_node, self.node, self.node_ip, self.pod_cidr, {})
+        os.makedirs(self.bpf_root, exist_ok=True)
         await self._forward_api()
         self._tasks = [asyncio.create_task(self.node_reflector.run(), name="kubelet-nodes"),
+                       asyncio.create_task(self.service_reflector.run(), name="kubelet-services"),
+                       asyncio.create_task(self.all_pods_reflector.run(), name="kubelet-endpoints"),
                        asyncio.create_task(self.pod_reflector.run(), name="kubelet-pods"),
                        asyncio.create_task(self._loop(), name="kubelet-sync")]
         log.info("node %s up: %s, pods %s", self.node, self.node_ip, self.pod_cidr)
@@ -139,13 +183,12 @@ class NodeAgent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._forwarder is not None:
-            self._forwarder.close()
-        for t in list(self._pipes):
-            t.cancel()
+        if self.proxy is not None:
+            await self.proxy.close()
         for uid in list(self.pods):
             await self._remove(uid, grace=2)
         await asyncio.to_thread(self.net.remove_node, self.node)
+        await asyncio.to_thread(self._remove_bpf_root)
         if self.deregister:
             try:
                 await self.api.request_json("DELETE", f"/api/v1/nodes/{self.node}")
@@ -153,48 +196,36 @@ class NodeAgent:
                 log.info("could not delete Node %s: %s", self.node, e)
 
     async def _forward_api(self) -> None:
-        """Answer the `kubernetes` Service's ClusterIP in this node's netns and relay to the API
-        server on the host's loopback, as kube-proxy makes that VIP reach the API server: pods
-        use in-cluster config unchanged (and the server's certificate names that IP). The
-        listener lives in the simulated network, reachable only from its pods."""
+        """Start the node's Service proxy (localcluster.kubeproxy) with the `kubernetes`
+        Service, so pods use in-cluster config unchanged (the server's certificate names that
+        IP); every other Service follows from the watch."""
         svc = await self.api.request_json("GET", "/api/v1/namespaces/default/services/kubernetes")
         vip, port = svc["spec"]["clusterIP"], int(svc["spec"]["ports"][0]["port"])
         url = urllib.parse.urlsplit(self.api.server)
-        upstream = (url.hostname or "127.0.0.1", url.port or 443)
-        await asyncio.to_thread(self.net.add_local_address, self.node, vip)
-
-        def listener() -> Any:
-            sock = socket_in_netns(self.net.node_netns(self.node))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((vip, port))
-            sock.listen(128)
-            sock.setblocking(False)
-            return sock
-
-        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                up_r, up_w = await asyncio.wait_for(asyncio.open_connection(*upstream), 10)
-            except (OSError, asyncio.TimeoutError):
-                writer.close()
-                return
-
-            async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-                try:
-                    while data := await r.read(65536):
-                        w.write(data)
-                        await w.drain()
-                except (ConnectionError, asyncio.CancelledError):
-                    pass
-                finally:
-                    w.close()
-            tasks = [asyncio.ensure_future(pipe(reader, up_w)), asyncio.ensure_future(pipe(up_r, writer))]
-            self._pipes.update(tasks)
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                self._pipes.difference_update(tasks)
-        self._forwarder = await asyncio.start_server(relay, sock=await asyncio.to_thread(listener))
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.proxy = ServiceProxy(netns=self.net.node_netns(self.node), api_upstream=(url.hostname or "127.0.0.1",
+                                                                                      url.port or 443),
+                                  add_address=lambda ip: self.net.add_local_address(self.node, ip),
+                                  hosts_path=os.path.join(self.state_dir, "hosts"))
+        await self.proxy.update(endpoints([svc], ()), hosts_text([svc]))
         self.api_vip = (vip, port)
+
+    def _remove_bpf_root(self) -> None:
+        """The node's bpffs directory: every pin a ztunnel of this node left (its processes are
+        gone by now), then the directories."""
+        from ebpf.capture import teardown_pins
+        if not os.path.isdir(self.bpf_root):
+            return
+        for name in os.listdir(self.bpf_root):
+            try:
+                teardown_pins(os.path.join(self.bpf_root, name))
+            except Exception as e:  # noqa: BLE001 - remove what can be removed
+                log.warning("bpffs %s/%s not removed: %s", self.bpf_root, name, e)
+        for d in (self.bpf_root, os.path.dirname(self.bpf_root)):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass  # the other nodes' are still there
 
     async def _register(self) -> None:
         body = {"apiVersion": "v1", "kind": "Node",
@@ -284,6 +315,10 @@ class NodeAgent:
             if routes != applied_routes:
                 await asyncio.to_thread(self.net.update_routes, self.node, routes)
                 applied_routes = routes
+            if self._proxy_dirty and self.proxy is not None and self.service_reflector.synced.is_set():
+                self._proxy_dirty = False
+                svcs = list(self.services.values())
+                await self.proxy.update(endpoints(svcs, self.all_pods.values()), hosts_text(svcs))
             try:
                 await self._probe_due()
                 await self._sync()
@@ -305,21 +340,119 @@ class NodeAgent:
                 continue
             if rt is None:
                 rt = await self._add(p)
-            if rt.token_issued_at is not None and token_refresh_due(rt.token_issued_at, TOKEN_SECONDS, time.time()):
+            if not rt.started and time.monotonic() >= rt.next_try:
+                await self._start_containers(rt)
+            now = time.time()
+            if rt.token_issued_at is not None and token_refresh_due(rt.token_issued_at, TOKEN_SECONDS, now):
                 try:  # the directory is bind-mounted: files replaced in it are what the pod reads
                     await self._token_volume(p)
                     rt.token_issued_at = time.time()
                 except (ApiError, OSError) as e:
                     log.warning("pod %s: token refresh failed (retrying): %s", p.key, e)
+            if rt.started and now >= rt.files_due:
+                try:
+                    await self._files_volumes(rt)
+                except (ApiError, OSError, _NotReady) as e:
+                    rt.files_due = now + 5
+                    log.warning("pod %s: volume refresh failed (retrying): %s", p.key, e)
             self._supervise(rt)
             await self._write_status(rt)
 
     async def _add(self, p: PodPlan) -> _PodRt:
+        """The pod's sandbox (the CNI step): IP, netns + cgroup, and the record ztunnel reads."""
         key = p.uid
         ip = self.addr.allocate_pod(key, self.node, p.pinned_ip if p.pinned_ip and
                                     ipaddress.IPv4Address(p.pinned_ip) in self.pod_cidr else None)
         podnet = await asyncio.to_thread(self.net.add_pod, self.node, p.uid, ip, self.pod_cidr)
         rt = _PodRt(plan=p, ip=str(ip), netns=podnet.netns, cgroup=podnet.cgroup, start_time=_now())
+        self.pods[p.uid] = rt
+        await asyncio.to_thread(self.sandboxes.write, Sandbox(uid=p.key, netns=podnet.netns_path, cgroup=podnet.cgroup))
+        log.info("pod %s (%s) up at %s", p.key, p.uid, ip)
+        return rt
+
+    async def _files_volumes(self, rt: _PodRt) -> None:
+        """Write (or rewrite) the pod's projected and ConfigMap volumes into its pod directory:
+        tokens bound to the pod for their audience, ConfigMap keys; each file replaced
+        atomically. Raises _NotReady while a ConfigMap that is not optional is missing."""
+        p = rt.plan
+        soonest = time.time() + FILES_REFRESH
+        for name, v in p.volumes.items():
+            if not isinstance(v, FilesVolume):
+                continue
+            files: dict[str, bytes] = {}
+            for t in v.tokens:
+                spec: dict[str, Any] = {"expirationSeconds": t.seconds,
+                                        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": p.name,
+                                                           "uid": p.uid}}
+                if t.audience:
+                    spec["audiences"] = [t.audience]
+                out = await self.api.request_json(
+                    "POST", f"/api/v1/namespaces/{p.namespace}/serviceaccounts/{p.service_account}/token",
+                    body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+                files[t.path] = out["status"]["token"].encode()
+                soonest = min(soonest, time.time() + 0.8 * t.seconds)
+            for cm in v.config_maps:
+                try:
+                    obj = await self.api.request_json("GET", f"/api/v1/namespaces/{p.namespace}/configmaps/{cm.name}")
+                except ApiError as e:
+                    if e.status == 404 and cm.optional:
+                        continue
+                    if e.status == 404:
+                        raise _NotReady(f"configmap {cm.name!r} not found (volume {name})") from None
+                    raise
+                data = obj.get("data") or {}
+                for key, path in cm.items or tuple((k, k) for k in sorted(data)):
+                    if key not in data:
+                        raise _NotReady(f"configmap {cm.name!r} has no key {key!r} (volume {name})")
+                    files[path] = str(data[key]).encode()
+            d = rt.volume_dirs.setdefault(name, os.path.join(self._pod_dir(p.uid), "volumes", name))
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            for rel, data in files.items():
+                final = os.path.join(d, rel)
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, final)
+        rt.files_due = soonest
+
+    def _empty_dir_volume(self, rt: _PodRt, v: EmptyDirVolume) -> str:
+        """The pod's emptyDir: under its pod directory (so removed with the pod), mode 0777 as a
+        kubelet makes it, for containers of any user; medium Memory is the same directory."""
+        d = rt.volume_dirs.get(v.name) or os.path.join(self._pod_dir(rt.plan.uid), "empty", v.name)
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o777)  # not via makedirs' mode: the umask would take bits away
+        return d
+
+    def _host_path_volume(self, v: HostPathVolume) -> str:
+        path = self.host_path(v.path)
+        if v.type == "Directory" and not os.path.isdir(path):
+            raise _NotReady(f"hostPath {v.path} (volume {v.name}) is not a directory on node {self.node}")
+        own = any(path == r or path.startswith(r + "/") for r in (self.host_root, self.bpf_root))
+        if not own and not os.path.isdir(path):  # the host's, shared by every node: never made here
+            raise _NotReady(f"hostPath {v.path} (volume {v.name}) does not exist on the host")
+        os.makedirs(path, exist_ok=True)  # DirectoryOrCreate, or no type: made as docker would
+        return path
+
+    async def _start_containers(self, rt: _PodRt) -> None:
+        """Provide the pod's volumes, then start its containers; while a volume cannot be
+        provided yet (a ConfigMap not created yet) the pod stays Pending and this is retried."""
+        p = rt.plan
+        try:
+            for name, v in p.volumes.items():
+                if isinstance(v, HostPathVolume):
+                    rt.volume_dirs[name] = await asyncio.to_thread(self._host_path_volume, v)
+                elif isinstance(v, EmptyDirVolume):
+                    rt.volume_dirs[name] = await asyncio.to_thread(self._empty_dir_volume, rt, v)
+            await self._files_volumes(rt)
+        except (_NotReady, ApiError, OSError) as e:
+            if str(e) != rt.waiting_for:  # once per reason, not once per retry
+                log.info("pod %s: volumes not ready (retrying every second): %s", p.key, e)
+                rt.waiting_for = str(e)
+            rt.next_try = time.monotonic() + 1
+            return
+        rt.started = True
         logs = os.path.join(self.state_dir, "logs")
         for c in p.containers:
             if c.problem is not None:
@@ -328,20 +461,26 @@ class NodeAgent:
                 continue
             env = base_env() | self._service_env() | \
                 {"POD_NAME": p.name, "POD_NAMESPACE": p.namespace, "NODE_NAME": self.node} | \
-                resolve_env(c, p, pod_ip=str(ip), host_ip=str(self.node_ip))
-            volumes: tuple[tuple[str, str], ...] = ()
+                resolve_env(c, p, pod_ip=rt.ip, host_ip=str(self.node_ip))
+            ro: list[tuple[str, str]] = []
+            rw: list[tuple[str, str]] = []
             if c.api_token:
                 try:
-                    volumes = ((await self._token_volume(p), SA_TOKEN_DIR),)
+                    ro.append((await self._token_volume(p), SA_TOKEN_DIR))
                     rt.token_issued_at = time.time()
                 except (ApiError, OSError) as e:
                     log.warning("pod %s: no API token volume: %s", p.key, e)
                     rt.containers.append(_Container(plan=c, proc=None, problem=f"API token volume: {e}"))
                     continue
-            proc = Proc(argv=list(c.argv), netns=podnet.netns, cgroup=podnet.cgroup, env=env,
+            for m in c.mounts:
+                writable = isinstance(p.volumes[m.volume], HostPathVolume | EmptyDirVolume) and not m.read_only
+                (rw if writable else ro).append((rt.volume_dirs[m.volume], m.path))
+            contain = Containment(uid=c.run_as_user, gid=c.run_as_group, hide=(self.state_dir, NETNS_DIR, BPFFS),
+                                  volumes=tuple(ro), writable_volumes=tuple(rw), privileged=c.privileged,
+                                  host_pid=p.host_pid, hosts_file=self.proxy.hosts_path if self.proxy else None)
+            proc = Proc(argv=expand_argv(c.argv, env), netns=rt.netns, cgroup=rt.cgroup, env=env,
                         cwd=c.working_dir, log_path=os.path.join(logs, f"{p.namespace}_{p.name}_{c.name}.log"),
-                        contain=Containment(uid=c.run_as_user, gid=c.run_as_group,
-                                            hide=(self.state_dir, NETNS_DIR, "/sys/fs/bpf"), volumes=volumes))
+                        contain=contain)
             cont = _Container(plan=c, proc=proc, ready=None if c.readiness is None else False,
                               next_probe=time.monotonic() + (c.readiness.initial_delay if c.readiness else 0))
             try:
@@ -351,9 +490,7 @@ class NodeAgent:
                 log.warning("pod %s container %s failed to start: %s", p.key, c.name, e)
                 proc.last_exit, proc.next_start = -1, time.monotonic() + 1
             rt.containers.append(cont)
-        self.pods[p.uid] = rt
-        log.info("pod %s (%s) up at %s", p.key, p.uid, ip)
-        return rt
+        log.info("pod %s containers started", p.key)
 
     async def _probe_due(self) -> None:
         """Run the readiness probes that are due, from the node (as a kubelet probes the pod IP)."""
@@ -448,7 +585,7 @@ class NodeAgent:
                 if policy == "Never" or (policy == "OnFailure" and proc.last_exit == 0):
                     proc.next_start = float("inf")
                 else:
-                    proc.next_start = now + restart_delay(proc.restarts)
+                    proc.next_start = now + proc.backoff(now)
                 log.info("pod %s container %s exited with %s", rt.plan.key, c.plan.name, proc.last_exit)
             elif proc.next_start and now >= proc.next_start:
                 proc.next_start = 0.0
@@ -465,6 +602,8 @@ class NodeAgent:
                                 restarts=c.proc.restarts if c.proc else 0, started_at=c.started_at,
                                 last_exit=c.proc.last_exit if c.proc else None, finished_at=c.finished_at,
                                 problem=c.problem) for c in rt.containers]
+        if not rt.started:  # volumes not provided yet: every container is still being created
+            facts = [ContainerFacts(name=c.name, running=False, restarts=0, started_at=None) for c in rt.plan.containers]
         key = tuple(facts)
         if key == rt.last_status:
             return  # only changes are written
@@ -486,6 +625,7 @@ class NodeAgent:
             # SIGTERM to every container at once, then the grace period (capped: a test node).
             from .procs import stop
             await asyncio.gather(*(asyncio.to_thread(stop, pr.popen, max(0.1, min(grace, 30))) for pr in procs_))
+        await asyncio.to_thread(self.sandboxes.remove, rt.plan.key)
         await asyncio.to_thread(self.net.remove_pod, uid)
         shutil.rmtree(self._pod_dir(uid), ignore_errors=True)
         self.addr.release_pod(uid)

@@ -4,16 +4,18 @@ to write back, as a kubelet would. Wire dicts from the API server are converted 
 This node runs commands, not images: a container runs its `command` + `args` (the image is
 ignored), contained as local mode contains pods (localcluster.procs). Environment: literal
 values and the downward API fields a kubelet resolves (metadata.name/namespace/uid,
-spec.nodeName, spec.serviceAccountName, status.podIP, status.hostIP); anything else
-(Secrets, ConfigMaps, volumes other than the API token's, which the node agent provides)
-is refused with a reason, shown as the container's waiting
-state, rather than run half-configured.
+spec.nodeName, spec.serviceAccountName, status.podIP, status.hostIP); volumes as kubelet_volumes plans them
+(hostPath, configMap, projected tokens and ConfigMaps; the API token's is the node agent's
+own); anything else (Secrets, envFrom, other volume kinds) is refused with a reason, shown as
+the container's waiting state, rather than run half-configured.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .kubelet_volumes import Mount, Volume, plan_mounts, plan_volumes
 
 __all__ = ["ContainerPlan", "PodPlan", "Probe", "ContainerFacts", "plan_pod", "pod_status", "resolve_env", "UNSUPPORTED",
            "SA_TOKEN_DIR", "TOKEN_SECONDS", "token_refresh_due"]
@@ -23,6 +25,7 @@ UNSUPPORTED = "CreateContainerConfigError"
 SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 """Admission adds this mount to every pod that automounts its API token: the node agent
 provides it (token, ca.crt, namespace), as a kubelet's projected volume does."""
+_POD_MOUNT_ROOTS = ("/run", "/var/run", "/tmp")
 _FIELDS = ("metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
            "spec.serviceAccountName", "status.podIP", "status.hostIP")
 
@@ -43,6 +46,10 @@ class ContainerPlan:
     api_token: bool = False
     """Mounts the ServiceAccount's API token at SA_TOKEN_DIR."""
     readiness: "Probe | None" = None
+    mounts: tuple[Mount, ...] = ()
+    """Volumes other than the API token's (kubelet_volumes), at their mount paths."""
+    privileged: bool = False
+    """securityContext.privileged: every capability, the host's devices, no masked paths."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,8 @@ class PodPlan:
     terminating: bool
     grace_seconds: int
     host_network: bool
+    host_pid: bool
+    volumes: Mapping[str, Volume]
     pinned_ip: str | None
     """status.podIP already recorded (this agent restarted): the pod keeps its address."""
 
@@ -98,7 +107,8 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def _container(c: Mapping[str, Any], pod_sc: Mapping[str, Any]) -> ContainerPlan:
+def _container(c: Mapping[str, Any], pod_sc: Mapping[str, Any], volumes: Mapping[str, Volume],
+               bad_volumes: Mapping[str, str]) -> ContainerPlan:
     name = str(c.get("name") or "")
     sc = c.get("securityContext") or {}
     uid = _int(sc.get("runAsUser"))
@@ -118,14 +128,21 @@ def _container(c: Mapping[str, Any], pod_sc: Mapping[str, Any]) -> ContainerPlan
             field_env.append((var, path))
         else:
             problem = problem or f"env {var}: only literal values and fieldRef {', '.join(_FIELDS)} are supported"
-    mounts = [m.get("mountPath") for m in c.get("volumeMounts") or () if m.get("mountPath") != SA_TOKEN_DIR]
-    if c.get("envFrom") or mounts:
-        problem = problem or f"envFrom and volumeMounts ({', '.join(map(str, mounts))}) are not supported on this node"
+    if c.get("envFrom"):
+        problem = problem or "envFrom is not supported on this node"
+    mounts, why = plan_mounts(c.get("volumeMounts") or (), volumes, bad_volumes, skip=SA_TOKEN_DIR)
+    privileged = sc.get("privileged") is True
+    outside = [m.path for m in mounts if not any(m.path == r or m.path.startswith(r + "/") for r in _POD_MOUNT_ROOTS)]
+    if outside and not privileged and why is None:
+        why = (f"volumeMounts {', '.join(outside)}: an unprivileged container's volumes must be under "
+               f"{', '.join(_POD_MOUNT_ROOTS)} on this node (its root is the host's, read-only)")
+    problem = problem or why
     ports = {str(p.get("name")): int(p["containerPort"]) for p in c.get("ports") or ()
              if p.get("name") and _int(p.get("containerPort")) is not None}
     return ContainerPlan(
         readiness=_probe(c.get("readinessProbe"), ports),
         api_token=any(m.get("mountPath") == SA_TOKEN_DIR for m in c.get("volumeMounts") or ()),
+        mounts=mounts, privileged=privileged,
         name=name, argv=argv, env=tuple(env), field_env=tuple(field_env), working_dir=c.get("workingDir") or None,
         run_as_user=uid if uid is not None else (_int(pod_sc.get("runAsUser")) or 0),
         run_as_group=gid if gid is not None else (_int(pod_sc.get("runAsGroup")) or 0),
@@ -136,16 +153,18 @@ def plan_pod(obj: Mapping[str, Any]) -> PodPlan:
     """A Pod object as what this node does with it."""
     meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
     pod_sc = spec.get("securityContext") or {}
+    volumes, bad_volumes = plan_volumes(spec.get("volumes") or ())
     grace = _int(meta.get("deletionGracePeriodSeconds"))
     if grace is None:
         grace = _int(spec.get("terminationGracePeriodSeconds"))
     return PodPlan(
         namespace=str(meta.get("namespace") or ""), name=str(meta.get("name") or ""), uid=str(meta.get("uid") or ""),
         node=str(spec.get("nodeName") or ""), service_account=str(spec.get("serviceAccountName") or "default"),
-        containers=tuple(_container(c, pod_sc) for c in spec.get("containers") or ()),
+        containers=tuple(_container(c, pod_sc, volumes, bad_volumes) for c in spec.get("containers") or ()),
         restart_policy=str(spec.get("restartPolicy") or "Always"),
         terminating=meta.get("deletionTimestamp") is not None,
         grace_seconds=30 if grace is None else grace, host_network=bool(spec.get("hostNetwork")),
+        host_pid=bool(spec.get("hostPID")), volumes=volumes,
         pinned_ip=status.get("podIP") or None)
 
 

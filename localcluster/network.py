@@ -73,6 +73,7 @@ from typing import TypeVar
 
 
 from mesh.linux import cgroup, netns
+from mesh.proxy.sockets import FWMARK_ACCEPT_SYSCTL, INBOUND_MARK, INBOUND_MARK_MASK, INBOUND_TABLE
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -134,6 +135,18 @@ class PodNet:
     """The node-side end of the pod's veth (a port of the node's cni0)."""
     cgroup: str
     """Absolute path of ``<cgroup2>/<prefix>/pods/<hash(uid)>``."""
+
+
+def _source_return_path(ipr: "IPRoute") -> None:
+    """In a pod netns: route replies to ztunnel's source-preserving dials back to it (Istio's
+    in-pod rule, without conntrack).  ztunnel dials the app from the client's IP with
+    IP_TRANSPARENT and SO_MARK INBOUND_MARK; tcp_fwmark_accept (set after this) gives the
+    app's accepted socket that mark, and this rule delivers what it sends locally (lo, to
+    ztunnel's socket) instead of out of eth0 to the real client."""
+    lo = _index(ipr, "lo")
+    ipr.route("add", dst="0.0.0.0/0", type="local", oif=lo, table=INBOUND_TABLE, scope=254)  # host
+    ipr.rule("add", fwmark=INBOUND_MARK, fwmask=INBOUND_MARK_MASK, table=INBOUND_TABLE,
+             priority=32764)
 
 
 @contextmanager
@@ -460,11 +473,20 @@ class ClusterNetwork:
                     ipr.addr("add", index=eth0, address=str(ip), prefixlen=cidr.prefixlen)
                     ipr.link("set", index=eth0, state="up")
                     ipr.route("add", dst="0.0.0.0/0", gateway=str(gw))
+                    _source_return_path(ipr)
                 # A restarted ztunnel binds the in-pod ports next to the old one (SO_REUSEPORT);
                 # when the old closes its listeners, connections they had not accepted yet move
                 # to the new one's instead of being reset (Linux 5.14+).
                 with netns.in_netns(ns):
                     with open("/proc/sys/net/ipv4/tcp_migrate_req", "w", encoding="ascii") as f:
+                        f.write("1")
+                    # The kernel's own replies (a RST when the app does not listen) take the
+                    # mark of the packet they answer: a refused source-preserving dial comes
+                    # back to ztunnel as a refusal, not as a stray RST to the real client.
+                    with open("/proc/sys/net/ipv4/fwmark_reflect", "w", encoding="ascii") as f:
+                        f.write("1")
+                    # Last: ztunnel reads it as "this pod has the return path" (sockets.py).
+                    with open(FWMARK_ACCEPT_SYSCTL, "w", encoding="ascii") as f:
                         f.write("1")
                 cg = cgroup.create(self.pod_cgroup_rel(pod_uid))
             except BaseException:

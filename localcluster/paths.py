@@ -74,5 +74,15 @@ class ClusterPaths:
         """A waypoint's run dir (`bootstrap/`, `admin.sock`), as its command line names it."""
         return os.path.join(self.run_dir, "waypoints", namespace, gateway)
 
+    def ztunnel_log(self, node: str, worker: int = 0) -> str:
+        return os.path.join(self.logs_dir, f"ztunnel-{node}{'' if worker == 0 else f'-{worker}'}.log")
+
+    @staticmethod
+    def waypoint_log_name(namespace: str, gateway: str) -> str:
+        return f"waypoint-{namespace}-{gateway}.log"
+
+    def waypoint_log(self, namespace: str, gateway: str) -> str:
+        return os.path.join(self.logs_dir, self.waypoint_log_name(namespace, gateway))
+
     def container_log(self, namespace: str, pod: str, container: str) -> str:
         return os.path.join(self.logs_dir, f"{namespace}_{pod}_{container}.log")

@@ -78,6 +78,14 @@ class Containment:
     """Directories covered by an empty tmpfs (the mesh's state, /var/run/netns, /sys/fs/bpf)."""
     volumes: tuple[tuple[str, str], ...] = ()
     """(host directory, path in the pod) bound read-only (the ServiceAccount token's)."""
+    writable_volumes: tuple[tuple[str, str], ...] = ()
+    """(host directory, path in the pod) bound read-write (hostPath volumes not readOnly)."""
+    privileged: bool = False
+    """securityContext.privileged: capabilities kept, the host's /dev, its own root (contain.py)."""
+    host_pid: bool = False
+    """spec.hostPID: the node's PID namespace (no PID namespace of its own)."""
+    hosts_file: str | None = None
+    """Bound read-only over /etc/hosts: the node's Service names (the cluster-DNS stand-in)."""
 
 
 class SpawnError(OSError):
@@ -113,11 +121,23 @@ _KEEP = tuple(a for d in sorted({os.path.dirname(os.path.dirname(_CONTAIN)), sys
 def contain_argv(argv: Sequence[str], c: Containment, cwd: str | None) -> list[str]:
     """The part of the chain after the netns: namespaces, hidden state, user, capabilities."""
     hide = [a for d in c.hide for a in ("--hide", d)] + [a for src, dst in c.volumes for a in ("--volume", f"{src}:{dst}")]
-    return [_tool("unshare"), "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
-            sys.executable, "-I", "-S", _CONTAIN, *hide, *_KEEP, *(("--writable", cwd) if cwd else ()), "--",
+    hide += [a for src, dst in c.writable_volumes for a in ("--volume", f"{src}:{dst}:rw")]
+    init = ["/bin/sh", "-c", _INIT, "mesh-init", *argv]
+    if c.privileged:
+        # Mounts stay slaves of the host's (contain.py makes / rslave), so no private propagation.
+        pid = () if c.host_pid else ("--pid", "--fork", "--kill-child", "--mount-proc")
+        user = () if (c.uid, c.gid) == (0, 0) else (
+            _tool("setpriv"), f"--reuid={c.uid}", f"--regid={c.gid}", "--clear-groups", "--")
+        return [_tool("unshare"), "--mount", "--propagation", "unchanged", *pid, "--",
+                sys.executable, "-I", "-S", _CONTAIN, "--privileged", *hide, *_KEEP,
+                *(("--hosts", c.hosts_file) if c.hosts_file else ()), *(("--writable", cwd) if cwd else ()), "--",
+                *user, *init]
+    return [_tool("unshare"), "--mount", *(() if c.host_pid else ("--pid", "--fork", "--kill-child", "--mount-proc")),
+            "--", sys.executable, "-I", "-S", _CONTAIN, *hide, *_KEEP, *(("--hosts", c.hosts_file) if c.hosts_file else ()),
+            *(("--writable", cwd) if cwd else ()), "--",
             _tool("setpriv"), f"--reuid={c.uid}", f"--regid={c.gid}", "--clear-groups",
             "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-            "/bin/sh", "-c", _INIT, "mesh-init", *argv]
+            *init]
 
 
 def pod_argv(argv: Sequence[str], *, netns: str | None, cgroup: str | None,

@@ -46,7 +46,7 @@ from localcluster.observe import Observability, ObserveSettings
 from localcluster.paths import ClusterPaths
 from localcluster.procs import Containment
 from controlplane.store import ResourceStore
-from localcluster.system import RESTART_BACKOFF_MAX, Proc, ProcSpec, SystemWorkload, restart_delay
+from localcluster.system import RESTART_BACKOFF_MAX, Proc, ProcSpec, SystemWorkload
 from localcluster import waypoints
 from localcluster.meshgate import GateDecision, GateReason, decide as gate_decide
 from localcluster.handover import hand_over
@@ -104,8 +104,9 @@ class Runner(RunnerStatus):
                                cert_ttl=settings.cert_ttl)
         self.store.watch(self.cp.resources_changed)
         self._system: dict[tuple[str, str], list[Proc]] = {}
-        """Running system workloads by (kind, target): ztunnel per node (replica 0 owns
-        capture and the node's admin ports, the others are SO_REUSEPORT workers)."""
+        """Running system workloads by (kind, target): ztunnel per node (replica 0 attaches
+        capture and has the node's admin ports; all are SO_REUSEPORT workers, each in its
+        own capture slot, so any live one serves every pod)."""
         self._pods: dict[str, _PodRt] = {}
         self.obs = Observability(paths, settings.observe, cp=self.cp, system=self._system, pods=self._pods,
                                  clock=clock)
@@ -388,13 +389,13 @@ class Runner(RunnerStatus):
         env = tuple(sorted((base_env() | _prefixed_env("ZTUNNEL_")).items()))
         replicas = []
         for i in range(self.settings.ztunnel_workers):
-            extra = (("--pin-dir", os.path.join(self.paths.bpf_pin_dir, node),
-                      *(("--fail-open",) if self.settings.fail_open else ())) if i == 0
-                     else ("--worker", str(i)))
-            suffix = "" if i == 0 else f"-{i}"
+            # Every worker gets the pins: each puts its listeners in its own capture slot.
+            extra = ("--pin-dir", os.path.join(self.paths.bpf_pin_dir, node),
+                     *(("--fail-open",) if self.settings.fail_open else ()),
+                     *(("--worker", str(i)) if i else ()))
             replicas.append(ProcSpec(
                 argv=argv + extra, netns=self.net.node_netns(node), cgroup=self.net.ztunnel_cgroup(node),
-                env=env, log_path=os.path.join(self.paths.logs_dir, f"ztunnel-{node}{suffix}.log"),
+                env=env, log_path=self.paths.ztunnel_log(node, i),
                 admin_socket=os.path.join(ndir, "admin.sock" if i == 0 else f"admin-{i}.sock"),
                 label=f"ztunnel on {node}" + (f" (worker {i})" if i else "")))
         return SystemWorkload(kind="ztunnel", target=node, replicas=tuple(replicas))
@@ -459,7 +460,7 @@ class Runner(RunnerStatus):
                   "--control-plane", self.paths.control_plane_socket, "--trust-domain", self.settings.trust_domain,
                   "--metrics-address", "127.0.0.1:15020"),
             netns=rt.net.netns, cgroup=rt.net.cgroup, env=tuple(sorted(env.items())),
-            log_path=os.path.join(self.paths.logs_dir, f"waypoint-{gw.namespace}-{gw.name}.log"),
+            log_path=self.paths.waypoint_log(gw.namespace, gw.name),
             admin_socket=os.path.join(wdir, "admin.sock"), label=f"waypoint {target}")
         return SystemWorkload(kind="waypoint", target=target, replicas=(spec,))
 
@@ -591,7 +592,7 @@ class Runner(RunnerStatus):
             for p in procs_:
                 if p.popen is not None and p.popen.poll() is not None and p.next_start == 0.0:
                     p.last_exit = p.popen.returncode
-                    p.next_start = now + restart_delay(p.restarts)
+                    p.next_start = now + p.backoff(now)
                     log.warning("%s exited with %s; restarting in %.0fs", p.argv[:3], p.last_exit,
                                 p.next_start - now)
                 elif p.next_start and now >= p.next_start:

@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+from controlplane.route_status import route_status_dict
 from controlplane.translate import enrolled
 from localcluster import waypoints
 from localcluster.api import ApiError
@@ -109,6 +110,8 @@ class RunnerStatus:
                            for n in nss.values()],
             "nodes": nodes, "pods": pods, "services": services, "waypoints": waypoint_list,
             "missing_waypoints": missing, "observability": self.obs.status(),
+            # Gateway API conditions per HTTPRoute parentRef; VirtualService host resolution.
+            "routes": route_status_dict(self.store.objects.values(), trust_domain=self.settings.trust_domain),
             "policies": [str(k) for k in self.store.objects if k.kind not in
                          ("Namespace", "Node", "Pod", "Service", "ServiceAccount")],
             "warnings": {str(k): w for k, w in sorted(self._warnings.items(), key=lambda kv: str(kv[0]))

@@ -11,14 +11,19 @@ returns.
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from localcluster import procs
 
-__all__ = ["ProcSpec", "SystemWorkload", "Proc", "restart_delay", "RESTART_BACKOFF_MAX"]
+__all__ = ["ProcSpec", "SystemWorkload", "Proc", "restart_delay", "RESTART_BACKOFF_MAX", "BACKOFF_RESET"]
 
 RESTART_BACKOFF_MAX = 30.0
+BACKOFF_RESET = 600.0
+"""A process that ran this long before it exited is restarted after the shortest delay again
+(the kubelet resets a container's crash-loop backoff after 10 minutes of running), so a
+ztunnel that crashes once a day is back after 1 s each time, not after 30."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,13 +78,27 @@ class Proc:
     next_start: float = 0.0
     contain: procs.Containment | None = None
     """A pod container's containment; None for system workloads (they need privileges)."""
+    started_at: float = 0.0
+    """time.monotonic() of the last start."""
+    streak: int = 0
+    """Exits in a row, each within BACKOFF_RESET of its start: the backoff exponent."""
 
     @classmethod
     def of(cls, spec: ProcSpec) -> Proc:
         return cls(argv=list(spec.argv), netns=spec.netns, cgroup=spec.cgroup, env=dict(spec.env),
                    cwd=spec.cwd, log_path=spec.log_path, admin_socket=spec.admin_socket, label=spec.label)
 
+    def backoff(self, now: float) -> float:
+        """The delay before restarting a process that exited at `now` (capped exponential in
+        the exits in a row; back to the shortest after BACKOFF_RESET of running)."""
+        if now - self.started_at >= BACKOFF_RESET:
+            self.streak = 0
+        delay = restart_delay(self.streak)
+        self.streak += 1
+        return delay
+
     def start(self) -> None:
+        self.started_at = time.monotonic()
         self.popen = procs.spawn(self.argv, netns=self.netns, cgroup=self.cgroup, env=self.env,
                                  cwd=self.cwd, log_path=self.log_path, contain=self.contain)
 

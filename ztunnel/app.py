@@ -25,7 +25,7 @@ import signal
 import ssl
 from typing import Any
 
-from ebpf import capture as ebpf_capture  # workers > 0: its original_dst() needs no Capture
+from ebpf import capture as ebpf_capture  # without capture: its original_dst() needs no Capture
 from mesh.linux import cgroup as cgroups
 from mesh import tls
 from mesh.admin_http import AdminServer, Response
@@ -37,7 +37,7 @@ from mesh.hbone import HbonePool
 from mesh.proxy.access_log import Recorder
 from mesh.proxy.bootstrap import TlsContexts, load_bootstrap
 from mesh.proxy.reason import Reason
-from mesh.proxy.sockets import NetnsSockets
+from mesh.proxy.sockets import NetnsSockets, has_return_path
 from mesh.sandbox import SandboxDir
 from mesh.identity import SpiffeId
 from mesh.model import TunnelProtocol, Workload
@@ -187,7 +187,7 @@ class Ztunnel:
         if not self.serving and all(uid in self.pods for uid in want):
             self.serving = True
             log.info("serving: %d local pod(s) enrolled", len(self.pods))
-        if self.capture is not None:  # pods captured by an earlier ztunnel that are gone now
+        if self.capture is not None and self.capture.owner:  # captured by an earlier ztunnel, gone now
             for uid in set(self.capture.enrolled()) - set(want):
                 self.capture.release(uid)
         for ident in {pp.workload.identity for pp in self.pods.values()}:
@@ -204,9 +204,16 @@ class Ztunnel:
         server_ctx = await asyncio.wait_for(self.tls.server(w.identity), 10)
         await self.tls.refresh(w.identity)
         ident = w.identity
-        ctx = PodContext(workload=w, state=self.state, sockets=NetnsSockets(sb.netns),
+        # The app sees the client's IP when the pod netns routes the replies back to us.
+        preserve = await asyncio.to_thread(has_return_path, sb.netns)
+        if not preserve:
+            log.warning("pod %s: its netns has no return route for source-preserving dials; "
+                        "its app sees connections from its own IP", w.uid)
+        sockets = NetnsSockets(sb.netns, preserve_source=preserve, own_ip=str(w.ip))
+        ctx = PodContext(workload=w, state=self.state, sockets=sockets,
                          original_dst=SocketOriginalDst((self.capture or ebpf_capture).original_dst),
-                         clock=self.clock, rng=self.rng, sink=self.conn_log, trust_domain=self.cfg.trust_domain)
+                         clock=self.clock, rng=self.rng, sink=self.conn_log, trust_domain=self.cfg.trust_domain,
+                         connect_traceparent=self.cfg.connect_traceparent)
         pp = PodProxy(ctx, pool=self.pool, client_tls=lambda: self.tls.client(ident), server_tls=server_ctx)
         await pp.start()
         try:
@@ -255,7 +262,7 @@ class Ztunnel:
             "client": self.client.stats,
             "enrolled": sorted(self.pods),
             "enroll_errors": self.enroll_errors,
-            "capture": self.capture.stats() if self.capture is not None else None,
+            "capture": self._capture_dump(),
             "connections_total": self.conn_log.total,
             "workloads": [to_wire(w) for w in st.workloads()],
             "services": [to_wire(s) for s in st.services()],
@@ -263,6 +270,15 @@ class Ztunnel:
             "policies": [to_wire(p) for p in st.policies()],
             "certificates": self.secrets.snapshot(self.clock.now()),
         })
+
+    def _capture_dump(self) -> dict[str, Any] | None:
+        if self.capture is None:
+            return None
+        try:
+            return {"worker": self.capture.worker, "owner": self.capture.owner,
+                    "counters": self.capture.stats(), "listener_slots": self.capture.listener_slots()}
+        except ebpf_capture.CaptureError as e:  # a worker > 0 before worker 0 pinned the maps
+            return {"worker": self.capture.worker, "owner": self.capture.owner, "error": str(e)}
 
     def _live(self, _path: str) -> Response:
         """What this process holds open now: leak checks (tests) and diagnostics."""
@@ -330,8 +346,8 @@ class Ztunnel:
         await self.admin.listen_unix(self.cfg.admin_socket)
         if self.cfg.listen_tcp and self.cfg.worker == 0:
             await self.admin.listen_tcp("127.0.0.1", self.cfg.admin_port, reuse_port=True)
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.readiness_port, reuse_port=True)
-            await self.admin.listen_tcp("127.0.0.1", self.cfg.metrics_port, reuse_port=True)
+            await self.admin.listen_tcp(self.cfg.status_address, self.cfg.readiness_port, reuse_port=True)
+            await self.admin.listen_tcp(self.cfg.status_address, self.cfg.metrics_port, reuse_port=True)
         log.info("ztunnel for node %s started (cgroup %s); control plane %s", self.cfg.node,
                  cgroups.cgroup_of(os.getpid()), self.cfg.control_plane)
         sync = asyncio.ensure_future(self._sync_loop())

@@ -31,6 +31,9 @@ class ZtunnelConfig:
     """Prometheus `/metrics` (and `/stats/prometheus`) on 127.0.0.1 of the node's netns."""
     readiness_port: int = 15021
     """`GET /healthz/ready` on 127.0.0.1 of the node's network namespace."""
+    status_address: str = "127.0.0.1"
+    """Where the readiness and metrics ports listen (admin stays on 127.0.0.1): 0.0.0.0 when
+    ztunnel has a pod netns of its own (Kubernetes), so the kubelet's probe and Prometheus reach them."""
     listen_tcp: bool = True
     """Open the node-local TCP admin/readiness ports (off in tests run outside a node netns)."""
     sandbox_dir: str = ""
@@ -46,10 +49,15 @@ class ZtunnelConfig:
     pool_unused_release_timeout: float = 300.0
     """Seconds a pooled outbound HBONE connection with no stream stays open (Istio's
     `POOL_UNUSED_RELEASE_TIMEOUT`, default 5 min); `ZTUNNEL_POOL_UNUSED_RELEASE_TIMEOUT`."""
+    connect_traceparent: bool = False
+    """Send a new `traceparent` on each outbound HBONE CONNECT (Istio's ztunnel always does;
+    here `ZTUNNEL_CONNECT_TRACEPARENT=true`). ztunnel never reads HTTP, so it cannot continue
+    an app's trace: the context names the connection."""
     worker: int = 0
     """This process's index among the node's ztunnel workers. Every worker opens the in-pod
-    listeners with SO_REUSEPORT, so the kernel spreads connections over them; worker 0 alone
-    owns eBPF capture and the node-local TCP admin ports."""
+    listeners with SO_REUSEPORT, so the kernel spreads connections over them, and puts them in
+    its own slot of the capture maps, so any live worker serves every pod; worker 0 alone
+    builds, attaches and releases the eBPF capture and has the node-local TCP admin ports."""
 
     @property
     def admin_socket(self) -> str:

@@ -4,8 +4,9 @@
     0.0.0.0:15006    inbound   plaintext to the pod, steered by sk_lookup (inbound/passthrough.py)
     0.0.0.0:15008    HBONE     mTLS + HTTP/2 CONNECT with this pod's certificate (inbound/hbone.py)
 
-The sockets come from the SocketFactory in the PodContext: in the pod's netns with SO_MARK
-0x539 in production, on the pod's own loopback address in in-process tests. Live inbound
+The sockets come from the SocketFactory in the PodContext: in the pod's netns in production
+(dials marked SO_MARK 0x539; dials to the app from the client's IP, 0x111), on the pod's own
+loopback address in in-process tests. Live inbound
 connections and their re-authorization are the ConnectionManager's.
 """
 from __future__ import annotations

@@ -69,6 +69,9 @@ class PodContext:
     sink: ResultSink
     trust_domain: str
     ports: Ports = Ports()
+    connect_traceparent: bool = False
+    """Originate a `traceparent` (a new, unsampled trace per connection) on outbound HBONE
+    CONNECTs, as Istio's ztunnel does; off by default (then the hot path does not draw ids)."""
 
     @property
     def ip(self) -> str:

@@ -1,7 +1,13 @@
 /* sk_lookup on every enrolled pod's netns: steer TCP connections arriving for the pod IP to
  * ztunnel's in-pod listeners (HBONE_PORT -> the HBONE listener, any other port -> the
  * INBOUND_PORT listener).  getsockname() on the accepted socket keeps the original
- * destination, so ztunnel needs no map for inbound. */
+ * destination, so ztunnel needs no map for inbound.
+ *
+ * ztunnel's own hop to the app must not be steered back to it: it dials from the pod IP
+ * (remote == local) or, to keep the client's address visible to the app, from the client's
+ * IP with IP_TRANSPARENT; those dials are in ztunnel_dials (capture_ztunnel_sockops).  The
+ * mesh is IPv4-only: an IPv6 SYN from off the pod (the node or a neighbour over link-local)
+ * is dropped rather than reaching the app around ztunnel's policy. */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
 #include <linux/socket.h>
@@ -22,9 +28,27 @@ static __always_inline void count(__u32 idx)
         __sync_fetch_and_add(v, 1);
 }
 
+static __always_inline int lookup6(struct bpf_sk_lookup *ctx)
+{
+    __u32 r0 = ctx->remote_ip6[0], r1 = ctx->remote_ip6[1], r2 = ctx->remote_ip6[2];
+    __u32 r3 = ctx->remote_ip6[3];
+    int same = r0 == ctx->local_ip6[0] && r1 == ctx->local_ip6[1] && r2 == ctx->local_ip6[2]
+               && r3 == ctx->local_ip6[3];
+    if (same || (r0 == 0 && r1 == 0 && r2 == 0 && r3 == bpf_htonl(1))) {   /* pod-local, ::1 */
+        count(CNT_SKLOOKUP_SKIP_LOCAL);
+        return SK_PASS;
+    }
+    count(CNT_SKLOOKUP_V6_REFUSED);
+    return SK_DROP;
+}
+
 int capture_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-    if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+    if (ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    if (ctx->family == AF_INET6)
+        return lookup6(ctx);
+    if (ctx->family != AF_INET)
         return SK_PASS;
     __u32 local = ctx->local_ip4;
     __u32 remote = ctx->remote_ip4;
@@ -39,9 +63,24 @@ int capture_sk_lookup(struct bpf_sk_lookup *ctx)
         count(CNT_SKLOOKUP_NOT_POD);
         return SK_PASS;
     }
+    struct dial_key d = {.app_ip = local, .client_ip = remote, .app_port = (__u16)ctx->local_port,
+                         .client_port = bpf_ntohs(ctx->remote_port)};
+    if (ztunnel_dials.lookup(&d)) {
+        count(CNT_SKLOOKUP_ZTUNNEL_DIAL);
+        return SK_PASS;
+    }
     int hbone = ctx->local_port == HBONE_PORT;
     struct listener_key k = {.pod_ip = local, .kind = hbone ? LISTENER_HBONE : LISTENER_INBOUND};
-    struct bpf_sock *sk = (struct bpf_sock *)inbound_listeners.lookup(&k);
+    struct bpf_sock *sk = 0;
+    /* Any live worker's listener will do: the reuseport group behind it spreads connections
+     * over all of them, so no worker (not even 0) is one that capture depends on. */
+#pragma unroll
+    for (__u32 w = 0; w < MAX_WORKERS; w++) {
+        k.worker = w;
+        sk = (struct bpf_sock *)inbound_listeners.lookup(&k);
+        if (sk)
+            break;
+    }
     if (!sk) {
         count(CNT_SKLOOKUP_NO_LISTENER);
         return VERDICT_NO_LISTENER;

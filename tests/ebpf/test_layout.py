@@ -99,7 +99,8 @@ def _attr_asserts(member: str, ctype: type, rename: dict[str, str] | None = None
 def test_mirrors_match_the_c_compiler():
     checks = {"struct listener_key": maps.ListenerKey, "struct pod_info": maps.PodInfo,
               "struct conn_key": maps.ConnKey, "struct orig_dst": maps.OrigDst,
-              "__u64": maps.CaptureMaps.OutboundKey, "__u32": maps.CaptureMaps.PodKey}
+              "struct outbound_key": maps.OutboundKey, "struct dial_key": maps.DialKey,
+              "__u32": maps.CaptureMaps.PodKey}
     lines = [line for c_name, t in checks.items() for line in _struct_asserts(c_name, t)]
     for enum in ("listener_kind", "capture_counter"):
         for name, value in maps.header_enum(enum).items():
@@ -113,7 +114,8 @@ def test_mirrors_match_the_c_compiler():
     for const in ("PROG_TYPE_CGROUP_SOCK_ADDR", "PROG_TYPE_SOCK_OPS", "PROG_TYPE_CGROUP_SOCKOPT",
                   "PROG_TYPE_SK_LOOKUP"):
         lines.append(f"_Static_assert(BPF_{const} == {getattr(loader, const)}, \"{const}\");")
-    for const in ("CGROUP_SOCK_OPS", "CGROUP_INET4_CONNECT", "CGROUP_GETSOCKOPT", "SK_LOOKUP"):
+    for const in ("CGROUP_SOCK_OPS", "CGROUP_INET4_CONNECT", "CGROUP_INET6_CONNECT",
+                  "CGROUP_GETSOCKOPT", "SK_LOOKUP"):
         lines.append(f"_Static_assert(BPF_{const} == {getattr(loader, 'ATTACH_' + const)}, "
                      f"\"{const}\");")
     lines += _attr_asserts("", loader.AttrMapElem)

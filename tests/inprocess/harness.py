@@ -151,7 +151,7 @@ class LoopbackMesh(MeshObjects):
         return s
 
     async def pod(self, name: str, ns: str = "mesh", sa: str = "default", *, meshed: bool = True,
-                  waypoint: WaypointBinding | None = None) -> Pod:
+                  waypoint: WaypointBinding | None = None, connect_traceparent: bool = False) -> Pod:
         ip = self.ip()
         ident = SpiffeId(trust_domain=TD, namespace=ns, service_account=sa)
         w = Workload(uid=f"{ns}/{name}", name=name, namespace=ns, node="n1", ip=ipaddress.IPv4Address(ip),
@@ -165,7 +165,8 @@ class LoopbackMesh(MeshObjects):
             cert = self.ca.issue(ident)
             client_ctx = tls.client_context(cert, self.ca.roots_pem)
             ctx = PodContext(workload=w, state=self.state, sockets=LoopbackSockets(ip), original_dst=self.redirects,
-                             clock=SystemClock(), rng=random.Random(1), sink=self.log, trust_domain=TD)
+                             clock=SystemClock(), rng=random.Random(1), sink=self.log, trust_domain=TD,
+                             connect_traceparent=connect_traceparent)
             proxy = PodProxy(ctx, pool=self.pool, client_tls=lambda: client_ctx,
                              server_tls=tls.server_context(cert, self.ca.roots_pem), limits=InboundLimits())
             await proxy.start()

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.proxy.reason import Direction, Reason
 from mesh.proxy.result import Listener, SecurityPolicy
+from mesh.tracecontext import parse_traceparent
 from tests.hbone_support import unclosed_transports
 from tests.inprocess.harness import APP_PORT, LoopbackMesh, roundtrip
 
@@ -356,3 +357,25 @@ def test_evicting_a_deleted_destination_cuts_its_tunnels_and_empties_the_pool():
         assert mesh.pool.open_connections == 0 and mesh.pool.connection_count() == 0
         assert client.proxy.drained, client.proxy.live()
     run(main)
+
+
+def test_connect_carries_a_traceparent_only_when_configured_and_both_ends_log_it(caplog):
+    async def main(mesh):
+        client = await mesh.pod("client", sa="client", connect_traceparent=True)
+        plain = await mesh.pod("plain", sa="plain")
+        server = await mesh.pod("server", sa="server")
+        await roundtrip(*await mesh.dial_out(client, (server.ip, APP_PORT)), b"x")
+        traced = await mesh.result(outbound_of(client)), await mesh.result(inbound_of(server))
+        await roundtrip(*await mesh.dial_out(plain, (server.ip, APP_PORT)), b"y")
+        untraced = await mesh.result(outbound_of(plain)), await mesh.result(
+            lambda r: inbound_of(server)(r) and r.src.workload == "plain")
+        return traced, untraced
+
+    with caplog.at_level(logging.INFO, logger="ambient.access"):
+        (out, inb), (out2, inb2) = run(main)
+    ctx = parse_traceparent(out.traceparent or "")
+    assert ctx is not None and not ctx.sampled          # a new, unsampled trace naming the connection
+    assert inb.traceparent == out.traceparent            # the destination ztunnel got exactly that
+    assert out2.traceparent is None and inb2.traceparent is None   # off by default: nothing sent
+    lines = [json.loads(r.getMessage().split(" ", 2)[2]) for r in caplog.records if r.name == "ambient.access"]
+    assert sum(e.get("traceparent") == out.traceparent for e in lines) == 2

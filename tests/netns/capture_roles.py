@@ -1,7 +1,7 @@
 """Processes for the capture tests: a stand-in ztunnel, a pod app and a pod client (JSON lines).
 
 Usage (each is spawned inside a cgroup and netns by the test):
-  capture_roles.py ztunnel PIN_DIR CGROUP [--fail-open]   # node netns, ztunnel cgroup
+  capture_roles.py ztunnel PIN_DIR CGROUP [--fail-open] [--worker N]   # node netns, ztunnel cgroup
   capture_roles.py app NAME PORT LIFETIME_S               # pod netns, pod cgroup
   capture_roles.py client LIFETIME_S                      # pod netns, pod cgroup
 
@@ -20,6 +20,7 @@ import threading
 import time
 
 MARK = 0x539
+INBOUND_MARK = 0x111
 _out_lock = threading.Lock()
 
 
@@ -57,16 +58,24 @@ def relay(a: socket.socket, b: socket.socket) -> None:
 # ---- stand-in ztunnel ----------------------------------------------------------------------------
 
 class Ztunnel:
-    def __init__(self, pin_dir: str, cgroup: str, fail_open: bool):
+    def __init__(self, pin_dir: str, cgroup: str, fail_open: bool, worker: int = 0,
+                 preserve_source: bool = False):
         from ebpf.capture import Capture
-        self.cap = Capture(pin_dir, ztunnel_cgroup=cgroup, fail_open=fail_open)
+        self.cap = Capture(pin_dir, ztunnel_cgroup=cgroup, fail_open=fail_open, worker=worker)
+        self.worker = worker
         self.pods: dict[str, dict] = {}
+        self.preserve_source = preserve_source
 
-    def upstream(self, pod: dict, bind_pod_ip: bool) -> socket.socket:
+    def upstream(self, pod: dict, bind_pod_ip: bool, source: str | None = None) -> socket.socket:
         from mesh.linux.netns import socket_in_netns
         s = socket_in_netns(pod["netns"])     # ztunnel dials from inside the pod netns
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
         s.settimeout(5)
+        if source is not None:                # as ztunnel's NetnsSockets does (mesh/proxy/sockets.py)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, INBOUND_MARK)
+            s.setsockopt(socket.SOL_IP, 19, 1)    # IP_TRANSPARENT
+            s.bind((source, 0))
+            return s
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
         if bind_pod_ip:
             s.bind((pod["ip"], 0))
         return s
@@ -85,8 +94,10 @@ class Ztunnel:
 
     def on_inbound(self, conn: socket.socket, pod: dict) -> None:
         local = conn.getsockname()
-        emit(event="inbound", uid=pod["uid"], local=list(local), peer=list(conn.getpeername()))
-        self.dial(conn, pod, local, bind_pod_ip=True)
+        peer = conn.getpeername()
+        emit(event="inbound", uid=pod["uid"], local=list(local), peer=list(peer))
+        self.dial(conn, pod, local, bind_pod_ip=True,
+                  source=peer[0] if self.preserve_source else None)
 
     def on_hbone(self, conn: socket.socket, pod: dict) -> None:
         conn.settimeout(5)
@@ -103,8 +114,9 @@ class Ztunnel:
         conn.settimeout(None)
         self.dial(conn, pod, (ip, int(port)), bind_pod_ip=True)
 
-    def dial(self, conn: socket.socket, pod: dict, dst, bind_pod_ip: bool) -> None:
-        up = self.upstream(pod, bind_pod_ip)
+    def dial(self, conn: socket.socket, pod: dict, dst, bind_pod_ip: bool,
+             source: str | None = None) -> None:
+        up = self.upstream(pod, bind_pod_ip, source)
         try:
             up.connect(tuple(dst))
         except OSError as e:
@@ -137,6 +149,7 @@ class Ztunnel:
                               (("0.0.0.0", 15008), self.on_hbone)):
             ls = socket_in_netns(netns)
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # workers share the ports
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
             ls.bind(addr)
             ls.listen(128)
@@ -174,6 +187,8 @@ class Ztunnel:
             return {"enrolled": self.cap.enrolled()}
         if op == "stats":
             return {"stats": self.cap.stats()}
+        if op == "slots":
+            return {"slots": self.cap.listener_slots()}
         if op == "original_dst_of_unrelated":   # error path: a socket that was never captured
             ls = socket.create_server(("127.0.0.1", 0))   # ztunnel's netns: not captured
             a = socket.create_connection(ls.getsockname())
@@ -249,7 +264,7 @@ class Client:
     def handle(self, cmd: dict) -> dict:
         op = cmd["op"]
         if op == "connect":
-            s = socket.socket()
+            s = socket.socket(socket.AF_INET6 if cmd.get("family") == 6 else socket.AF_INET)
             if cmd.get("mark"):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
             s.settimeout(5)
@@ -276,7 +291,9 @@ class Client:
 if __name__ == "__main__":
     role = sys.argv[1]
     if role == "ztunnel":
-        z = Ztunnel(sys.argv[2], sys.argv[3], "--fail-open" in sys.argv[4:])
+        rest = sys.argv[4:]
+        worker = int(rest[rest.index("--worker") + 1]) if "--worker" in rest else 0
+        z = Ztunnel(sys.argv[2], sys.argv[3], "--fail-open" in rest, worker, "--preserve-source" in rest)
         run_commands(z.handle, 300, ("close", "teardown"))
     elif role == "app":
         app(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))

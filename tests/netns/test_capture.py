@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from mesh.linux import cgroup, netns
+from ebpf import loader
 from ebpf.capture import Capture, CaptureError, teardown_pins
 from localcluster import procs
 from localcluster.addressing import ClusterAddressing
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.root
 
 ROLES = str(Path(__file__).with_name("capture_roles.py"))
 APP_PORT = 8080
+POD_HOOKS = ["cgroup_inet4_connect", "cgroup_inet6_connect", "cgroup_sock_ops"]
+ZTUNNEL_HOOKS = ["cgroup_getsockopt", "cgroup_sock_ops"]
 _seq = itertools.count()
 
 
@@ -103,9 +106,11 @@ class Env:
     clients: dict[str, Proc] = field(default_factory=dict)
     procs: list = field(default_factory=list)
 
-    def ztunnel(self, pin_dir: str, fail_open: bool = False) -> Proc:
-        argv = [sys.executable, ROLES, "ztunnel", pin_dir, self.ztunnel_cg]
-        z = Proc(argv + (["--fail-open"] if fail_open else []), netns_name=self.node_netns,
+    def ztunnel(self, pin_dir: str, fail_open: bool = False, worker: int = 0,
+                preserve_source: bool = False) -> Proc:
+        argv = [sys.executable, ROLES, "ztunnel", pin_dir, self.ztunnel_cg, "--worker", str(worker)]
+        argv += (["--fail-open"] if fail_open else []) + (["--preserve-source"] if preserve_source else [])
+        z = Proc(argv, netns_name=self.node_netns,
                  cg=self.ztunnel_cg, log=self.tmp / f"ztunnel-{next(_seq)}.log")
         self.procs.append(z)
         return z
@@ -116,11 +121,11 @@ class Env:
              ip=str(p.pod_ip))
 
     def request(self, src: str, dst_ip: str, port: int = APP_PORT, *, mark: bool = False,
-                data: str = "hi") -> dict:
+                data: str = "hi", family: int = 4) -> dict:
         """One connection from pod `src`'s client process: connect, send, read, close."""
         c = self.clients[src]
         cid = f"r{next(_seq)}"
-        r = c.ok("connect", id=cid, ip=dst_ip, port=port, mark=mark)
+        r = c.ok("connect", id=cid, ip=dst_ip, port=port, mark=mark, family=family)
         if not r["connected"]:
             return r
         r["data"] = c.ok("send", id=cid, data=data)["data"]
@@ -289,6 +294,92 @@ def test_outbound_inbound_and_exclusions(env, pin_dir):
     z.ok("teardown")
 
 
+def test_dual_stack_connects_are_captured_and_pure_ipv6_refused(env, pin_dir):
+    """An AF_INET6 socket connecting to a v4-mapped address (grpcio does) runs connect6, not
+    connect4: captured exactly like IPv4. The mesh is IPv4-only: other IPv6 is refused."""
+    z = env.ztunnel(pin_dir)
+    z.ok("start")
+    env.enroll(z, "p1")
+    env.enroll(z, "p2")
+    ip1, ip2 = env.ip("p1"), env.ip("p2")
+    r = env.request("p1", f"::ffff:{ip2}", family=6, data="dual-stack")
+    assert r["peer"][:2] == ["::ffff:127.0.0.1", 15001], r   # redirected like connect4
+    assert r["data"].startswith(f"p2 local={ip2}:{APP_PORT} peer={ip2}:") and r["data"].endswith("| dual-stack")
+    ev = z.wait_events(2)
+    out = [e for e in ev if e["event"] == "outbound"]
+    assert len(out) == 1 and out[0]["orig"] == [ip2, APP_PORT], ev
+    assert out[0]["peer"] == ["127.0.0.1", r["local"][1]]   # IPv4 on the wire
+    # pod-local stays pod-local over IPv6 too (nothing listens on [::1]:8080: refused by the
+    # kernel, not by the hook); a v4-mapped 127.0.0.1 is the app itself
+    assert env.request("p1", "::1", family=6)["errno"] == "ECONNREFUSED"
+    r = env.request("p1", "::ffff:127.0.0.1", family=6)
+    assert r["peer"][:2] == ["::ffff:127.0.0.1", APP_PORT] and r["data"].startswith("p1 local=127.0.0.1")
+    # pure IPv6 off the pod: EPERM from the hook, whatever the address
+    for dst in ("fd00::1", "fe80::1%eth0", "2001:db8::5"):
+        assert env.request("p1", dst, family=6)["errno"] == "EPERM", dst
+    # an AF_INET6 client in a pod that is not enrolled is untouched (nothing attached)
+    r = env.request("p3", f"::ffff:{ip1}", family=6)
+    assert r["peer"][:2] == [f"::ffff:{ip1}", APP_PORT], r
+    stats = z.ok("stats")["stats"]
+    assert stats["connect6_mapped"] == 1 and stats["connect6_refused"] == 3
+    assert stats["connect_redirected"] == 1 and stats["sockops_rekeyed"] == 1
+    assert stats["getsockopt_answered"] == 1
+    z.ok("teardown")
+
+
+def test_source_preserving_dial_reaches_the_app_and_is_not_recaptured(env, pin_dir):
+    """ztunnel dials the app from the client's IP (IP_TRANSPARENT, mark 0x111): sk_lookup
+    passes exactly that dial (ztunnel_dials, written by ztunnel's sock_ops) and the pod
+    netns routes the app's replies back over lo; a connection from the network with the
+    same addresses is still steered to ztunnel."""
+    z = env.ztunnel(pin_dir, preserve_source=True)
+    z.ok("start")
+    env.enroll(z, "p2")
+    ip2, ip3 = env.ip("p2"), env.ip("p3")
+    with netns.socket_in_netns(env.pods["p3"].netns) as s:
+        s.settimeout(5)
+        s.connect((ip2, APP_PORT))
+        s.sendall(b"keep-source")
+        got = s.recv(4096).decode()
+    assert got.startswith(f"p2 local={ip2}:{APP_PORT} peer={ip3}:"), got   # the client's IP
+    time.sleep(0.2)
+    assert [e["event"] for e in z.events] == ["inbound"], z.events         # no loop
+    # a dial to a port nobody serves fails cleanly and leaves no entry behind
+    with netns.socket_in_netns(env.pods["p3"].netns) as s:
+        s.settimeout(5)
+        s.connect((ip2, 9999))
+        s.settimeout(2)
+        assert s.recv(100) == b""
+    ev = z.wait_events(3)
+    assert ev[-1]["event"] == "dial_error" and ev[-1]["errno"] == "ECONNREFUSED", ev
+    stats = z.ok("stats")["stats"]
+    assert stats["ztunnel_dial_recorded"] == 2 and stats["sklookup_ztunnel_dial"] == 2, stats
+    assert stats["sklookup_inbound"] == 2
+    assert bpftool("map", "dump", "pinned", f"{pin_dir}/maps/ztunnel_dials") == []
+    z.ok("teardown")
+
+
+def test_pod_netns_reflects_the_dial_mark_for_ztunnels_loop_guard(env):
+    """What ztunnel's loop guard (mesh.proxy.sockets.is_own_dial) relies on: in a pod netns an
+    unmarked listener's accepted socket shows its SYN's mark (tcp_fwmark_accept), so one of
+    ztunnel's own 0x111 dials steered back to its 15006 is recognised, a pod's is not."""
+    from mesh.proxy.sockets import INBOUND_MARK, is_own_dial
+    with netns.socket_in_netns(env.pods["p2"].netns) as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(4)
+        seen = []
+        for mark in (INBOUND_MARK, 0):
+            with netns.socket_in_netns(env.pods["p2"].netns) as c:
+                if mark:
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                c.settimeout(5)
+                c.connect(ls.getsockname())
+                a, _ = ls.accept()
+                with a:
+                    seen.append(is_own_dial(a))
+    assert seen == [True, False]
+
+
 def test_release_and_established_connections(env, pin_dir):
     ip1, ip2 = env.ip("p1"), env.ip("p2")
     c = env.clients["p1"]
@@ -306,14 +397,14 @@ def test_release_and_established_connections(env, pin_dir):
     assert r["peer"] == ["127.0.0.1", 15001]
     reply = c.ok("send", id="captured", data="1")["data"]
     assert reply.startswith(f"p2 local={ip2}:8080 peer={ip2}:")
-    assert len(cgroup_progs(env.pods["p1"].cgroup)) == 2
+    assert len(cgroup_progs(env.pods["p1"].cgroup)) == 3
 
     z.ok("release", uid=env.pods["p1"].uid)
     z.ok("release", uid=env.pods["p2"].uid)
     z.ok("release", uid=env.pods["p2"].uid)               # idempotent
     assert z.ok("enrolled")["enrolled"] == []
     assert cgroup_progs(env.pods["p1"].cgroup) == [] == cgroup_progs(env.pods["p2"].cgroup)
-    assert [lk["attach_type"] for lk in our_links(env)] == ["cgroup_getsockopt"]
+    assert sorted(lk["attach_type"] for lk in our_links(env)) == ZTUNNEL_HOOKS
     assert not os.listdir(f"{pin_dir}/pods")
 
     assert c.ok("send", id="captured", data="2")["data"].endswith("| 2")
@@ -337,7 +428,7 @@ def test_ztunnel_crash_fail_closed_or_open(env, pin_dir, fail_open):
     assert env.request("p1", ip2)["peer"] == ["127.0.0.1", 15001]
     os.kill(z.popen.pid, signal.SIGKILL)                  # ztunnel dies, pins stay
     z.popen.wait(timeout=5)
-    assert os.listdir(f"{pin_dir}/pods") and len(our_links(env)) == 7
+    assert os.listdir(f"{pin_dir}/pods") and len(our_links(env)) == 10
 
     out = env.request("p1", ip2)
     with netns.socket_in_netns(env.pods["p3"].netns) as s:
@@ -358,6 +449,60 @@ def test_ztunnel_crash_fail_closed_or_open(env, pin_dir, fail_open):
     teardown_pins(pin_dir)
     assert not os.path.exists(pin_dir) and our_links(env) == []
     assert_direct(env, "p1", "p2")
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_any_live_worker_serves_every_pod_when_another_dies(env, pin_dir, fail_open):
+    """Two workers share the in-pod ports; each is in its own slot of the listener maps, so
+    killing either one (worker 0 too) leaves the other serving both directions, and only
+    with both dead does capture fail closed (or, with fail_open, let traffic go direct)."""
+    ip1, ip2 = env.ip("p1"), env.ip("p2")
+    z0 = env.ztunnel(pin_dir, fail_open=fail_open, worker=0)
+    z1 = env.ztunnel(pin_dir, fail_open=fail_open, worker=1)
+    assert z1.call("enroll", uid=env.pods["p1"].uid, netns=env.pods["p1"].netns,
+                   netns_path=env.pods["p1"].netns_path, cgroup=env.pods["p1"].cgroup,
+                   ip=ip1)["reason"] == "no_such_map"    # before worker 0 pinned anything
+    z0.ok("start")
+    for z in (z0, z1):
+        env.enroll(z, "p1")
+        env.enroll(z, "p2")
+    assert z0.ok("slots")["slots"] == {ip1: [0, 1], ip2: [0, 1]}
+    assert len(our_links(env)) == 10                      # worker 1 attached nothing
+
+    def served_by(z: Proc, n: int) -> None:
+        before = len(z.events)
+        for i in range(n):   # outbound from p1 (15001) and inbound to p2 (15006), both captured
+            r = env.request("p1", ip2, data=f"w{i}")
+            assert r.get("peer") == ["127.0.0.1", 15001], r
+            assert r["data"].startswith(f"p2 local={ip2}:{APP_PORT} peer={ip2}:"), r
+        assert len(z.wait_events(before + 2 * n)) >= before + 2 * n
+
+    def kill(z: Proc) -> None:
+        os.kill(z.popen.pid, signal.SIGKILL)              # the worker dies; its slots go
+        z.popen.wait(timeout=5)
+
+    kill(z1)
+    assert z0.ok("slots")["slots"] == {ip1: [0], ip2: [0]}
+    served_by(z0, 4)
+    z1 = env.ztunnel(pin_dir, fail_open=fail_open, worker=1)   # worker 1 restarted
+    env.enroll(z1, "p1")
+    env.enroll(z1, "p2")
+    kill(z0)                                              # worker 0, which attached the links
+    assert z1.ok("slots")["slots"] == {ip1: [1], ip2: [1]}
+    served_by(z1, 4)
+    with netns.socket_in_netns(env.pods["p3"].netns) as s:   # inbound from outside the mesh
+        s.settimeout(5)
+        s.connect((ip2, APP_PORT))
+        s.sendall(b"from-p3")
+        assert s.recv(4096).decode().startswith(f"p2 local={ip2}:{APP_PORT} peer={ip2}:")
+    kill(z1)                                              # now no worker is left
+    r = env.request("p1", ip2)
+    if fail_open:
+        assert r["connected"] and r["peer"] == [ip2, APP_PORT], r
+    else:
+        assert r == {"reply": "connect", "ok": True, "connected": False,
+                     "errno": "ECONNREFUSED"}, r
+    teardown_pins(pin_dir)
 
 
 def test_restart_reuses_pins_without_double_attachment(env, pin_dir):
@@ -385,11 +530,10 @@ def test_restart_reuses_pins_without_double_attachment(env, pin_dir):
     assert not a.events[2:]                               # the old one saw nothing new
 
     for name in ("p1", "p2"):
-        assert cgroup_progs(env.pods[name].cgroup) == ["cgroup_inet4_connect", "cgroup_sock_ops"]
-    assert cgroup_progs(env.ztunnel_cg) == ["cgroup_getsockopt"]
+        assert cgroup_progs(env.pods[name].cgroup) == POD_HOOKS
+    assert cgroup_progs(env.ztunnel_cg) == ZTUNNEL_HOOKS
     links = our_links(env)
-    assert sorted(lk["attach_type"] for lk in links) == sorted(
-        ["cgroup_getsockopt"] + ["cgroup_inet4_connect", "cgroup_sock_ops", "sk_lookup"] * 2)
+    assert sorted(lk["attach_type"] for lk in links) == sorted(ZTUNNEL_HOOKS + (POD_HOOKS + ["sk_lookup"]) * 2)
     nss = {os.stat(env.pods[n].netns_path).st_ino for n in ("p1", "p2")}
     assert {lk["netns_ino"] for lk in links if lk["attach_type"] == "sk_lookup"} == nss
     assert b.ok("stats")["stats"]["connect_redirected"] == 3   # counters survive restarts
@@ -407,7 +551,7 @@ def test_restart_reuses_pins_without_double_attachment(env, pin_dir):
 
 def _pinned_prog_ids(pin_dir: str) -> dict[str, int]:
     return {name: bpftool("prog", "show", "pinned", f"{pin_dir}/progs/{name}")["id"]
-            for name in ("connect4", "sockops", "getsockopt", "sk_lookup")}
+            for name in loader.PROGRAMS}
 
 
 def test_changed_knobs_rebuild_and_move_every_link(env, pin_dir):
@@ -420,7 +564,7 @@ def test_changed_knobs_rebuild_and_move_every_link(env, pin_dir):
     env.enroll(a, "p2")
     old_ids = _pinned_prog_ids(pin_dir)
     links = {lk["id"]: lk for lk in our_links(env)}
-    assert len(links) == 7 and {lk["prog_id"] for lk in links.values()} == set(old_ids.values())
+    assert len(links) == 10 and {lk["prog_id"] for lk in links.values()} == set(old_ids.values())
     assert "-DFAIL_OPEN=0" in os.readlink(f"{pin_dir}/progs/knobs")
     a.ok("close")
     a.popen.wait(timeout=5)
@@ -436,8 +580,8 @@ def test_changed_knobs_rebuild_and_move_every_link(env, pin_dir):
         name = {v: k for k, v in old_ids.items()}[links[lk_id]["prog_id"]]
         assert lk["prog_id"] == new_ids[name], (lk, name)
     for name in ("p1", "p2"):
-        assert cgroup_progs(env.pods[name].cgroup) == ["cgroup_inet4_connect", "cgroup_sock_ops"]
-    assert cgroup_progs(env.ztunnel_cg) == ["cgroup_getsockopt"]
+        assert cgroup_progs(env.pods[name].cgroup) == POD_HOOKS
+    assert cgroup_progs(env.ztunnel_cg) == ZTUNNEL_HOOKS
     env.enroll(b, "p1")
     env.enroll(b, "p2")
     assert env.request("p1", ip2)["peer"] == ["127.0.0.1", 15001]
@@ -486,8 +630,8 @@ def test_enroll_validation_and_errors(env, pin_dir):
         assert ei.value.reason == "bad_cgroup"
         for s in host_ls:
             s.close()
-        assert cap.enrolled() == [] and our_links(env) == [
-            lk for lk in our_links(env) if lk["attach_type"] == "cgroup_getsockopt"]
+        assert cap.enrolled() == []
+        assert sorted(lk["attach_type"] for lk in our_links(env)) == ZTUNNEL_HOOKS
         with pytest.raises(CaptureError) as ei:
             Capture("/tmp/not-bpffs", ztunnel_cgroup=env.ztunnel_cg)
         assert ei.value.reason == "pin_dir_not_bpffs"

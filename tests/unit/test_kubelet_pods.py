@@ -10,6 +10,8 @@ def _pod(**container) -> dict:
     c = {"name": "app", "image": "none", "command": ["python3", "-c"], "args": ["print(1)"], **container}
     return {"metadata": {"name": "web-1", "namespace": "shop", "uid": "u-1"},
             "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": [c],
+                     "volumes": [{"name": "s", "secret": {"secretName": "x"}},
+                                 {"name": "h", "hostPath": {"path": "/var/run/x", "type": "DirectoryOrCreate"}}],
                      "securityContext": {"runAsUser": 1000}}}
 
 
@@ -30,8 +32,12 @@ def test_plan_runs_command_and_args_with_the_downward_api():
 @pytest.mark.parametrize("container, problem", [
     ({"command": [], "args": []}, "no command: this node runs commands, not images"),
     ({"env": [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}, "env K: only literal values"),
-    ({"envFrom": [{"configMapRef": {"name": "c"}}]}, "envFrom and volumeMounts"),
-    ({"volumeMounts": [{"name": "data", "mountPath": "/data"}]}, "volumeMounts (/data) are not supported"),
+    ({"envFrom": [{"configMapRef": {"name": "c"}}]}, "envFrom is not supported"),
+    ({"volumeMounts": [{"name": "data", "mountPath": "/data"}]}, "volumeMount /data: no volume named 'data'"),
+    ({"volumeMounts": [{"name": "s", "mountPath": "/run/s"}]}, "volume s: secret volumes are not supported"),
+    ({"volumeMounts": [{"name": "h", "mountPath": "/data"}]}, "an unprivileged container's volumes must be under"),
+    ({"volumeMounts": [{"name": "h", "mountPath": "/data"}], "securityContext": {"privileged": True}}, None),
+    ({"volumeMounts": [{"name": "h", "mountPath": "/run/h", "subPath": "x"}]}, "without subPath"),
     # The API token mount admission adds to every pod: provided by the node agent.
     ({"volumeMounts": [{"name": "default-token-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}, None),
 ])

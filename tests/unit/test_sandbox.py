@@ -42,3 +42,17 @@ def test_corrupt_or_foreign_record_named(tmp_path):
 @pytest.mark.parametrize("restarts,delay", [(0, 1.0), (1, 2.0), (3, 8.0), (5, 30.0), (50, 30.0)])
 def test_restart_backoff(restarts, delay):
     assert restart_delay(restarts) == min(delay, RESTART_BACKOFF_MAX)
+
+
+def test_backoff_grows_with_exits_in_a_row_and_resets_after_a_long_run():
+    from localcluster.system import BACKOFF_RESET, Proc
+    p = Proc(argv=["x"], netns=None, cgroup=None, env={}, cwd=None, log_path="/dev/null")
+    delays = []
+    for start in (0.0, 10.0, 20.0, 30.0):   # quick exits: 1, 2, 4, 8 s
+        p.started_at = start
+        delays.append(p.backoff(start + 5))
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    p.started_at = 100.0                      # ran BACKOFF_RESET before exiting: shortest again
+    assert p.backoff(100.0 + BACKOFF_RESET) == 1.0
+    p.started_at = 800.0
+    assert p.backoff(801.0) == 2.0

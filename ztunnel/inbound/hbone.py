@@ -16,6 +16,7 @@ import socket
 from mesh.hbone import ConnectRequest, Reject, Rejection, TunnelResult
 from mesh.proxy.reason import Direction, Reason
 from mesh.proxy.result import Listener, ResultBuilder, SecurityPolicy, Stage
+from mesh.tracecontext import parse_traceparent
 
 from ..authz import Connection
 from ..connection_manager import ConnectionManager
@@ -43,6 +44,11 @@ class InboundHbone:
         b.src_addr = addr_str(req.peer_addr)
         b.src_uid = ctx.workload_at(req.peer_addr[0])
         b.src_identity = str(req.peer_identity)
+        for n, v in req.headers:   # a few headers at most; the value is validated, never trusted
+            if n == "traceparent":
+                if parse_traceparent(v) is not None:
+                    b.traceparent = v
+                break
         return b
 
     async def handle(self, req: ConnectRequest) -> socket.socket:
@@ -61,7 +67,8 @@ class InboundHbone:
             b.policy = d.policy
             raise self._reject(b, d.reason, f"denied by {d.policy or 'policy'}")
         try:
-            sock = await ctx.sockets.connect(target)
+            # From the client's pod IP, as the policy saw it (Istio's original source).
+            sock = await ctx.sockets.connect(target, source=str(conn.src_ip))
         except (OSError, asyncio.TimeoutError) as e:
             b.fail(Reason.UPSTREAM_CONNECT_FAILED, f"cannot connect to {req.authority}: {e!r}")
             raise Reject(503, Reason.UPSTREAM_CONNECT_FAILED.label, f"cannot connect to {req.authority}") from None

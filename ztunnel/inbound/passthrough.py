@@ -14,6 +14,8 @@ import socket
 from mesh.proxy.reason import Direction, Reason
 from mesh.proxy.result import Listener, ResultBuilder, SecurityPolicy
 
+from mesh.proxy.sockets import is_own_dial
+
 from ..authz import Connection
 from ..connection_manager import ConnectionManager
 from ..pod_context import PodContext, addr_str
@@ -42,7 +44,9 @@ class InboundPassthrough:
         try:
             local = ctx.original_dst.inbound(down.get_extra_info("socket"))
             b.dst_addr = addr_str(local)
-            if local[1] in ctx.ports.own:
+            if local[1] in ctx.ports.own or is_own_dial(down.get_extra_info("socket")):
+                # ztunnel's own port, or its own dial to the app steered back here (the
+                # capture hooks that tell those apart are missing): relaying would loop.
                 b.fail(Reason.ZTUNNEL_PORT)
                 reset(down)
                 return
@@ -54,7 +58,7 @@ class InboundPassthrough:
                 b.policy = d.policy
                 reset(down)  # denied plaintext: a TCP reset, as ztunnel does
                 return
-            upstream = await ctx.sockets.connect((ctx.ip, local[1]))
+            upstream = await ctx.sockets.connect((ctx.ip, local[1]), source=peer[0])
             tracked = self.connections.register(down, conn, lambda: reset(down))
             res = await relay(down, upstream)
             b.tunnel_bytes(res.bytes_sent, res.bytes_received, server_side=False)

@@ -17,6 +17,7 @@ from mesh.hbone import HbonePool, PoolKey
 from mesh.model import ServiceInfo, Workload
 from mesh.proxy.reason import Direction, Reason
 from mesh.proxy.result import Listener, ResultBuilder, SecurityPolicy
+from mesh.tracecontext import format_traceparent, new_root
 
 from ..pod_context import PodContext, addr_str
 from ..relay import relay
@@ -83,9 +84,14 @@ class OutboundProxy:
                 b.dst_identity = str(plan.dst_identity)
                 key = PoolKey(src_identity=w.identity, dst_identity=plan.dst_identity, src_ip=ctx.ip,
                               dst_ip=plan.connect[0])
+                headers: tuple[tuple[str, str], ...] = ()
+                if ctx.connect_traceparent:
+                    b.traceparent = format_traceparent(new_root(ctx.rng, False))
+                    headers = (("traceparent", b.traceparent),)
                 res = await self.pool.tunnel(
                     key, downstream=down, connect=lambda: ctx.sockets.connect(plan.connect),
-                    ssl_context=self.client_tls, authority=plan.authority, trust_domain=ctx.trust_domain)
+                    ssl_context=self.client_tls, authority=plan.authority, headers=headers,
+                    trust_domain=ctx.trust_domain)
                 b.status = res.status
             else:
                 res = await relay(down, await ctx.sockets.connect(plan.connect))

@@ -24,6 +24,15 @@
 #define ZTUNNEL_MARK 0x539
 #endif
 
+/* SO_MARK on ztunnel's dials to a pod's app that keep the client's address as source
+ * (IP_TRANSPARENT; Istio's 0x111).  capture_ztunnel_sockops records those dials so that
+ * sk_lookup passes them; the pod netns routes this mark to lo (ip rule fwmark 0x111/0xfff
+ * lookup 133, local 0.0.0.0/0 dev lo table 133) and tcp_fwmark_accept=1 gives the app's
+ * accepted socket the mark, so its replies come back to ztunnel instead of leaving on eth0. */
+#ifndef INBOUND_MARK
+#define INBOUND_MARK 0x111
+#endif
+
 /* 0 = fail closed: with ztunnel's listeners gone, captured connections are refused.
  * 1 = fail open: they go directly to their destination, unproxied. */
 #ifndef FAIL_OPEN

@@ -22,22 +22,30 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct orig_dst, pending, ORIG_DST_ENTRIES,
 BPF_TABLE_PINNED("lru_hash", struct conn_key, struct orig_dst, orig_dst, ORIG_DST_ENTRIES,
                  MAPS_PIN_DIR "/orig_dst");
 
-/* inbound_listeners (SOCKHASH): writer ebpf/capture.py enroll()/release(); the kernel drops
- * an entry when its socket closes (ztunnel died).  reader capture_sk_lookup.  key: struct
- * listener_key {pod ip, kind}.  value: ztunnel's in-pod 15006/15008 listening socket. */
-BPF_TABLE_PINNED("sockhash", struct listener_key, int, inbound_listeners, 2 * MAX_PODS,
+/* inbound_listeners (SOCKHASH): writer ebpf/capture.py enroll()/release() of every worker
+ * (its own slot); the kernel drops an entry when its socket closes (that worker died).
+ * reader capture_sk_lookup (first slot found).  key: struct listener_key {pod ip, kind,
+ * worker}.  value: that worker's in-pod 15006/15008 listening socket. */
+BPF_TABLE_PINNED("sockhash", struct listener_key, int, inbound_listeners, 2 * MAX_PODS * MAX_WORKERS,
                  MAPS_PIN_DIR "/inbound_listeners");
 
-/* outbound_listeners (SOCKHASH): writer ebpf/capture.py enroll()/release() (kernel drops
- * entries on close).  reader capture_connect4, only when FAIL_OPEN (is ztunnel alive for this
- * pod?).  key: netns cookie (u64) of the pod.  value: ztunnel's 127.0.0.1:15001 listener. */
-BPF_TABLE_PINNED("sockhash", __u64, int, outbound_listeners, MAX_PODS,
+/* outbound_listeners (SOCKHASH): writer ebpf/capture.py enroll()/release() of every worker
+ * (kernel drops entries on close).  reader capture_connect4, only when FAIL_OPEN (is any
+ * worker alive for this pod?).  key: struct outbound_key {pod netns cookie, worker}.
+ * value: that worker's 127.0.0.1:15001 listener. */
+BPF_TABLE_PINNED("sockhash", struct outbound_key, int, outbound_listeners, MAX_PODS * MAX_WORKERS,
                  MAPS_PIN_DIR "/outbound_listeners");
 
 /* pods: writer ebpf/capture.py enroll()/release().  readers capture_sk_lookup (is the local
  * address an enrolled pod?) and ebpf/capture.py (what a previous ztunnel enrolled).
  * key: pod IPv4 address (u32, network order).  value: struct pod_info. */
 BPF_TABLE_PINNED("hash", __u32, struct pod_info, pods, MAX_PODS, MAPS_PIN_DIR "/pods");
+
+/* ztunnel_dials: writer + deleter capture_ztunnel_sockops (ztunnel's cgroup: from the dial's
+ * TCP_CONNECT_CB until it leaves SYN_SENT); reader capture_sk_lookup (pass that SYN to the
+ * app).  key: struct dial_key.  value: u32 1.  LRU: bounded even if a delete were missed. */
+BPF_TABLE_PINNED("lru_hash", struct dial_key, __u32, ztunnel_dials, ORIG_DST_ENTRIES,
+                 MAPS_PIN_DIR "/ztunnel_dials");
 
 /* counters: writer every program (atomic add); reader ebpf/capture.py stats().
  * key: enum capture_counter.  value: u64 event count since the maps were created. */

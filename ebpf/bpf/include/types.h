@@ -23,16 +23,42 @@ struct conn_key {
     __u32 port;
 };
 
+/* ztunnel's in-flight dial to a pod's app with the client's address as source, as
+ * capture_sk_lookup sees its SYN: the app's IPv4 address and the client's (network order),
+ * the app's port and ztunnel's source port (host order). */
+struct dial_key {
+    __u32 app_ip;
+    __u32 client_ip;
+    __u16 app_port;
+    __u16 client_port;
+};
+
 /* Which in-pod inbound listener a SOCKHASH entry is. */
 enum listener_kind {
     LISTENER_INBOUND = 0,   /* 0.0.0.0:INBOUND_PORT, plaintext */
     LISTENER_HBONE = 1,     /* 0.0.0.0:HBONE_PORT */
 };
 
-/* Key of the inbound listener SOCKHASH: pod IPv4 address (network order) and kind. */
+/* Slots per pod in the listener SOCKHASHes, one per ztunnel worker of the node: every
+ * worker puts its own in-pod listeners in its slot, so when one worker dies (the kernel drops
+ * its sockets from the maps) the programs still find another's.  The listeners of a pod share
+ * the port with SO_REUSEPORT, and bpf_sk_assign honours the reuseport group, so whichever
+ * slot is found, the kernel spreads connections over every live worker. */
+#define MAX_WORKERS 16
+
+/* Key of the inbound listener SOCKHASH: pod IPv4 address (network order), kind, and the
+ * worker whose listener it is (0 .. MAX_WORKERS-1). */
 struct listener_key {
     __u32 pod_ip;
     __u32 kind;
+    __u32 worker;
+};
+
+/* Key of the outbound listener SOCKHASH: the pod's netns cookie and the worker. */
+struct outbound_key {
+    __u64 netns_cookie;
+    __u32 worker;
+    __u32 _pad;
 };
 
 #define POD_UID_MAX 128
@@ -62,6 +88,11 @@ enum capture_counter {
     CNT_SKLOOKUP_NOT_POD,           /* sk_lookup: local address is not an enrolled pod IP */
     CNT_SKLOOKUP_NO_LISTENER,       /* sk_lookup: enrolled pod, listener gone (ztunnel down) */
     CNT_SKLOOKUP_ASSIGN_ERROR,      /* sk_lookup: bpf_sk_assign failed */
+    CNT_CONNECT6_MAPPED,            /* connect6: v4-mapped destination redirected */
+    CNT_CONNECT6_REFUSED,           /* connect6: pure IPv6 destination refused (EPERM) */
+    CNT_ZTUNNEL_DIAL_RECORDED,      /* ztunnel sock_ops: a source-preserving dial to an app */
+    CNT_SKLOOKUP_ZTUNNEL_DIAL,      /* sk_lookup: that dial's SYN, passed to the app */
+    CNT_SKLOOKUP_V6_REFUSED,        /* sk_lookup: IPv6 SYN from off the pod, dropped */
     CNT__MAX,
 };
 
