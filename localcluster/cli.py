@@ -14,7 +14,7 @@ from localcluster.api import ApiError, call
 from localcluster.paths import DEFAULT_CLUSTER, ClusterPaths, check_cluster_name
 from mesh.config import ConfigError, load_text
 from kubemode import cli as kube_cli
-from localcluster import stat as stat_cli
+from localcluster import accesslog, stat as stat_cli
 from localcluster.prometheus import PrometheusError
 
 _START_TIMEOUT = 30.0
@@ -152,14 +152,26 @@ def cmd_exec(paths: ClusterPaths, a: argparse.Namespace) -> int:
 
 
 def cmd_logs(paths: ClusterPaths, a: argparse.Namespace) -> int:
+    if a.access:
+        if a.pod or a.container:
+            raise ApiError("--access reads the proxies' logs: give no pod (filter with -n, --svc, --status)",
+                           "bad_request")
+        return accesslog.cmd(paths, a)
+    extra = [o for o, v in (("--svc", a.svc), ("--status", a.status), ("--since", a.since), ("--proxy", a.proxy),
+                            ("--follow", a.follow), ("-o", a.output != "text")) if v]
+    if extra:
+        raise ApiError(f"{', '.join(extra)} need --access", "bad_request")
+    if not a.pod:
+        raise ApiError("which pod? ambient logs [-n NS] POD, or ambient logs --access", "bad_request")
+    ns = a.namespace or "default"
     st = call(paths.runner_socket, "status")
     for p in st["pods"]:
-        if p["namespace"] == a.namespace and p["name"] == a.pod:
+        if p["namespace"] == ns and p["name"] == a.pod:
             for name, c in p["containers"].items():
                 if a.container in (None, name):
-                    sys.stdout.write(_tail(c["log"], a.tail))
+                    sys.stdout.write(_tail(c["log"], 200 if a.tail is None else a.tail))
             return 0
-    raise ApiError(f"no pod {a.namespace}/{a.pod}", "not_found")
+    raise ApiError(f"no pod {ns}/{a.pod}", "not_found")
 
 
 def cmd_status(paths: ClusterPaths, a: argparse.Namespace) -> int:
@@ -228,6 +240,7 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
         if prom:
             print(f"  prometheus {prom['url']} ({'running' if prom['running'] else 'NOT RUNNING'}, "
                   f"restarts {prom['restarts']}); `ambient stat`, `ambient edges` query it")
+    _print_routes(st.get("routes") or {})
     if st["policies"]:
         print("\nPOLICIES")
         for p in st["policies"]:
@@ -238,6 +251,28 @@ def _status_once(paths: ClusterPaths, a: argparse.Namespace) -> int:
             for w in ws:
                 print(f"  {w}")
     return 0
+
+
+def _print_routes(routes: dict) -> None:
+    """HTTPRoute conditions per parentRef (Gateway API's Accepted / ResolvedRefs) and whether
+    each VirtualService's hosts and destinations name Services (controlplane/route_status.py)."""
+    rows = []
+    for r in routes.get("http_routes", []):
+        for p in r["parents"] or [{"parent": "(no parentRefs)", "conditions": []}]:
+            conds = {c["type"]: c for c in p["conditions"]}
+            acc, res = conds.get("Accepted"), conds.get("ResolvedRefs")
+            bad = [c["message"] for c in (acc, res) if c and c["status"] != "True"]
+            rows.append([f"HTTPRoute {r['route']}", p["parent"],
+                         f"{acc['status']} {acc['reason']}" if acc else "-",
+                         f"{res['status']} {res['reason']}" if res else "-", "; ".join(bad) or "-"])
+    for v in routes.get("virtual_services", []):
+        lost = [h for part in ("hosts", "destinations") for h, svcs in v[part].items() if not svcs]
+        rows.append([f"VirtualService {v['virtual_service']}", "hosts " + ",".join(v["hosts"]), "-",
+                     "True Resolved" if v["resolved"] else "False Unresolved",
+                     f"names no Service: {', '.join(lost)}" if lost else "-"])
+    if rows:
+        print("\nROUTES")
+        _table(["ROUTE", "PARENT", "ACCEPTED", "RESOLVED REFS", "MESSAGE"], rows)
 
 
 def _cert_state(c: dict) -> str:
@@ -308,6 +343,17 @@ def _duration(v: str) -> float:
         raise argparse.ArgumentTypeError(f"bad duration {v!r} (e.g. 24h, 90m, 3600)") from None
 
 
+def _workers(v: str) -> int:
+    from ebpf.maps import max_workers  # a capture slot per worker in the listener maps
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= max_workers():
+        raise argparse.ArgumentTypeError(f"--ztunnel-workers must be 1..{max_workers()} (got {v!r})")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambient", description=__doc__)
     p.add_argument("-c", "--cluster", type=check_cluster_name,
@@ -322,7 +368,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--ca-dir", help="load the root CA from DIR (root-cert.pem, root-key.pem)")
     up.add_argument("--fail-open", action="store_true",
                     help="while a node's ztunnel is down, its captured pods connect directly (default: refused)")
-    up.add_argument("--ztunnel-workers", type=int, default=1, metavar="N",
+    up.add_argument("--ztunnel-workers", type=_workers, default=1, metavar="N",
                     help="ztunnel processes per node sharing the ports with SO_REUSEPORT (default 1)")
     up.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                     help="serve every proxy's /metrics on 127.0.0.1:PORT (default: a free port; see status)")
@@ -350,11 +396,13 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("command", nargs=argparse.REMAINDER)
     ex.set_defaults(fn=cmd_exec)
 
-    lg = sub.add_parser("logs", help="print a pod's container logs")
-    lg.add_argument("-n", "--namespace", default="default")
-    lg.add_argument("pod")
+    lg = sub.add_parser("logs", help="print a pod's container logs, or (--access) the proxies' access logs")
+    lg.add_argument("-n", "--namespace", default=None, help="the pod's (default: default); with --access: "
+                    "traffic from or to it (default: all)")
+    lg.add_argument("pod", nargs="?")
     lg.add_argument("-c", "--container")
-    lg.add_argument("--tail", type=int, default=200)
+    lg.add_argument("--tail", type=int, default=None, help="the last N lines (default: 200; --access: all)")
+    accesslog.add_arguments(lg)
     lg.set_defaults(fn=cmd_logs)
 
     st = sub.add_parser("status", help="nodes, pods, IPs, enrollment and certificates")
@@ -376,7 +424,7 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--timeout", type=float, default=30.0,
                     help="seconds the new process may take to serve its pods, else it is stopped (default 30)")
     rs.set_defaults(fn=cmd_restart)
-    kube_cli.register(sub)  # install, uninstall, check: Kubernetes mode
+    kube_cli.register(sub)  # install, uninstall, check, waypoint: Kubernetes mode
     stat_cli.register(sub)  # stat, edges: golden signals from Prometheus
     return p
 

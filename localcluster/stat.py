@@ -34,7 +34,8 @@ from localcluster.api import ApiError, call
 from localcluster.paths import ClusterPaths
 from localcluster.prometheus import PrometheusError, query
 
-__all__ = ["StatQuery", "stat_queries", "edge_query", "rows", "edges", "table", "edge_table", "register", "NO_DATA"]
+__all__ = ["StatQuery", "stat_queries", "edge_query", "rows", "sort_rows", "SORTS", "edges", "table", "edge_table",
+           "register", "NO_DATA"]
 
 NO_DATA = 3
 _KINDS = {"svc": "svc", "service": "svc", "services": "svc", "pod": "pod", "po": "pod", "pods": "pod",
@@ -74,6 +75,8 @@ def _filters(kind: str, namespace: str | None, name: str | None, src: tuple[str,
             if name or namespace:
                 f.append(f'destination_service=~"{_re(name or "") + (".+" if not name else "")}'
                          f'\\\\.{_re(namespace) if namespace else "[^.]+"}\\\\.svc\\\\..+"')
+            else:  # connections to a pod's address (not a Service) are "unknown": not a service row
+                f.append('destination_service!="unknown"')
         else:
             if namespace:
                 f.append(f'destination_service_namespace="{_lit(namespace)}"')
@@ -154,6 +157,20 @@ def rows(q: StatQuery, results: dict[str, list[dict[str, Any]]]) -> list[dict[st
             "tcp_connections_per_second": tcp.get(key) if q.tcp is not None else None,
         })
     return out
+
+
+SORTS = {"name": None, "success": "success", "rps": "rps", "p50": "latency_ms_p50", "p95": "latency_ms_p95",
+         "p99": "latency_ms_p99", "tcp": "tcp_connections_per_second"}
+"""`--sort`: name ascending; success worst first; the others highest first. Rows without the number last."""
+
+
+def sort_rows(rs: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """`rows` ordered for `--sort` (ties by name, so the order is stable across refreshes)."""
+    field = SORTS[by]
+    if field is None:
+        return sorted(rs, key=lambda r: r["name"])
+    sign = 1 if by == "success" else -1
+    return sorted(rs, key=lambda r: (r[field] is None, sign * (r[field] or 0.0), r["name"]))
 
 
 EDGE_KEYS = ("source_workload_namespace", "source_workload", "source_principal", "destination_workload_namespace",
@@ -267,7 +284,7 @@ def _once(paths: ClusterPaths, a: argparse.Namespace, url: str) -> int:
     q = stat_queries(kind_name[0], namespace=a.namespace, name=name, src=_src(a), window=a.window)
     qs = {"rps": q.rps, "ok": q.ok, **dict(q.latency), **({"tcp": q.tcp} if q.tcp else {})}
     results = {k: query(url, v, at=at) for k, v in qs.items()}
-    rs = rows(q, results)
+    rs = sort_rows(rows(q, results), a.sort)
     _emit({"time": at, "window": a.window, "kind": q.kind, "queries": qs, "rows": rs}, a.output,
           table(q.kind, rs, wide=a.output == "wide"))
     return 0 if rs else NO_DATA
@@ -309,6 +326,8 @@ def register(sub: Any) -> None:
     st.add_argument("resource", help="svc|pod|route|waypoint[/NAME]")
     st.add_argument("--from", dest="source", default=None, metavar="[pod/]NAME", help="only traffic from this workload")
     st.add_argument("--from-namespace", default=None)
+    st.add_argument("--sort", choices=list(SORTS), default="name",
+                    help="row order: name; success (worst first); rps, p50, p95, p99, tcp (highest first)")
     common(st)
     ed = sub.add_parser("edges", help="who talks to whom: workloads, identities, mTLS (from Prometheus)")
     common(ed)

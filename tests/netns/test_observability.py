@@ -345,7 +345,7 @@ def test_mesh_health_metrics(cluster, traffic):
     expiry = {m["resource_name"]: v for m, v in values('istio_agent_cert_expiry_seconds{proxy="ztunnel-n2"}')}
     assert 0 < expiry["spiffe://cluster.local/ns/shop/sa/payment"] <= 24 * 3600
     progs = {m["program"]: v for m, v in values('ambient_ebpf_programs_attached{workload="payment-v1"}')}
-    assert progs == {"connect4": 1, "sockops": 1, "sk_lookup": 1}, progs
+    assert progs == {"connect4": 1, "connect6": 1, "sockops": 1, "sk_lookup": 1}, progs
     assert scalar("citadel_server_success_cert_issuance_count") >= 3
     assert scalar('ambient_certificates_issued_total{identity="spiffe://cluster.local/ns/shop/sa/payment"}') >= 1
     # A change reaches every proxy: pushes counted, convergence observed.
@@ -388,7 +388,7 @@ def test_dashboard_page_in_headless_chromium(cluster, traffic):
                        for r in page.locator("#proxies tbody tr").all()}
             assert set(proxies) == {"ztunnel-n1", "ztunnel-n2", "wp-waypoint"}, proxies
             assert all(c[3] == "up" and c[4] == "yes" for c in proxies.values()), proxies
-            assert proxies["ztunnel-n2"][7] == "3"  # payment-v1's connect4, sockops, sk_lookup
+            assert proxies["ztunnel-n2"][7] == "4"  # payment-v1's connect4, connect6, sockops, sk_lookup
             edge = page.locator('#edges tr[data-name="shop/client -> shop/payment-v1"] td').all_text_contents()
             assert edge[2:5] == ["cluster.local/ns/shop/sa/default", "cluster.local/ns/shop/sa/payment", "mTLS"], edge
             assert page.locator("#cp tr[data-name='subscribed proxies'] td").nth(1).text_content() == "3"

@@ -11,7 +11,7 @@ from localcluster import prometheus
 from localcluster.meshmetrics import (CertSample, ControlPlaneSample, Convergence, MeshSample, ProxySample,
                                       render)
 from localcluster.scrape import MESH_PATH, ScrapeTarget, http_sd, process_metrics
-from localcluster.stat import edge_query, edge_table, edges, rows, stat_queries, table
+from localcluster.stat import edge_query, edge_table, edges, rows, sort_rows, stat_queries, table
 from mesh.metrics import build_info, family
 
 
@@ -64,6 +64,11 @@ def test_stat_svc_tcp_uses_the_fqdn_as_only_the_client_ztunnel_knows_it(ns, name
     assert all(rx.fullmatch(m) for m in matches) and not any(rx.fullmatch(m) for m in not_matches)
 
 
+def test_stat_svc_tcp_without_filters_leaves_out_connections_to_no_service():
+    q = stat_queries("svc", namespace=None, name=None, src=None, window="1m")
+    assert _selector(q.tcp) == [("reporter", "=", "source"), ("destination_service", "!=", "unknown")]
+
+
 def test_stat_route_by_name_matches_every_rule_of_the_route():
     q = stat_queries("route", namespace="shop", name="payment", src=None, window="1m")
     (sel,) = [s for s in _selector(q.rps) if s[0] == "route"]
@@ -100,6 +105,23 @@ def test_rows_join_the_queries_by_key_and_compute_success():
     assert t[1] == [a, "90.00%", "10.00", "3.0ms", "7.5ms", "9.9ms", "0.50"]
     assert table("svc", [dict(ra, latency_ms_p99=12.4)])[1][5] == "12ms"
     assert t[3][1:3] == ["-", "-"]
+
+
+def _row(name, success, rps, p99=None):
+    return {"name": name, "success": success, "rps": rps, "latency_ms_p50": None, "latency_ms_p95": None,
+            "latency_ms_p99": p99, "tcp_connections_per_second": None}
+
+
+@pytest.mark.parametrize("by, want", [
+    ("name", ["a", "b", "c", "d", "e"]),
+    ("success", ["c", "a", "e", "b", "d"]),   # worst first, ties by name, rows with no number last
+    ("rps", ["b", "e", "a", "c", "d"]),       # busiest first
+    ("p99", ["c", "a", "b", "d", "e"]),
+])
+def test_sort_rows(by, want):
+    rs = [_row("b", 1.0, 9.0, 2.0), _row("a", 0.5, 1.0, 3.0), _row("e", 0.99, 5.0), _row("d", None, None, 1.0),
+          _row("c", 0.0, 0.5, 40.0)]
+    assert [r["name"] for r in sort_rows(rs, by)] == want
 
 
 def test_edges_merge_tcp_and_http_per_identity_pair():

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Demo/test app: one service of a call chain (the cascade demo), plain HTTP/1.1, no mesh awareness.
 
-    chain.py --port 8080 [--call HOST:PORT ...] [--fail RATE] [--delay-ms N]
+    chain.py --port 8080 [--call HOST:PORT ...] [--call-soft HOST:PORT ...] [--fail RATE] [--delay-ms N]
 
 `GET /` (any path but the two below) calls each `--call` service in turn with `GET /`,
-forwarding `x-request-id` as Istio asks applications to; it answers 200 when every call
+forwarding `x-request-id` and the trace headers (`traceparent`, `tracestate`, B3) as Istio
+asks applications to; it answers 200 when every call
 answered 2xx, else 503 (a failure below turns into a failure here, as in the article's
-payment flow). With `--fail RATE` it answers 503 to that share of requests itself, before
+payment flow). A `--call-soft` service is called too, but its failure only degrades the
+answer (still 200, as a page shows "ratings unavailable"). With `--fail RATE` it answers 503 to that share of requests itself, before
 calling anything (the misbehaving catalog). `POST /fail?rate=R` changes the rate at run
 time; `GET /stats` answers the counters as JSON ({"requests": N, "status": {...}}) and
 `POST /stats/reset` zeroes them. Counters include every request that reached the pod, so
@@ -35,14 +37,18 @@ def count(status: int) -> None:
         STATS["status"][str(status)] = STATS["status"].get(str(status), 0) + 1
 
 
-def call(target: str, rid: str | None) -> int:
+# What Istio asks an application to copy from its request to the requests it makes, so the
+# mesh's spans join into one trace.
+PROPAGATE = ("x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
+             "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags")
+
+
+def call(target: str, fwd: dict[str, str]) -> int:
     """GET / on `target` over this thread's kept-alive connection; its status (599: no answer)."""
     conns = getattr(_local, "conns", None)
     if conns is None:
         conns = _local.conns = {}
-    headers = {"host": target.partition(":")[0]}
-    if rid:
-        headers["x-request-id"] = rid
+    headers = {"host": target.partition(":")[0], **fwd}
     for _ in range(2):  # one reconnect: a kept-alive connection may have been closed meanwhile
         conn = conns.get(target)
         if conn is None:
@@ -66,6 +72,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     wbufsize = 1 << 16  # head and body in one write (else Nagle + delayed ACK: 40 ms a response)
     calls: list[str] = []
+    soft: list[str] = []
     delay = 0.0
 
     def reply(self, status: int, body: bytes) -> None:
@@ -86,11 +93,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if STATE["fail"] and random.random() < STATE["fail"]:
             status = 503
         else:
-            rid = self.headers.get("x-request-id")
+            fwd = {h: v for h in PROPAGATE if (v := self.headers.get(h)) is not None}
             for target in self.calls:
-                if not 200 <= call(target, rid) < 300:
+                if not 200 <= call(target, fwd) < 300:
                     status = 503
                     break
+            if status == 200:
+                for target in self.soft:
+                    call(target, rid)
         count(status)
         self.reply(status, f"{POD} {status}\n".encode())
 
@@ -119,10 +129,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--call", action="append", default=[], metavar="HOST:PORT")
+    ap.add_argument("--call-soft", action="append", default=[], metavar="HOST:PORT")
     ap.add_argument("--fail", type=float, default=0.0, metavar="RATE")
     ap.add_argument("--delay-ms", type=float, default=0.0)
     a = ap.parse_args()
-    Handler.calls, Handler.delay = a.call, a.delay_ms / 1000.0
+    Handler.calls, Handler.soft, Handler.delay = a.call, a.call_soft, a.delay_ms / 1000.0
     STATE["fail"] = a.fail
     srv = http.server.ThreadingHTTPServer(("0.0.0.0", a.port), Handler)
     srv.daemon_threads = True

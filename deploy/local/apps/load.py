@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Demo/test app: a small HTTP load generator; prints a JSON tally.
 
-    load.py HOST:PORT -n REQUESTS [-c CONCURRENCY] [--path /] [--timeout S] [--max-seconds S]
+    load.py HOST:PORT -n REQUESTS [-c CONCURRENCY] [--rate R] [--path /] [--timeout S] [--max-seconds S]
 
 Each of `-c` threads keeps one HTTP/1.1 connection (reconnecting when one closes or fails) and
-sends GETs until `-n` requests have been sent in total. Output: {"requests", "status": {code:
+sends GETs until `-n` requests have been sent in total (`-n 0`: until `--max-seconds`), as fast
+as they are answered or, with `--rate`, paced to R requests per second in all (steady traffic). Output: {"requests", "status": {code:
 count}, "errors", "seconds", "rps", "p50_ms", "p99_ms"}; status 599 counts a request that got
 no answer (the errors list says why, the first 20 kept).
 """
@@ -20,6 +21,7 @@ def main():
     ap.add_argument("target", metavar="HOST:PORT")
     ap.add_argument("-n", type=int, default=100)
     ap.add_argument("-c", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=0.0, help="requests per second in all (default: unpaced)")
     ap.add_argument("--path", default="/")
     ap.add_argument("--host", default=None, help="Host header (default: the target host)")
     ap.add_argument("--timeout", type=float, default=10.0)
@@ -27,7 +29,8 @@ def main():
     a = ap.parse_args()
     host, _, port = a.target.partition(":")
     lock = threading.Lock()
-    left = [a.n]
+    left = [a.n if a.n > 0 else float("inf")]
+    sent = [0]
     status: dict[str, int] = {}
     errors: list[str] = []
     lat: list[float] = []
@@ -40,6 +43,12 @@ def main():
                 if left[0] <= 0:
                     break
                 left[0] -= 1
+                slot = sent[0]
+                sent[0] += 1
+            if a.rate > 0:  # request k goes out at start + k/rate, whichever thread sends it
+                wait = start + slot / a.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
             t0 = time.monotonic()
             code = 599
             try:
@@ -66,7 +75,7 @@ def main():
         if conn is not None:
             conn.close()
 
-    t0 = time.monotonic()
+    t0 = start = time.monotonic()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(a.c)]
     for t in threads:
         t.start()
