@@ -5,6 +5,9 @@ Serves proxies on a Unix socket from one resource source, both through the same 
   * static Kubernetes-style YAML files (as `ambient apply` takes them), or
   * `--kubernetes`: list+watch of an API server (controlplane.kube; `--kubeconfig PATH`, or
     the pod's ServiceAccount when in a cluster); proxies are served once every kind is listed.
+    There it also deploys istio-waypoint Gateways and writes Gateway/HTTPRoute status
+    (controlplane.kube.waypoint_controller), and reports policy problems as Events
+    (controlplane.kube.policy_events).
 In Kubernetes mode the CA comes from a Secret (controlplane.kube.ca_secret) unless --ca-dir;
 controlplane.mode decides the combination. Local mode's runner hosts the same ControlPlane in
 its own process, fed by its own store.
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--kubernetes", action="store_true", help="watch a Kubernetes API server instead of FILEs")
     p.add_argument("--kubeconfig", help="with --kubernetes: kubeconfig file (default: in-cluster config)")
+    p.add_argument("--waypoint-image", default="ambient-mesh:0.1.0",
+                   help="with --kubernetes: the image of the waypoint Deployments it makes for istio-waypoint Gateways")
     p.add_argument("files", nargs="*", help="YAML files with the cluster's resources")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -88,8 +93,14 @@ class CaStartError(Exception):
 
 
 async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
+    # Handlers first: a SIGTERM while starting (the socket is bound before start() returns)
+    # still stops cleanly, once started.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     clock = SystemClock()
-    source = api = None
+    source = api = waypoints = policy_events = None
     authenticate_token = None
     if mode.source is Source.KUBERNETES:  # imported here: file mode should not load aiohttp and the API client
         from .kube.api import KubeApi
@@ -114,7 +125,15 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
         authenticate_token = TokenAuthenticator(api, audience=mode.token_audience, trust_domain=a.trust_domain,
                                                 clock=clock, node_agent=(mode.namespace, "ztunnel")).authenticate
         source = KubeSource(api, store)
+        from .kube.waypoint_controller import WaypointController
+        from .kube.waypoint_objects import WaypointOptions
+        waypoints = WaypointController(api, source, options=WaypointOptions(
+            image=a.waypoint_image, trust_domain=a.trust_domain, control_plane=f"istiod.{mode.namespace}.svc:15012"))
+        from .kube.policy_events import PolicyEvents
+        policy_events = PolicyEvents(api, source, store, trust_domain=a.trust_domain)
+        policy_events.start()
         await source.start()
+        await waypoints.start()
     else:
         assert mode.ca_dir is not None
         ca = CertificateAuthority.load_or_create(mode.ca_dir, a.trust_domain, clock=clock)
@@ -134,14 +153,14 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
         cp.resources_changed(store.objects.values())
     store.watch(cp.resources_changed)
     await cp.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     if health is not None:
         await health.close()
     await cp.stop()
+    if waypoints is not None:
+        await waypoints.stop()
+    if policy_events is not None:
+        await policy_events.stop()
     if source is not None:
         await source.stop()
     if api is not None:

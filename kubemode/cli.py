@@ -1,4 +1,4 @@
-"""The Kubernetes-mode subcommands of `ambient`: install, uninstall, check [--pre].
+"""The Kubernetes-mode subcommands of `ambient`: install, uninstall, check [--pre], waypoint.
 
 `ambient install | kubectl apply -f -` installs; `ambient uninstall | kubectl delete -f -`
 removes what install made, except the CRDs (and so every user's policies and routes) unless
@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from . import health
+from . import health, waypoint_cli
 from .check import gather, judge
 from .manifests import InstallOptions, manifests
 
@@ -77,3 +77,4 @@ def register(sub: Any) -> None:
     ch.add_argument("--pre", action="store_true", help="kernel features: cgroup v2, bpffs, BTF, sk_lookup")
     ch.add_argument("--kubeconfig", help="kubeconfig for the mesh checks (default: kubectl's own)")
     ch.set_defaults(fn=cmd_check, needs_root=False)
+    waypoint_cli.register(sub)

@@ -25,6 +25,8 @@ class CrdSpec:
     versions: tuple[str, ...]  # served; the first is the storage version
     namespaced: bool = True
     short_names: tuple[str, ...] = ()
+    columns: tuple[tuple[str, str, str], ...] = ()
+    """`kubectl get` columns (name, type, jsonPath), as the upstream CRDs print; AGE is added."""
 
 
 ISTIO_CRDS: tuple[CrdSpec, ...] = (
@@ -32,14 +34,29 @@ ISTIO_CRDS: tuple[CrdSpec, ...] = (
     CrdSpec("security.istio.io", "PeerAuthentication", "peerauthentications", ("v1", "v1beta1"), short_names=("pa",)),
     CrdSpec("networking.istio.io", "VirtualService", "virtualservices", ("v1", "v1beta1", "v1alpha3"), short_names=("vs",)),
     CrdSpec("networking.istio.io", "DestinationRule", "destinationrules", ("v1", "v1beta1", "v1alpha3"), short_names=("dr",)),
+    CrdSpec("telemetry.istio.io", "Telemetry", "telemetries", ("v1", "v1alpha1"), short_names=("telemetry",)),
 )
+def _condition(type_: str) -> str:
+    return f'.status.conditions[?(@.type=="{type_}")].status'
+
+
 GATEWAY_API_CRDS: tuple[CrdSpec, ...] = (
-    CrdSpec("gateway.networking.k8s.io", "GatewayClass", "gatewayclasses", ("v1", "v1beta1"), namespaced=False, short_names=("gc",)),
-    CrdSpec("gateway.networking.k8s.io", "Gateway", "gateways", ("v1", "v1beta1"), short_names=("gtw",)),
-    CrdSpec("gateway.networking.k8s.io", "HTTPRoute", "httproutes", ("v1", "v1beta1")),
+    CrdSpec("gateway.networking.k8s.io", "GatewayClass", "gatewayclasses", ("v1", "v1beta1"), namespaced=False,
+            short_names=("gc",), columns=(("Controller", "string", ".spec.controllerName"),
+                                          ("Accepted", "string", _condition("Accepted")))),
+    CrdSpec("gateway.networking.k8s.io", "Gateway", "gateways", ("v1", "v1beta1"), short_names=("gtw",),
+            columns=(("Class", "string", ".spec.gatewayClassName"), ("Address", "string", ".status.addresses[*].value"),
+                     ("Programmed", "string", _condition("Programmed")))),
+    CrdSpec("gateway.networking.k8s.io", "HTTPRoute", "httproutes", ("v1", "v1beta1"),
+            columns=(("Hostnames", "string", ".spec.hostnames"),)),
 )
 
 _OPEN = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _columns(spec: CrdSpec) -> list[dict[str, str]]:
+    return [*({"name": n, "type": t, "jsonPath": p} for n, t, p in spec.columns),
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
 
 
 def crd(spec: CrdSpec) -> dict[str, Any]:
@@ -58,7 +75,8 @@ def crd(spec: CrdSpec) -> dict[str, Any]:
             "scope": "Namespaced" if spec.namespaced else "Cluster",
             "versions": [{"name": v, "served": True, "storage": i == 0, "subresources": {"status": {}},
                           "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                              "spec": dict(_OPEN), "status": dict(_OPEN)}}}}
+                              "spec": dict(_OPEN), "status": dict(_OPEN)}}},
+                          **({"additionalPrinterColumns": _columns(spec)} if spec.columns else {})}
                          for i, v in enumerate(spec.versions)],
         },
     }

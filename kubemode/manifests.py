@@ -6,17 +6,23 @@ the control plane (ServiceAccount, ClusterRole/Binding, Deployment, Service) and
 mesh's identities do: the control plane is spiffe://<td>/ns/istio-system/sa/istiod.
 
 RBAC is least privilege for what the control plane does today: list+watch of the watched
-kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED: the one table both sides read),
-creating Events for rejected objects and TokenReviews, and in istio-system only its CA Secret,
+kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED and the waypoint controller's
+Deployments: the one table both sides read), what the waypoint controller writes
+(`WAYPOINT_RULES`: apply of ServiceAccounts, Services and Deployments, Gateway and HTTPRoute
+status, the istio-waypoint GatewayClass, reading the pod a waypoint's token is bound to), creating Events for rejected objects and TokenReviews, and in istio-system only its CA Secret,
 the root ConfigMap and reading pods (`_namespace_rules`); ztunnel gets no API access at all (its token is mounted only as a
 projected token for the mesh CA's audience, not the API's).
 
-How ztunnel finds each pod's network namespace and cgroup on a node (hostPID, /proc and the
-cgroup v2 hierarchy mounted read-only): a pod's cgroup is the directory named after its UID
-under the kubelet's hierarchy (`.../kubepods*/pod<uid>/` with cgroupfs, `...pod<uid_>.slice`
-with the systemd driver); any PID in its `cgroup.procs` gives `/proc/<pid>/ns/net`, which
-ztunnel enters to open the pod's listeners, and the cgroup directory is where the capture
-programs attach (bpffs at /sys/fs/bpf holds the pins). ztunnel reaches the control plane at
+How ztunnel finds each pod's network namespace and cgroup on a node: from the pod's sandbox
+record (mesh.sandbox), one small JSON file per pod in the hostPath `/var/run/ambient/pods/`,
+written by the node's CNI step when it creates the pod's sandbox (Istio's CNI node agent hands
+ztunnel the same over its ZDS socket): `{"uid": "ns/name", "netns": "/var/run/netns/...",
+"cgroup": "/sys/fs/cgroup/..."}`. ztunnel opens the netns path (hostPath /var/run/netns with
+HostToContainer propagation, so netns created later appear) to open the pod's listeners, and
+the cgroup directory (/sys/fs/cgroup, read-only) is where the capture programs attach; bpffs
+at /sys/fs/bpf holds their pins. hostPID and /proc (at /host/proc) let ztunnel and `ambient
+check` see the node's processes. On the tests' simulated nodes the node agent
+(localcluster/kubelet.py) is that CNI step. ztunnel reaches the control plane at
 istiod.istio-system.svc:15012 with its projected token (audience istio-ca; TokenReview on the
 control plane's side) and verifies it against ConfigMap istio-ca-root-cert.
 """
@@ -25,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.kube.kinds import WATCHED
+from controlplane.kube.kinds import WATCHED, WAYPOINT_DEPLOYMENTS
 
 from .crds import crds
 
@@ -43,7 +49,7 @@ _PART_OF = {"app.kubernetes.io/part-of": "ambient"}
 def watch_rules() -> list[tuple[str, tuple[str, ...]]]:
     """(apiGroup, resources) the control plane lists and watches, by group."""
     groups: dict[str, set[str]] = {}
-    for k in WATCHED:
+    for k in (*WATCHED, WAYPOINT_DEPLOYMENTS):
         groups.setdefault(k.group, set()).add(k.plural)
     return [(g, tuple(sorted(r))) for g, r in sorted(groups.items())]
 
@@ -64,6 +70,26 @@ def _meta(name: str, namespaced: bool = True, **labels: str) -> dict[str, Any]:
     if namespaced:
         m["namespace"] = MESH_NAMESPACE
     return m
+
+
+WAYPOINT_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    # What the waypoint controller writes (controlplane.kube.waypoint_controller): it server-side
+    # applies each waypoint Gateway's objects (apply needs create and patch; none can be limited
+    # by name, as Gateways are in any namespace), and writes status through the subresources.
+    ("", ("serviceaccounts", "services"), ("create", "patch")),
+    ("apps", ("deployments",), ("create", "patch")),
+    ("gateway.networking.k8s.io", ("gateways/status", "httproutes/status"), ("patch",)),
+    # A waypoint pod's CA token is bound to its pod, in the Gateway's namespace: the CA reads
+    # that pod at each review (as it reads a ztunnel's in istio-system).
+    ("", ("pods",), ("get",)),
+)
+GATEWAY_CLASS_RULES: tuple[dict[str, Any], ...] = (
+    # The istio-waypoint GatewayClass, applied once at start: patch limited to it by name
+    # (create cannot be limited by name in RBAC).
+    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gatewayclasses"], "verbs": ["create"]},
+    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gatewayclasses", "gatewayclasses/status"],
+     "resourceNames": ["istio-waypoint"], "verbs": ["patch"]},
+)
 
 
 def _namespace_rules(o: InstallOptions) -> list[dict[str, Any]]:
@@ -87,6 +113,8 @@ def _namespace_rules(o: InstallOptions) -> list[dict[str, Any]]:
 def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
     app = {"app": "istiod"}
     rules = [{"apiGroups": [g], "resources": list(r), "verbs": ["list", "watch"]} for g, r in watch_rules()]
+    rules += [{"apiGroups": [g], "resources": list(r), "verbs": list(v)} for g, r, v in WAYPOINT_RULES]
+    rules += [dict(r) for r in GATEWAY_CLASS_RULES]
     rules.append({"apiGroups": [""], "resources": ["events"], "verbs": ["create"]})
     # ztunnel's token is verified by the API server (controlplane.kube.tokens).
     rules.append({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]})
@@ -95,7 +123,7 @@ def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
         "name": "discovery", "image": o.image, "imagePullPolicy": o.image_pull_policy,
         "command": ["python3", "-m", "controlplane", "--kubernetes", "--listen", f"0.0.0.0:{CONTROL_PLANE_PORT}",
                     "--health", f"0.0.0.0:{HEALTH_PORT}", "--namespace", MESH_NAMESPACE, *ca_args,
-                    "--trust-domain", o.trust_domain],
+                    "--trust-domain", o.trust_domain, "--waypoint-image", o.image],
         "ports": [{"name": "tls-ambient-cp", "containerPort": CONTROL_PLANE_PORT, "protocol": "TCP"},
                   {"name": "http-health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
         # Ready once listening with every kind listed (controlplane.health), as istiod's /ready.
@@ -145,7 +173,8 @@ def _ztunnel(o: InstallOptions) -> list[dict[str, Any]]:
                     "--control-plane", f"istiod.{MESH_NAMESPACE}.svc:{CONTROL_PLANE_PORT}",
                     "--ca-token", "/var/run/secrets/tokens/istio-token",
                     "--ca-root", "/var/run/secrets/istio/root-cert.pem",
-                    "--trust-domain", o.trust_domain, "--pin-dir", "/sys/fs/bpf/ambient"],
+                    "--trust-domain", o.trust_domain, "--pin-dir", "/sys/fs/bpf/ambient",
+                    "--status-address", "0.0.0.0"],  # its own pod netns: the kubelet probes the pod IP
         "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "metrics", "containerPort": 15020, "protocol": "TCP"},

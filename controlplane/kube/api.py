@@ -1,5 +1,5 @@
 """The few API-server calls the control plane makes, as raw JSON over kubernetes_asyncio's
-authenticated HTTP client: paged list, watch stream, Event create.
+authenticated HTTP client: paged list, watch stream, Event create, server-side apply.
 
 Raw dicts rather than the client's generated models: the config edge converts Kubernetes-
 style dicts (the same as YAML gives), and custom resources come back as dicts anyway. A watch
@@ -110,6 +110,8 @@ class KubeApi:
             query: list[tuple[str, Any]] = [("limit", page)]
             if kind.field_selector:
                 query.append(("fieldSelector", kind.field_selector))
+            if kind.label_selector:
+                query.append(("labelSelector", kind.label_selector))
             if token:
                 query.append(("continue", token))
             data = await self._json("GET", kind.path, query)
@@ -128,6 +130,8 @@ class KubeApi:
             ("timeoutSeconds", timeout_seconds)]
         if kind.field_selector:
             query.append(("fieldSelector", kind.field_selector))
+        if kind.label_selector:
+            query.append(("labelSelector", kind.label_selector))
         resp = await self._request("GET", kind.path, query, timeout=aiohttp.ClientTimeout(
             sock_connect=10, sock_read=timeout_seconds + 30))
         try:
@@ -165,3 +169,9 @@ class KubeApi:
     async def merge_patch(self, path: str, body: Any) -> dict[str, Any]:
         """PATCH with a JSON merge patch (RFC 7386): status writes, node registration."""
         return await self._json("PATCH", path, body=body, content_type="application/merge-patch+json")
+
+    async def apply(self, path: str, obj: Mapping[str, Any], *, field_manager: str) -> dict[str, Any]:
+        """Server-side apply of `obj` at its object path (created when missing); `force` takes
+        over fields another manager set, since the caller owns the object."""
+        return await self._json("PATCH", path, [("fieldManager", field_manager), ("force", "true")],
+                                body=dict(obj), content_type="application/apply-patch+yaml")

@@ -10,6 +10,7 @@ Kubernetes the kubelet runs containers, so only the mesh-relevant fields are pas
   * Service: metadata, selector, type, TCP ports (UDP/SCTP ports are not the mesh's business);
     a headless Service (clusterIP None) is kept without a VIP; a Service with no TCP port at
     all (kube-dns on UDP only, say) is not a mesh Service: `project` returns None;
+  * ConfigMap (only those named `istio`; istio-system/istio is the mesh config): its `mesh` key;
   * everything else: apiVersion, kind, metadata (name, namespace, labels, annotations), spec.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from mesh.model import CORE_KINDS, ResourceKey
 
-__all__ = ["WatchedKind", "WATCHED", "project", "key_of"]
+__all__ = ["WatchedKind", "WATCHED", "WAYPOINT_DEPLOYMENTS", "project", "key_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,8 @@ class WatchedKind:
     namespaced: bool
     field_selector: str = ""
     """Only these objects (`spec.nodeName=n1`: a node agent's pods); "" = all."""
+    label_selector: str = ""
+    """Only objects with these labels (the Deployments the waypoint controller made); "" = all."""
 
     @property
     def api_version(self) -> str:
@@ -56,7 +59,14 @@ WATCHED: tuple[WatchedKind, ...] = (
     WatchedKind("PeerAuthentication", "security.istio.io", "v1", "peerauthentications", True),
     WatchedKind("VirtualService", "networking.istio.io", "v1", "virtualservices", True),
     WatchedKind("DestinationRule", "networking.istio.io", "v1", "destinationrules", True),
+    WatchedKind("Telemetry", "telemetry.istio.io", "v1", "telemetries", True),
+    # The mesh config (tracing providers): ConfigMap istio-system/istio, as istiod reads it.
+    WatchedKind("ConfigMap", "", "v1", "configmaps", True, field_selector="metadata.name=istio"),
 )
+
+WAYPOINT_DEPLOYMENTS = WatchedKind("Deployment", "apps", "v1", "deployments", True,
+                                   label_selector="gateway.istio.io/managed=istio.io-mesh-controller")
+"""Not for the store: the waypoint controller's own watch of the Deployments it made."""
 
 
 def key_of(kind: WatchedKind, obj: Mapping[str, Any]) -> ResourceKey:
@@ -104,6 +114,9 @@ def project(kind: WatchedKind, obj: Mapping[str, Any]) -> dict[str, Any] | None:
     elif kind.kind == "Node":  # a Node's spec carries taints, providerID...: only podCIDR is read
         cidr = (obj.get("spec") or {}).get("podCIDR")
         body = {"spec": {"podCIDR": cidr}} if cidr else {}
+    elif kind.kind == "ConfigMap":  # the mesh config: its `mesh` key only
+        data = obj.get("data") or {}
+        body = {"data": {"mesh": data["mesh"]}} if isinstance(data.get("mesh"), str) else {}
     elif kind.kind in CORE_KINDS:  # Namespace, ServiceAccount: metadata is all the mesh reads
         body = {}
     else:

@@ -66,6 +66,8 @@ class KubeSource:
         self._tasks: list[asyncio.Task[None]] = []
         self._side: set[asyncio.Task[None]] = set()
         self._reported: dict[ResourceKey, str] = {}  # the version last reported, so one Event per version
+        self.listeners: list[Callable[[Event], None]] = []
+        """Called with every raw event after the store's staging (the waypoint controller's cache)."""
 
     # -- lifecycle --
 
@@ -98,6 +100,8 @@ class KubeSource:
         else:
             self._events_total.labels(ev.kind.kind, "delete").inc()
             self._delete(ev)
+        for listener in self.listeners:
+            listener(ev)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)

@@ -31,6 +31,7 @@ class Nodes:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     index: dict[str, int] = field(default_factory=dict)
     plan: AddressPlan = field(default_factory=AddressPlan)
+    bpffs_leftovers: list[str] = field(default_factory=list)
 
     @property
     def net(self) -> ClusterNetwork:
@@ -86,3 +87,19 @@ class Nodes:
                 p.wait(5)
         self.procs.clear()
         self.net.teardown()  # whatever an agent that failed left behind
+        self.bpffs_leftovers = remove_bpffs_leftovers(f"/sys/fs/bpf/{PREFIX}")
+
+
+def remove_bpffs_leftovers(root: str) -> list[str]:
+    """Remove the nodes' bpffs directories (`<root>/<node>/<pin dir>`) an agent that failed
+    left; returns the nodes that had left some (the agents' own cleanup is what tests check)."""
+    from ebpf.capture import teardown_pins
+    if not os.path.isdir(root):
+        return []
+    left = sorted(os.listdir(root))
+    for node in left:
+        for pins in os.listdir(os.path.join(root, node)):
+            teardown_pins(os.path.join(root, node, pins))
+        os.rmdir(os.path.join(root, node))
+    os.rmdir(root)
+    return left

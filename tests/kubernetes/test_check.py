@@ -55,7 +55,7 @@ def test_check_walks_the_install_and_the_ready_probe_follows_the_sync(no_mesh_na
     assert lines[-1] == "7 check(s) failed" and sum(line.startswith("- ") for line in lines) == 6
 
     code, lines = _check(kube)
-    assert code == 1 and lines[:2] == ["√ API server: reachable", "√ CRDs: 7 mesh CRDs established"]
+    assert code == 1 and lines[:2] == ["√ API server: reachable", "√ CRDs: 8 mesh CRDs established"]
     assert _first_failure(lines) == "× mesh namespace: namespace istio-system does not exist"
 
     manifest = subprocess.run([os.path.join(BIN, "ambient"), "install"], capture_output=True, text=True,

@@ -33,7 +33,8 @@ def _can_i(kube: KubeCluster, sa: str) -> dict[str, set[str]]:
         if not cols or cols[0].startswith("["):
             continue  # non-resource URLs (/healthz, /version...) every authenticated user has
         verbs = re.search(r"\[([^\]]*)\]\s*$", line)  # the last column: [get list watch]
-        rules[cols[0]] = set(verbs.group(1).split()) if verbs else set()
+        # A resource may have several rows (one with resourceNames): their verbs together.
+        rules.setdefault(cols[0], set()).update(verbs.group(1).split() if verbs else ())
     return rules
 
 
@@ -77,18 +78,35 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
     assert ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] is True
 
     cp = _can_i(kube, "istiod")
-    for res in ("pods", "services", "namespaces", "nodes", "serviceaccounts",
+    # pods: get too, anywhere: a waypoint's token is bound to its pod, in the waypoint's namespace.
+    assert cp.pop("pods") == {"get", "list", "watch"}
+    for res in ("namespaces", "nodes",
                 "authorizationpolicies.security.istio.io", "peerauthentications.security.istio.io",
                 "virtualservices.networking.istio.io", "destinationrules.networking.istio.io",
-                "gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io"):
+                "gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io",
+                "telemetries.telemetry.istio.io", "configmaps"):
         assert cp.pop(res) == {"list", "watch"}, res
+    # The waypoint controller: applies each waypoint's objects, watches its Deployments, writes status.
+    for res in ("serviceaccounts", "services"):
+        assert cp.pop(res) == {"list", "watch", "create", "patch"}, res
+    assert cp.pop("deployments.apps") == {"list", "watch", "create", "patch"}
+    for res in ("gateways.gateway.networking.k8s.io/status", "httproutes.gateway.networking.k8s.io/status"):
+        assert cp.pop(res) == {"patch"}, res
+    # The istio-waypoint GatewayClass: created once, patched by name only.
+    assert cp.pop("gatewayclasses.gateway.networking.k8s.io") == {"create", "patch"}
+    assert cp.pop("gatewayclasses.gateway.networking.k8s.io/status") == {"patch"}
+    for verb, what, allowed in (("patch", "gatewayclass/istio-waypoint", "yes"), ("patch", "gatewayclass/istio", "no")):
+        got = kube.kubectl("auth", "can-i", verb, what, "--as=system:serviceaccount:istio-system:istiod",
+                           check=False).stdout.strip()
+        assert got == allowed, (verb, what, got)
     assert cp.pop("events") == {"create"}
     assert cp.pop("tokenreviews.authentication.k8s.io") == {"create"}
     # What is left is what every authenticated identity may do (reviews about itself).
     assert set(cp) <= {"selfsubjectaccessreviews.authorization.k8s.io", "selfsubjectrulesreviews.authorization.k8s.io"}
     zt = _can_i(kube, "ztunnel")
     assert set(zt) <= {"selfsubjectaccessreviews.authorization.k8s.io", "selfsubjectrulesreviews.authorization.k8s.io"}
-    for verb, res in (("get", "secrets"), ("create", "pods"), ("list", "pods")):
+    for verb, res in (("get", "secrets"), ("create", "pods"), ("list", "pods"), ("delete", "deployments"),
+                      ("update", "gateways"), ("patch", "httproutes")):
         no = kube.kubectl("auth", "can-i", verb, res, "--as=system:serviceaccount:istio-system:istiod", check=False)
         assert no.stdout.strip() == ("yes" if (verb, res) == ("list", "pods") else "no")
     # In its own namespace: its CA Secret (get, create once) and the root ConfigMap, nothing else.
@@ -110,4 +128,4 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
     # The CRDs stay (and with them every user's policy), unless --purge.
     assert kube.kubectl("get", "crd", "authorizationpolicies.security.istio.io", check=False).returncode == 0
     purge = [d["kind"] for d in yaml.safe_load_all(_ambient("uninstall", "--purge"))]
-    assert purge.count("CustomResourceDefinition") == 7 and purge[-1] == "CustomResourceDefinition"
+    assert purge.count("CustomResourceDefinition") == 8 and purge[-1] == "CustomResourceDefinition"

@@ -16,6 +16,7 @@ from controlplane.store import ResourceStore
 from controlplane.translate import translate
 from mesh.model import ResourceKey, TunnelProtocol, Workload
 from mesh.model.policy import AuthorizationPolicy
+from mesh.model.telemetry import Telemetry
 
 from .cluster import KubeCluster
 
@@ -203,6 +204,51 @@ def test_a_watch_from_a_version_that_is_gone_relists_only_what_changed(mesh_crds
             # other tests' namespaces may be finishing their deletion meanwhile: look at ours
             assert [d.key.name for d in relist.deletes if d.key.namespace == ns] == ["drop"]
             assert store.get(ResourceKey("ServiceAccount", ns, "keep")) is not None
+        finally:
+            await source.stop()
+            await api.close()
+
+    asyncio.run(main())
+
+
+TELEMETRY = """
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: tracing, namespace: %(ns)s}
+spec:
+  tracing: [{providers: [{name: otel}], randomSamplingPercentage: 25}]
+"""
+CONFIG_MAPS = """
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: %(ns)s}
+data: {mesh: "enableTracing: true", meshNetworks: "networks: {}"}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: app-settings, namespace: %(ns)s}
+data: {a: b}
+"""
+
+
+def test_telemetry_and_the_mesh_config_map_are_watched_other_config_maps_are_not(mesh_crds: KubeCluster,
+                                                                                namespace: str) -> None:
+    kube, ns = mesh_crds, namespace
+
+    async def main() -> None:
+        api, store, source = await _source(kube)
+        try:
+            await _kubectl(kube, "create", "-f", "-", input=TELEMETRY % {"ns": ns})
+            await _kubectl(kube, "create", "-f", "-", input=CONFIG_MAPS % {"ns": ns})
+            await _until(lambda: store.get(ResourceKey("Telemetry", ns, "tracing")) is not None, 2.0)
+            await _until(lambda: store.get(ResourceKey("ConfigMap", ns, "istio")) is not None, 2.0)
+            t = store.get(ResourceKey("Telemetry", ns, "tracing"))
+            assert isinstance(t, Telemetry) and t.tracing[0].random_sampling_percentage == 25.0
+            # Only ConfigMaps named istio are listed (istio-system/istio is the mesh config), with their mesh key.
+            cm = store.get(ResourceKey("ConfigMap", ns, "istio"))
+            assert cm.spec == {"mesh": "enableTracing: true"}
+            assert store.get(ResourceKey("ConfigMap", ns, "app-settings")) is None
+            assert source.rejected == {}
         finally:
             await source.stop()
             await api.close()

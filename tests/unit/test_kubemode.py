@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.kube.kinds import WATCHED
+from controlplane.kube.kinds import WATCHED, WAYPOINT_DEPLOYMENTS
 from kubemode.check import Facts, Reason, judge
 from kubemode.crds import GATEWAY_API_APPROVAL, crds
 from kubemode.manifests import InstallOptions, manifests
@@ -32,10 +32,23 @@ def test_prerequisites(facts, failed):
 
 def test_the_control_plane_may_list_and_watch_exactly_the_kinds_it_watches():
     [role] = [m for m in manifests() if m["kind"] == "ClusterRole"]
-    granted = {(g, r, tuple(rule["verbs"])) for rule in role["rules"]
+    granted = {(g, r, tuple(rule["verbs"])) for rule in role["rules"] if "resourceNames" not in rule
                for g in rule["apiGroups"] for r in rule["resources"]}
-    watched = {(k.group, k.plural, ("list", "watch")) for k in WATCHED}
-    assert granted == watched | {("", "events", ("create",)), ("authentication.k8s.io", "tokenreviews", ("create",))}
+    by_name = {(g, r, tuple(rule["verbs"]), tuple(rule["resourceNames"])) for rule in role["rules"]
+               if "resourceNames" in rule for g in rule["apiGroups"] for r in rule["resources"]}
+    # The istio-waypoint GatewayClass: created once, patched by name only.
+    assert by_name == {("gateway.networking.k8s.io", r, ("patch",), ("istio-waypoint",))
+                       for r in ("gatewayclasses", "gatewayclasses/status")}
+    watched = {(k.group, k.plural, ("list", "watch")) for k in (*WATCHED, WAYPOINT_DEPLOYMENTS)}
+    # The waypoint controller applies its objects and writes Gateway API status.
+    waypoints = {("", "serviceaccounts", ("create", "patch")), ("", "services", ("create", "patch")),
+                 ("apps", "deployments", ("create", "patch")),
+                 ("gateway.networking.k8s.io", "gateways/status", ("patch",)),
+                 ("gateway.networking.k8s.io", "httproutes/status", ("patch",)),
+                 ("gateway.networking.k8s.io", "gatewayclasses", ("create",)),
+                 ("", "pods", ("get",))}  # the pod a waypoint's CA token is bound to
+    assert granted == watched | waypoints | {("", "events", ("create",)),
+                                             ("authentication.k8s.io", "tokenreviews", ("create",))}
 
 
 def test_every_watched_custom_kind_has_a_crd_serving_its_version():
