@@ -29,6 +29,7 @@ from localcluster import api, procs  # noqa: E402
 from localcluster.network import ClusterNetwork  # noqa: E402
 from localcluster.paths import ClusterPaths, check_cluster_name  # noqa: E402
 from mesh.identity import SpiffeId  # noqa: E402
+from rate_client import add_rate_deltas, grid, rate_table  # noqa: E402  (this directory)
 
 SETUPS = ("direct", "ambient", "envoy")
 NAMESPACE = {"direct": "bench-plain", "ambient": "bench-mesh", "envoy": "bench-plain"}
@@ -52,6 +53,8 @@ class Durations:
     lat: int
     iperf: int
     pause: float
+    rates: tuple[int, ...] = ()  # constant-rate latency runs (req/s), each `rate_secs` long
+    rate_secs: int = 3
 
 
 @dataclass
@@ -291,6 +294,24 @@ def iperf(cluster: Cluster, t: Target, secs: int) -> float:
     return j["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
+RATE_CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rate_client.py")
+RATE_CONNS = 16
+
+
+def rate_run(cluster: Cluster, t: Target, rate: int, secs: int) -> dict[str, Any]:
+    """p50/p99 at a constant `rate` (open loop, timed from the intended send; see rate_client.py)."""
+    argv = [sys.executable, RATE_CLIENT, "--rate", str(rate), "--secs", str(secs), "--conns", str(RATE_CONNS), t.http]
+    p = cluster.run(t.client, argv, timeout=secs + 30)
+    try:
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise SetupError(f"{t.name}: rate_client gave no JSON ({p.returncode}): {p.stdout[-300:]}{p.stderr[-500:]}") from None
+    if p.returncode != 0 or res["completed"] < res["sent"]:
+        raise SetupError(f"{t.name}: rate {rate}: {res['completed']}/{res['sent']} answered, "
+                         f"{res['errors']} non-200, {res['lost_conns']} connections lost")
+    return res
+
+
 def probe(cluster: Cluster, t: Target, timeout: float = 20.0) -> None:
     """Until one GET through the path returns 200 with the backend's 100-byte body."""
     deadline, last = time.monotonic() + timeout, ""
@@ -341,7 +362,12 @@ def measure_round(cluster: Cluster, t: Target, d: Durations) -> dict[str, Any]:
     with Sampler(t.pids()) as s_bulk:
         gbps = _attempt(failures, "iperf3", iperf, cluster, t, d.iperf)
     time.sleep(d.pause)
-    return {"rps": tput.get("rps"), "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "gbps": gbps,
+    rates = {}
+    for rate in d.rates:
+        rates[str(rate)] = _attempt(failures, f"rate {rate}", rate_run, cluster, t, rate, d.rate_secs)
+        time.sleep(d.pause)
+    return {"rates": {k: v for k, v in rates.items() if v},
+            "rps": tput.get("rps"), "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"), "gbps": gbps,
             "errors": "; ".join(x for x in (tput.get("errors"), lat.get("errors")) if x), "failures": failures,
             "rss_mb": max(s_http.max_rss_mb, s_bulk.max_rss_mb),
             "cpu_http_pct": s_http.cpu_pct, "cpu_iperf_pct": s_bulk.cpu_pct,
@@ -511,10 +537,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
     for n, m in med.items():
         labels = sorted({k for r in runs[n] for k in r["cpu_http_by"]})
         m["cpu_http_by"] = {k: statistics.median(r["cpu_http_by"].get(k, 0.0) for r in runs[n]) for k in labels}
+        rates = sorted({k for r in runs[n] for k in r.get("rates", {})}, key=int)
+        m["rates"] = {k: {q: statistics.median(r["rates"][k][q] for r in runs[n] if k in r.get("rates", {}))
+                          for q in ("p50_ms", "p99_ms", "achieved_rps", "client_late_max_ms")} for k in rates}
         for ref, tag in (("direct", "dir"), ("envoy", "env")):
             for k in ("rps", "gbps"):
                 base = med.get(ref, {}).get(k)
                 m[f"{k}_x_{tag}"] = m[k] / base if base and m[k] is not None else None
+    add_rate_deltas(med)
     return med
 
 
@@ -533,9 +563,7 @@ def table(med: dict[str, dict[str, Any]], failed: dict[str, str]) -> str:
                                   for _, k, f in COLUMNS[1:]])
         elif name in failed:
             rows.append([name] + ["FAILED"] + [""] * (len(COLUMNS) - 2))
-    w = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
-    return "\n".join([line(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows[1:]])
+    return grid(rows)
 
 
 def _git_rev() -> str:
@@ -558,6 +586,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 s measurements, 1 round")
     ap.add_argument("--rounds", type=int, help="rounds (medians are reported); default 3, --quick 1")
     ap.add_argument("--secs", type=int, help="seconds per measurement; default 10, --quick 2")
+    ap.add_argument("--rate", default="", help="constant-rate latency runs, comma-separated req/s "
+                    "(e.g. 1000,10000); each --rate-secs long, per round and setup")
+    ap.add_argument("--rate-secs", type=int, help="seconds per constant-rate run; default 5, --quick 2")
     ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of %(default)s")
     ap.add_argument("--cluster", default="bench", help="local cluster name (created and removed)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -568,8 +599,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.setups = [s for s in SETUPS if s in requested]
     a.rounds = a.rounds or (1 if a.quick else 3)
     secs = a.secs or (2 if a.quick else 10)
+    try:
+        rates = tuple(int(x) for x in a.rate.split(",") if x)
+    except ValueError:
+        ap.error("--rate: comma-separated integers (req/s)")
+    if any(r <= 0 for r in rates):
+        ap.error("--rate: each rate must be positive")
     a.durations = Durations(warm=1 if a.quick else 2, tput=secs, lat=secs, iperf=secs,
-                            pause=0.3 if a.quick else 1.0)
+                            pause=0.3 if a.quick else 1.0, rates=rates,
+                            rate_secs=a.rate_secs or (2 if a.quick else 5))
     check_cluster_name(a.cluster)
     return a
 
@@ -683,6 +721,13 @@ def main(argv: list[str] | None = None) -> int:
                          for n, m in med.items() if m["cpu_http_by"])
     idle_line = ", ".join(f"{n} {v:.1f} MB" for n, v in idle.items() if n != "direct")
     out = [cond, "", table(med, failed), ""]
+    rt = rate_table(med, SETUPS)
+    if rt:
+        out += [f"constant-rate latency (open loop, tests/bench/rate_client.py: {RATE_CONNS} keep-alive connections, "
+                f"{d.rate_secs}s per rate, latency from the intended send time so queueing behind a slow response "
+                f"counts; added = minus direct at the same rate; req/s got below asked = the path saturated, its "
+                f"latency is queueing; client late max = the load generator's own worst wake-up lateness (CPU "
+                f"starvation of the client on a busy box, in every setup's figures alike):", "", rt, ""]
     if per_proc:
         out.append(f"proxy CPU% per process during wrk -c32: {per_proc}")
     if idle_line:
