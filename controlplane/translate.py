@@ -30,6 +30,7 @@ from mesh.model import (WAYPOINT_LABEL, Endpoint, Namespace, PolicyObject, Pod, 
                      Service, ServiceInfo, TunnelProtocol, Workload)
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
 from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
+from mesh.model.telemetry import MeshConfig, Telemetry
 from mesh.model.workload import (GATEWAY_NAME_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WAYPOINT_NAMESPACE_LABEL,
                                  BindingSource, Waypoint, WaypointBinding, WaypointFor, WaypointStatus)
 from mesh.distribution.protocol import resource_ref
@@ -110,7 +111,7 @@ def translate(resources: Iterable[Resource], *, trust_domain: str) -> dict[tuple
         elif isinstance(r, Service):
             services.append(r)
         elif isinstance(r, (PolicyObject, AuthorizationPolicy, PeerAuthentication, HTTPRoute,
-                            VirtualService, DestinationRule)):
+                            VirtualService, DestinationRule, Telemetry, MeshConfig)):
             policies.append(r)
 
     live = [p for p in pods if p.pod_ip is not None and p.node_name]

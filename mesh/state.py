@@ -31,6 +31,7 @@ from .distribution.protocol import Delta, Snapshot, resource_ref
 from .model import FrozenMap, Namespace, PolicyObject, ServiceInfo, Workload
 from .model.policy import ROOT_NAMESPACE, AuthorizationPolicy, PeerAuthentication
 from .model.route import DestinationRule, HTTPRoute, VirtualService
+from .model.telemetry import MESH_CONFIG_NAME, MeshConfig, Telemetry
 from .model.workload import Waypoint
 
 __all__ = ["ProxyState", "StateVersionError", "WorkloadPolicies"]
@@ -119,6 +120,8 @@ _KINDS: dict[str, Callable[[Any], Any]] = {
     "VirtualService": _by_name,
     "DestinationRule": _by_name,
     "Waypoint": _by_name,
+    "Telemetry": _by_name,
+    "MeshConfig": _by_name,
 }
 
 
@@ -363,6 +366,13 @@ class ProxyState:
 
     def destination_rules(self) -> list[DestinationRule]:
         return self._kinds["DestinationRule"].items()
+
+    def telemetries(self) -> list[Telemetry]:
+        return self._kinds["Telemetry"].items()
+
+    def mesh_config(self) -> MeshConfig | None:
+        """The mesh config (ConfigMap istio-system/istio), None when there is none."""
+        return self._kinds["MeshConfig"].by_uid.get(f"{ROOT_NAMESPACE}/{MESH_CONFIG_NAME}")
 
     def workload(self, uid: str) -> Workload | None:
         return self._kinds["Workload"].by_uid.get(uid)

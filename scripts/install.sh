@@ -10,7 +10,7 @@ root=$(pwd)
 # chromium: the dashboard test drives Debian's browser with Playwright (pip, from pyproject's
 # test extra); no browser is ever downloaded (`playwright install` is not run).
 apt_pkgs=(python3 python3-venv python3-bpfcc libbpfcc linux-headers-amd64 bpftool iproute2
-          openssl procps util-linux tcpdump iperf3 curl ca-certificates wrk nginx-light chromium)
+          openssl procps util-linux tcpdump iperf3 curl ca-certificates wrk nginx-light chromium strace)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -49,6 +49,16 @@ common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
 mkdir -p "$kmod"
 [ -e "$kmod/build" ] || ln -sfn "$build" "$kmod/build"
 [ -e "$kmod/source" ] || ln -sfn "$common" "$kmod/source"
+
+# /etc/hosts as Debian's installer writes it: localhost, and this machine's name on 127.0.1.1.
+# The kubelet stand-in (Kubernetes mode) binds each pod's hosts file over /etc/hosts, so the
+# mount point must exist (a bare debootstrap root has none); and a pod resolving the machine's
+# name (Python's http.server does, through socket.getfqdn) must find it here: the simulated
+# network has no route out, so a DNS query from a pod hangs for the resolver's timeouts.
+hosts=/etc/hosts
+[ -e "$hosts" ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n' > "$hosts"
+me=$(uname -n)
+grep -qE "^[^#]*[[:space:]]$me([[:space:]]|\$)" "$hosts" || printf '127.0.1.1\t%s\n' "$me" >> "$hosts"
 
 # bpffs for pinned links and maps.
 mountpoint -q /sys/fs/bpf 2>/dev/null || mount -t bpf bpf /sys/fs/bpf

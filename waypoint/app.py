@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from mesh import tls
@@ -43,17 +44,26 @@ _RENEW_CHECK = 5.0
 class Waypoint:
     """One waypoint process (one istio-waypoint Gateway)."""
 
-    def __init__(self, cfg: WaypointConfig, *, clock: Clock, rng: random.Random, sockets: SocketFactory) -> None:
+    def __init__(self, cfg: WaypointConfig, *, clock: Clock, rng: random.Random, sockets: SocketFactory,
+                 access_log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.rng = rng
         self.sockets = sockets
         self.identity = SpiffeId(trust_domain=cfg.trust_domain, namespace=cfg.namespace, service_account=cfg.name)
         self.state = ProxyState()
-        self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
+        self._bootstrap: Any = None
+        token = None
+        if cfg.ca_token:  # in a cluster: the projected token is the credential, as ztunnel's
+            with open(cfg.ca_root, "rb") as f:
+                self._roots = f.read()
+            token = self._read_token
+        else:
+            self._bootstrap, self._roots = load_bootstrap(cfg.bootstrap_dir)
+        address = cfg.control_plane_address
         self.client = ControlPlaneClient(
-            socket_path=cfg.control_plane, ssl_context=self._cp_context,
-            trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng,
+            socket_path=None if address else cfg.control_plane, address=address, ssl_context=self._cp_context,
+            trust_domain=cfg.trust_domain, state=self.state, clock=clock, rng=rng, token=token,
             on_connected=lambda: self.secrets.retry_now())  # renew at once after an outage
         self.secrets = SecretManager(self._fetch_cert, clock=clock, rng=rng)
         self.tls = TlsContexts(self.secrets, self._roots)
@@ -62,7 +72,8 @@ class Waypoint:
         self.inbound = Inbound(InboundContext(
             identity=self.identity, waypoint_namespace=cfg.namespace, waypoint_name=cfg.name,
             trust_domain=cfg.trust_domain, state=self.state, pool=self.pool, sockets=sockets,
-            client_tls=lambda: self.tls.client(self.identity), clock=clock, rng=rng, metrics=self.metrics))
+            client_tls=lambda: self.tls.client(self.identity), clock=clock, rng=rng, metrics=self.metrics,
+            access_log=access_log))
         self.server: HboneServer | None = None
         self.admin = AdminServer({
             "/healthz/ready": self._ready,
@@ -71,9 +82,17 @@ class Waypoint:
             "/stats/prometheus": self._metrics,
             "/": lambda _: Response(200, "waypoint admin: /config_dump /healthz/ready /metrics\n"),
         })
+        self.status = AdminServer({"/healthz/ready": self._ready})
+        """Readiness on TCP for the kubelet's probe (Istio's 15021), nothing else."""
 
     def _cp_context(self) -> ssl.SSLContext:
+        if self._bootstrap is None:
+            return tls.server_only_client_context(self._roots, alpn=(ALPN,))
         return tls.client_context(self._bootstrap, self._roots, alpn=(ALPN,))
+
+    def _read_token(self) -> str:
+        with open(self.cfg.ca_token) as f:  # re-read each time: the kubelet rotates it
+            return f.read().strip()
 
     async def _fetch_cert(self, identity, csr_pem):
         return await self.client.request_certificate(identity, csr_pem)
@@ -88,7 +107,9 @@ class Waypoint:
         return Response(200, "ready\n")
 
     def _metrics(self, _path: str) -> Response:
-        body = self.metrics.exposition() + self.inbound.upstreams.exposition() + _BUILD
+        tracing = self.inbound.pipeline.tracing
+        body = (self.metrics.exposition() + self.inbound.upstreams.exposition()
+                + (tracing.exposition().encode() if tracing is not None else b"") + _BUILD)
         return Response(200, body, "text/plain; version=0.0.4")
 
     def _config_dump(self, _path: str) -> Response:
@@ -107,6 +128,7 @@ class Waypoint:
             "inbound": self.inbound.stats(),
             "clusters": self.inbound.upstreams.snapshot(),
             "hbone_rejections": dict(self.server.rejections) if self.server is not None else {},
+            "tracing": self.inbound.pipeline.tracing.snapshot() if self.inbound.pipeline.tracing else None,
             "services": [to_wire(s) for s in st.services()],
             "certificates": self.secrets.snapshot(self.clock.now()),
         })
@@ -131,6 +153,8 @@ class Waypoint:
         await self.admin.listen_unix(self.cfg.admin_socket)
         if self.cfg.metrics_host:
             await self.admin.listen_tcp(self.cfg.metrics_host, self.cfg.metrics_port)
+        if self.cfg.status_host:  # readiness only: the pod IP must not serve /config_dump
+            await self.status.listen_tcp(self.cfg.status_host, self.cfg.status_port)
         log.info("waypoint %s starting; control plane %s", self.cfg.gateway, self.cfg.control_plane)
         tasks: list[asyncio.Task[Any]] = [asyncio.ensure_future(self.client.run()),
                                           asyncio.ensure_future(self._listen())]
@@ -148,3 +172,4 @@ class Waypoint:
             await self.pool.close()
             await self.secrets.close()
             await self.admin.close()
+            await self.status.close()

@@ -42,6 +42,7 @@ from mesh.model import ServiceInfo
 from mesh.model.route import HeaderModifier
 from mesh.state import ProxyState
 
+from .channel import HttpChannel
 from .headers import apply_modifiers
 from .http import Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, RequestHead, ResponseHead
 from .plan import Forward, destination_rule_for, service_fqdn
@@ -100,6 +101,26 @@ class ForwardResult:
     connection closed)."""
 
 
+class _Unbounded:
+    """What `asyncio.timeout(None)` does (never expires) without its per-use cost: a Timeout
+    object, current_task() and a reschedule on enter and exit, on every request with no route
+    or per-try timeout (Istio's default). Stateless, so one instance serves all."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> _Unbounded:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+    def expired(self) -> bool:
+        return False
+
+
+_UNBOUNDED = _Unbounded()
+
+
 class RequestBody:
     """The downstream request body as the attempts consume it: every piece is kept while the
     total fits `limit`, so a retry can send it again; past the limit nothing is kept."""
@@ -123,6 +144,22 @@ class RequestBody:
     @property
     def replayable(self) -> bool:
         return not self.overflowed and self.client_error is None and not self.gone
+
+    def send_if_complete(self, up: UpstreamConn) -> bool:
+        """The fast path of `send` for a request whose body is already complete, as a GET's is
+        when its head is read (nothing kept, its end queued): send the end now, with no task
+        to pump it. True when sent; False changed nothing (`send` does the work)."""
+        down = self.down
+        if self.chunks or not isinstance(down, HttpChannel):   # a mirror's _Tee must see the end itself
+            return False
+        if not self.complete:
+            ev = down.pop_if(EndOfMessage)
+            if ev is None:
+                return False
+            self.complete = True
+            self.trailers = ev.trailers
+        up.write(up.codec.send(EndOfMessage(self.trailers)))
+        return True
 
     async def send(self, up: UpstreamConn) -> bool:
         """The whole body to `up`: the kept part, then the rest as it arrives. False when the
@@ -254,7 +291,7 @@ class Attempts:
         res = ForwardResult(grpc=is_grpc(head.headers))
         body = RequestBody(down)
         timeout = request_timeout(fwd.timeout, head.headers)
-        whole = asyncio.timeout(timeout)
+        whole = asyncio.timeout(timeout) if timeout is not None else _UNBOUNDED
         try:
             async with whole:
                 await self._loop(fwd, head, down, src_ip, request_id, hash_request, body, res,
@@ -331,7 +368,8 @@ class Attempts:
             outcome: AttemptOutcome | None = None
             try:
                 try:
-                    async with asyncio.timeout(policy.per_try_timeout) as per_try:
+                    async with (asyncio.timeout(policy.per_try_timeout) if policy.per_try_timeout is not None
+                                else _UNBOUNDED) as per_try:
                         outcome = await self._start(a, a_head, body, down, src_ip, not continued, policy)
                         continued = continued or head.expect_continue
                         if outcome.kind is OutcomeKind.RESPONSE and a.head is not None:
@@ -439,7 +477,11 @@ class Attempts:
             return AttemptOutcome(kind=OutcomeKind.RESET, request_sent=False)
         if head.expect_continue and may_continue:
             down.write(down.codec.send(InformationalResponse(status=100)))
-        a.pump = asyncio.ensure_future(body.send(up))
+        if body.send_if_complete(up):
+            a.pump = asyncio.get_running_loop().create_future()
+            a.pump.set_result(True)           # what `body.send` returns, without a task per request
+        else:
+            a.pump = asyncio.ensure_future(body.send(up))
         while True:
             try:
                 ev = await up.next()

@@ -132,6 +132,21 @@ class HttpChannel(asyncio.Protocol):
             raise ev
         return ev
 
+    def pop_if(self, kind: type) -> Event | None:
+        """The next event, without waiting, if it is queued and a `kind` (else None and the
+        queue is untouched): for consumers that can finish synchronously (a body that is
+        already complete)."""
+        q = self._events
+        if q and type(q[0]) is kind:
+            ev = q.popleft()
+            if kind is Body:
+                self._queued -= len(ev.data)
+                if self._paused_reading and self._queued <= self.low and self.transport is not None:
+                    self._paused_reading = False
+                    self.transport.resume_reading()
+            return ev
+        return None
+
     def write(self, data: bytes | memoryview) -> None:
         if data and not self.lost:
             self.transport.write(data)  # type: ignore[union-attr]

@@ -35,6 +35,7 @@ from .http2 import PREFACE, H2Downstream, H2Settings
 from .pipeline import ConnInfo, DownstreamConn, Pipeline, local_reply_bytes
 from .plan import Destination, Forward, resolve
 from .telemetry import WaypointMetrics
+from .tracing import Tracing
 from .resilience import AttemptOutcome, OutcomeKind
 from .upstream import Upstreams
 
@@ -89,6 +90,9 @@ class InboundContext:
     limits: Limits | None = None
     detect_timeout: float = 0.1
     """Seconds to wait for a client's first bytes before treating the stream as opaque TCP."""
+    access_log: Callable[[str], None] | None = None
+    """Writes one access-log line (the process's batched writer, waypoint/accesslog.py); None:
+    through the `ambient.access` logger."""
 
 
 class _Sniffer:
@@ -176,7 +180,11 @@ class Inbound:
         self.pipeline = Pipeline(state=ctx.state, upstreams=self.upstreams, metrics=ctx.metrics, clock=ctx.clock,
                                  rng=ctx.rng, waypoint=ResourceKey("Gateway", ctx.waypoint_namespace,
                                                                    ctx.waypoint_name),
-                                 waypoint_namespace=ctx.waypoint_namespace)
+                                 waypoint_namespace=ctx.waypoint_namespace,
+                                 tracing=Tracing(state=ctx.state, namespace=ctx.waypoint_namespace,
+                                                 name=ctx.waypoint_name, clock=ctx.clock, rng=ctx.rng,
+                                                 trust_domain=ctx.trust_domain),
+                                 access_log=ctx.access_log)
         self.counts = {"connects": 0, "unknown_destination": 0, "l7_streams": 0, "l4_streams": 0,
                        "l4_connect_failures": 0, "codec_errors": 0, "h2_connections": 0, "h2_streams": 0}
         self._tasks: set[asyncio.Task] = set()
@@ -187,6 +195,8 @@ class Inbound:
                 "mirrors_in_flight": self.pipeline.mirrors.in_flight}
 
     async def close(self) -> None:
+        if self.pipeline.tracing is not None:
+            self.pipeline.tracing.close()
         await self.pipeline.mirrors.close()
         await self.upstreams.aclose()
         for t in list(self._tasks):

@@ -34,6 +34,7 @@ import random
 
 from mesh.hbone import TunnelError
 from mesh.state import ProxyState
+from mesh.tracecontext import unsampled
 
 from .headers import apply_modifiers
 from .http import Body, EndOfMessage, HttpError, LocalProtocolError, RequestHead
@@ -76,8 +77,10 @@ class MirrorResult(enum.Enum):
 
 def mirror_head(head: RequestHead, headers: list[tuple[bytes, bytes]], plan: Forward, body_len: int) -> RequestHead:
     """The copy's request: what the primary sends upstream, framed by Content-Length (the body
-    is buffered whole). The Host is the primary's (no `-shadow` suffix, Istio >= 1.28)."""
+    is buffered whole). The Host is the primary's (no `-shadow` suffix, Istio >= 1.28); its trace
+    context says "not sampled" (Istio's mirror policy: `trace_sampled: false`)."""
     hs = apply_modifiers(list(headers), plan.request_headers) if plan.request_headers else list(headers)
+    hs = unsampled(hs)
     if plan.authority is not None:
         hs = [(n, v) for n, v in hs if n != b"host"] + [(b"host", plan.authority)]
     return RequestHead(method=head.method, target=plan.target or head.target, path=head.path, query=head.query,

@@ -325,7 +325,7 @@ def _http_route_mirrors(state: ProxyState, filters: Sequence[HTTPFilters], port:
         for m in f.mirrors:
             if drawn(per_million(m.percent), rng):
                 b: BackendRef = m.backend
-                svc = _find_service(state, b.namespace, b.name) if b.kind == "Service" else None
+                svc = _find_service(state, b.namespace, b.name) if b.is_service else None
                 out.append(_mirror_target(f"{b.namespace}/{b.name}", svc, b.port, port))
     return tuple(out)
 
@@ -364,7 +364,7 @@ def _plan_http_route(state: ProxyState, routes: Sequence[HTTPRoute], req: Reques
     backend = pick_backend(m.rule.backend_refs, rng)
     if backend is None:
         return Reply(status=500, flags="NC", details="cluster_not_found", route_name=name)
-    svc = _find_service(state, backend.namespace, backend.name) if backend.kind == "Service" else None
+    svc = _find_service(state, backend.namespace, backend.name) if backend.is_service else None
     if svc is None:
         return Reply(status=500, flags="NC", details="cluster_not_found", route_name=name)
     target = authority = None
@@ -475,4 +475,23 @@ def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_quer
            if v.namespace in (svc.namespace, waypoint_namespace)]
     if vss:
         return _plan_vs(state, vss, rs.destination_rules, req, raw_query, dst.port, rng)
-    return _forward_to(svc, dst.port, dst.port, route_name="default")
+    return _default_forward(svc, dst.port)
+
+
+_DEFAULTS: dict[tuple[int, int], tuple[ServiceInfo, Forward | Reply]] = {}
+
+
+def _default_forward(svc: ServiceInfo, port: int) -> Forward | Reply:
+    """`_forward_to(svc, port, port, route_name="default")`, memoized: the same for every
+    request to an unrouted service (the common case), and a Forward is a large frozen object.
+    Keyed by the ServiceInfo's identity (frozen; the entry keeps it alive, so its id is not
+    reused), so a changed Service is a new key."""
+    key = (id(svc), port)
+    hit = _DEFAULTS.get(key)
+    if hit is not None and hit[0] is svc:
+        return hit[1]
+    plan = _forward_to(svc, port, port, route_name="default")
+    if len(_DEFAULTS) >= 4096:
+        _DEFAULTS.clear()
+    _DEFAULTS[key] = (svc, plan)
+    return plan

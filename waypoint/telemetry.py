@@ -27,6 +27,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
+from functools import lru_cache
 
 from .resilience.timeout import grpc_status_for
 
@@ -287,9 +288,14 @@ def _f(v: str | int | None) -> str:
     return s.translate(_CONTROL) if not s.isprintable() else s
 
 
+@lru_cache(maxsize=8)
+def _second(sec: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))   # once per second, not per request
+
+
 def _start(t: float) -> str:
     ms = int(round(t * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    return f"{_second(ms // 1000)}.{ms % 1000:03d}Z"
 
 
 def access_log_line(r: RequestResult) -> str:

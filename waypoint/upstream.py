@@ -58,6 +58,7 @@ from .endpoints import (NO_REQUEST, Cluster, ClusterConfig, Clusters, EndpointTa
 from .http import ClientConnection, Limits
 from .http2.upstream import ClientStream, H2Upstream
 from .plan import Forward
+from .tracing import CONNECT_TRACEPARENT
 from .protocols import PortProtocol, port_protocol
 from .resilience import (AttemptOutcome, ConnectionAction, OverflowReason, PoolCounters, admit_request,
                          connection_reusable, idle_expired, plan_connection)
@@ -68,7 +69,10 @@ __all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overfl
 log = logging.getLogger("ambient.waypoint")
 
 HBONE_PORT = 15008
-MAX_IDLE_PER_ENDPOINT = 16
+MAX_IDLE_PER_ENDPOINT = 1024
+"""Envoy keeps every released HTTP/1.1 connection (idleTimeout closes them); a small cap churned
+connections whenever more clients than the cap were concurrent (16 for 32 clients: a new
+upstream CONNECT every ~4 requests). Only a bound on a pathological burst."""
 SWEEP_TICK = 1.0
 """Seconds between background passes at most (outlier sweeps run at their own interval)."""
 
@@ -220,9 +224,11 @@ class Upstreams:
         if w.protocol is TunnelProtocol.HBONE:
             ip = str(w.ip)
             key = PoolKey(src_identity=self.identity, dst_identity=w.identity, src_ip=src_ip, dst_ip=ip)
+            tp = CONNECT_TRACEPARENT.get()   # the span that caused this connection, when tracing is on
             stream = await self.pool.open_stream(
                 key, connect=lambda: self.sockets.connect((ip, HBONE_PORT)), ssl_context=self.client_tls,
-                authority=target.address, trust_domain=self.trust_domain)
+                authority=target.address, trust_domain=self.trust_domain,
+                headers=(("traceparent", tp),) if tp is not None else ())
             stream.set_protocol(protocol)
         else:
             sock = await self.sockets.connect((str(w.ip), target.port))
@@ -593,8 +599,8 @@ class Upstreams:
 
 def wants_http2(c: Cluster) -> bool:
     """The cluster's Service port declares HTTP/2 (gRPC, h2c): requests go upstream as HTTP/2."""
-    svc = c.service
-    if svc is None:
-        return False
-    sp = next((p for p in svc.ports if p.port == c.port), None)
-    return port_protocol(sp) is PortProtocol.HTTP2
+    if c.http2 is None:
+        svc = c.service
+        sp = next((p for p in svc.ports if p.port == c.port), None) if svc is not None else None
+        c.http2 = svc is not None and port_protocol(sp) is PortProtocol.HTTP2
+    return c.http2

@@ -18,6 +18,7 @@ from .errors import ConfigError, ConfigErrors, ConfigWarning, Origin
 from .istio_route import destination_rule, virtual_service
 from .policy import authorization_policy, peer_authentication
 from .route import http_route
+from .telemetry import config_map, telemetry
 from .source import Ctx, Invalid, Path, describe, get_map, get_str
 
 __all__ = ["SUPPORTED_KINDS", "Loaded", "convert", "convert_batch", "convert_located", "guess_key"]
@@ -50,7 +51,7 @@ def _policy(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta, kind: str, api: 
 # Policy kinds with a typed model; the others stay PolicyObject until an issue enforces them.
 _TYPED_POLICIES = {"AuthorizationPolicy": authorization_policy, "PeerAuthentication": peer_authentication,
                    "HTTPRoute": http_route, "VirtualService": virtual_service,
-                   "DestinationRule": destination_rule}
+                   "DestinationRule": destination_rule, "Telemetry": telemetry, "ConfigMap": config_map}
 
 
 def _convert(ctx: Ctx, obj: Any) -> Resource | None:

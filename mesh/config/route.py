@@ -124,18 +124,24 @@ def _backend_ref(ctx: Ctx, v: Any, path: Path, ns: str, *, weighted: bool = True
     allowed = {"group", "kind", "name", "namespace", "port"} | ({"weight", "filters"} if weighted else set())
     _known(ctx, m, path, allowed)
     group = m.get("group") or ""
+    if not isinstance(group, str):
+        ctx.fail(path + ("group",), f"must be a string, got {describe(group)}")
     kind = get_str(ctx, m, path + ("kind",)) or "Service"
-    if (group, kind) != ("", "Service"):
-        ctx.fail(path + ("kind",), f"{group or 'core'}/{kind} is not supported: only Service backends",
-                 "unsupported")
+    service = (group, kind) == ("", "Service")
+    if not service:
+        # Valid Gateway API (ServiceImport, a vendor's backend kind...): accepted, and as the
+        # spec asks its share of traffic gets 500; the route's status says ResolvedRefs
+        # InvalidKind (controlplane/route_status.py).
+        ctx.warn(path + ("kind",), f"{group or 'core'}/{kind} backends are not supported (only Service): "
+                 "requests routed to it get 500 (status: ResolvedRefs InvalidKind)")
     name = get_str(ctx, m, path + ("name",), required=True) or ""
     port = _int(ctx, m, path + ("port",), 1, 65535)
-    if port is None:
+    if port is None and service:
         ctx.fail(path + ("port",), "is required for a Service backend", "missing_field")
     weight = _int(ctx, m, path + ("weight",), 0, MAX_WEIGHT) if weighted else None
     filters = (_filters(ctx, m, path + ("filters",), ns, None, backend=True)
                if weighted and m.get("filters") else HTTPFilters())
-    return BackendRef(group="", kind="Service", name=name,
+    return BackendRef(group=group, kind=kind, name=name,
                       namespace=get_str(ctx, m, path + ("namespace",)) or ns, port=port,
                       weight=1 if weight is None else weight, filters=filters)
 

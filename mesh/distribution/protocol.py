@@ -27,6 +27,7 @@ from mesh.identity import SpiffeId
 from mesh.model import Namespace, PolicyObject, ServiceInfo, Workload
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
 from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
+from mesh.model.telemetry import MeshConfig, Telemetry
 from mesh.model.workload import Waypoint
 from mesh.model.wire import WireError, from_wire, to_wire
 
@@ -54,6 +55,8 @@ RESOURCE_TYPES: dict[str, type] = {
     "VirtualService": VirtualService,
     "DestinationRule": DestinationRule,
     "Waypoint": Waypoint,
+    "Telemetry": Telemetry,
+    "MeshConfig": MeshConfig,
 }
 
 
@@ -108,8 +111,8 @@ def resource_ref(obj: Any) -> tuple[str, str]:
     if isinstance(obj, Waypoint):
         return ("Waypoint", obj.uid)
     if isinstance(obj, (AuthorizationPolicy, PeerAuthentication, HTTPRoute, VirtualService,
-                        DestinationRule)):
-        return (obj.kind, f"{obj.namespace}/{obj.name}")
+                        DestinationRule, Telemetry, MeshConfig)):
+        return (type(obj).kind, f"{obj.namespace}/{obj.name}")
     if isinstance(obj, PolicyObject):
         return ("Policy", f"{obj.key.kind}/{obj.namespace}/{obj.name}")
     raise TypeError(f"{type(obj).__name__} is not distributed")

@@ -153,6 +153,9 @@ POLICY_KINDS: dict[str, tuple[str, ...]] = {
     "VirtualService": ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
     "DestinationRule": ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),
     "HTTPRoute": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"),
+    "Telemetry": ("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"),
+    # ConfigMap istio-system/istio is the mesh config (model.telemetry.MeshConfig); others are stored.
+    "ConfigMap": ("v1",),
     # Also Istio's own ingress/egress Gateway (networking.istio.io): accepted, stored, not used.
     "Gateway": ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1",
                 "networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"),

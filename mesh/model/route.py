@@ -163,6 +163,11 @@ class BackendRef:
     """0..MAX_WEIGHT; share = weight / sum of weights; 0 = no traffic."""
     filters: HTTPFilters = HTTPFilters()
 
+    @property
+    def is_service(self) -> bool:
+        """A core Service: the only kind a waypoint routes to (others get 500)."""
+        return self.group == "" and self.kind == "Service"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HTTPRouteTimeouts:

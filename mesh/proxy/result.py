@@ -100,6 +100,9 @@ class ConnectionResult:
     """Set for refusals of the HBONE listener before any request (`event: rejected`)."""
     count: int = 1
     """How many refusals this one record stands for (rejections are logged rate-limited)."""
+    traceparent: str | None = None
+    """The W3C trace context the HBONE CONNECT carried (a waypoint's span, or a source
+    ztunnel's per-connection one), when it carried a valid one."""
 
     @property
     def response_flag(self) -> str:
@@ -140,6 +143,8 @@ class ConnectionResult:
             out["detail"] = self.detail[:200]
         if self.stage is not None:
             out["count"] = self.count
+        if self.traceparent is not None:
+            out["traceparent"] = self.traceparent
         return out
 
 
@@ -148,7 +153,7 @@ class ResultBuilder:
 
     __slots__ = ("direction", "listener", "started", "src_uid", "src_identity", "src_addr", "dst_uid",
                  "dst_identity", "dst_addr", "dst_service", "dst_hbone_addr", "security", "bytes_sent",
-                 "bytes_recv", "reason", "policy", "status", "detail", "stage", "count")
+                 "bytes_recv", "reason", "policy", "status", "detail", "stage", "count", "traceparent")
 
     def __init__(self, direction: Direction, listener: Listener, started: float, *,
                  security: SecurityPolicy = SecurityPolicy.PLAINTEXT) -> None:
@@ -172,6 +177,7 @@ class ResultBuilder:
         self.detail = ""
         self.stage: Stage | None = None
         self.count = 1
+        self.traceparent: str | None = None
 
     def fail(self, error: BaseException | str | Reason, detail: str = "") -> Reason:
         """Record why the connection failed (the first reason wins); returns it."""
@@ -206,4 +212,4 @@ class ResultBuilder:
             dst_service=self.dst_service, dst_hbone_addr=self.dst_hbone_addr, security=self.security,
             bytes_sent=self.bytes_sent, bytes_recv=self.bytes_recv, duration=max(0.0, now - self.started),
             reason=self.reason, policy=self.policy, status=self.status, detail=self.detail, stage=self.stage,
-            count=self.count)
+            count=self.count, traceparent=self.traceparent)

@@ -144,6 +144,34 @@ def test_httproute_precedence_exact_prefix_regex():
     run(go)
 
 
+def test_httproute_query_param_and_method_matches_see_the_request_query():
+    async def go(mesh):
+        a = await mesh.pod("a", labels={"app": "a"})
+        b = await mesh.pod("b", labels={"app": "b"})
+        mesh.service("web", VIP, [a])
+        mesh.service("svc-a", "10.96.0.11", [a])
+        mesh.service("svc-b", "10.96.0.12", [b])
+        mesh.apply("""
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: web, namespace: shop}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web}]
+          rules:
+          - matches: [{queryParams: [{name: canary, value: "1"}]}, {method: DELETE}]
+            backendRefs: [{name: svc-b, port: 80}]
+          - backendRefs: [{name: svc-a, port: 80}]
+        """)
+        c = await mesh.client(f"{VIP}:80")
+        for method, target, want in [("GET", "/p?canary=1", "b"), ("GET", "/p?x=2&canary=1", "b"),
+                                     ("GET", "/p?canary=0", "a"), ("GET", "/p", "a"), ("DELETE", "/p", "b")]:
+            r = await c.request(method, target)
+            assert r.status == 200 and r.json()["name"] == want, (method, target, r.status, r.body)
+        assert r.json()["path"] == "/p"
+        c.close()
+    run(go)
+
+
 def test_httproute_port_scoped_parentref_and_filters():
     async def go(mesh):
         a = await mesh.pod("a", labels={"app": "a"})

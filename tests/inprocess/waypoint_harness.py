@@ -178,6 +178,8 @@ class Pod:
         self.backend = backend
         self.connects = 0
         """CONNECTs its destination ztunnel accepted."""
+        self.connect_headers: list[dict[str, str]] = []
+        """The regular headers of each of those CONNECTs (traceparent...)."""
 
     @property
     def ip(self) -> str:
@@ -270,6 +272,7 @@ class WaypointMesh(MeshObjects):
 
             async def ztunnel(req):                  # the destination ztunnel's inbound: splice to the app
                 pod.connects += 1
+                pod.connect_headers.append(dict(req.headers))
                 host, _, port = req.authority.rpartition(":")
                 s = socket.socket()
                 s.setblocking(False)

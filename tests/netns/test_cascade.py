@@ -34,7 +34,8 @@ def test_cascade_amplification_with_and_without_budgets(tmp_path):
     # The default budget: at most 20 % more attempts than distinct requests (the floor of 10
     # retries/s is below that share at the rates this reaches; the phase is checked for it).
     assert on["rps"] * 0.2 >= 10, on
-    assert on["catalog_attempts"] <= 1.2 * on["requests"], on
+    # (+ 8: with -c 8, that many retry decisions can be taken before any of them is counted.)
+    assert on["catalog_attempts"] <= 1.2 * on["requests"] + 8, on
     assert on["catalog_attempts"] >= 1.1 * on["requests"], on      # the budget is used, not just refusing
     # One catalog replica fails everything, the other nothing, outlierDetection on catalog: the bad
     # one is ejected after consecutive5xxErrors (5) and the retries go to the healthy one.

@@ -237,3 +237,56 @@ def test_canary_virtual_service_sends_five_percent_to_v2(cluster):
           f"{got['connections']} connection(s)")
     assert set(got["body"]) == {"payment-v1", "payment-v2"}
     assert abs(v2 - 0.05) <= 0.015, got["body"]
+
+
+ROUTE_STATUS = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: payment-route, namespace: shop}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: payment-service, port: 80}
+  - {name: wp}
+  rules:
+  - backendRefs:
+    - {name: payment-service, port: 80, weight: 1}
+    - {name: payment-canary, port: 80, weight: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ghost, namespace: shop}
+spec:
+  hosts: [ghost]
+  http:
+  - route: [{destination: {host: payment-service}}]
+"""
+
+
+@pytest.mark.root
+def test_ambient_status_shows_route_conditions_and_unresolved_hosts(cluster):
+    cluster.apply(ROUTE_STATUS, "route-status.yaml")
+    try:
+        routes = cluster.status()["routes"]
+        [r] = routes["http_routes"]
+        assert r["route"] == "shop/payment-route"
+        got = {p["parent"]: [(c["type"], c["status"], c["reason"]) for c in p["conditions"]] for p in r["parents"]}
+        assert got == {
+            "Service shop/payment-service:80": [("Accepted", "True", "Accepted"),
+                                                ("ResolvedRefs", "False", "BackendNotFound")],
+            "Gateway shop/wp": [("Accepted", "False", "NotAllowedByListeners"),
+                                ("ResolvedRefs", "False", "BackendNotFound")]}
+        [vs] = routes["virtual_services"]
+        assert vs == {"virtual_service": "shop/ghost", "resolved": False, "hosts": {"ghost": []},
+                      "destinations": {"payment-service": ["shop/payment-service"]}}
+        text = cluster.ambient("status").stdout
+        section = text[text.index("\nROUTES\n"):]
+        assert "HTTPRoute shop/payment-route  Service shop/payment-service:80  True Accepted" in section, section
+        assert "False BackendNotFound  backendRef shop/payment-canary: Service not found" in section, section
+        assert "Gateway shop/wp" in section and "False NotAllowedByListeners" in section, section
+        assert "VirtualService shop/ghost" in section and "names no Service: ghost" in section, section
+        # What the status says is what the waypoint does: the missing backend has weight 0, so
+        # every request still reaches payment-service.
+        got = get(cluster, vip(cluster.status()), n=10)
+        assert got["status"] == {"200": 10} and not got["errors"], got
+    finally:
+        cluster.delete(ROUTE_STATUS, "route-status-del.yaml")

@@ -5,10 +5,10 @@ client to an HTTP/1.1 backend and an HTTP/1.1 client to a gRPC backend."""
 import asyncio
 import json
 import os
-import re
 import textwrap
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.admin_http import get_unix
 
@@ -40,45 +40,15 @@ s.start()
 s.wait_for_termination()
 '''
 
-# grpcio connects IPv4 addresses from dual-stack AF_INET6 sockets (v4-mapped) whenever ::1 is
-# usable, and the capture hooks connect4 only (ebpf/bpf/capture_connect.c): such a connect is not
-# redirected and fails "Network is unreachable". Until a connect6 hook handles v4-mapped
-# addresses, the client's bytes go through a byte pipe in the client pod that connects with an
-# AF_INET socket (captured as any app's): the gRPC client and its HTTP/2 are grpcio's own.
+# grpcio connects IPv4 addresses from dual-stack AF_INET6 sockets (v4-mapped, ::ffff:a.b.c.d)
+# whenever ::1 is usable: the capture's connect6 hook redirects those as connect4 does
+# (ebpf/bpf/capture_connect.c), so the channel dials the service VIP itself.
 GRPC_CLIENT = '''
-import json, socket, sys, threading
+import json, sys
 import grpc
 host, n = sys.argv[1], int(sys.argv[2])
-
-def pipe(a, b):
-    try:
-        while True:
-            d = a.recv(65536)
-            if not d:
-                break
-            b.sendall(d)
-    except OSError:
-        pass
-    finally:
-        try:
-            b.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-def serve(ls):
-    while True:
-        c, _ = ls.accept()
-        u = socket.create_connection((host, 50051), timeout=10)
-        u.settimeout(None)
-        threading.Thread(target=pipe, args=(c, u), daemon=True).start()
-        threading.Thread(target=pipe, args=(u, c), daemon=True).start()
-
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
-ls.listen(16)
-threading.Thread(target=serve, args=(ls,), daemon=True).start()
 out = {"unary": {}, "trailer_pods": {}, "errors": []}
-ch = grpc.insecure_channel(f"127.0.0.1:{ls.getsockname()[1]}",
+ch = grpc.insecure_channel(f"{host}:50051",
                            options=[("grpc.default_authority", "greeter.shop.svc.cluster.local:50051")])
 grpc.channel_ready_future(ch).result(timeout=30)
 hello = ch.unary_unary("/demo.Greeter/SayHello")
@@ -282,18 +252,24 @@ def waypoint_metrics(cluster) -> bytes:
 
 
 def grpc_series(body: bytes) -> dict[tuple[str, str, str], int]:
+    """gRPC request counts by (workload, HTTP status, grpc status), read with prometheus_client's parser."""
     out = {}
-    for labels, v in re.findall(rb'istio_requests_total\{([^}]*)\} (\d+)', body):
-        lab = dict(re.findall(r'(\w+)="([^"]*)"', labels.decode()))
-        if lab.get("request_protocol") == "grpc":
-            k = (lab["destination_workload"], lab["response_code"], lab["grpc_response_status"])
-            out[k] = out.get(k, 0) + int(v)
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            lab = s.labels
+            if s.name == "istio_requests_total" and lab.get("request_protocol") == "grpc":
+                k = (lab["destination_workload"], lab["response_code"], lab["grpc_response_status"])
+                out[k] = out.get(k, 0) + int(s.value)
     return out
 
 
 @pytest.mark.root
 def test_grpc_unary_streaming_status_and_trailers_through_the_waypoint(cluster):
+    node = next(p["node"] for p in cluster.status()["pods"] if p["name"] == "client")
+    mapped = cluster.admin(node)["capture"]["counters"]["connect6_mapped"]
     got = run_client(cluster, "grpc_client.py", vip(cluster, "greeter"), "20")
+    # grpcio's own dual-stack socket was captured (connect6), no helper in between
+    assert cluster.admin(node)["capture"]["counters"]["connect6_mapped"] > mapped
     assert not got["errors"], got
     assert sum(got["unary"].values()) == 20 and set(got["unary"]) <= {"greeter-v1", "greeter-v2"}, got
     assert got["trailer_pods"] == got["unary"]                  # trailing metadata came through

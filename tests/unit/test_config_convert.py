@@ -12,6 +12,7 @@ from mesh.config import ConfigErrors, Origin, convert, convert_batch, load_text,
 from mesh.model import Namespace, ObjectMeta, Node, PolicyObject, Pod, ResourceKey, Service, ServiceAccount
 from mesh.model.policy import AuthorizationPolicy, PeerAuthentication
 from mesh.model.route import DestinationRule, HTTPRoute, VirtualService
+from mesh.model.telemetry import MeshConfig, Telemetry
 
 SRC = "deploy/app.yaml"
 
@@ -115,6 +116,24 @@ KINDS = [
         spec:
           gatewayClassName: istio-waypoint
           listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+        """),
+    (Telemetry, """
+        apiVersion: telemetry.istio.io/v1
+        kind: Telemetry
+        metadata: {name: tracing, namespace: demo}
+        spec:
+          targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+          tracing: [{providers: [{name: otel}], randomSamplingPercentage: 50}]
+        """),
+    (MeshConfig, """
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: istio, namespace: istio-system}
+        data:
+          mesh: |
+            extensionProviders:
+            - name: otel
+              opentelemetry: {service: otel-collector.observability.svc.cluster.local, port: 4318, http: {}}
         """),
 ]
 

@@ -264,9 +264,6 @@ BAD = [
                  "spec.rules[0].backendRefs[0].weight", 6, "between 0 and 1000000", id="weight-negative"),
     pytest.param(R("spec:\n  rules:\n  - backendRefs: [{name: a}]\n"), "missing_field",
                  "spec.rules[0].backendRefs[0].port", 6, "required for a Service backend", id="backend-no-port"),
-    pytest.param(R("spec:\n  rules:\n  - backendRefs: [{kind: ServiceImport, group: multicluster.x-k8s.io, "
-                   "name: a, port: 80}]\n"), "unsupported", "spec.rules[0].backendRefs[0].kind", 6,
-                 "only Service backends", id="backend-kind"),
     pytest.param(R("spec:\n  parentRefs: [{kind: Service, name: echo}]\n"), "unsupported",
                  "spec.parentRefs[0].kind", 5, "gateway.networking.k8s.io/Service is not supported",
                  id="parent-service-without-core-group"),

@@ -130,6 +130,29 @@ def test_redirect_location_keeps_query_and_non_default_port():
     assert p.headers == ((b"location", b"https://r:8443/login?next=1"),)
 
 
+@pytest.mark.parametrize("backend, status", [
+    ("{name: r, port: 80}", 200),
+    ("{group: multicluster.x-k8s.io, kind: ServiceImport, name: r, port: 80}", 500),   # InvalidKind
+    ("{name: nosuch, port: 80}", 500),                                                 # BackendNotFound
+    ("{name: r, port: 81}", 500),                                                      # BackendNotFound (port)
+])
+def test_http_route_backend_that_route_status_calls_unresolved_gets_500(backend, status):
+    st = _state(f"""
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{name: r, namespace: shop}}
+    spec:
+      parentRefs: [{{group: "", kind: Service, name: r}}]
+      rules:
+      - backendRefs: [{backend}]
+    """)
+    p = _plan(st)
+    if status == 200:
+        assert isinstance(p, Forward) and p.service.name == "r"
+    else:
+        assert isinstance(p, Reply) and (p.status, p.flags) == (500, "NC")
+
+
 def test_header_modifier_order_set_add_remove():
     hs = [(b"a", b"1"), (b"b", b"2"), (b"a", b"3")]
     out = _apply(hs, [HeaderModifier(set=(("A", "x"),), add=(("b", "y"),), remove=("c",)),
