@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import textwrap
 
 from controlplane.ca import CertificateAuthority
@@ -28,9 +29,18 @@ class MeshObjects:
         self._version = 0
 
     def ip(self) -> str:
-        ip = self.prefix + str(self._next)
-        self._next += 1
-        return ip
+        # An address whose 15008 is free: a listener another test (or run) left behind on the same
+        # address made a later bind fail with EADDRINUSE (1 red CI run).
+        for _ in range(250):
+            ip = self.prefix + str(self._next)
+            self._next += 1
+            with socket.socket() as probe:
+                try:
+                    probe.bind((ip, 15008))
+                except OSError:
+                    continue
+            return ip
+        raise RuntimeError(f"no free address in {self.prefix}0/24")
 
     def publish(self) -> None:
         self._version += 1

@@ -74,6 +74,9 @@ class LocalCluster:
     def destroy(self):
         """`ambient down`, then also the cluster's persistent CA directory (tests make many)."""
         import shutil
+        keep = os.environ.get("AMBIENT_TEST_KEEP_LOGS")  # a directory: the cluster's logs are copied there first
+        if keep:
+            shutil.copytree(self.paths.logs_dir, os.path.join(keep, self.name), dirs_exist_ok=True)
         self.ambient("down", check=False)
         shutil.rmtree(self.paths.state_dir, ignore_errors=True)
 
