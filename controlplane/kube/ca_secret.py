@@ -181,16 +181,23 @@ async def load_or_create_ca(api: KubeApi, *, namespace: str, trust_domain: str, 
     return ca, CaOrigin.CREATED
 
 
-def root_configmap(namespace: str, roots_pem: bytes) -> dict[str, Any]:
-    """The ConfigMap `istio-ca-root-cert` holding `roots_pem` (pure)."""
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace, "labels": dict(_LABELS)},
-            "data": {ROOT_KEY: roots_pem.decode()}}
+def root_configmap(namespace: str, roots_pem: bytes, current: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ConfigMap `istio-ca-root-cert` holding `roots_pem` (pure): new, or `current` with its
+    root-cert.pem replaced: a read-modify-write keeping its other keys, labels and annotations,
+    and its resourceVersion as the update's precondition."""
+    if current is None:
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace, "labels": dict(_LABELS)},
+                "data": {ROOT_KEY: roots_pem.decode()}}
+    meta = dict(current.get("metadata") or {})
+    meta["labels"] = {**(meta.get("labels") or {}), **_LABELS}
+    return {**current, "apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {**(current.get("data") or {}), ROOT_KEY: roots_pem.decode()}}
 
 
 def holds_root(configmap: Mapping[str, Any], roots_pem: bytes) -> bool:
-    """Whether a ConfigMap already carries `roots_pem` under root-cert.pem (pure; other keys and
-    labels are the user's business, as istiod compares only its key)."""
+    """Whether a ConfigMap already carries `roots_pem` under root-cert.pem (pure; its other keys
+    and its labels are not the mesh's business)."""
     return (configmap.get("data") or {}).get(ROOT_KEY) == roots_pem.decode()
 
 
@@ -210,12 +217,11 @@ async def publish_root(api: KubeApi, *, namespace: str, roots_pem: bytes, curren
             current = await _get(api, path, sleep)
         if current is not None and holds_root(current, roots_pem):
             return None
-        body = root_configmap(namespace, roots_pem)
+        # An update carries the version it was judged on: an edit since then is a 409, judged again.
+        body = root_configmap(namespace, roots_pem, current)
         try:
             if current is None:
                 return await api.request_json("POST", base, body=body)
-            # The version it was judged on: an edit since then is a 409, and judged again.
-            body["metadata"]["resourceVersion"] = (current.get("metadata") or {}).get("resourceVersion")
             return await api.request_json("PUT", path, body=body)
         except ApiError as e:
             if e.status == 404 and current is not None:

@@ -60,6 +60,17 @@ def test_skip_reason(ns, reason) -> None:
 def test_the_configmap_written_is_the_one_checked() -> None:
     assert holds_root(root_configmap("a", ROOT), ROOT) and not holds_root(root_configmap("a", OLD), ROOT)
     assert root_configmap("a", ROOT)["metadata"]["name"] == ROOT_CONFIGMAPS.only_name
+    assert "resourceVersion" not in root_configmap("a", ROOT)["metadata"]  # a create must not carry one
+
+
+def test_an_update_replaces_only_the_root() -> None:
+    current = _cm("a", OLD, note="the user's")
+    current["metadata"].update(labels={"team": "x"}, annotations={"a": "b"})
+    body = root_configmap("a", ROOT, current)
+    assert body["data"] == {"root-cert.pem": ROOT.decode(), "note": "the user's"}
+    assert body["metadata"]["labels"] == {"team": "x", "app.kubernetes.io/part-of": "ambient"}
+    assert (body["metadata"]["annotations"], body["metadata"]["resourceVersion"]) == ({"a": "b"}, "7")
+    assert current["data"]["root-cert.pem"] == OLD.decode()  # the cache's object is not changed
 
 
 @pytest.mark.parametrize("selector, name", [
