@@ -9,6 +9,8 @@ Serves proxies on a Unix socket from one resource source, both through the same 
     (controlplane.kube.waypoint_controller), and reports policy problems as Events
     (controlplane.kube.policy_events).
 In Kubernetes mode the CA comes from a Secret (controlplane.kube.ca_secret) unless --ca-dir;
+its root is then published in ConfigMap istio-ca-root-cert in every namespace
+(controlplane.kube.root_publisher; a --ca-dir root is handed out by whoever made the directory);
 controlplane.mode decides the combination. Local mode's runner hosts the same ControlPlane in
 its own process, fed by its own store.
 """
@@ -100,7 +102,7 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     clock = SystemClock()
-    source = api = waypoints = policy_events = None
+    source = api = waypoints = policy_events = roots = None
     authenticate_token = None
     if mode.source is Source.KUBERNETES:  # imported here: file mode should not load aiohttp and the API client
         from .kube.api import KubeApi
@@ -132,8 +134,13 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
         from .kube.policy_events import PolicyEvents
         policy_events = PolicyEvents(api, source, store, trust_domain=a.trust_domain)
         policy_events.start()
+        if mode.ca is not CaSource.DIRECTORY:
+            from .kube.root_publisher import RootPublisher
+            roots = RootPublisher(api, source, roots_pem=ca.roots_pem)  # before the source starts: its first list
         await source.start()
         await waypoints.start()
+        if roots is not None:
+            await roots.start()
     else:
         assert mode.ca_dir is not None
         ca = CertificateAuthority.load_or_create(mode.ca_dir, a.trust_domain, clock=clock)
@@ -159,6 +166,8 @@ async def _run(mode: Mode, a: argparse.Namespace, store: ResourceStore) -> None:
     await cp.stop()
     if waypoints is not None:
         await waypoints.stop()
+    if roots is not None:
+        await roots.stop()
     if policy_events is not None:
         await policy_events.stop()
     if source is not None:

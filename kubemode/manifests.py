@@ -6,12 +6,16 @@ the control plane (ServiceAccount, ClusterRole/Binding, Deployment, Service) and
 mesh's identities do: the control plane is spiffe://<td>/ns/istio-system/sa/istiod.
 
 RBAC is least privilege for what the control plane does today: list+watch of the watched
-kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED and the waypoint controller's
-Deployments: the one table both sides read), what the waypoint controller writes
-(`WAYPOINT_RULES`: apply of ServiceAccounts, Services and Deployments, Gateway and HTTPRoute
-status, the istio-waypoint GatewayClass, reading the pod a waypoint's token is bound to), creating Events for rejected objects and TokenReviews, and in istio-system only its CA Secret,
-the root ConfigMap and reading pods (`_namespace_rules`); ztunnel gets no API access at all (its token is mounted only as a
-projected token for the mesh CA's audience, not the API's).
+kinds (`watch_rules`, from controlplane.kube.kinds.WATCHED and the controllers' own watches:
+the one table both sides read; a kind watched by one name, fieldSelector metadata.name, is
+granted by resourceName only: the mesh config `istio` and the root `istio-ca-root-cert`
+ConfigMaps), what the waypoint controller writes (`WAYPOINT_RULES`: apply of
+ServiceAccounts, Services and Deployments, Gateway and HTTPRoute status, the istio-waypoint
+GatewayClass, reading the pod a waypoint's token is bound to), the root ConfigMap in every
+namespace (`ROOT_RULES`, the root publisher), creating Events for rejected objects and
+TokenReviews, and in istio-system only its CA Secret and reading pods (`_namespace_rules`);
+ztunnel gets no API access at all (its token is mounted only as a projected token for the
+mesh CA's audience, not the API's).
 
 How ztunnel finds each pod's network namespace and cgroup on a node: from the pod's sandbox
 record (mesh.sandbox), one small JSON file per pod in the hostPath `/var/run/ambient/pods/`,
@@ -31,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.kube.kinds import WATCHED, WAYPOINT_DEPLOYMENTS
+from controlplane.kube.kinds import ROOT_CONFIGMAPS, WATCHED, WAYPOINT_DEPLOYMENTS
 
 from .crds import crds
 
@@ -46,12 +50,20 @@ _PART_OF = {"app.kubernetes.io/part-of": "ambient"}
 
 
 
-def watch_rules() -> list[tuple[str, tuple[str, ...]]]:
-    """(apiGroup, resources) the control plane lists and watches, by group."""
-    groups: dict[str, set[str]] = {}
-    for k in (*WATCHED, WAYPOINT_DEPLOYMENTS):
-        groups.setdefault(k.group, set()).add(k.plural)
-    return [(g, tuple(sorted(r))) for g, r in sorted(groups.items())]
+def watch_rules() -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(apiGroup, resources, resourceNames) the control plane lists and watches, by group:
+    resourceNames () for the kinds watched whole; a kind watched only by name (fieldSelector
+    metadata.name, which RBAC authorizes by resourceName) gets a rule of its names."""
+    whole: dict[str, set[str]] = {}
+    named: dict[tuple[str, str], set[str]] = {}
+    for k in (*WATCHED, WAYPOINT_DEPLOYMENTS, ROOT_CONFIGMAPS):
+        if k.only_name is None:
+            whole.setdefault(k.group, set()).add(k.plural)
+        else:
+            named.setdefault((k.group, k.plural), set()).add(k.only_name)
+    rules = [(g, tuple(sorted(r)), ()) for g, r in sorted(whole.items())]
+    rules += [(g, (r,), tuple(sorted(n))) for (g, r), n in sorted(named.items()) if r not in whole.get(g, ())]
+    return rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,13 @@ WAYPOINT_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     # that pod at each review (as it reads a ztunnel's in istio-system).
     ("", ("pods",), ("get",)),
 )
+ROOT_RULES: tuple[dict[str, Any], ...] = (
+    # The root publisher (controlplane.kube.root_publisher) keeps istio-ca-root-cert in every
+    # namespace: get/update limited to it by name; create cannot be limited by name in RBAC.
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio-ca-root-cert"],
+     "verbs": ["get", "update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+)
 GATEWAY_CLASS_RULES: tuple[dict[str, Any], ...] = (
     # The istio-waypoint GatewayClass, applied once at start: patch limited to it by name
     # (create cannot be limited by name in RBAC).
@@ -94,27 +113,24 @@ GATEWAY_CLASS_RULES: tuple[dict[str, Any], ...] = (
 
 def _namespace_rules(o: InstallOptions) -> list[dict[str, Any]]:
     """What the control plane does in its own namespace only: read (or create once) the CA
-    Secret, publish the root in the istio-ca-root-cert ConfigMap, and read the ztunnel pod a
-    token is bound to. `create` cannot be
-    limited by name in RBAC; get/update are, to those objects."""
+    Secret, and read the ztunnel pod a token is bound to. `create` cannot be limited by name in
+    RBAC; get is, to that Secret. (The root ConfigMap here is the ClusterRole's ROOT_RULES.)"""
     secret = o.ca_from_secret or "istio-ca-secret"
     rules: list[dict[str, Any]] = [
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get"]}]
     if not o.ca_from_secret:
         rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]})
-    rules += [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["istio-ca-root-cert"],
-               "verbs": ["get", "update"]},
-              {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
-              # The pod a ztunnel token is bound to (its node), read fresh at each review.
-              {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    # The pod a ztunnel token is bound to (its node), read fresh at each review.
+    rules.append({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]})
     return rules
 
 
 def _control_plane(o: InstallOptions) -> list[dict[str, Any]]:
     app = {"app": "istiod"}
-    rules = [{"apiGroups": [g], "resources": list(r), "verbs": ["list", "watch"]} for g, r in watch_rules()]
+    rules = [{"apiGroups": [g], "resources": list(r), **({"resourceNames": list(n)} if n else {}),
+              "verbs": ["list", "watch"]} for g, r, n in watch_rules()]
     rules += [{"apiGroups": [g], "resources": list(r), "verbs": list(v)} for g, r, v in WAYPOINT_RULES]
-    rules += [dict(r) for r in GATEWAY_CLASS_RULES]
+    rules += [dict(r) for r in (*GATEWAY_CLASS_RULES, *ROOT_RULES)]
     rules.append({"apiGroups": [""], "resources": ["events"], "verbs": ["create"]})
     # ztunnel's token is verified by the API server (controlplane.kube.tokens).
     rules.append({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]})

@@ -14,7 +14,9 @@ only reads, in either layout users have:
 Either may be an intermediate: its issuers up to the root come from the chain keys.
 
 The root certificate (never the key) is published in the ConfigMap `istio-ca-root-cert`
-(`root-cert.pem`), which ztunnel mounts to verify the control plane, as Istio's proxies do.
+(`root-cert.pem`), which ztunnel mounts to verify the control plane, as Istio's proxies do:
+`publish_root` writes one namespace's; the root publisher (root_publisher) keeps every
+namespace's.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from ..ca import CAError, CertificateAuthority
 from .api import ApiError, KubeApi
 
 __all__ = ["CaOrigin", "CaSecretError", "CaMaterial", "SELF_SIGNED_SECRET", "ROOT_CONFIGMAP",
-           "parse_ca_secret", "self_signed_secret", "load_or_create_ca", "publish_root"]
+           "parse_ca_secret", "self_signed_secret", "load_or_create_ca", "root_configmap", "holds_root",
+           "publish_root"]
 
 log = logging.getLogger("ambient.kube.ca")
 
@@ -178,26 +181,51 @@ async def load_or_create_ca(api: KubeApi, *, namespace: str, trust_domain: str, 
     return ca, CaOrigin.CREATED
 
 
-async def publish_root(api: KubeApi, *, namespace: str, roots_pem: bytes,
-                       sleep: Callable[[float], Any] = asyncio.sleep) -> bool:
-    """Make ConfigMap `istio-ca-root-cert` hold `roots_pem`; True if it had to be written."""
+def root_configmap(namespace: str, roots_pem: bytes, current: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ConfigMap `istio-ca-root-cert` holding `roots_pem` (pure): new, or `current` with its
+    root-cert.pem replaced: a read-modify-write keeping its other keys, labels and annotations,
+    and its resourceVersion as the update's precondition."""
+    if current is None:
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace, "labels": dict(_LABELS)},
+                "data": {ROOT_KEY: roots_pem.decode()}}
+    meta = dict(current.get("metadata") or {})
+    meta["labels"] = {**(meta.get("labels") or {}), **_LABELS}
+    return {**current, "apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {**(current.get("data") or {}), ROOT_KEY: roots_pem.decode()}}
+
+
+def holds_root(configmap: Mapping[str, Any], roots_pem: bytes) -> bool:
+    """Whether a ConfigMap already carries `roots_pem` under root-cert.pem (pure; its other keys
+    and its labels are not the mesh's business)."""
+    return (configmap.get("data") or {}).get(ROOT_KEY) == roots_pem.decode()
+
+
+_UNREAD: Any = object()
+
+
+async def publish_root(api: KubeApi, *, namespace: str, roots_pem: bytes, current: Any = _UNREAD,
+                       sleep: Callable[[float], Any] = asyncio.sleep) -> dict[str, Any] | None:
+    """Make ConfigMap `istio-ca-root-cert` in `namespace` hold `roots_pem`: the object as
+    written, or None when it already did. `current` is the ConfigMap as a watch cache has it
+    (None: absent), which saves the first GET; a conflict (the cache lagged, or another writer
+    got there first) reads it fresh and decides again."""
     base = f"/api/v1/namespaces/{namespace}/configmaps"
     path = f"{base}/{ROOT_CONFIGMAP}"
-    body = {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace, "labels": dict(_LABELS)},
-            "data": {ROOT_KEY: roots_pem.decode()}}
-    for _ in range(3):  # a concurrent writer can make one create or update conflict
-        current = await _get(api, path, sleep)
+    for attempt in range(3):  # a concurrent writer can make one create or update conflict
+        if attempt or current is _UNREAD:
+            current = await _get(api, path, sleep)
+        if current is not None and holds_root(current, roots_pem):
+            return None
+        # An update carries the version it was judged on: an edit since then is a 409, judged again.
+        body = root_configmap(namespace, roots_pem, current)
         try:
             if current is None:
-                await api.request_json("POST", base, body=body)
-            elif (current.get("data") or {}).get(ROOT_KEY) != body["data"][ROOT_KEY]:
-                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                await api.request_json("PUT", path, body=body)
-            else:
-                return False
-            return True
+                return await api.request_json("POST", base, body=body)
+            return await api.request_json("PUT", path, body=body)
         except ApiError as e:
+            if e.status == 404 and current is not None:
+                continue  # deleted since the cache saw it: create it
             if e.status != 409:
                 raise
     raise CaSecretError("ca_root_publish_conflict", f"ConfigMap {namespace}/{ROOT_CONFIGMAP}: conflicting writers")

@@ -21,7 +21,7 @@ from typing import Any
 
 from mesh.model import CORE_KINDS, ResourceKey
 
-__all__ = ["WatchedKind", "WATCHED", "WAYPOINT_DEPLOYMENTS", "project", "key_of"]
+__all__ = ["WatchedKind", "WATCHED", "WAYPOINT_DEPLOYMENTS", "ROOT_CONFIGMAPS", "project", "key_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,13 @@ class WatchedKind:
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def only_name(self) -> str | None:
+        """The one name this watch selects (fieldSelector `metadata.name=X` alone), else None:
+        RBAC then authorizes its list and watch by resourceName X."""
+        key, sep, name = self.field_selector.partition("=")
+        return name if key == "metadata.name" and sep and name and "," not in name else None
 
     @property
     def path(self) -> str:
@@ -67,6 +74,9 @@ WATCHED: tuple[WatchedKind, ...] = (
 WAYPOINT_DEPLOYMENTS = WatchedKind("Deployment", "apps", "v1", "deployments", True,
                                    label_selector="gateway.istio.io/managed=istio.io-mesh-controller")
 """Not for the store: the waypoint controller's own watch of the Deployments it made."""
+ROOT_CONFIGMAPS = WatchedKind("ConfigMap", "", "v1", "configmaps", True,
+                              field_selector="metadata.name=istio-ca-root-cert")
+"""Not for the store: the root publisher's own watch of the root ConfigMap in every namespace."""
 
 
 def key_of(kind: WatchedKind, obj: Mapping[str, Any]) -> ResourceKey:

@@ -87,10 +87,19 @@ def test_a_user_provided_ca_secret_is_loaded_and_left_alone(kube: KubeCluster, n
                 await load_or_create_ca(api, namespace=namespace, trust_domain=TD, clock=clock, from_secret="absent")
             assert e.value.reason == "ca_secret_missing"
             # The root (not the key) is published for the proxies; a second publish is a no-op.
-            assert await publish_root(api, namespace=namespace, roots_pem=ca.roots_pem) is True
-            assert await publish_root(api, namespace=namespace, roots_pem=ca.roots_pem) is False
+            written = await publish_root(api, namespace=namespace, roots_pem=ca.roots_pem)
+            assert written is not None and written["data"]["root-cert.pem"] == ca.roots_pem.decode()
+            assert await publish_root(api, namespace=namespace, roots_pem=ca.roots_pem) is None
             other = CertificateAuthority.generate(TD, clock=clock).roots_pem
-            assert await publish_root(api, namespace=namespace, roots_pem=other) is True
+            updated = await publish_root(api, namespace=namespace, roots_pem=other, current=written)
+            assert updated is not None and updated["data"]["root-cert.pem"] == other.decode()
+            # From a watch cache that lags (an older version, judged to need a write): its version is
+            # a 409, read fresh and written again; a cache that has not seen the object yet gets a
+            # 409 on create and finds it current.
+            stale = {**written, "data": {"root-cert.pem": "an edit since undone"}}
+            again = await publish_root(api, namespace=namespace, roots_pem=ca.roots_pem, current=stale)
+            assert again is not None and again["data"]["root-cert.pem"] == ca.roots_pem.decode()
+            assert await publish_root(api, namespace=namespace, roots_pem=ca.roots_pem, current=None) is None
         finally:
             await api.close()
     asyncio.run(main())

@@ -84,8 +84,24 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
                 "authorizationpolicies.security.istio.io", "peerauthentications.security.istio.io",
                 "virtualservices.networking.istio.io", "destinationrules.networking.istio.io",
                 "gateways.gateway.networking.k8s.io", "httproutes.gateway.networking.k8s.io",
-                "telemetries.telemetry.istio.io", "configmaps"):
+                "telemetries.telemetry.istio.io"):
         assert cp.pop(res) == {"list", "watch"}, res
+    # ConfigMaps by name only: the mesh config and the root (listed and watched with
+    # fieldSelector metadata.name), the root kept in every namespace (create is not limitable).
+    assert cp.pop("configmaps") == {"list", "watch", "get", "update", "create"}
+    for verb, what, ns, allowed in (("list", "configmaps", None, "no"), ("watch", "configmaps", None, "no"),
+                                    ("list", "configmap/istio-ca-root-cert", None, "yes"),
+                                    ("watch", "configmap/istio", None, "yes"),
+                                    ("get", "configmap/istio", "default", "no"),
+                                    ("update", "configmap/istio-ca-root-cert", "default", "yes"),
+                                    ("get", "configmap/istio-ca-root-cert", "default", "yes"),
+                                    ("update", "configmap/other", "default", "no"),
+                                    ("delete", "configmap/istio-ca-root-cert", "default", "no"),
+                                    ("create", "configmaps", "default", "yes")):
+        scope = ["-n", ns] if ns else ["--all-namespaces"]
+        got = kube.kubectl("auth", "can-i", verb, what, *scope, "--as=system:serviceaccount:istio-system:istiod",
+                           check=False).stdout.strip()
+        assert got == allowed, (verb, what, ns, got)
     # The waypoint controller: applies each waypoint's objects, watches its Deployments, writes status.
     for res in ("serviceaccounts", "services"):
         assert cp.pop(res) == {"list", "watch", "create", "patch"}, res
@@ -109,7 +125,7 @@ def test_install_applies_on_the_real_server_with_least_privilege_and_uninstalls(
                       ("update", "gateways"), ("patch", "httproutes")):
         no = kube.kubectl("auth", "can-i", verb, res, "--as=system:serviceaccount:istio-system:istiod", check=False)
         assert no.stdout.strip() == ("yes" if (verb, res) == ("list", "pods") else "no")
-    # In its own namespace: its CA Secret (get, create once) and the root ConfigMap, nothing else.
+    # In its own namespace: its CA Secret (get, create once) and, as everywhere, the root ConfigMap.
     for verb, what, allowed in (("get", "secret/istio-ca-secret", "yes"), ("get", "secret/other", "no"),
                                 ("list", "secrets", "no"), ("create", "secrets", "yes"),
                                 ("update", "secret/istio-ca-secret", "no"),

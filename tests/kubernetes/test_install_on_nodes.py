@@ -5,7 +5,8 @@ audience istio-ca) and `ambient check` passes; labelling a namespace enrolls its
 within 2 s and their traffic between the nodes is HBONE (a raw AF_PACKET capture on the
 fabric shows port 15008 and never the app's payload); an AuthorizationPolicy applied with
 kubectl is enforced within 2 s; removing the label releases them (plaintext again, no 15008); `ambient waypoint apply` yields
-a Ready waypoint pod (its run dir an emptyDir) and the seed's 95/5 canary VirtualService splits
+a Ready waypoint pod (its run dir an emptyDir, its root the ConfigMap the control plane published
+in the new namespace) and the seed's 95/5 canary VirtualService splits
 a Service's requests through it. One cluster, two nodes and one install for the module."""
 from __future__ import annotations
 
@@ -301,11 +302,13 @@ def test_a_waypoint_gateway_runs_and_the_seed_canary_splits_through_it(mesh: Mes
     kube.kubectl("create", "namespace", NSW)
     kube.kubectl("label", "namespace", NSW, "istio.io/dataplane-mode=ambient")
     poll(lambda: kube.kubectl("get", "sa", "default", "-n", NSW, check=False).returncode == 0, 30, "default SA")
-    # The control plane publishes its root only in istio-system (istiod's namespace controller
-    # copies it into every namespace; ours does not yet): the waypoint pod mounts it from here.
+    # The control plane publishes its root in every namespace, as istiod's namespace controller
+    # does: the waypoint pod mounts the namespace's own copy, the same root as istio-system's.
     root = json.loads(kube.kubectl("get", "configmap", "istio-ca-root-cert", "-n", "istio-system", "-o", "json").stdout)
-    kube.apply(json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "data": root["data"],
-                           "metadata": {"name": "istio-ca-root-cert", "namespace": NSW}}))
+    copy = poll(lambda: (p := kube.kubectl("get", "configmap", "istio-ca-root-cert", "-n", NSW, "-o", "json",
+                                           check=False)).returncode == 0 and json.loads(p.stdout), 15,
+                "the root ConfigMap published in the new namespace")
+    assert copy["data"] == root["data"]
     out = _ambient("waypoint", "apply", "-n", NSW, f"--kubeconfig={kube.kubeconfig}")
     assert out.returncode == 0, out.stderr
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.kube.kinds import WATCHED, WAYPOINT_DEPLOYMENTS
+from controlplane.kube.kinds import ROOT_CONFIGMAPS, WATCHED, WAYPOINT_DEPLOYMENTS
 from kubemode.check import Facts, Reason, judge
 from kubemode.crds import GATEWAY_API_APPROVAL, crds
 from kubemode.manifests import InstallOptions, manifests
@@ -36,10 +36,14 @@ def test_the_control_plane_may_list_and_watch_exactly_the_kinds_it_watches():
                for g in rule["apiGroups"] for r in rule["resources"]}
     by_name = {(g, r, tuple(rule["verbs"]), tuple(rule["resourceNames"])) for rule in role["rules"]
                if "resourceNames" in rule for g in rule["apiGroups"] for r in rule["resources"]}
-    # The istio-waypoint GatewayClass: created once, patched by name only.
+    # The istio-waypoint GatewayClass: created once, patched by name only; the ConfigMaps watched
+    # by name (mesh config, root) listed and watched by name, the root read and replaced by name.
     assert by_name == {("gateway.networking.k8s.io", r, ("patch",), ("istio-waypoint",))
-                       for r in ("gatewayclasses", "gatewayclasses/status")}
-    watched = {(k.group, k.plural, ("list", "watch")) for k in (*WATCHED, WAYPOINT_DEPLOYMENTS)}
+                       for r in ("gatewayclasses", "gatewayclasses/status")} | {
+        ("", "configmaps", ("list", "watch"), ("istio", "istio-ca-root-cert")),
+        ("", "configmaps", ("get", "update"), ("istio-ca-root-cert",))}
+    kinds = (*WATCHED, WAYPOINT_DEPLOYMENTS, ROOT_CONFIGMAPS)
+    watched = {(k.group, k.plural, ("list", "watch")) for k in kinds if k.only_name is None}
     # The waypoint controller applies its objects and writes Gateway API status.
     waypoints = {("", "serviceaccounts", ("create", "patch")), ("", "services", ("create", "patch")),
                  ("apps", "deployments", ("create", "patch")),
@@ -47,7 +51,7 @@ def test_the_control_plane_may_list_and_watch_exactly_the_kinds_it_watches():
                  ("gateway.networking.k8s.io", "httproutes/status", ("patch",)),
                  ("gateway.networking.k8s.io", "gatewayclasses", ("create",)),
                  ("", "pods", ("get",))}  # the pod a waypoint's CA token is bound to
-    assert granted == watched | waypoints | {("", "events", ("create",)),
+    assert granted == watched | waypoints | {("", "events", ("create",)), ("", "configmaps", ("create",)),
                                              ("authentication.k8s.io", "tokenreviews", ("create",))}
 
 
@@ -76,15 +80,14 @@ def test_install_options_reach_the_workloads():
     (None, {("secrets", "istio-ca-secret", "get"), ("secrets", None, "create")}),
     ("mesh-ca", {("secrets", "mesh-ca", "get")}),  # the user's: read only, nothing created
 ])
-def test_the_control_plane_reaches_only_its_ca_secret_and_root_configmap(ca_from_secret, secret_rules):
+def test_in_its_namespace_the_control_plane_reaches_only_its_ca_secret(ca_from_secret, secret_rules):
     objs = manifests(InstallOptions(ca_from_secret=ca_from_secret))
     [role] = [m for m in objs if m["kind"] == "Role"]
     assert role["metadata"]["namespace"] == "istio-system"
     granted = {(r, name, v) for rule in role["rules"] for r in rule["resources"]
                for name in rule.get("resourceNames", [None]) for v in rule["verbs"]}
-    assert granted == secret_rules | {("configmaps", "istio-ca-root-cert", "get"),
-                                      ("configmaps", "istio-ca-root-cert", "update"), ("configmaps", None, "create"),
-                                      ("pods", None, "get")}
+    # (The root ConfigMap, here as in every namespace, is the ClusterRole's.)
+    assert granted == secret_rules | {("pods", None, "get")}
     [deploy] = [m for m in objs if m["kind"] == "Deployment"]
     command = deploy["spec"]["template"]["spec"]["containers"][0]["command"]
     assert "--ca-dir" not in command
