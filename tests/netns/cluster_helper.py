@@ -7,6 +7,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from mesh.admin_http import get_unix
 from localcluster.paths import ClusterPaths
 
@@ -51,6 +53,73 @@ def pod_yaml(name, ns, node, app, sa="default", port=8080):
           - name: echo
             command: [python3, echo.py, --port, "{port}"]
         """)
+
+
+IDLE = ["python3", "-c", "import time; time.sleep(1e9)"]
+HTTP_PORTS = [{"name": "http", "port": 80, "targetPort": 8080}]
+
+
+def app_pod_yaml(name, ns, node, command, labels=None, sa=None, container="app"):
+    """A Pod running `command` (an argv list); labels default to {app: name}, no serviceAccountName unless `sa`."""
+    labels = {"app": name} if labels is None else labels
+    sa_line = f"  serviceAccountName: {sa}\n" if sa else ""
+    return (f"---\napiVersion: v1\nkind: Pod\n"
+            f"metadata: {{name: {name}, namespace: {ns}, labels: {json.dumps(labels)}}}\n"
+            f"spec:\n  nodeName: {node}\n{sa_line}"
+            f"  containers:\n  - name: {container}\n    command: {json.dumps(command)}\n")
+
+
+def idle_pod_yaml(name, ns, node, labels=None):
+    """A Pod that only sleeps: where `ambient exec` runs a test's client scripts."""
+    return app_pod_yaml(name, ns, node, IDLE, labels, container="idle")
+
+
+def service_yaml(name, ns, selector, ports=HTTP_PORTS, waypoint=None, labels=None, annotations=None,
+                 cluster_ip=None):
+    """A Service; `waypoint` names the waypoint it uses (the istio.io/use-waypoint label, added to `labels`).
+    Without either, no labels key at all; `annotations` and `clusterIP` only when given."""
+    if waypoint:
+        labels = {**(labels or {}), "istio.io/use-waypoint": waypoint}
+    meta = {"name": name, "namespace": ns}
+    if labels is not None:
+        meta["labels"] = labels
+    if annotations is not None:
+        meta["annotations"] = annotations
+    ip_line = f"  clusterIP: {cluster_ip}\n" if cluster_ip else ""
+    return (f"---\napiVersion: v1\nkind: Service\nmetadata: {json.dumps(meta)}\n"
+            f"spec:\n{ip_line}  selector: {json.dumps(selector)}\n  ports: {json.dumps(ports)}\n")
+
+
+def waypoint_yaml(name="wp", ns="shop"):
+    """An istio-waypoint Gateway: the control plane runs a waypoint for it."""
+    return textwrap.dedent(f"""\
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: Gateway
+        metadata: {{name: {name}, namespace: {ns}}}
+        spec:
+          gatewayClassName: istio-waypoint
+          listeners:
+          - {{name: mesh, port: 15008, protocol: HBONE}}
+        """)
+
+
+def cluster_fixture(name, prefix, cluster_yaml, files=None):
+    """A module-scoped `cluster` fixture: `files` ({name: text}) written to a fresh directory, the cluster
+    brought up from `cluster_yaml` (after an `ambient down` of any leftover of that name), destroyed after."""
+    @pytest.fixture(scope="module")
+    def cluster(tmp_path_factory):
+        d = tmp_path_factory.mktemp(prefix)
+        c = LocalCluster(name, d)
+        for fname, text in (files or {}).items():
+            (d / fname).write_text(text)
+        c.ambient("down", check=False)
+        try:  # a failed `up` can leave namespaces and processes behind: destroy those too
+            c.ambient("up", c.write("cluster.yaml", cluster_yaml))
+            yield c
+        finally:
+            c.destroy()
+    return cluster
 
 
 class LocalCluster:

@@ -14,7 +14,8 @@ import pytest
 
 from localcluster.prometheus import query
 from mesh.linux.netns import NETNS_DIR
-from .cluster_helper import ROOT, LocalCluster, namespace_yaml, nodes_yaml, wait_for
+from .cluster_helper import (ROOT, LocalCluster, app_pod_yaml, idle_pod_yaml, namespace_yaml, nodes_yaml,
+                             service_accounts_yaml, service_yaml, wait_for, waypoint_yaml)
 
 NAME = f"ob{os.getpid() % 100000}"
 SVC = "payment.shop.svc.cluster.local"
@@ -59,52 +60,21 @@ for i in range(n):
 print(json.dumps(out))
 '''
 
-CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + textwrap.dedent("""
-    ---
-    apiVersion: v1
-    kind: ServiceAccount
-    metadata: {name: payment, namespace: shop}
-    ---
-    apiVersion: v1
-    kind: Pod
-    metadata: {name: payment-v1, namespace: shop, labels: {app: payment, version: v1}}
-    spec:
-      nodeName: n2
-      serviceAccountName: payment
-      containers:
-      - {name: httpd, command: [python3, httpd.py, "8080"]}
-    ---
-    apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop, labels: {app: client}}
-    spec:
-      nodeName: n1
-      containers:
-      - {name: idle, command: [python3, -c, "import time; time.sleep(1e9)"]}
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {name: payment, namespace: shop, labels: {istio.io/use-waypoint: wp}}
-    spec:
-      selector: {app: payment}
-      ports: [{name: http, port: 80, targetPort: 8080}]
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata: {name: wp, namespace: shop}
-    spec:
-      gatewayClassName: istio-waypoint
-      listeners:
-      - {name: mesh, port: 15008, protocol: HBONE}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: HTTPRoute
-    metadata: {name: payment, namespace: shop}
-    spec:
-      parentRefs: [{group: "", kind: Service, name: payment, port: 80}]
-      rules:
-      - backendRefs: [{name: payment, port: 80}]
-    """))
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + service_accounts_yaml(("shop", "payment"))
+           + app_pod_yaml("payment-v1", "shop", "n2", ["python3", "httpd.py", "8080"],
+                          {"app": "payment", "version": "v1"}, sa="payment", container="httpd")
+           + idle_pod_yaml("client", "shop", "n1")
+           + service_yaml("payment", "shop", {"app": "payment"}, waypoint="wp") + waypoint_yaml()
+           + textwrap.dedent("""
+               ---
+               apiVersion: gateway.networking.k8s.io/v1
+               kind: HTTPRoute
+               metadata: {name: payment, namespace: shop}
+               spec:
+                 parentRefs: [{group: "", kind: Service, name: payment, port: 80}]
+                 rules:
+                 - backendRefs: [{name: payment, port: 80}]
+               """))
 
 
 def free_port():
@@ -212,15 +182,7 @@ def test_prometheus_scrapes_every_proxy_on_loopback_only(cluster):
     assert 'istio_build{component="proxy"' in out.stdout, (wp, out.stderr)
 
 
-WP2 = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: wp2, namespace: shop}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners:
-  - {name: mesh, port: 15008, protocol: HBONE}
-"""
+WP2 = waypoint_yaml("wp2")
 
 
 @pytest.mark.root
@@ -398,14 +360,7 @@ def test_dashboard_page_in_headless_chromium(cluster, traffic):
     assert elsewhere == []
 
 
-GHOST = """
-apiVersion: v1
-kind: Service
-metadata: {name: ghost, namespace: shop, labels: {istio.io/use-waypoint: nowhere}}
-spec:
-  selector: {app: payment}
-  ports: [{name: http, port: 80, targetPort: 8080}]
-"""
+GHOST = service_yaml("ghost", "shop", {"app": "payment"}, waypoint="nowhere")  # a waypoint that does not exist
 
 
 @pytest.mark.root

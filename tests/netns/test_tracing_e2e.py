@@ -3,13 +3,13 @@
 mesh config, sampling set by a Telemetry."""
 import json
 import os
-import shutil
-import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
-from .cluster_helper import ROOT, LocalCluster, namespace_yaml, nodes_yaml
+from .cluster_helper import (APPS, ROOT, app_pod_yaml, cluster_fixture, idle_pod_yaml, namespace_yaml, nodes_yaml,
+                             service_yaml, waypoint_yaml)
 
 NAME = f"tr{os.getpid() % 100000}"
 VIP_A, VIP_B = "10.96.60.10", "10.96.60.11"
@@ -18,63 +18,20 @@ CALLER_SPAN = "00f067aa0ba902b7"
 
 
 def app(name, node, calls=()):
-    call = "".join(f', --call, "{c}"' for c in calls)
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-        spec:
-          nodeName: {node}
-          containers:
-          - name: app
-            command: [python3, chain.py, --port, "8080"{call}]
-        ---
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: svc-{name}, namespace: shop, labels: {{istio.io/use-waypoint: wp-{name}}}}}
-        spec:
-          clusterIP: {VIP_A if name == "a" else VIP_B}
-          selector: {{app: {name}}}
-          ports: [{{name: http, port: 80, targetPort: 8080}}]
-        ---
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: Gateway
-        metadata: {{name: wp-{name}, namespace: shop}}
-        spec:
-          gatewayClassName: istio-waypoint
-          listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
-        """)
+    """Pod `name` running chain.py, Service svc-`name` and its own waypoint wp-`name`."""
+    call = [arg for c in calls for arg in ("--call", c)]
+    return (app_pod_yaml(name, "shop", node, ["python3", "chain.py", "--port", "8080", *call])
+            + service_yaml(f"svc-{name}", "shop", {"app": name}, waypoint=f"wp-{name}",
+                           cluster_ip=VIP_A if name == "a" else VIP_B)
+            + waypoint_yaml(f"wp-{name}"))
 
 
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + namespace_yaml("observability")
-           + app("a", "n1", calls=(f"{VIP_B}:80",)) + app("b", "n2") + textwrap.dedent("""
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: client, namespace: shop, labels: {app: client}}
-               spec:
-                 nodeName: n1
-                 containers:
-                 - name: idle
-                   command: [python3, -c, "import time; time.sleep(1e9)"]
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: otel-collector, namespace: observability, labels: {app: otel-collector}}
-               spec:
-                 nodeName: n2
-                 containers:
-                 - name: receiver
-                   command: [python3, otlp_receiver.py, "4318", "600"]
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {name: otel-collector, namespace: observability}
-               spec:
-                 selector: {app: otel-collector}
-                 ports: [{name: otlp-http, port: 4318, targetPort: 4318}]
-               """))
+           + app("a", "n1", calls=(f"{VIP_B}:80",)) + app("b", "n2") + idle_pod_yaml("client", "shop", "n1")
+           + app_pod_yaml("otel-collector", "observability", "n2", ["python3", "otlp_receiver.py", "4318", "600"],
+                          container="receiver")
+           + service_yaml("otel-collector", "observability", {"app": "otel-collector"},
+                          [{"name": "otlp-http", "port": 4318, "targetPort": 4318}]))
 
 MESH_CONFIG = """
 apiVersion: v1
@@ -118,17 +75,10 @@ print(json.dumps(out))
 ''' % VIP_A
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trace")
-    c = LocalCluster(NAME, d)
-    os.symlink(os.path.join(ROOT, "deploy", "local", "apps", "chain.py"), d / "chain.py")
-    shutil.copy(os.path.join(ROOT, "tests", "otlp_receiver.py"), d / "otlp_receiver.py")
-    (d / "get.py").write_text(GET)
-    c.ambient("down", check=False)
-    c.ambient("up", c.write("cluster.yaml", CLUSTER))
-    yield c
-    c.destroy()
+cluster = cluster_fixture(NAME, "trace", CLUSTER, {
+    "chain.py": Path(APPS, "chain.py").read_text(),
+    "otlp_receiver.py": Path(ROOT, "tests", "otlp_receiver.py").read_text(),
+    "get.py": GET})
 
 
 def get(cluster, n, headers=None):

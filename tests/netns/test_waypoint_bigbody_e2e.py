@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
 import pytest
 
-from .cluster_helper import ROOT, LocalCluster, namespace_yaml, nodes_yaml
+from .cluster_helper import (ROOT, app_pod_yaml, cluster_fixture, idle_pod_yaml, namespace_yaml, nodes_yaml,
+                             service_yaml, waypoint_yaml)
 
 NAME = f"wb{os.getpid() % 100000}"
 SIZE = int(os.environ.get("AMBIENT_BIG_BYTES", str(1 << 30)))
@@ -205,56 +205,11 @@ print(json.dumps(out))
 '''
 
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
-           + textwrap.dedent("""
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: big, namespace: shop, labels: {app: big}}
-               spec:
-                 nodeName: n2
-                 containers:
-                 - name: bigd
-                   command: [python3, bigd.py, "8080"]
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: client, namespace: shop, labels: {app: client}}
-               spec:
-                 nodeName: n1
-                 containers:
-                 - name: idle
-                   command: [python3, -c, "import time; time.sleep(1e9)"]
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {name: big, namespace: shop, labels: {istio.io/use-waypoint: wp}}
-               spec:
-                 selector: {app: big}
-                 ports: [{name: http, port: 80, targetPort: 8080}]
-               ---
-               apiVersion: gateway.networking.k8s.io/v1
-               kind: Gateway
-               metadata: {name: wp, namespace: shop}
-               spec:
-                 gatewayClassName: istio-waypoint
-                 listeners:
-                 - {name: mesh, port: 15008, protocol: HBONE}
-               """))
+           + app_pod_yaml("big", "shop", "n2", ["python3", "bigd.py", "8080"], container="bigd")
+           + idle_pod_yaml("client", "shop", "n1")
+           + service_yaml("big", "shop", {"app": "big"}, waypoint="wp") + waypoint_yaml())
 
-C: LocalCluster = None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    global C
-    d = tmp_path_factory.mktemp("wpbig")
-    C = LocalCluster(NAME, d)
-    for name, text in (("bigd.py", BIGD), ("big1.py", BIG1), ("big2.py", BIG2)):
-        (d / name).write_text(text)
-    C.ambient("down", check=False)
-    C.ambient("up", C.write("cluster.yaml", CLUSTER))
-    yield C
-    C.destroy()
+cluster = cluster_fixture(NAME, "wpbig", CLUSTER, {"bigd.py": BIGD, "big1.py": BIG1, "big2.py": BIG2})
 
 
 def rss(pid: int) -> int:

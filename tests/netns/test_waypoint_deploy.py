@@ -8,63 +8,20 @@ import textwrap
 
 import pytest
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, wait_for
+from .cluster_helper import (cluster_fixture, namespace_yaml, nodes_yaml, pod_yaml, service_yaml, wait_for,
+                             waypoint_yaml)
 
 NAME = f"wd{os.getpid() % 100000}"
 
+PORTS = [{"port": 80, "targetPort": 8080}]
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
            + pod_yaml("server", "shop", "n2", "server") + pod_yaml("client", "shop", "n1", "client")
-           + textwrap.dedent("""
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {name: ghost, namespace: shop, labels: {istio.io/use-waypoint: nowhere}}
-               spec:
-                 selector: {app: server}
-                 ports: [{port: 80, targetPort: 8080}]
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {name: plain, namespace: shop}
-               spec:
-                 selector: {app: server}
-                 ports: [{port: 80, targetPort: 8080}]
-               """))
+           + service_yaml("ghost", "shop", {"app": "server"}, PORTS, waypoint="nowhere")
+           + service_yaml("plain", "shop", {"app": "server"}, PORTS))
 
+USE_WP = service_yaml("web", "shop", {"app": "server"}, PORTS, waypoint="wp")
 
-def gateway(name="wp", ns="shop", port=15008, protocol="HBONE"):
-    return textwrap.dedent(f"""
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: Gateway
-        metadata: {{name: {name}, namespace: {ns}}}
-        spec:
-          gatewayClassName: istio-waypoint
-          listeners:
-          - {{name: mesh, port: {port}, protocol: {protocol}}}
-        """)
-
-
-USE_WP = textwrap.dedent("""
-    apiVersion: v1
-    kind: Service
-    metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: wp}}
-    spec:
-      selector: {app: server}
-      ports: [{port: 80, targetPort: 8080}]
-    """)
-
-C: LocalCluster = None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    global C
-    d = tmp_path_factory.mktemp("wpdeploy")
-    C = LocalCluster(NAME, d)
-    C.ambient("down", check=False)
-    C.ambient("up", C.write("cluster.yaml", CLUSTER))
-    yield C
-    C.destroy()
+cluster = cluster_fixture(NAME, "wpdeploy", CLUSTER)
 
 
 def waypoint(st, name="wp"):
@@ -84,7 +41,7 @@ def metric_value(text, name, **labels):
 
 @pytest.mark.root
 def test_gateway_yields_a_ready_waypoint_in_its_own_pod(cluster):
-    out = cluster.apply(gateway() + "---\n" + USE_WP, "wp.yaml")  # returns once the waypoint has the config
+    out = cluster.apply(waypoint_yaml() + USE_WP, "wp.yaml")  # returns once the waypoint has the config
     assert "Pod shop/wp-waypoint" in out.stdout and "ServiceAccount shop/wp" in out.stdout, out.stdout
     st = cluster.status()
     w = waypoint(st)
@@ -109,7 +66,7 @@ def test_gateway_yields_a_ready_waypoint_in_its_own_pod(cluster):
 @pytest.mark.root
 def test_reapplying_the_gateway_changes_nothing(cluster):
     before = waypoint(cluster.status())
-    out = cluster.apply(gateway(), "wp-again.yaml")
+    out = cluster.apply(waypoint_yaml(), "wp-again.yaml")
     assert out.stdout == "3 unchanged\n", out.stdout  # the Gateway and what it made
     after = waypoint(cluster.status())
     assert (after["ip"], after["pid"], after["restarts"]) == (before["ip"], before["pid"], before["restarts"])
@@ -117,7 +74,8 @@ def test_reapplying_the_gateway_changes_nothing(cluster):
 
 @pytest.mark.root
 def test_a_gateway_without_the_hbone_listener_is_refused(cluster):
-    p = cluster.ambient("apply", cluster.write("bad.yaml", gateway("bad", port=80, protocol="HTTP")), check=False)
+    bad = waypoint_yaml("bad").replace("port: 15008, protocol: HBONE", "port: 80, protocol: HTTP")
+    p = cluster.ambient("apply", cluster.write("bad.yaml", bad), check=False)
     assert p.returncode != 0
     assert "15008" in p.stderr + p.stdout and "HBONE" in p.stderr + p.stdout and "spec.listeners" in p.stderr + p.stdout
     assert waypoint(cluster.status(), "bad") is None
@@ -172,7 +130,7 @@ def test_service_bound_to_a_missing_waypoint_is_refused_with_the_reason(cluster)
 @pytest.mark.root
 def test_deleting_the_gateway_removes_the_waypoint_and_its_objects(cluster):
     w = waypoint(cluster.status())
-    out = cluster.delete(gateway(), "del-wp.yaml")
+    out = cluster.delete(waypoint_yaml(), "del-wp.yaml")
     assert "Pod shop/wp-waypoint" in out.stdout and "ServiceAccount shop/wp" in out.stdout, out.stdout
     st = cluster.status()
     assert waypoint(st) is None
@@ -184,16 +142,16 @@ def test_deleting_the_gateway_removes_the_waypoint_and_its_objects(cluster):
     vip = next(s["cluster_ip"] for s in st["services"] if s["name"] == "web")
     assert cluster.echo("shop", "client", vip, port=80, check=False).returncode != 0
     # And it comes back the same way.
-    cluster.apply(gateway(), "wp-back.yaml")
+    cluster.apply(waypoint_yaml(), "wp-back.yaml")
     assert waypoint(cluster.status())["ready"]
 
 
 @pytest.mark.root
 def test_a_gateway_changed_to_another_class_gives_up_its_waypoint(cluster):
     assert waypoint(cluster.status())["ready"]
-    out = cluster.apply(gateway().replace("istio-waypoint", "istio"), "wp-ingress.yaml")
+    out = cluster.apply(waypoint_yaml().replace("istio-waypoint", "istio"), "wp-ingress.yaml")
     assert "Pod shop/wp-waypoint deleted" in out.stdout and "ServiceAccount shop/wp deleted" in out.stdout, out.stdout
     st = cluster.status()
     assert waypoint(st) is None and not [p for p in st["pods"] if p["name"] == "wp-waypoint"]
-    cluster.apply(gateway(), "wp-back-again.yaml")
+    cluster.apply(waypoint_yaml(), "wp-back-again.yaml")
     assert waypoint(cluster.status())["ready"]

@@ -3,11 +3,11 @@
 principal; and the seed article's canary VirtualService (95/5 over v1/v2 subsets)."""
 import json
 import os
-import textwrap
 
 import pytest
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, wait_for
+from .cluster_helper import (app_pod_yaml, cluster_fixture, idle_pod_yaml, namespace_yaml, nodes_yaml,
+                             service_accounts_yaml, service_yaml, wait_for, waypoint_yaml)
 
 NAME = f"we{os.getpid() % 100000}"
 WP_PRINCIPAL = "spiffe://cluster.local/ns/shop/sa/wp"
@@ -64,49 +64,14 @@ print(json.dumps(out))
 
 
 def server_pod(name, version, node):
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: shop, labels: {{app: payment, version: {version}}}}}
-        spec:
-          nodeName: {node}
-          serviceAccountName: payment
-          containers:
-          - name: httpd
-            command: [python3, httpd.py, "8080"]
-        """)
+    return app_pod_yaml(name, "shop", node, ["python3", "httpd.py", "8080"], {"app": "payment", "version": version},
+                        sa="payment", container="httpd")
 
 
-CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
-           + "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: payment, namespace: shop}\n"
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + service_accounts_yaml(("shop", "payment"))
            + server_pod("payment-v1", "v1", "n2") + server_pod("payment-v2", "v2", "n2")
-           + textwrap.dedent("""
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: client, namespace: shop, labels: {app: client}}
-               spec:
-                 nodeName: n1
-                 containers:
-                 - name: idle
-                   command: [python3, -c, "import time; time.sleep(1e9)"]
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {name: payment-service, namespace: shop, labels: {istio.io/use-waypoint: wp}}
-               spec:
-                 selector: {app: payment}
-                 ports: [{name: http, port: 80, targetPort: 8080}]
-               ---
-               apiVersion: gateway.networking.k8s.io/v1
-               kind: Gateway
-               metadata: {name: wp, namespace: shop}
-               spec:
-                 gatewayClassName: istio-waypoint
-                 listeners:
-                 - {name: mesh, port: 15008, protocol: HBONE}
-               """))
+           + idle_pod_yaml("client", "shop", "n1")
+           + service_yaml("payment-service", "shop", {"app": "payment"}, waypoint="wp") + waypoint_yaml())
 
 # The seed article's canary, as written there (plus the namespace), and the subsets it names.
 CANARY = """
@@ -154,20 +119,7 @@ spec:
   - from: [{{source: {{principals: ["{WP_PRINCIPAL.removeprefix('spiffe://')}"]}}}}]
 """
 
-C: LocalCluster = None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    global C
-    d = tmp_path_factory.mktemp("wpe2e")
-    C = LocalCluster(NAME, d)
-    (d / "httpd.py").write_text(HTTPD)
-    (d / "httpget.py").write_text(HTTPGET)
-    C.ambient("down", check=False)
-    C.ambient("up", C.write("cluster.yaml", CLUSTER))
-    yield C
-    C.destroy()
+cluster = cluster_fixture(NAME, "wpe2e", CLUSTER, {"httpd.py": HTTPD, "httpget.py": HTTPGET})
 
 
 def get(cluster, host, n=1, port=80):

@@ -16,7 +16,8 @@ import pytest
 
 from mesh.admin_http import get_unix
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml
+from .cluster_helper import (app_pod_yaml, cluster_fixture, idle_pod_yaml, namespace_yaml, nodes_yaml,
+                             service_accounts_yaml, service_yaml, waypoint_yaml)
 
 NAME = f"wn{os.getpid() % 100000}"
 HOST = "web-service"
@@ -119,49 +120,14 @@ print(json.dumps(out))
 
 
 def server_pod(name, version, node):
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: shop, labels: {{app: web, version: {version}}}}}
-        spec:
-          nodeName: {node}
-          serviceAccountName: web
-          containers:
-          - name: httpd
-            command: [python3, httpd.py, "8080"]
-        """)
+    return app_pod_yaml(name, "shop", node, ["python3", "httpd.py", "8080"], {"app": "web", "version": version},
+                        sa="web", container="httpd")
 
 
-CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
-           + "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n"
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + service_accounts_yaml(("shop", "web"))
            + server_pod("web-a", "v1", "n2") + server_pod("web-b", "v1", "n2") + server_pod("web-c", "v2", "n2")
-           + textwrap.dedent(f"""
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {{name: client, namespace: shop, labels: {{app: client}}}}
-               spec:
-                 nodeName: n1
-                 containers:
-                 - name: idle
-                   command: [python3, -c, "import time; time.sleep(1e9)"]
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {{name: {HOST}, namespace: shop, labels: {{istio.io/use-waypoint: wp}}}}
-               spec:
-                 selector: {{app: web}}
-                 ports: [{{name: http, port: 80, targetPort: 8080}}]
-               ---
-               apiVersion: gateway.networking.k8s.io/v1
-               kind: Gateway
-               metadata: {{name: wp, namespace: shop}}
-               spec:
-                 gatewayClassName: istio-waypoint
-                 listeners:
-                 - {{name: mesh, port: 15008, protocol: HBONE}}
-               """))
+           + idle_pod_yaml("client", "shop", "n1")
+           + service_yaml(HOST, "shop", {"app": "web"}, waypoint="wp") + waypoint_yaml())
 
 
 def destination_rule(spec: str) -> str:
@@ -174,20 +140,7 @@ def destination_rule(spec: str) -> str:
         """) + textwrap.indent(textwrap.dedent(spec), "  ")
 
 
-C: LocalCluster = None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    global C
-    d = tmp_path_factory.mktemp("wpendpoints")
-    C = LocalCluster(NAME, d)
-    (d / "httpd.py").write_text(HTTPD)
-    (d / "load.py").write_text(CLIENT)
-    C.ambient("down", check=False)
-    C.ambient("up", C.write("cluster.yaml", CLUSTER))
-    yield C
-    C.destroy()
+cluster = cluster_fixture(NAME, "wpendpoints", CLUSTER, {"httpd.py": HTTPD, "load.py": CLIENT})
 
 
 def steps(cluster, *plan):

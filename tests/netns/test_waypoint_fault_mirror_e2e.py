@@ -16,7 +16,8 @@ import pytest
 
 from mesh.admin_http import get_unix
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, wait_for
+from .cluster_helper import (app_pod_yaml, cluster_fixture, idle_pod_yaml, namespace_yaml, nodes_yaml, service_yaml,
+                             wait_for, waypoint_yaml)
 
 NAME = f"wf{os.getpid() % 100000}"
 DELAY = 0.2
@@ -158,74 +159,18 @@ print(c.getresponse().read().decode())
 
 
 def pod(name, app, node, args=("8080",)):
-    cmd = ", ".join(f'"{a}"' for a in args)
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}
-        spec:
-          nodeName: {node}
-          containers:
-          - name: app
-            command: [python3, httpd.py, {cmd}]
-        """)
+    return app_pod_yaml(name, "shop", node, ["python3", "httpd.py", *args], {"app": app})
 
 
 def service(name, waypoint=False):
-    labels = "{istio.io/use-waypoint: wp}" if waypoint else "{}"
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: {name}, namespace: shop, labels: {labels}}}
-        spec:
-          selector: {{app: {name}}}
-          ports: [{{name: http, port: 80, targetPort: 8080}}]
-        """)
+    # labels: {} on the plain ones too: the objects stay what this file applied before the shared builder
+    return service_yaml(name, "shop", {"app": name}, waypoint="wp" if waypoint else None, labels={})
 
 
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
            + pod("web-1", "web", "n2") + pod("shadow-1", "shadow", "n2") + pod("slow-1", "slow", "n2", ("8080", "1.0"))
-           + textwrap.dedent("""
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: dead-1, namespace: shop, labels: {app: dead}}
-               spec:
-                 nodeName: n2
-                 containers:
-                 - name: idle
-                   command: [python3, -c, "import time; time.sleep(1e9)"]
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: client, namespace: shop, labels: {app: client}}
-               spec:
-                 nodeName: n1
-                 containers:
-                 - name: idle
-                   command: [python3, -c, "import time; time.sleep(1e9)"]
-               ---
-               apiVersion: gateway.networking.k8s.io/v1
-               kind: Gateway
-               metadata: {name: wp, namespace: shop}
-               spec:
-                 gatewayClassName: istio-waypoint
-                 listeners:
-                 - {name: mesh, port: 15008, protocol: HBONE}
-               """)
-           + textwrap.dedent("""
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: ws-1, namespace: shop, labels: {app: ws}}
-               spec:
-                 nodeName: n2
-                 containers:
-                 - name: app
-                   command: [python3, wsd.py, "8080"]
-               """)
+           + idle_pod_yaml("dead-1", "shop", "n2", {"app": "dead"}) + idle_pod_yaml("client", "shop", "n1")
+           + waypoint_yaml() + app_pod_yaml("ws-1", "shop", "n2", ["python3", "wsd.py", "8080"], {"app": "ws"})
            + service("web", waypoint=True) + service("shadow") + service("slow") + service("dead")
            + service("ws", waypoint=True))
 
@@ -248,21 +193,8 @@ MIRRORS = vs([rule("m50", "mirror: {host: shadow}\nmirrorPercentage: {value: 50}
               rule("m100", "mirrors: [{destination: {host: shadow}}]\n"),
               rule("dead", "mirror: {host: dead}\n"), rule("slow", "mirror: {host: slow}\n")])
 
-C: LocalCluster = None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    global C
-    d = tmp_path_factory.mktemp("wpfault")
-    C = LocalCluster(NAME, d)
-    for name, text in (("httpd.py", HTTPD), ("load.py", LOAD), ("count.py", COUNT), ("wsd.py", WSD),
-                       ("wsc.py", WSC)):
-        (d / name).write_text(text)
-    C.ambient("down", check=False)
-    C.ambient("up", C.write("cluster.yaml", CLUSTER))
-    yield C
-    C.destroy()
+cluster = cluster_fixture(NAME, "wpfault", CLUSTER, {"httpd.py": HTTPD, "load.py": LOAD, "count.py": COUNT,
+                                                    "wsd.py": WSD, "wsc.py": WSC})
 
 
 def web_vip(cluster):

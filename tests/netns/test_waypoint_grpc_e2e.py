@@ -5,14 +5,14 @@ client to an HTTP/1.1 backend and an HTTP/1.1 client to a gRPC backend."""
 import asyncio
 import json
 import os
-import textwrap
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.admin_http import get_unix
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, wait_for
+from .cluster_helper import (app_pod_yaml, cluster_fixture, idle_pod_yaml, namespace_yaml, nodes_yaml,
+                             service_accounts_yaml, service_yaml, wait_for, waypoint_yaml)
 
 NAME = f"wg{os.getpid() % 100000}"
 
@@ -142,59 +142,18 @@ print(json.dumps({"status": r.status, "content_type": r.getheader("content-type"
 
 
 def pod(name, app, version, node, command, sa):
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: shop, labels: {{app: {app}, version: {version}}}}}
-        spec:
-          nodeName: {node}
-          serviceAccountName: {sa}
-          containers:
-          - name: app
-            command: {json.dumps(command)}
-        """)
+    return app_pod_yaml(name, "shop", node, command, {"app": app, "version": version}, sa=sa)
 
 
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
-           + "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: greeter, namespace: shop}\n"
-           + "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web, namespace: shop}\n"
+           + service_accounts_yaml(("shop", "greeter"), ("shop", "web"))
            + pod("greeter-v1", "greeter", "v1", "n2", ["python3", "grpc_server.py"], "greeter")
            + pod("greeter-v2", "greeter", "v2", "n2", ["python3", "grpc_server.py"], "greeter")
            + pod("web-v1", "web", "v1", "n2", ["python3", "httpd.py", "8080"], "web")
-           + textwrap.dedent("""
-               ---
-               apiVersion: v1
-               kind: Pod
-               metadata: {name: client, namespace: shop, labels: {app: client}}
-               spec:
-                 nodeName: n1
-                 containers:
-                 - name: idle
-                   command: [python3, -c, "import time; time.sleep(1e9)"]
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {name: greeter, namespace: shop, labels: {istio.io/use-waypoint: wp}}
-               spec:
-                 selector: {app: greeter}
-                 ports: [{name: grpc, port: 50051, targetPort: 50051}]
-               ---
-               apiVersion: v1
-               kind: Service
-               metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: wp}}
-               spec:
-                 selector: {app: web}
-                 ports: [{name: http, port: 80, targetPort: 8080}]
-               ---
-               apiVersion: gateway.networking.k8s.io/v1
-               kind: Gateway
-               metadata: {name: wp, namespace: shop}
-               spec:
-                 gatewayClassName: istio-waypoint
-                 listeners:
-                 - {name: mesh, port: 15008, protocol: HBONE}
-               """))
+           + idle_pod_yaml("client", "shop", "n1")
+           + service_yaml("greeter", "shop", {"app": "greeter"}, [{"name": "grpc", "port": 50051, "targetPort": 50051}],
+                          waypoint="wp")
+           + service_yaml("web", "shop", {"app": "web"}, waypoint="wp") + waypoint_yaml())
 
 # Count (the server-streaming method) goes to v2; everything else to v1.
 METHOD_ROUTE = """
@@ -218,21 +177,8 @@ spec:
   - {name: v2, labels: {version: v2}}
 """
 
-C: LocalCluster = None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    global C
-    d = tmp_path_factory.mktemp("wpgrpc")
-    C = LocalCluster(NAME, d)
-    for name, text in (("grpc_server.py", GRPC_SERVER), ("grpc_client.py", GRPC_CLIENT), ("httpd.py", HTTPD),
-                       ("h2get.py", H2GET), ("h1grpc.py", H1GRPC)):
-        (d / name).write_text(text)
-    C.ambient("down", check=False)
-    C.ambient("up", C.write("cluster.yaml", CLUSTER))
-    yield C
-    C.destroy()
+cluster = cluster_fixture(NAME, "wpgrpc", CLUSTER, {"grpc_server.py": GRPC_SERVER, "grpc_client.py": GRPC_CLIENT,
+                                                   "httpd.py": HTTPD, "h2get.py": H2GET, "h1grpc.py": H1GRPC})
 
 
 def vip(cluster, name):

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, wait_for
+from .cluster_helper import (LocalCluster, app_pod_yaml, idle_pod_yaml, namespace_yaml, nodes_yaml, service_yaml,
+                             wait_for, waypoint_yaml)
 
 NAME = f"wr{os.getpid() % 100000}"
 
@@ -110,47 +111,12 @@ SERVICES = [("scripted", "10.96.60.10"), ("budgeted", "10.96.60.11")]
 """`scripted` has its retry budget off (its floor of 10 retries a second would otherwise decide
 the retry tests); `budgeted` has the default budget, for the budget test."""
 
-CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + textwrap.dedent("""
-    ---
-    apiVersion: v1
-    kind: Pod
-    metadata: {name: server, namespace: shop, labels: {app: scripted}}
-    spec:
-      nodeName: n2
-      containers:
-      - name: app
-        command: [python3, server.py, "8080"]
-    ---
-    apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop, labels: {app: client}}
-    spec:
-      nodeName: n1
-      containers:
-      - name: idle
-        command: [python3, -c, "import time; time.sleep(1e9)"]
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata: {name: wp, namespace: shop}
-    spec:
-      gatewayClassName: istio-waypoint
-      listeners:
-      - {name: mesh, port: 15008, protocol: HBONE}
-    """) + "".join(textwrap.dedent(f"""
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata:
-      name: {name}
-      namespace: shop
-      labels: {{istio.io/use-waypoint: wp}}
-      annotations: {{{'retry.ambient.dev/budget: "off"' if name == "scripted" else ""}}}
-    spec:
-      clusterIP: {ip}
-      selector: {{app: scripted}}
-      ports: [{{name: http, port: 80, targetPort: 8080}}]
-    """) for name, ip in SERVICES) + textwrap.dedent("""
+CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True)
+           + app_pod_yaml("server", "shop", "n2", ["python3", "server.py", "8080"], {"app": "scripted"})
+           + idle_pod_yaml("client", "shop", "n1") + waypoint_yaml()
+           + "".join(service_yaml(name, "shop", {"app": "scripted"}, waypoint="wp", cluster_ip=ip,
+                                  annotations={"retry.ambient.dev/budget": "off"} if name == "scripted" else {})
+                     for name, ip in SERVICES) + textwrap.dedent("""
     ---
     apiVersion: networking.istio.io/v1
     kind: VirtualService

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.admin_http import get_unix
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, service_accounts_yaml
+from .cluster_helper import (HTTP_PORTS, IDLE, app_pod_yaml, cluster_fixture, namespace_yaml, nodes_yaml,
+                             service_accounts_yaml, service_yaml, waypoint_yaml)
 
 NAME = f"wr{os.getpid() % 100000}"
 
@@ -86,68 +87,19 @@ print(json.dumps(out))
 '''
 
 
-def pod(name, ns, node, labels, sa, command):
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: {name}, namespace: {ns}, labels: {json.dumps(labels)}}}
-        spec:
-          nodeName: {node}
-          serviceAccountName: {sa}
-          containers:
-          - name: app
-            command: {json.dumps(command)}
-        """)
-
-
-def service(name, selector, ports='[{name: http, port: 80, targetPort: 8080}]'):
-    return textwrap.dedent(f"""
-        ---
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: {name}, namespace: shop, labels: {{istio.io/use-waypoint: wp}}}}
-        spec:
-          selector: {json.dumps(selector)}
-          ports: {ports}
-        """)
-
-
-IDLE = ["python3", "-c", "import time; time.sleep(1e9)"]
+HTTPD_CMD = ["python3", "httpd.py", "8080"]
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("shop", ambient=True) + namespace_yaml("front", ambient=True)
            + service_accounts_yaml(("shop", "web"), ("shop", "client"), ("front", "outsider"))
-           + pod("web-v1", "shop", "n2", {"app": "web", "version": "v1"}, "web", ["python3", "httpd.py", "8080"])
-           + pod("web-v2", "shop", "n2", {"app": "web", "version": "v2"}, "web", ["python3", "httpd.py", "8080"])
-           + pod("client", "shop", "n1", {"app": "client"}, "client", IDLE)
-           + pod("client", "front", "n1", {"app": "outsider"}, "outsider", IDLE)
-           + service("web", {"app": "web"}, "[{name: http, port: 80, targetPort: 8080}, "
-                                            "{name: http-alt, port: 9080, targetPort: 8080}]")
-           + service("web-v1", {"app": "web", "version": "v1"}) + service("web-v2", {"app": "web", "version": "v2"})
-           + textwrap.dedent("""
-               ---
-               apiVersion: gateway.networking.k8s.io/v1
-               kind: Gateway
-               metadata: {name: wp, namespace: shop}
-               spec:
-                 gatewayClassName: istio-waypoint
-                 listeners:
-                 - {name: mesh, port: 15008, protocol: HBONE}
-               """))
+           + app_pod_yaml("web-v1", "shop", "n2", HTTPD_CMD, {"app": "web", "version": "v1"}, sa="web")
+           + app_pod_yaml("web-v2", "shop", "n2", HTTPD_CMD, {"app": "web", "version": "v2"}, sa="web")
+           + app_pod_yaml("client", "shop", "n1", IDLE, sa="client")
+           + app_pod_yaml("client", "front", "n1", IDLE, {"app": "outsider"}, sa="outsider")
+           + service_yaml("web", "shop", {"app": "web"}, HTTP_PORTS + [{"name": "http-alt", "port": 9080,
+                                                                        "targetPort": 8080}], waypoint="wp")
+           + service_yaml("web-v1", "shop", {"app": "web", "version": "v1"}, waypoint="wp")
+           + service_yaml("web-v2", "shop", {"app": "web", "version": "v2"}, waypoint="wp") + waypoint_yaml())
 
-C: LocalCluster = None
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    global C
-    d = tmp_path_factory.mktemp("wproute")
-    C = LocalCluster(NAME, d)
-    (d / "httpd.py").write_text(HTTPD)
-    (d / "req.py").write_text(REQ)
-    C.ambient("down", check=False)
-    C.ambient("up", C.write("cluster.yaml", CLUSTER))
-    yield C
-    C.destroy()
+cluster = cluster_fixture(NAME, "wproute", CLUSTER, {"httpd.py": HTTPD, "req.py": REQ})
 
 
 def requests(cluster, queries, ns="shop"):
