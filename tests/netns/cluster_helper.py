@@ -2,6 +2,8 @@
 import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -120,6 +122,52 @@ def cluster_fixture(name, prefix, cluster_yaml, files=None):
         finally:
             c.destroy()
     return cluster
+
+
+class Tcpdump:
+    """tcpdump of TCP on `iface` in the netns at `netns_path` (a file under /var/run/netns) while it
+    runs: `fabric` is the bridge between the nodes, `node` every interface of one node's netns."""
+
+    def __init__(self, path, netns_path, iface):
+        self.path = path
+        self.p = subprocess.Popen(["nsenter", f"--net={netns_path}", "tcpdump", "--immediate-mode", "-i", iface, "-U",
+                                   "-s", "0", "-w", str(path), "tcp"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        # tcpdump says "listening on" once its capture is attached (traffic before is lost; with
+        # -i any a "data link type" line comes first). --immediate-mode: without it packets wait
+        # in a ring block (up to 1 s) and a quick SIGINT drops them.
+        said = [self.p.stderr.readline()]
+        if "listening on" not in said[0]:
+            said.append(self.p.stderr.readline())
+        assert any("listening on" in line for line in said), said
+
+    @classmethod
+    def fabric(cls, path, paths):
+        return cls(path, f"/var/run/netns/{paths.prefix}-fabric", "br0")
+
+    @classmethod
+    def node(cls, path, netns):
+        return cls(path, f"/var/run/netns/{netns}", "any")
+
+    def stop(self):
+        """The pcap's bytes, once tcpdump has written everything it saw."""
+        time.sleep(0.3)
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait(10)
+        return self.path.read_bytes()
+
+    def _text(self, *flags):
+        return subprocess.run(["tcpdump", "-nn", *flags, "-r", str(self.path)], capture_output=True, text=True).stdout
+
+    def ports(self):
+        """Every TCP port seen, source or destination."""
+        return {int(m) for pair in re.findall(r"\.(\d+) > \S+?\.(\d+):", self._text()) for m in pair}
+
+    def packets(self):
+        """(wall-clock time, src ip, dst port, SYN?, payload length) per TCP packet."""
+        return [(float(m.group(1)), m.group(2), int(m.group(3)), "S" in m.group(4), int(m.group(5)))
+                for m in re.finditer(r"^(\d+\.\d+) .*?IP (\d+\.\d+\.\d+\.\d+)\.\d+ > [\d.]+\.(\d+): "
+                                     r"Flags \[([^\]]*)\].*?length (\d+)", self._text("-tt"), re.M)]
 
 
 class LocalCluster:

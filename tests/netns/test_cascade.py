@@ -31,11 +31,12 @@ def test_cascade_amplification_with_and_without_budgets(tmp_path):
     assert off["requests"] == on["requests"] == 800
     # Each layer retries on its own: 1 + 0.3 + 0.09 at catalog alone, a little more from above.
     assert off["amplification"] > 1.3 and off["client_success"] > 0.97, off
-    # The default budget: at most 20 % more attempts than distinct requests (the floor of 10
-    # retries/s is below that share at the rates this reaches; the phase is checked for it).
-    assert on["rps"] * 0.2 >= 10, on
-    # (+ 8: with -c 8, that many retry decisions can be taken before any of them is counted.)
-    assert on["catalog_attempts"] <= 1.2 * on["requests"] + 8, on
+    # The default budget: retries at most max(20 % of the requests, the floor of 10 retries/s over
+    # the phase); above 50 requests/s that is the 20 %. (A loaded box ran the phase at 30/s, where
+    # the floor governs.) + 8: with -c 8, that many retry decisions can be taken before any of
+    # them is counted.
+    allowed = max(0.2 * on["requests"], 10 * on["requests"] / on["rps"])
+    assert on["catalog_attempts"] <= on["requests"] + allowed + 8, (allowed, on)
     assert on["catalog_attempts"] >= 1.1 * on["requests"], on      # the budget is used, not just refusing
     # One catalog replica fails everything, the other nothing, outlierDetection on catalog: the bad
     # one is ejected after consecutive5xxErrors (5) and the retries go to the healthy one.

@@ -18,7 +18,7 @@ import pytest
 
 from localcluster.paths import ClusterPaths
 
-from .cluster_helper import ROOT, LocalCluster, pod_yaml, wait_for
+from .cluster_helper import ROOT, LocalCluster, Tcpdump, pod_yaml, wait_for
 
 NAME = f"l4{os.getpid() % 100000}"
 PATHS = ClusterPaths(NAME)
@@ -106,32 +106,6 @@ def cluster(tmp_path_factory):
     C.destroy()
 
 
-class Capture:
-    """tcpdump on the fabric bridge (the link between the nodes)."""
-
-    def __init__(self, path):
-        self.path = path
-        fabric = f"/var/run/netns/{PATHS.prefix}-fabric"
-        self.p = subprocess.Popen(["nsenter", f"--net={fabric}", "tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0",
-                                   "-w", str(path), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True)
-        # tcpdump says "listening on br0" once its capture is attached; traffic before is lost.
-        # --immediate-mode: without it packets wait in a ring block (up to 1 s) and a quick
-        # SIGINT drops them.
-        line = self.p.stderr.readline()
-        assert "listening on" in line, line
-
-    def stop(self):
-        time.sleep(0.3)
-        self.p.send_signal(signal.SIGINT)
-        self.p.wait(10)
-        return self.path.read_bytes()
-
-    def ports(self):
-        out = subprocess.run(["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True).stdout
-        return set(int(m) for m in re.findall(r"\.(\d+) > \S+?\.(\d+):", out) for m in m)
-
-
 @pytest.mark.root
 @pytest.mark.parametrize("src, dst", [("m1", "m3"), ("m1", "m2"), ("m3", "m2")],
                          ids=["cross-node", "same-node", "reverse"])
@@ -183,7 +157,7 @@ def test_destination_ztunnel_records_the_client_identity(cluster):
 @pytest.mark.root
 def test_meshed_payload_never_crosses_nodes_in_plaintext(cluster, tmp_path):
     marker = "Z" * 64  # the echo client sends random bytes; look for its greeting instead
-    cap = Capture(tmp_path / "mesh.pcap")
+    cap = Tcpdump.fabric(tmp_path / "mesh.pcap", PATHS)
     try:
         out = echo(None, "m1", ip("m3"), nbytes=2_000_000).stdout
     finally:
@@ -192,7 +166,7 @@ def test_meshed_payload_never_crosses_nodes_in_plaintext(cluster, tmp_path):
     assert b"hello from m3" not in raw           # the app's bytes are inside TLS
     assert 15008 in cap.ports()                 # ...to ztunnel's HBONE port
     assert 8080 not in cap.ports()
-    cap = Capture(tmp_path / "plain.pcap")
+    cap = Tcpdump.fabric(tmp_path / "plain.pcap", PATHS)
     try:
         out = echo(None, "p1", ip("p2")).stdout
     finally:
@@ -200,35 +174,6 @@ def test_meshed_payload_never_crosses_nodes_in_plaintext(cluster, tmp_path):
     assert b"hello from p2 (plain)" in raw       # plain namespace: readable on the wire
     assert 8080 in cap.ports() and 15008 not in cap.ports()
     del marker
-
-
-class NodeCapture:
-    """tcpdump on every interface of a node's netns (its link to the fabric, cni0, the pods'
-    veths): whatever a pod on that node sends off the pod is seen here."""
-
-    def __init__(self, path, node):
-        self.path = path
-        netns = next(n["netns"] for n in status()["nodes"] if n["name"] == node)
-        self.p = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{netns}", "tcpdump",
-                                   "--immediate-mode", "-i", "any", "-U", "-s", "0", "-w", str(path), "tcp"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        said = [self.p.stderr.readline() for _ in range(2)]   # ("data link type LINUX_SLL2" first)
-        assert any("listening on" in line for line in said), said
-
-    def stop(self):
-        time.sleep(0.3)
-        self.p.send_signal(signal.SIGINT)
-        self.p.wait(10)
-        return self.path.read_bytes()
-
-    def packets(self):
-        """(wall-clock time, src ip, dst port, SYN?, payload length) per TCP packet."""
-        out = subprocess.run(["tcpdump", "-nn", "-tt", "-r", str(self.path)], capture_output=True, text=True).stdout
-        pkts = []
-        for m in re.finditer(r"^(\d+\.\d+) .*?IP (\d+\.\d+\.\d+\.\d+)\.\d+ > [\d.]+\.(\d+): Flags \[([^\]]*)\]"
-                             r".*?length (\d+)", out, re.M):
-            pkts.append((float(m.group(1)), m.group(2), int(m.group(3)), "S" in m.group(4), int(m.group(5))))
-        return pkts
 
 
 def _boot_start(pid):
@@ -262,7 +207,7 @@ def test_ztunnel_crash_fails_closed_no_plaintext_escapes_and_recovers(cluster, t
     try:
         wait_for(lambda: {a[0] for a in attempts() if a[1] == "ok"} == set(targets), timeout=15, step=0.1)
         old = next(n for n in status()["nodes"] if n["name"] == "n1")["ztunnel"]
-        cap = NodeCapture(tmp_path / "crash.pcap", "n1")
+        cap = Tcpdump.node(tmp_path / "crash.pcap", next(n["netns"] for n in status()["nodes"] if n["name"] == "n1"))
         kill_boot, kill_wall = time.clock_gettime(time.CLOCK_BOOTTIME), time.time()
         os.kill(old["pid"], signal.SIGKILL)
         # The runner restarts ztunnel (>= 1 s backoff); it re-opens the pinned maps and links.
@@ -317,7 +262,7 @@ def test_releasing_the_namespace_restores_direct_traffic(cluster, tmp_path):
     wait_for(lambda: admin("n1", "/config_dump")["enrolled"] == [] and admin("n2", "/config_dump")["enrolled"] == [],
              timeout=3)
     assert time.monotonic() - t0 < 3
-    cap = Capture(tmp_path / "released.pcap")
+    cap = Tcpdump.fabric(tmp_path / "released.pcap", PATHS)
     try:
         out = echo(None, "m1", ip("m3")).stdout
     finally:

@@ -9,15 +9,11 @@ foo/web (node n2) serves; callers: foo/sleep (meshed, n1: HBONE across nodes), f
 (meshed, n2: HBONE on the same node) and legacy/old (not meshed, n1: plaintext into 15006).
 """
 import os
-import re
-import signal
-import subprocess
 import textwrap
-import time
 
 import pytest
 
-from .cluster_helper import LocalCluster, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml, wait_for
+from .cluster_helper import LocalCluster, Tcpdump, namespace_yaml, nodes_yaml, pod_yaml, service_accounts_yaml, wait_for
 
 NAME = f"si{os.getpid() % 100000}"
 CLUSTER = (nodes_yaml("n1", "n2") + namespace_yaml("foo", ambient=True) + namespace_yaml("legacy")
@@ -117,35 +113,16 @@ def test_source_ip_policies_match_what_the_app_sees(cluster, policy, expected):
     assert greeting(c, "legacy", "old", c.ips["web"]) is not None
 
 
-def tcpdump_fabric(c, path):
-    """tcpdump on the fabric bridge (the link between the nodes); returns the process once it
-    listens (traffic before that is lost)."""
-    fabric = f"/var/run/netns/{c.paths.prefix}-fabric"
-    p = subprocess.Popen(["nsenter", f"--net={fabric}", "tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0",
-                          "-w", str(path), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    line = p.stderr.readline()
-    assert "listening on" in line, line
-    return p
-
-
-def stop_tcpdump(p, path):
-    time.sleep(0.3)
-    p.send_signal(signal.SIGINT)
-    p.wait(10)
-    out = subprocess.run(["tcpdump", "-nn", "-r", str(path)], capture_output=True, text=True).stdout
-    return path.read_bytes(), {int(m) for pair in re.findall(r"\.(\d+) > \S+?\.(\d+):", out) for m in pair}
-
-
 @pytest.mark.root
 def test_dual_stack_socket_is_captured_into_mtls(cluster, tmp_path):
     c, web = cluster, cluster.ips["web"]
     before = capture_stats(c, "n1")
     total = c.admin("n2")["connections_total"]
-    dump = tcpdump_fabric(c, tmp_path / "dual.pcap")
+    dump = Tcpdump.fabric(tmp_path / "dual.pcap", c.paths)
     try:
         out = c.ambient("exec", "-n", "foo", "sleep", "--", "python3", "dual.py", f"::ffff:{web}", "8080").stdout
     finally:
-        raw, ports = stop_tcpdump(dump, tmp_path / "dual.pcap")
+        raw, ports = dump.stop(), dump.ports()
     assert f"local={web}:8080 peer={c.ips['sleep']}:" in out, out
     # on the wire between the nodes: HBONE only, the app's bytes never in the clear
     assert 15008 in ports and 8080 not in ports, ports
