@@ -282,19 +282,31 @@ class Attempts:
         self.clock = clock
         self.rng = rng
         self.budgets = BudgetBook(state)
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (on Python < 3.12 each asyncio.get_running_loop()
+        is a getpid() syscall); looked up again if this object outlived its loop (tests)."""
+        loop = self._event_loop
+        if loop is None or not loop.is_running():
+            loop = self._event_loop = asyncio.get_running_loop()
+        return loop
 
     # -- the loop ---------------------------------------------------------------------------
 
-    async def forward(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str,
-                      request_id: str, hash_request: HashRequest) -> ForwardResult:
-        """All attempts of one request; the response (or a local reply) went downstream."""
-        res = ForwardResult(grpc=is_grpc(head.headers))
+    async def forward(self, fwd: Forward, head: RequestHead, target: bytes, headers: list[tuple[bytes, bytes]],
+                      down: DownstreamConn, src_ip: str, request_id: str, hash_request: HashRequest) -> ForwardResult:
+        """All attempts of one request; the response (or a local reply) went downstream.
+        `head` is the downstream request, `target` and `headers` what goes upstream (the
+        plan's rewrites applied): each attempt's head is built from them once, not copied."""
+        grpc = is_grpc(headers)
+        res = ForwardResult(grpc=grpc)
         body = RequestBody(down)
-        timeout = request_timeout(fwd.timeout, head.headers)
+        timeout = request_timeout(fwd.timeout, headers, grpc=grpc)
         whole = asyncio.timeout(timeout) if timeout is not None else _UNBOUNDED
         try:
             async with whole:
-                await self._loop(fwd, head, down, src_ip, request_id, hash_request, body, res,
+                await self._loop(fwd, head, target, headers, down, src_ip, request_id, hash_request, body, res,
                                  self.clock.now() + timeout if timeout else None)
         except TimeoutError:
             if not whole.expired():
@@ -328,13 +340,14 @@ class Attempts:
                    (c.send(Body(body)) if body else b"") + c.send(EndOfMessage()))
         res.status, res.response_bytes, res.started = status, len(body), True
 
-    async def _loop(self, fwd: Forward, head: RequestHead, down: DownstreamConn, src_ip: str, request_id: str,
+    async def _loop(self, fwd: Forward, head: RequestHead, up_target: bytes, headers: list[tuple[bytes, bytes]],
+                    down: DownstreamConn, src_ip: str, request_id: str,
                     hash_request: HashRequest, body: RequestBody, res: ForwardResult, deadline: float | None) -> None:
         policy = fwd.retry
         clock = self.clock
         budget = self.budgets.for_service(fwd.service) if fwd.service is not None else None
         if budget is not None and budget.admit(clock.now(), b"%s %s %s" % (
-                request_id.encode("latin-1", "replace"), head.method, head.target)) is BudgetVerdict.EXHAUSTED:
+                request_id.encode("latin-1", "replace"), head.method, up_target)) is BudgetVerdict.EXHAUSTED:
             # The same request again within the window: a retry further up the chain that
             # this destination's budget has no room for. Not sent (see budget.py).
             self.metrics.retry_budget_exhausted(service_fqdn(fwd.service))
@@ -342,7 +355,7 @@ class Attempts:
             if not down.lost:
                 self._local_reply(down, res, 503, _BUDGET_BODY)
             return
-        base_headers = tuple(h for h in head.headers if h[0] != _ATTEMPT)
+        base_headers = tuple(h for h in headers if h[0] != _ATTEMPT)
         tried: list[str] = []
         attempt_no = 0
         retrying = False          # this attempt holds a budget retry slot
@@ -360,9 +373,9 @@ class Attempts:
             tried.append(target.address)
             res.target, res.attempts = target, attempt_no
             a = _Attempt(target)
-            a_head = RequestHead(method=head.method, target=head.target, path=head.path, query=head.query,
+            # Upstream always gets HTTP/1.1 framing: path/query/version/keep-alive stay defaults.
+            a_head = RequestHead(method=head.method, target=up_target,
                                  headers=base_headers + ((_ATTEMPT, b"%d" % attempt_no),),
-                                 http_version=head.http_version, keep_alive=head.keep_alive,
                                  content_length=head.content_length, chunked=head.chunked,
                                  expect_continue=head.expect_continue, upgrade=head.upgrade)
             outcome: AttemptOutcome | None = None
@@ -478,7 +491,7 @@ class Attempts:
         if head.expect_continue and may_continue:
             down.write(down.codec.send(InformationalResponse(status=100)))
         if body.send_if_complete(up):
-            a.pump = asyncio.get_running_loop().create_future()
+            a.pump = self._running_loop().create_future()
             a.pump.set_result(True)           # what `body.send` returns, without a task per request
         else:
             a.pump = asyncio.ensure_future(body.send(up))

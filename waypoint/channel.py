@@ -31,13 +31,16 @@ LOW_WATER = 64 * 1024
 class HttpChannel(asyncio.Protocol):
     """One HTTP/1.1 connection's receive queue and write side (see the module docstring)."""
 
-    __slots__ = ("_receive", "transport", "_events", "_queued", "_waiter", "_paused_reading",
+    __slots__ = ("_receive", "transport", "_loop", "_events", "_queued", "_waiter", "_paused_reading",
                  "_write_ok", "ended", "error", "lost", "high", "low")
 
     def __init__(self, receive: Callable[[bytes], list[Event]], *, high: int = HIGH_WATER,
                  low: int = LOW_WATER) -> None:
         self._receive = receive
         self.transport: asyncio.BaseTransport | None = None
+        # Looked up once: on Python < 3.12 every asyncio.get_running_loop() is a getpid()
+        # syscall, and next() makes a future per wait (two per proxied request).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._events: deque[Event | HttpError] = deque()
         self._queued = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -55,6 +58,7 @@ class HttpChannel(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data) -> None:
         if self.ended:
@@ -120,7 +124,10 @@ class HttpChannel(asyncio.Protocol):
         while not q:
             if self.ended:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             await self._waiter
         ev = q.popleft()
         if type(ev) is Body:

@@ -324,10 +324,7 @@ class Pipeline:
             headers = _apply(headers, plan.request_headers)
         if plan.authority is not None:
             headers = [(n, v) for n, v in headers if n != b"host"] + [(b"host", plan.authority)]
-        up_head = RequestHead(method=head.method, target=plan.target or head.target, headers=tuple(headers),
-                              content_length=head.content_length, chunked=head.chunked,
-                              expect_continue=head.expect_continue, upgrade=head.upgrade)
-        res = await self.attempts.forward(plan, up_head, down, info.src_ip, rid,
+        res = await self.attempts.forward(plan, head, plan.target or head.target, headers, down, info.src_ip, rid,
                                           HashRequest(headers=head.headers, query=head.query, source_ip=info.peer_ip))
         if res.client_error is not None and not res.started and not down.lost:
             down.codec.close_after_response()

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from functools import lru_cache
 
+from mesh.fastinit import fast_init
+
 from .resilience.timeout import grpc_status_for
 
 __all__ = ["grpc_response_status", "DURATION_BUCKETS_MS", "BYTES_BUCKETS", "DEFAULT_MAX_SERIES", "RequestLabels", "RequestResult",
@@ -42,6 +44,7 @@ BYTES_BUCKETS: tuple[float, ...] = (1, 10, 100, 1000, 10000, 100000, 1000000, 10
 DEFAULT_MAX_SERIES = 16384
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestLabels:
     """Istio's standard request-metric labels; "unknown" where the peer is not known."""
@@ -84,6 +87,7 @@ LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RequestL
 _OVERFLOW_VALUE = "overflow"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestResult:
     """Everything recorded about one request, built as it goes and recorded once at its end."""

@@ -31,6 +31,8 @@ from typing import Union
 
 import hpack
 
+from ..fastinit import fast_init
+
 __all__ = [
     "PREFACE", "ErrorCode", "ProtocolError", "Setting", "DEFAULT_MAX_FRAME_SIZE",
     "DataReceived", "HeadersReceived", "SettingsReceived", "WindowUpdateReceived",
@@ -104,6 +106,7 @@ class ProtocolError(Exception):
 
 # -- events -------------------------------------------------------------------------------
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class DataReceived:
     """DATA payload bytes (possibly a part of a frame). `data` may be a memoryview into the

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from waypoint.resilience.timeout import (grpc_local_reply_headers, grpc_status_for, parse_grpc_timeout,
+from waypoint.resilience.timeout import (grpc_local_reply_headers, grpc_status_for, is_grpc, parse_grpc_timeout,
                                          request_timeout)
 
 G = ((b"content-type", b"application/grpc+proto"),)
@@ -30,6 +30,8 @@ def test_parse_grpc_timeout(value, want):
 ])
 def test_request_timeout(route, headers, want):
     assert request_timeout(route, headers) == want
+    # The caller's own is_grpc() answer (attempts.py computes it once per request) gives the same.
+    assert request_timeout(route, headers, grpc=is_grpc(headers)) == want
 
 
 @pytest.mark.parametrize("http, grpc", [(400, 13), (401, 16), (403, 7), (404, 12), (429, 14), (502, 14),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh.fastinit import fast_init
+
 __all__ = ["Headers", "RequestHead", "ResponseHead", "InformationalResponse", "Body", "EndOfMessage",
            "ConnectionClosed", "Event"]
 
@@ -10,6 +12,7 @@ Headers = tuple[tuple[bytes, bytes], ...]
 """End-to-end header fields in arrival order, names lowercased, values as received."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestHead:
     """A request line plus end-to-end headers. Framing lives in fields, not in `headers`:
@@ -44,6 +47,7 @@ class RequestHead:
         return self.chunked or bool(self.content_length)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResponseHead:
     """A final (status >= 200) response head, or the 101 that switches an upgrade request's
@@ -70,6 +74,7 @@ class InformationalResponse:
     headers: Headers = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Body:
     """A piece of message body, already de-chunked."""
@@ -77,6 +82,7 @@ class Body:
     data: bytes | memoryview
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EndOfMessage:
     """The message is complete; `trailers` only from (and only sent to) chunked peers."""

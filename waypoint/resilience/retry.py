@@ -53,6 +53,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 
+from mesh.fastinit import fast_init
 from mesh.model.route import ENVOY_RETRY_ON, HTTPRouteRetry, VSRetries
 
 __all__ = ["BudgetVerdict", "RetryOn", "RETRY_ON_TOKENS", "RetryPolicy", "DEFAULT_RETRY_POLICY", "NO_RETRY",
@@ -219,6 +220,7 @@ class OutcomeKind(enum.Enum):
     """A circuit breaker refused the attempt (flag UO): never retried."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptOutcome:
     kind: OutcomeKind

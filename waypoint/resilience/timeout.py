@@ -14,7 +14,7 @@ UNAVAILABLE before).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from urllib.parse import quote
 
 __all__ = ["parse_grpc_timeout", "is_grpc", "request_timeout", "grpc_status_for", "grpc_local_reply_headers",
@@ -40,13 +40,13 @@ def is_grpc(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return ct.lower().startswith(b"application/grpc")
 
 
-def request_timeout(route_timeout: float | None, headers: Iterable[tuple[bytes, bytes]]) -> float | None:
+def request_timeout(route_timeout: float | None, headers: Sequence[tuple[bytes, bytes]], *,
+                    grpc: bool | None = None) -> float | None:
     """The request's timeout in seconds (None: none): the route's, or for gRPC the client's
-    `grpc-timeout` capped by it."""
-    hs = tuple(headers)
-    if not is_grpc(hs):
+    `grpc-timeout` capped by it. `grpc`: `is_grpc(headers)` if the caller has it already."""
+    if not (is_grpc(headers) if grpc is None else grpc):
         return route_timeout
-    raw = next((v for n, v in hs if n == b"grpc-timeout"), None)
+    raw = next((v for n, v in headers if n == b"grpc-timeout"), None)
     g = parse_grpc_timeout(raw.decode("latin-1")) if raw is not None else None
     if not g:
         return route_timeout
