@@ -7,7 +7,8 @@ fabric shows port 15008 and never the app's payload); an AuthorizationPolicy app
 kubectl is enforced within 2 s; removing the label releases them (plaintext again, no 15008); `ambient waypoint apply` yields
 a Ready waypoint pod (its run dir an emptyDir, its root the ConfigMap the control plane published
 in the new namespace) and the seed's 95/5 canary VirtualService splits
-a Service's requests through it. One cluster, two nodes and one install for the module."""
+a Service's requests through it; deleting the control plane's pod interrupts no meshed exchange
+and its replacement manages the mesh again. One cluster, two nodes and one install for the module."""
 from __future__ import annotations
 
 import asyncio
@@ -38,16 +39,17 @@ from .support import poll
 BIN = os.path.dirname(sys.executable)
 NS = f"app{os.getpid() % 100000}"
 NSW = f"{NS}w"  # the waypoint test's namespace
-ECHO = ("import socket\n"
-        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-        "s.bind(('0.0.0.0', 8080)); s.listen()\n"
-        "while True:\n"
-        "    c, _ = s.accept()\n"
-        "    try:\n"
-        "        c.settimeout(5); c.sendall(b'echo ' + c.recv(1000))\n"
-        "    except OSError:\n"
-        "        pass\n"
-        "    c.close()\n")
+NSR = f"{NS}r"  # the control-plane restart test's
+ECHO = ("import socketserver\n"  # threads: a long-lived connection does not hold up the next ones
+        "class H(socketserver.StreamRequestHandler):\n"
+        "    timeout = 30\n"
+        "    def handle(self):\n"
+        "        while (line := self.rfile.readline(1000)):\n"
+        "            self.wfile.write(b'echo ' + line); self.wfile.flush()\n"
+        "class S(socketserver.ThreadingTCPServer):\n"
+        "    allow_reuse_address = daemon_threads = True\n"
+        "    request_queue_size = 128\n"
+        "S(('0.0.0.0', 8080), H).serve_forever()\n")
 CLIENT = ("import socket, sys\n"
           "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
           "s.sendall(sys.argv[3].encode()); s.shutdown(socket.SHUT_WR)\n"
@@ -101,7 +103,7 @@ def mesh(mesh_crds: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> It
         try:
             yield Mesh(kube, nodes, f"{tag}-a", f"{tag}-b")
         finally:
-            for ns in (NS, NSW):
+            for ns in (NS, NSW, NSR):
                 kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
             kube.kubectl("delete", "-f", "-", "--wait=false", input=_ambient("uninstall").stdout, check=False)
             kube.kubectl("delete", "secret", "istio-ca-secret", "-n", "istio-system", "--ignore-not-found",
@@ -180,27 +182,27 @@ class Capture:
         return any(data in payload for _, _, payload in self.frames)
 
 
-def _app(kube: KubeCluster, a: str, b: str) -> str:
-    kube.kubectl("create", "namespace", NS)
-    poll(lambda: kube.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0, 30, "default SA")
+def _app(kube: KubeCluster, a: str, b: str, ns: str = NS) -> str:
+    kube.kubectl("create", "namespace", ns)
+    poll(lambda: kube.kubectl("get", "sa", "default", "-n", ns, check=False).returncode == 0, 30, "default SA")
     objs = [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "echo", "namespace": NS},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "echo", "namespace": ns},
          "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "echo"}},
                   "template": {"metadata": {"labels": {"app": "echo"}}, "spec": {
                       "nodeSelector": {"kubernetes.io/hostname": a}, "terminationGracePeriodSeconds": 1,
                       "containers": [{"name": "echo", "image": "none", "command": ["python3", "-c", ECHO],
                                       "ports": [{"name": "http", "containerPort": 8080}],
                                       "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": NS},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": ns},
          "spec": {"selector": {"app": "echo"}, "ports": [{"name": "tcp", "port": 80, "targetPort": 8080}]}},
-        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "namespace": NS, "labels": {"app": "client"}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "namespace": ns, "labels": {"app": "client"}},
          "spec": {"nodeName": b, "terminationGracePeriodSeconds": 1,
                   "containers": [{"name": "c", "image": "none",
                                   "command": ["python3", "-c", "import time; time.sleep(100000)"]}]}},
     ]
     kube.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
-    poll(lambda: len([p for p in _pods(kube, NS, "app in (echo, client)") if _ready(p)]) == 2, 60, "app pods Ready")
-    return json.loads(kube.kubectl("get", "svc", "echo", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
+    poll(lambda: len([p for p in _pods(kube, ns, "app in (echo, client)") if _ready(p)]) == 2, 60, "app pods Ready")
+    return json.loads(kube.kubectl("get", "svc", "echo", "-n", ns, "-o", "json").stdout)["spec"]["clusterIP"]
 
 
 def _exec(mesh: Mesh, pod: dict, code: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -208,12 +210,15 @@ def _exec(mesh: Mesh, pod: dict, code: str, *args: str, timeout: float = 20) -> 
     capture programs see the connect()), its netns, its mount namespace (its /etc/hosts) and its
     root directory (`--root`: without it nsenter takes the namespace's root mount, which is not
     the pod's root where the node itself runs chrooted, e.g. a debootstrap root)."""
+    return subprocess.run(_exec_argv(mesh, pod, code, *args), capture_output=True, text=True, timeout=timeout)
+
+
+def _exec_argv(mesh: Mesh, pod: dict, code: str, *args: str) -> list[str]:
     uid = pod["metadata"]["uid"]
     net = mesh.nodes.net
     pid = cgroup.pids(net.pod_cgroup_rel(uid), recursive=True)[0]
-    argv = pod_argv(["nsenter", f"--target={pid}", "--mount", "--root", "--", sys.executable, "-c", code, *args],
+    return pod_argv(["nsenter", f"--target={pid}", "--mount", "--root", "--", sys.executable, "-c", code, *args],
                     netns=net.pod_netns(uid), cgroup=net.pod_cgroup(uid))
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
 def _call(mesh: Mesh, client: dict, dest: str, payload: str) -> subprocess.CompletedProcess[str]:
@@ -379,3 +384,130 @@ def _requests_total(mesh: Mesh, waypoint: dict) -> float:
     assert r.returncode == 0 and "istio_requests_total" in r.stdout, (r.stdout[-2000:], r.stderr)
     return sum(float(line.rsplit(" ", 1)[1]) for line in r.stdout.splitlines()
                if line.startswith("istio_requests_total{"))
+
+
+# Exchanges until stdin closes: one line at a time on one long-lived connection, and a new
+# connection for every round; prints the times of the successes and the failures, as JSON.
+LOOP = ("import json, socket, sys, threading, time\n"
+        "dest, port = sys.argv[1], int(sys.argv[2])\n"
+        "stop = threading.Event()\n"
+        "threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()\n"
+        "def exchange(s, msg):\n"
+        "    s.sendall(msg + b'\\n'); want = b'echo ' + msg + b'\\n'; got = b''\n"
+        "    while len(got) < len(want) and (d := s.recv(1000)):\n"
+        "        got += d\n"
+        "    if got != want:\n"
+        "        raise ValueError(f'got {got!r}')\n"
+        "out = {'long': [], 'new': [], 'failures': []}\n"
+        "long = None\n"
+        "i = 0\n"
+        "while not stop.is_set():\n"
+        "    i += 1\n"
+        "    for kind in ('long', 'new'):\n"
+        "        try:\n"
+        "            if kind == 'new' or long is None:\n"
+        "                s = socket.create_connection((dest, port), timeout=10)\n"
+        "                if kind == 'long':\n"
+        "                    long = s\n"
+        "            else:\n"
+        "                s = long\n"
+        "            exchange(s, f'{kind}-{i}'.encode())\n"
+        "            if kind == 'new':\n"
+        "                s.close()\n"
+        "            out[kind].append(time.time())\n"
+        "        except (OSError, ValueError) as e:\n"
+        "            out['failures'].append([time.time(), kind, repr(e)])\n"
+        "            if kind == 'long':\n"
+        "                long = None\n"
+        "    time.sleep(0.05)\n"
+        "print(json.dumps(out))\n")
+
+
+def test_control_plane_pod_deleted_traffic_flows_and_the_new_one_manages_the_mesh(mesh: Mesh) -> None:
+    """The control plane's pod is deleted (its Deployment makes a new one) while a meshed
+    client on node b talks to a server on node a, over one long-lived connection and a new
+    connection each round: no exchange fails while the ztunnels are without a control plane
+    (they keep their state and certificates), the new pod becomes Ready, every ztunnel
+    reconnects and holds the same state, and a policy made afterwards is enforced.
+
+    On reconnect the ztunnel subscribes again and receives a full snapshot: the protocol has no
+    resume from a version (Subscribe carries last_version, the server sends its whole state), and
+    a new control-plane process counts versions from its own start. So what is compared is the
+    state's contents, not its version; the watch resume and the 410 relist are the control
+    plane's, against the API server (test_kube_source.py)."""
+    kube = mesh.kube
+    nodes = (mesh.a, mesh.b)
+    poll(lambda: all(mesh.admin(n).get("connected") for n in nodes), 90, "ztunnels connected")
+    vip = _app(kube, mesh.a, mesh.b, NSR)
+    kube.kubectl("label", "namespace", NSR, "istio.io/dataplane-mode=ambient")
+    [client] = _pods(kube, NSR, "app=client")
+    [echo] = _pods(kube, NSR, "app=echo")
+    want = {mesh.a: f"{NSR}/{echo['metadata']['name']}", mesh.b: f"{NSR}/client"}
+    poll(lambda: all(uid in mesh.admin(n).get("enrolled", ()) for n, uid in want.items()), 10, "both pods enrolled")
+    poll(lambda: _call(mesh, client, vip, "hello").stdout.strip() == "echo hello", 10, "echo answers in the mesh")
+    [old] = [p for p in _pods(kube, "istio-system", "app=istiod") if _ready(p)]
+    before = {n: mesh.admin(n) for n in nodes}
+    assert all(d.get("connected") for d in before.values()), before
+
+    loop = subprocess.Popen(_exec_argv(mesh, client, LOOP, vip, "80"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)  # a few rounds before
+        t_delete = time.time()
+        kube.kubectl("delete", "pod", "-n", "istio-system", old["metadata"]["name"], "--wait=false")
+        down: dict[str, float] = {}  # node -> when its ztunnel was first seen without a control plane
+
+        def reconnected() -> bool:
+            dumps = {n: mesh.admin(n) for n in nodes}
+            for n, d in dumps.items():
+                if d and not d["connected"]:
+                    down.setdefault(n, time.time())
+            return all(d and d["connected"] and d["client"]["connects"] > before[n]["client"]["connects"]
+                       for n, d in dumps.items())
+        try:
+            poll(reconnected, 120, "every ztunnel connected to a new control plane", interval=0.1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{_state(mesh, 'istio-system')}") from None
+        t_back = time.time()
+        new = poll(lambda: next((p for p in _pods(kube, "istio-system", "app=istiod")
+                                 if _ready(p) and p["metadata"]["uid"] != old["metadata"]["uid"]), None), 30,
+                   "the new control-plane pod Ready")
+        time.sleep(1)  # a few rounds after
+    finally:
+        out, err = loop.communicate("", timeout=60)
+    assert loop.returncode == 0, err[-3000:]
+    seen = json.loads(out)
+    # Nothing failed, and both kinds of exchange went on while the control plane was away.
+    assert seen["failures"] == [], (seen["failures"][:10], mesh.nodes.log(mesh.a), mesh.nodes.log(mesh.b))
+    during = {k: sum(t_delete < t < t_back for t in seen[k]) for k in ("long", "new")}
+    assert all(during.values()), (during, t_delete, t_back, len(seen["long"]), len(seen["new"]))
+    assert new["metadata"]["name"] != old["metadata"]["name"]
+
+    # The same state as before (the control plane's own pod aside), from a fresh snapshot.
+    after = {n: mesh.admin(n) for n in nodes}
+    for n in nodes:
+        assert after[n]["client"]["snapshots"] > before[n]["client"]["snapshots"], after[n]["client"]
+        assert _contents(after[n]) == _contents(before[n]), n
+        assert want[n] in after[n]["enrolled"], after[n]["enrolled"]
+    for p in _pods(kube, "istio-system", "app=ztunnel"):
+        assert p["status"]["containerStatuses"][0]["restartCount"] == 0, p["status"]
+
+    # Managed again: a DENY made now is enforced, and its removal too.
+    kube.apply(json.dumps({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-client", "namespace": NSR},
+        "spec": {"selector": {"matchLabels": {"app": "echo"}}, "action": "DENY",
+                 "rules": [{"from": [{"source": {"principals": [f"cluster.local/ns/{NSR}/sa/default"]}}]}]}}))
+    poll(lambda: _call(mesh, client, vip, "denied?").stdout.strip() != "echo denied?", 5.0, "DENY enforced")
+    kube.kubectl("delete", "authorizationpolicy", "deny-client", "-n", NSR)
+    poll(lambda: _call(mesh, client, vip, "again").stdout.strip() == "echo again", 5.0, "allowed again")
+    gaps = {n: round(t_back - t, 2) for n, t in down.items()}
+    print(f"control plane away {t_back - t_delete:.1f} s (ztunnels seen disconnected for up to {gaps} s); "
+          f"exchanges meanwhile: {during}")
+
+
+def _contents(dump: dict) -> list[str]:
+    """A ztunnel's state as comparable text, without what the control plane's restart changes
+    (its own pod, and its Service's endpoints)."""
+    return sorted(json.dumps(o, sort_keys=True) for kind in ("workloads", "services", "namespaces", "policies")
+                  for o in dump[kind] if not (kind in ("workloads", "services") and o["namespace"] == "istio-system"))
