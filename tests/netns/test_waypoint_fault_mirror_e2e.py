@@ -303,10 +303,15 @@ def test_mirror_receives_the_share_asked_for(cluster):
     got50 = after.get("/m50/", 0) - before.get("/m50/", 0)
     got100 = after.get("/m100/", 0) - before.get("/m100/", 0)
     print(f"mirrors: m50 {got50}/{N}, m100 {got100}/300, results {delta}")
-    assert delta.get("overflow", 0) == 0, delta            # 16 clients never fill 64 slots
-    assert got100 == 300, (got100, delta)
-    assert within_binomial(got50, N, 0.5), got50
+    # Every copy drawn is accounted for: it completed (and arrived) or, when the shadow stalled
+    # while the primary went on (a loaded box: 4 of ~800 in one run), found its 64 slots full and
+    # was dropped, never queued. /m100/ drew exactly 300, so the rest of the draws are /m50/'s.
+    overflow = delta.get("overflow", 0)
+    assert {k for k, v in delta.items() if v} <= {"completed", "overflow"}, delta   # no connect failure, reset, timeout
     assert delta.get("completed", 0) == got50 + got100, delta
+    assert overflow <= (got50 + got100) // 20, delta
+    assert 300 - overflow <= got100 <= 300, (got100, delta)
+    assert within_binomial(got50 + got100 + overflow - 300, N, 0.5), (got50, delta)
     # The copy's Host is the primary's: no "-shadow" suffix (Istio >= 1.28).
     assert after.get("host:web", 0) - before.get("host:web", 0) == got50 + got100, after
     assert not any(k.startswith("host:") and "shadow" in k for k in after), after
