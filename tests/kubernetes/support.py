@@ -1,6 +1,7 @@
 """Helpers the kubernetes tests share: TokenRequest tokens, pod manifests, polling."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -39,3 +40,14 @@ def poll(fn: Callable[[], T | None], timeout: float, what: str, interval: float 
             return v
         assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
         time.sleep(interval)
+
+
+async def until(fn: Callable[[], T | None], timeout: float, what: str) -> T:
+    """poll() for async tests: fn()'s first truthy value, fn run in a thread (it calls kubectl)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = await asyncio.to_thread(fn)
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.1)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,6 +19,7 @@ from controlplane.store import ResourceStore
 from mesh.clock import SystemClock
 
 from .cluster import KubeCluster
+from .support import until as _until
 
 NAME = "istio-ca-root-cert"
 
@@ -52,17 +52,6 @@ async def _publisher(kube: KubeCluster, roots_pem: bytes) -> AsyncIterator[RootP
 def _cm(kube: KubeCluster, ns: str) -> dict[str, Any] | None:
     p = kube.kubectl("get", "configmap", NAME, "-n", ns, "-o", "json", check=False)
     return json.loads(p.stdout) if p.returncode == 0 else None
-
-
-async def _until(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """fn()'s first truthy value (fn runs in a thread: it calls kubectl)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await asyncio.to_thread(fn)
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        await asyncio.sleep(0.1)
 
 
 def test_every_namespace_gets_the_root_and_keeps_it(kube: KubeCluster, namespace: str) -> None:

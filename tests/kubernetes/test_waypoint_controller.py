@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,6 +18,7 @@ from controlplane.kube.waypoint_objects import WaypointOptions
 from controlplane.store import ResourceStore
 
 from .cluster import KubeCluster
+from .support import until as _until
 
 GATEWAY = """
 apiVersion: gateway.networking.k8s.io/v1
@@ -49,17 +49,6 @@ async def _controller(kube: KubeCluster) -> AsyncIterator[WaypointController]:
 def _get(kube: KubeCluster, *args: str) -> dict[str, Any] | None:
     p = kube.kubectl("get", *args, "-o", "json", check=False)
     return json.loads(p.stdout) if p.returncode == 0 else None
-
-
-async def _until(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """fn()'s first truthy value (fn runs in a thread: it calls kubectl)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = await asyncio.to_thread(fn)
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        await asyncio.sleep(0.1)
 
 
 def _failed(ctl: WaypointController, ns: str) -> list[str]:
