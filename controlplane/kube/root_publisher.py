@@ -16,7 +16,7 @@ Skipped: a namespace being deleted (phase Terminating or a deletionTimestamp: a 
 is refused with 403, and the namespace controller is removing its content), and the
 cluster's own kube-system, kube-public and kube-node-lease, where no mesh workload runs
 (istiod writes every namespace its discovery selectors admit; this mesh has no discovery
-selectors). A pass whose writes failed is retried with backoff (reflector.backoff_delay) on
+selectors). A pass whose writes failed is retried with backoff (passes.run_passes, reflector.backoff_delay) on
 a timer; new events still get their pass at once, and a pass that raises never ends the loop.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from mesh.model import ResourceKey
 from .api import ApiError, KubeApi
 from .ca_secret import ROOT_CONFIGMAP, CaSecretError, holds_root, publish_root
 from .kinds import ROOT_CONFIGMAPS
-from .reflector import Delete, Event, Reflector, Relisted, Upsert, backoff_delay
+from .passes import run_passes
+from .reflector import Delete, Event, Reflector, Relisted, Upsert
 from .source import KubeSource
 
 __all__ = ["RootPublisher", "Write", "plan", "skip_reason", "SYSTEM_NAMESPACES", "CONFIGMAPS"]
@@ -130,30 +131,11 @@ class RootPublisher:
         self._dirty.set()
 
     async def _loop(self) -> None:
-        await asyncio.gather(*(e.wait() for e in self._synced))
-        failures = 0
-        retry: asyncio.TimerHandle | None = None
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            await asyncio.sleep(0)  # let the rest of this burst's events land first
-            try:
-                await self.reconcile()
-                ok = not self.failed
-            except Exception:  # a bug in one pass must not end the publisher: log it, retry
-                log.exception("root publisher pass raised; retrying")
-                ok = False
-            if retry is not None:
-                retry.cancel()
-                retry = None
-            if ok:
-                failures = 0
-                continue
-            # On a timer, not by sleeping: a namespace that keeps failing must not delay the
-            # next event's pass (a new namespace's ConfigMap).
-            failures += 1
-            self.stats["errors"] += 1
-            retry = asyncio.get_running_loop().call_later(backoff_delay(failures, self.jitter()), self._dirty.set)
+        await run_passes(synced=self._synced, dirty=self._dirty, reconcile=self.reconcile, ok=lambda: not self.failed,
+                         on_failure=self._count_failure, jitter=self.jitter, what="root publisher pass", log=log)
+
+    def _count_failure(self) -> None:
+        self.stats["errors"] += 1
 
     async def reconcile(self) -> None:
         """One pass: write what `plan` says, each namespace on its own (one refused write does

@@ -15,7 +15,7 @@ first pass also applies the istio-waypoint GatewayClass and marks it Accepted, a
     is written through the status subresource (merge patch with the resourceVersion it was
     computed from: a 409 means a newer object is on its way, which triggers the next pass).
 A pass that failed (for one Gateway or altogether) is retried with backoff
-(reflector.backoff_delay) on a timer, while new events still get their pass at once.
+(passes.run_passes, reflector.backoff_delay) on a timer, while new events still get their pass at once.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from mesh.model.workload import WAYPOINT_CLASS
 from .api import ApiError, KubeApi
 from .gateway_status import Reason, ServiceFacts, condition, gateway_status, route_info, route_status
 from .kinds import WAYPOINT_DEPLOYMENTS
-from .reflector import Delete, Event, Reflector, Relisted, Upsert, backoff_delay
+from .passes import run_passes
+from .reflector import Delete, Event, Reflector, Relisted, Upsert
 from .source import KubeSource
 from .waypoint_objects import (MANAGED_LABEL, MANAGED_VALUE, GatewayInfo, WaypointOptions, gateway_class, gateway_info,
                                plan)
@@ -114,33 +115,11 @@ class WaypointController:
         self._dirty.set()
 
     async def _loop(self) -> None:
-        await asyncio.gather(*(e.wait() for e in self._synced))
-        failures = 0
-        retry: asyncio.TimerHandle | None = None
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            await asyncio.sleep(0)  # let the rest of this burst's events land first
-            try:
-                await self.reconcile()
-                ok = not self.failed
-            except ApiError as e:
-                log.warning("waypoint reconcile failed: %s; retrying", e)
-                ok = False
-            except Exception:  # a bug in one pass must not end the controller: log it, retry
-                log.exception("waypoint reconcile raised; retrying")
-                ok = False
-            if retry is not None:
-                retry.cancel()
-                retry = None
-            if ok:
-                failures = 0
-                continue
-            # Retried with backoff on a timer, not by sleeping: a Gateway that keeps failing must
-            # not delay the next event's pass for every other Gateway.
-            failures += 1
-            self.stats["errors"] += 1
-            retry = asyncio.get_running_loop().call_later(backoff_delay(failures, self.jitter()), self._dirty.set)
+        await run_passes(synced=self._synced, dirty=self._dirty, reconcile=self.reconcile, ok=lambda: not self.failed,
+                         on_failure=self._count_failure, jitter=self.jitter, what="waypoint reconcile", log=log)
+
+    def _count_failure(self) -> None:
+        self.stats["errors"] += 1
 
     # -- one pass --
 
