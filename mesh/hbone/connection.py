@@ -63,6 +63,7 @@ __all__ = [
 DataReceived = f.DataReceived
 _DEFAULT_WINDOW = 65_535
 MIB = 1024 * 1024
+TLS_RECORD = 16 * 1024   # TLS's largest plaintext record (RFC 8446 §5.1)
 
 
 class Role(enum.Enum):
@@ -205,7 +206,11 @@ class H2Connection:
     def chunks_to_send(self, limit: int = 64 * 1024) -> list[bytes | memoryview]:
         """What data_to_send() gives, as pieces of about `limit` bytes: small frames are
         coalesced, large payloads pass through uncopied. Joining megabytes of DATA into one
-        buffer (and encrypting it in one go) costs fresh mmapped memory and page faults."""
+        buffer (and encrypting it in one go) costs fresh mmapped memory and page faults.
+        Small frames before a large payload (its 9-byte DATA header, a WINDOW_UPDATE) are
+        topped up with the payload's first bytes to one full TLS record: on their own they
+        would be a record of their own (a 31-byte TLS write, a segment on the wire, and one
+        more decryption at the peer) for every 256 KiB read."""
         out = self._out
         chunks: list[bytes | memoryview] = []
         cur: list[bytes | memoryview] = []
@@ -214,6 +219,10 @@ class H2Connection:
             n = len(b)
             if n >= limit:
                 if cur:
+                    if size < TLS_RECORD:
+                        b = memoryview(b)
+                        cur.append(b[:TLS_RECORD - size])
+                        b = b[TLS_RECORD - size:]
                     chunks.append(b"".join(cur) if len(cur) > 1 else cur[0])
                     cur, size = [], 0
                 chunks.append(b)

@@ -179,9 +179,11 @@ class Session(asyncio.Protocol):
         self._flush_scheduled = False
         conn = self.conn
         if conn.has_data_to_send and self.transport is not None:
-            write = self.transport.write
-            for chunk in conn.chunks_to_send():
-                write(chunk)
+            chunks = conn.chunks_to_send()
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            else:                             # one TLS output pass and socket write for all
+                self.transport.writelines(chunks)
             if not self.tls_paused:           # else resume_writing says when it left
                 conn.control_frames_written()
 

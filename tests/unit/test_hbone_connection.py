@@ -391,5 +391,20 @@ def test_chunks_to_send_bounds_copies_and_keeps_bytes():
     chunks = conn.chunks_to_send(limit=64 * 1024)
     assert b"".join(bytes(c) for c in chunks) == frames_whole and not conn.has_data_to_send
     # small frames are coalesced; nothing joined beyond the limit unless it is one big payload
-    assert all(len(c) < 64 * 1024 + 16 * 1024 or len(c) == 300_000 for c in chunks)
+    assert all(len(c) < 64 * 1024 + 16 * 1024 or isinstance(c, memoryview) for c in chunks)
     assert len(chunks) < 2 * len(payloads) + 2
+    # the frames before the big payload (the 10-byte DATA and the big DATA's header) are topped
+    # up from the payload to one full TLS record: no record holding a lone 9-byte header
+    assert len(chunks[0]) == 16 * 1024 and bytes(chunks[0]).endswith(b"b" * 1000)
+    assert isinstance(chunks[1], memoryview) and bytes(chunks[1]) == b"b" * (300_000 - (16 * 1024 - 19 - 9))
+
+
+def test_chunks_to_send_tops_up_only_what_precedes_a_big_payload():
+    p = Pair()
+    p.handshake()
+    sid = p.open()
+    conn = p.client
+    conn.send_data(sid, b"x" * 20_000)             # below the limit: coalesced, not split
+    whole = b"".join(conn._out)
+    chunks = conn.chunks_to_send(limit=64 * 1024)
+    assert len(chunks) == 1 and bytes(chunks[0]) == whole
