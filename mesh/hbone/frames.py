@@ -388,14 +388,16 @@ class FrameParser:
                 continue
             if n - off < 9 + length:
                 break
-            payload = data[off + 9:off + 9 + length]
+            # A read buffer is reused once nothing refers to it: what outlives this call
+            # (a header block's fragments, a PING to echo) must be bytes.
+            payload = data[off + 9:off + 9 + length] if type(data) is bytes else bytes(mv[off + 9:off + 9 + length])
             off += 9 + length
             self.frames_seen += 1
             ev = self._control(ftype, flags, sid, payload)
             if ev is not None:
                 append(ev)
         if off < n:
-            self._buf = data[off:]
+            self._buf = data[off:] if type(data) is bytes else bytes(mv[off:])
         return events
 
     # Every non-cut-through frame, complete. Returns an event or None (ignored/partial).

@@ -71,6 +71,23 @@ def test_data_cut_through_delivers_partial_frames_as_memoryviews():
     assert p.buffered == 0
 
 
+def test_reused_read_buffer_never_changes_what_the_parser_kept():
+    """The session decrypts into one buffer and reuses it once nothing refers to it: what the
+    parser keeps past a feed (a PING payload, a half-received frame, a header block's first
+    fragment) must be its own bytes, not a view into that buffer."""
+    block = f.encode_connect_block("1.2.3.4:80", [("baggage", "v" * 40000)])
+    headers = f.headers_frames(1, block, end_stream=False, max_frame_size=16384)
+    wire = f.ping_frame(b"12345678") + headers
+    cut = len(f.ping_frame(b"12345678")) + 16384 + 9 + 100   # inside the first CONTINUATION
+    p = parser()
+    buf = bytearray(wire[:cut])
+    events = p.feed(memoryview(buf))
+    buf[:] = b"\xff" * len(buf)                                # the buffer is reused
+    events += p.feed(memoryview(bytearray(wire[cut:])))
+    assert events[0] == f.PingReceived(b"12345678", False) and type(events[0].opaque) is bytes
+    assert (b"baggage", b"v" * 40000) in events[1].headers
+
+
 def test_empty_data_end_stream_and_padded_data():
     p = parser()
     assert p.feed(f.data_frame_header(1, 0, end_stream=True)) == [f.DataReceived(1, b"", True, 0)]
