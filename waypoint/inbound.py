@@ -10,8 +10,9 @@ Otherwise the first bytes are sniffed: an HTTP/1.x request line (an upper-case m
 then a space) goes to the L7 path (`DownstreamConn` + `Pipeline`, keep-alive and pipelined
 requests in order); the HTTP/2 prior-knowledge preface (gRPC) goes to the L7 path as
 HTTP/2 (waypoint/http2/downstream.py: each stream is one `Pipeline.handle`, concurrently);
-anything else (TLS, a server-first protocol that stays silent for `detect_timeout`) is
-relayed at L4 to an endpoint over its own CONNECT.
+anything else (TLS, or a client silent for meshConfig.protocolDetectionTimeout where one is
+set: Istio's default, 0, waits for the client's first bytes) is relayed at L4 to an endpoint
+over its own CONNECT.
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ class InboundContext:
     rng: random.Random
     metrics: WaypointMetrics
     limits: Limits | None = None
-    detect_timeout: float = 0.1
-    """Seconds to wait for a client's first bytes before treating the stream as opaque TCP."""
+    detect_timeout: float | None = None
+    """Seconds to wait for a client's first bytes before treating the stream as opaque TCP
+    (0: wait for them); None: meshConfig.protocolDetectionTimeout, whose default (Istio's) is 0."""
     access_log: Callable[[str], None] | None = None
     """Writes one access-log line (the process's batched writer, waypoint/accesslog.py); None:
     through the `ambient.access` logger."""
@@ -203,6 +205,14 @@ class Inbound:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def _detect_timeout(self) -> float:
+        # Not 0.1 s, as this once was: a client that opens its connection before it has a
+        # request (a pre-warmed pool) or a loaded node lost L7 routing and policy silently.
+        if self.ctx.detect_timeout is not None:
+            return self.ctx.detect_timeout
+        mesh = self.ctx.state.mesh_config()
+        return mesh.protocol_detection_timeout if mesh is not None else 0.0
+
     def _conn_info(self, req: ConnectRequest, dst: Destination) -> ConnInfo:
         peer_ip = req.peer_addr[0]
         src = self.ctx.state.workload_at(peer_ip)
@@ -230,11 +240,15 @@ class Inbound:
                 return
             sniffer = _Sniffer()
             stream.set_protocol(sniffer)
-            try:
-                proto = await asyncio.wait_for(asyncio.shield(sniffer.decided), self.ctx.detect_timeout)
-            except asyncio.TimeoutError:
-                stream.pause_reading()
-                proto = Sniffed.TCP
+            timeout = self._detect_timeout()
+            if not timeout:
+                proto = await sniffer.decided
+            else:
+                try:
+                    proto = await asyncio.wait_for(asyncio.shield(sniffer.decided), timeout)
+                except asyncio.TimeoutError:
+                    stream.pause_reading()
+                    proto = Sniffed.TCP
             if proto is None:
                 return                                   # gone before saying anything
             if proto is Sniffed.HTTP1:

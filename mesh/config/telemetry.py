@@ -25,7 +25,7 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 
 # Istio's MeshConfig fields (istio.io/api mesh/v1alpha1), accepted and not acted on.
 _MESH_NOT_ENFORCED = frozenset({
-    "proxyListenPort", "proxyInboundListenPort", "proxyHttpPort", "connectTimeout", "protocolDetectionTimeout",
+    "proxyListenPort", "proxyInboundListenPort", "proxyHttpPort", "connectTimeout",
     "tcpKeepalive", "ingressClass", "ingressService", "ingressControllerMode", "ingressSelector",
     "accessLogFile", "accessLogFormat", "accessLogEncoding", "enableEnvoyAccessLogService",
     "disableEnvoyListenerLog", "outboundTrafficPolicy", "inboundTrafficPolicy", "configSources",
@@ -36,7 +36,8 @@ _MESH_NOT_ENFORCED = frozenset({
     "pathNormalization", "defaultHttpRetryPolicy", "meshMTLS", "tlsDefaults", "gatewayTopology",
     "serviceScopeConfigs", "thriftConfig", "mixerCheckServer", "mixerReportServer", "sdsUdsPath",
 })
-_MESH_FIELDS = _MESH_NOT_ENFORCED | {"enableTracing", "extensionProviders", "defaultProviders", "defaultConfig"}
+_MESH_FIELDS = _MESH_NOT_ENFORCED | {"enableTracing", "extensionProviders", "defaultProviders", "defaultConfig",
+                                     "protocolDetectionTimeout"}
 _PROVIDER_TYPES = frozenset({
     "envoyExtAuthzHttp", "envoyExtAuthzGrpc", "zipkin", "lightstep", "datadog", "stackdriver", "opencensus",
     "skywalking", "opentelemetry", "prometheus", "envoyFileAccessLog", "envoyHttpAls", "envoyTcpAls",
@@ -266,7 +267,20 @@ def _mesh(ctx: Ctx, m: Mapping[Any, Any], path: Path, meta: ObjectMeta) -> MeshC
         sampling = s
     return MeshConfig(meta=meta, enable_tracing=True if enable is None else enable,
                       tracing_providers=tuple(providers), default_tracing_providers=tuple(default_tracing),
-                      default_sampling_percentage=sampling)
+                      default_sampling_percentage=sampling,
+                      protocol_detection_timeout=_detection_timeout(ctx, m, path + ("protocolDetectionTimeout",)))
+
+
+def _detection_timeout(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> float:
+    """Istio's rule: 0s (no timeout, the default) or at least 1ms."""
+    s = get_str(ctx, m, path)
+    if s is None:
+        return 0.0
+    d = parse_go_duration(s)
+    if d is None or (0 < d < 0.001):
+        ctx.fail(path, f"{json.dumps(s)} is not a valid protocol detection timeout; write 0s (wait for the client, "
+                       "the default) or a duration of at least 1ms, e.g. \"5s\"")
+    return d or 0.0
 
 
 def config_map(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> MeshConfig | PolicyObject:

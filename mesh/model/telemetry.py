@@ -88,9 +88,13 @@ class TracingProvider:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeshConfig(Resource):
-    """The parts of Istio's mesh config the mesh acts on (tracing), from ConfigMap istio-system/istio."""
+    """The parts of Istio's mesh config the mesh acts on (tracing, protocol detection), from ConfigMap istio-system/istio."""
 
     kind: ClassVar[str] = "MeshConfig"
+    protocol_detection_timeout: float = 0.0
+    """`protocolDetectionTimeout`: how long a waypoint waits for a client's first bytes on a port
+    of no declared protocol before relaying it as opaque TCP. 0 (Istio's default since 1.10):
+    no timeout, wait for the client; a server-first protocol needs its port declared `tcp`."""
     enable_tracing: bool = True
     tracing_providers: tuple[TracingProvider, ...] = ()
     default_tracing_providers: tuple[str, ...] = ()

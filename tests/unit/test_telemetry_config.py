@@ -100,6 +100,25 @@ def test_mesh_config_errors_name_the_field(mesh, field, reason, message):
     assert (err.field, err.reason) == (field, reason) and message in str(err), str(err)
 
 
+@pytest.mark.parametrize("value, want", [("5s", 5.0), ("250ms", 0.25), ("0s", 0.0), ("1ms", 0.001)])
+def test_mesh_config_protocol_detection_timeout(value, want):
+    r, warnings = load(cm(f"protocolDetectionTimeout: {value}"))
+    assert r.protocol_detection_timeout == want and warnings == []
+
+
+def test_mesh_config_protocol_detection_timeout_defaults_to_waiting_for_the_client():
+    r, _ = load(cm("enableTracing: false"))
+    assert r.protocol_detection_timeout == 0.0
+
+
+@pytest.mark.parametrize("value", ["0.5ms", "soon", "-1s"])
+def test_mesh_config_protocol_detection_timeout_below_1ms_or_not_a_duration_is_refused(value):
+    with pytest.raises(ConfigErrors) as e:
+        load(cm(f"protocolDetectionTimeout: {value}"))
+    [err] = e.value.errors
+    assert err.field == "data.mesh.protocolDetectionTimeout" and "at least 1ms" in str(err), str(err)
+
+
 def test_another_config_map_is_stored_and_not_used():
     r, warnings = load(cm("anything: 1", name="app-settings", ns="default"))
     assert r.key.kind == "ConfigMap" and not isinstance(r, MeshConfig)
