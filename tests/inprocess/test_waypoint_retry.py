@@ -214,7 +214,7 @@ def test_budget_holds_a_failing_backend_to_1_2x_and_off_does_not():
         n = 1000
 
         async def send(k):
-            c = await mesh.client(f"{VIP}:80")     # used at once: a silent stream would be sniffed as L4
+            c = await mesh.client(f"{VIP}:80")
             for _ in range(k):
                 assert (await c.request("GET", "/")).status == 503
             c.close()
@@ -352,7 +352,7 @@ spec:
         a = await mesh.client(f"{VIP}:80")
         ra = asyncio.ensure_future(a.request("GET", "/a"))
         await asyncio.sleep(0.1)                 # a's retry is in flight (the backend holds it 0.5 s)
-        b = await mesh.client(f"{VIP}:80")       # (a stream silent for 100 ms would be sniffed as L4)
+        b = await mesh.client(f"{VIP}:80")
         rb = await b.request("GET", "/b")
         assert rb.status == 503 and rb.body == b"failed"     # b's retry would be the second in flight
         assert (await ra).status == 200
