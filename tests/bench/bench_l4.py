@@ -383,6 +383,7 @@ class Bench:
     workdir: str
     stack: contextlib.ExitStack
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    envoy_concurrency: int = 1  # worker threads per Envoy (scale_l4.py compares 1 vs N)
 
     def pods(self, setup: str) -> tuple[dict[str, Any], dict[str, Any]]:
         ns = NAMESPACE[setup]
@@ -499,15 +500,16 @@ def setup_envoy(b: Bench) -> Target:
         with open(path, "w") as f:
             json.dump(config, f, indent=1)
         log = os.path.join(b.workdir, f"{role}.log")
-        proc = b.cluster.spawn(pod, [binary, "-c", path, "--concurrency", "1", "--disable-hot-restart",
-                                     "-l", "error"], log)
+        proc = b.cluster.spawn(pod, [binary, "-c", path, "--concurrency", str(b.envoy_concurrency),
+                                     "--disable-hot-restart", "-l", "error"], log)
         b.stack.callback(procs.stop, proc)
         pids[role] = [proc.pid]
         time.sleep(0.2)
         if proc.poll() is not None:
             raise SetupError(f"{role} exited with {proc.returncode}:\n{_tail(log)}")
     return Target("envoy", client, f"127.0.0.1:{ENVOY_HTTP_PORT}", ("127.0.0.1", ENVOY_IPERF_PORT),
-                  pids=lambda: pids, note="envoy --concurrency 1 per side, client+server summed")
+                  pids=lambda: pids,
+                  note=f"envoy --concurrency {b.envoy_concurrency} per side, client+server summed")
 
 
 SETUP_FNS: dict[str, Callable[[Bench], Target]] = {
