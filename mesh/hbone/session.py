@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TLS_HIGH_WATER = 4 * 1024 * 1024
 TLS_LOW_WATER = 1024 * 1024
 READ_BUFFER = 256 * 1024   # what the TLS layer decrypts into per read (uvloop's own read size)
+MIN_READ_BUFFER = 4 * 1024
 
 
 class Session(asyncio.BufferedProtocol):
@@ -105,9 +106,14 @@ class Session(asyncio.BufferedProtocol):
         self.flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # sizehint is what the TLS layer holds still encrypted (>= what it will decrypt). The
+        # buffer is sized to it: a DATA view that outlives the read (a TCP transport buffering
+        # it) pins the whole buffer, so a small read must not pin a large one; and a session
+        # whose reads are small again gives a large buffer back.
+        want = min(max(sizehint, MIN_READ_BUFFER), READ_BUFFER)
         # 2 = our attribute + getrefcount's argument: no memoryview of it is alive.
-        if sys.getrefcount(self._rbuf) != 2 or not self._rbuf:
-            self._rbuf = bytearray(READ_BUFFER)
+        if sys.getrefcount(self._rbuf) != 2 or not want <= len(self._rbuf) <= 4 * want:
+            self._rbuf = bytearray(want)
         return memoryview(self._rbuf)
 
     def buffer_updated(self, nbytes: int) -> None:
