@@ -129,7 +129,8 @@ class Session(asyncio.Protocol):
                     self.conn.acknowledge_received_data(ev.stream_id, ev.flow_controlled_length)
             else:
                 self._dispatch(ev)
-        self.flush()
+        if self.conn.has_data_to_send:
+            self.flush()
 
     def _dispatch(self, ev) -> None:
         t = type(ev)
