@@ -328,6 +328,19 @@ class FrameParser:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[FrameEvent]:
+        n = len(data)
+        # A read that is exactly one whole unpadded DATA frame, with no state carried over (a
+        # request or response of its own at low load): its event without the general loop.
+        # Anything else, including every malformed case, takes the loop below.
+        if (n > 9 and not self._buf and not self._data_left and not self._preface_left and not self._block_sid
+                and data[3] == DATA and not data[4] & FLAG_PADDED):
+            hi, lo, _, flags, sid = _HDR.unpack_from(data, 0)
+            length = (hi << 16) | lo
+            sid &= 0x7FFFFFFF
+            if length == n - 9 and sid and length <= self.max_frame_size:
+                self.frames_seen += 1
+                self._empty = 0
+                return [DataReceived(sid, memoryview(data)[9:], bool(flags & FLAG_END_STREAM), length)]
         if self._buf:
             data = self._buf + data
             self._buf = b""

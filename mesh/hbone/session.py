@@ -8,7 +8,9 @@ Theory of operation
 (no per-chunk allocation beyond the event itself). Everything the connection queues is
 written with ONE `transport.write` per loop iteration: at the end of each TLS read, and
 via a single `call_soon(flush)` for writes triggered from TCP reads, so many streams'
-frames share TLS records (the prototype's biggest small-message win).
+frames share TLS records (the prototype's biggest small-message win). A small read on a
+connection that carries only that stream is written at once (`flush_at_once`): nothing
+could share its record, and the deferral would cost the request a loop hop.
 
 When the TLS transport goes above its high-water mark every tunnel stops reading its TCP
 socket; `resume_writing` restarts them. Control frames we owe the peer (ACKs, resets) count as
@@ -30,7 +32,7 @@ from .connection import (ConnectionConfig, DataReceived, GoAway, H2Connection, H
 from .stream import StreamCore
 from .tunnel import set_nodelay
 
-__all__ = ["Session"]
+__all__ = ["Session", "flush_at_once"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,18 @@ TLS_HIGH_WATER = 4 * 1024 * 1024
 TLS_LOW_WATER = 1024 * 1024
 READ_BUFFER = 256 * 1024   # what the TLS layer decrypts into per read (uvloop's own read size)
 MIN_READ_BUFFER = 4 * 1024
+
+# A TCP read up to this size (a request or a response, not a bulk transfer) may be written at once.
+SMALL_READ = 16 * 1024
+
+
+def flush_at_once(nbytes: int, tunnels: int, flush_scheduled: bool) -> bool:
+    """Whether a tunnel's TCP read of `nbytes` goes to the TLS transport now rather than by
+    the deferred (call_soon) flush. Deferring lets the reads of many streams in one loop
+    iteration share one TLS record and write; with one stream on the connection and nothing
+    queued there is nothing to share, and the deferral only adds a loop hop to the request's
+    latency. Large reads (bulk) keep the deferred path."""
+    return tunnels == 1 and not flush_scheduled and nbytes <= SMALL_READ
 
 
 class Session(asyncio.BufferedProtocol):
@@ -141,7 +155,8 @@ class Session(asyncio.BufferedProtocol):
                     self.conn.acknowledge_received_data(ev.stream_id, ev.flow_controlled_length)
             else:
                 self._dispatch(ev)
-        self.flush()
+        if self.conn.has_data_to_send:
+            self.flush()
 
     def _dispatch(self, ev) -> None:
         t = type(ev)
@@ -195,6 +210,14 @@ class Session(asyncio.BufferedProtocol):
             tun.tls_resumed()
 
     # -- output ---------------------------------------------------------------------------
+
+    def data_queued(self, nbytes: int) -> None:
+        """A tunnel queued `nbytes` read from its TCP socket: written now or by the deferred
+        flush, as `flush_at_once` decides."""
+        if flush_at_once(nbytes, len(self.tunnels), self._flush_scheduled):
+            self.flush()
+        else:
+            self.want_flush()
 
     def want_flush(self) -> None:
         if not self._flush_scheduled:

@@ -160,10 +160,11 @@ class Tunnel(StreamCore, asyncio.Protocol):
             self._block(_READ_TLS)
 
     def data_received(self, data: bytes) -> None:
-        self.sent += len(data)
+        n = len(data)
+        self.sent += n
         if not self.conn.send_data(self.sid, data):
             self._block(_READ_WINDOW)
-        self.session.want_flush()
+        self.session.data_queued(n)
 
     def eof_received(self) -> bool:
         self.local_eof = True

@@ -273,8 +273,8 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return res
 
 
-def wrk(cluster: Cluster, t: Target, conns: int, secs: int, latency: bool = False) -> dict[str, Any]:
-    argv = ["wrk", "-t2", f"-c{conns}", f"-d{secs}s", *(["--latency"] if latency else []), f"http://{t.http}/"]
+def wrk(cluster: Cluster, t: Target, conns: int, secs: int, latency: bool = False, threads: int = 2) -> dict[str, Any]:
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{secs}s", *(["--latency"] if latency else []), f"http://{t.http}/"]
     p = cluster.run(t.client, argv, timeout=secs + 15)
     if p.returncode != 0:
         raise SetupError(f"{t.name}: wrk failed ({p.returncode}): {p.stdout}{p.stderr}")

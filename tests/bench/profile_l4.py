@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_l4 as b  # noqa: E402
+from rate_client import grid  # noqa: E402  (this directory)
 
 _STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 _WRK_REQS = re.compile(r"^\s*(\d+) requests in", re.M)
@@ -109,6 +111,52 @@ def pyspy_frames(cluster: b.Cluster, t: b.Target, pid: int, conns: int, secs: in
     return total, own.most_common(15), incl.most_common(25)
 
 
+def _per_request(pids: dict[str, list[int]], before: tuple[tuple[int, int], int], n: int) -> tuple[float, float, float]:
+    """(user us, system us, context switches) per request over all of `pids` since `before`."""
+    allp = [p for ps in pids.values() for p in ps]
+    (u0, k0), c0 = before
+    u1, k1 = cpu_ticks(allp)
+    f = 1e6 / b.CLK_TCK / max(n, 1)
+    return (u1 - u0) * f, (k1 - k0) * f, (ctx_switches(allp) - c0) / max(n, 1)
+
+
+def _snapshot(pids: dict[str, list[int]]) -> tuple[tuple[int, int], int]:
+    allp = [p for ps in pids.values() for p in ps]
+    return cpu_ticks(allp), ctx_switches(allp)
+
+
+def latency_rounds(cluster: b.Cluster, targets: dict[str, b.Target], rounds: int, secs: int) -> list[str]:
+    """Low-load latency, setups interleaved round by round (where the scheduler puts the five
+    processes moves p50 by up to ~100 us from one run to the next, so one run per setup says
+    little): wrk -t1 -c1 (one request in flight: p50 is the path's latency, not a throughput
+    bound as at -c4 on 2 cores) and constant 1,000 req/s percentiles, each with the proxies'
+    CPU and context switches per request (all proxy processes of the setup summed)."""
+    rows = [["round", "setup", "c1 p50 us", "c1 p99 us", "c1 req/s", "c1 CPU us/req user+sys", "c1 cs/req",
+             "1k p10/p25/p50/p75/p90/p99 us", "1k CPU us/req user+sys", "1k client late max ms"]]
+    med: dict[str, dict[str, list[float]]] = {n: collections.defaultdict(list) for n in targets}
+    for rnd in range(rounds):
+        for name, t in targets.items():
+            pids = t.pids()
+            before = _snapshot(pids)
+            w = b.wrk(cluster, t, 1, secs, latency=True, threads=1)
+            n1 = int(w["rps"] * secs)
+            u1, k1, cs1 = _per_request(pids, before, n1)
+            before = _snapshot(pids)
+            r = b.rate_run(cluster, t, 1000, secs)
+            u2, k2, _ = _per_request(pids, before, r["completed"])
+            qs = [r[f"p{q}_ms"] * 1e3 for q in (10, 25, 50, 75, 90, 99)]
+            for k, v in (("c1", w["p50_ms"] * 1e3), ("c1cpu", u1 + k1), ("1k", qs[2]), ("1kcpu", u2 + k2)):
+                med[name][k].append(v)
+            rows.append([str(rnd + 1), name, f"{w['p50_ms'] * 1e3:.0f}", f"{w['p99_ms'] * 1e3:.0f}", f"{w['rps']:.0f}",
+                         f"{u1:.1f}+{k1:.1f}", f"{cs1:.2f}", "/".join(f"{q:.0f}" for q in qs), f"{u2:.1f}+{k2:.1f}",
+                         f"{r['client_late_max_ms']:.1f}"])
+            print(" | ".join(rows[-1]), flush=True)
+    out = [grid(rows), "", "medians over rounds:", ""]
+    out.append(grid([["setup", "c1 p50 us", "c1 CPU us/req", "1k p50 us", "1k CPU us/req"]] + [
+        [n, *(f"{statistics.median(m[k]):.0f}" for k in ("c1", "c1cpu", "1k", "1kcpu"))] for n, m in med.items()]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--secs", type=int, default=5)
@@ -116,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setups", default="ambient,envoy")
     ap.add_argument("--cluster", default="bprof")
     ap.add_argument("--no-pyspy", action="store_true")
+    ap.add_argument("--latency", type=int, default=0, metavar="ROUNDS",
+                    help="instead of the profile: ROUNDS interleaved low-load latency rounds (wrk -c1 and "
+                         "1,000 req/s, --secs each) with CPU per request; add direct to --setups for the baseline")
     a = ap.parse_args(argv)
     setups = [s for s in b.SETUPS if s in a.setups.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cluster = b.Cluster(a.cluster)
     b.preflight(cluster)
-    out: list[str] = [f"# profile_l4 {time.strftime('%Y-%m-%d %H:%M:%S')} commit {b._git_rev()}, wrk -t2 -c{a.conns} "
-                      f"-d{a.secs}s per measurement, loadavg {b._loadavg()}"]
+    load = (f"{a.latency} latency rounds, wrk -t1 -c1 -d{a.secs}s and 1,000 req/s for {a.secs}s ({b.RATE_CONNS} "
+            "connections) per setup and round" if a.latency else f"wrk -t2 -c{a.conns} -d{a.secs}s per measurement")
+    out: list[str] = [f"# profile_l4 {time.strftime('%Y-%m-%d %H:%M:%S')} commit {b._git_rev()}, {load}, "
+                      f"loadavg {b._loadavg()}"]
     with contextlib.ExitStack() as stack:
         workdir = tempfile.mkdtemp(prefix=f"profile-l4-{a.cluster}-")
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -133,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, f"/var/lib/ambient/{a.cluster}", ignore_errors=True)
         cluster.cli("up", yaml_path)
         bench = b.Bench(cluster, workdir, stack)
+        if a.latency:
+            targets = {}
+            for name in setups:
+                targets[name] = b.SETUP_FNS[name](bench)
+                b.probe(cluster, targets[name])
+                wrk_requests(cluster, targets[name], 4, 1)  # warm-up
+            out += latency_rounds(cluster, targets, a.latency, a.secs)
+            out.append(f"\nloadavg after {b._loadavg()}")
+            print("\n".join(out), flush=True)
+            return 0
         for name in setups:
             t = b.SETUP_FNS[name](bench)
             b.probe(cluster, t)

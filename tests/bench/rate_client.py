@@ -130,7 +130,7 @@ async def main_async(a: argparse.Namespace) -> dict:
            "achieved_rps": len(lat) / gen.elapsed, "errors": gen.errors, "lost_conns": gen.lost_conns,
            "max_backlog": gen.max_backlog}
     if lat:
-        res |= {f"p{q}_ms": percentile(lat, q) * 1e3 for q in (50, 90, 99)} | {"max_ms": lat[-1] * 1e3}
+        res |= {f"p{q}_ms": percentile(lat, q) * 1e3 for q in (10, 25, 50, 75, 90, 99)} | {"max_ms": lat[-1] * 1e3}
     late = sorted(gen.late)
     res |= {"client_late_p99_ms": percentile(late, 99) * 1e3, "client_late_max_ms": late[-1] * 1e3}
     return res

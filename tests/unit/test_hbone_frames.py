@@ -180,3 +180,74 @@ def test_fuzz_parser_only_raises_protocol_error(chunks):
     except ProtocolError:
         return
     assert p.buffered <= 16384 + 9
+
+
+
+# A read that is one whole DATA frame takes feed's short path; the same frame followed by one
+# more byte takes the general loop. Both must give the same event (or the same error) and
+# leave the parser in the same state.
+_LONE = [
+    (f.frame(f.DATA, 0, 1, b"GET / HTTP/1.1\r\n\r\n"), 16384),
+    (f.frame(f.DATA, f.FLAG_END_STREAM, 3, b"x" * 280), 16384),
+    (struct.pack(">BHBBL", 0, 5, f.DATA, 0, 0x80000005) + b"hello", 16384),  # reserved bit: ignored
+    (f.frame(f.DATA, f.FLAG_PADDED, 1, b"\x02ab\0\0"), 16384),               # padded: general path
+    (f.frame(f.DATA, 0, 0, b"abc"), 16384),                                  # stream 0: error
+    (f.frame(f.DATA, 0, 1, b"y" * 100), 64),                                 # over MAX_FRAME_SIZE: error
+    (f.frame(f.DATA, 0x20, 7, b"z"), 16384),                                 # unknown flag bits
+]
+
+
+@pytest.mark.parametrize("frame, max_frame", _LONE)
+def test_lone_data_frame_short_path_matches_general_loop(frame, max_frame):
+    def run(data):
+        p = parser(max_frame_size=max_frame)
+        try:
+            evs = p.feed(data)
+        except ProtocolError as e:
+            return ("error", e.reason), p
+        return [(type(ev), ev.stream_id, bytes(ev.data), ev.end_stream, ev.flow_controlled_length)
+                for ev in evs], p
+
+    short, ps = run(frame)
+    general, pg = run(frame + b"\0")
+    assert short == general
+    if not isinstance(short, tuple):
+        assert (ps.frames_seen, ps._empty, ps.buffered, pg.buffered) == (pg.frames_seen, pg._empty, 0, 1)
+
+
+def test_lone_data_frame_short_path_not_taken_inside_a_payload():
+    """Bytes that look like a whole DATA frame but arrive while another frame's payload is
+    being cut through are that payload."""
+    inner = f.frame(f.DATA, f.FLAG_END_STREAM, 9, b"abcdef")
+    p = parser()
+    outer = f.frame(f.DATA, 0, 1, b"12" + inner)
+    (first,) = p.feed(outer[:11])
+    assert (first.stream_id, bytes(first.data), first.end_stream) == (1, b"12", False)
+    (rest,) = p.feed(inner)
+    assert (rest.stream_id, bytes(rest.data), rest.end_stream, rest.flow_controlled_length) == (1, inner, False, len(inner))
+
+
+def test_lone_data_frame_short_path_not_taken_in_an_open_header_block():
+    p = parser()
+    p.feed(f.frame(f.HEADERS, 0, 1, b"\x82"))                               # no END_HEADERS
+    with pytest.raises(ProtocolError) as e:
+        p.feed(f.frame(f.DATA, 0, 1, b"abc"))
+    assert e.value.reason == "expected_continuation"
+
+
+def test_lone_data_frame_short_path_not_taken_before_the_preface():
+    p = FrameParser(expect_preface=True)
+    with pytest.raises(ProtocolError) as e:
+        p.feed(f.frame(f.DATA, 0, 1, b"x" * 40))
+    assert e.value.reason == "bad_preface"
+
+
+def test_lone_data_frame_short_path_not_taken_after_a_held_partial_header():
+    """The rest of a frame whose header was split across reads can itself look like a whole
+    DATA frame (here: stream 1280's id and payload read as a 5-byte frame on stream 1)."""
+    payload = b"\x00\x00\x00\x00\x01hello"
+    frame = f.frame(f.DATA, 0, 1280, payload)
+    p = parser()
+    assert p.feed(frame[:5]) == []
+    (ev,) = p.feed(frame[5:])
+    assert (ev.stream_id, bytes(ev.data), ev.flow_controlled_length) == (1280, payload, len(payload))
