@@ -227,12 +227,13 @@ class BudgetBook:
         return self.budgets.for_service(svc.uid)
 
 
-_BY_HEADER = RetryOn.RETRIABLE_HEADERS | RetryOn.ENVOY_RATELIMITED
+_BY_HEADER = (RetryOn.RETRIABLE_HEADERS | RetryOn.ENVOY_RATELIMITED).value
+"""As an int: a Flag `&` per response is ~0.5 µs of Python."""
 
 
 def _outcome_of(head: ResponseHead, policy: RetryPolicy) -> AttemptOutcome:
     grpc = next((v for n, v in head.headers if n == b"grpc-status"), None)
-    names = (frozenset(n.decode("latin-1") for n, _ in head.headers) if policy.retry_on & _BY_HEADER
+    names = (frozenset(n.decode("latin-1") for n, _ in head.headers) if policy.retry_on._value_ & _BY_HEADER
              else frozenset())          # only the header conditions look at names
     return AttemptOutcome(kind=OutcomeKind.RESPONSE, status=head.status,
                           grpc_status=int(grpc) if grpc is not None and grpc.isdigit() else None,

@@ -111,6 +111,9 @@ assert set(RETRY_ON_TOKENS) == set(ENVOY_RETRY_ON), "the config edge and the dec
 _GRPC_CODES = {1: RetryOn.CANCELLED, 4: RetryOn.DEADLINE_EXCEEDED, 8: RetryOn.RESOURCE_EXHAUSTED,
                13: RetryOn.INTERNAL, 14: RetryOn.UNAVAILABLE}
 _FAILURE_CONDITIONS = RetryOn.FIVE_XX | RetryOn.GATEWAY_ERROR | RetryOn.RESET
+_FIVE_XX, _GATEWAY_ERROR, _RETRIABLE_4XX = RetryOn.FIVE_XX.value, RetryOn.GATEWAY_ERROR.value, RetryOn.RETRIABLE_4XX.value
+_RETRIABLE_STATUS_CODES, _ENVOY_RATELIMITED = RetryOn.RETRIABLE_STATUS_CODES.value, RetryOn.ENVOY_RATELIMITED.value
+_RETRIABLE_HEADERS = RetryOn.RETRIABLE_HEADERS.value
 
 DEFAULT_BASE_INTERVAL = 0.025
 """Envoy's default retry back-off base interval (Istio API: "default minimum duration of 25ms")."""
@@ -275,18 +278,20 @@ def is_retriable(policy: RetryPolicy, outcome: AttemptOutcome) -> bool:
     if kind is OutcomeKind.RESET:
         return bool(on & _FAILURE_CONDITIONS) or bool(
             on & RetryOn.RESET_BEFORE_REQUEST and not outcome.request_sent)
-    status = outcome.status or 0
-    if on & RetryOn.FIVE_XX and status >= 500:
+    # A response: the conditions tested as int masks (each enum.Flag `&` is ~0.5 µs of Python,
+    # and every proxied response is tested against six of them).
+    v, status = on._value_, outcome.status or 0
+    if v & _FIVE_XX and status >= 500:
         return True
-    if on & RetryOn.GATEWAY_ERROR and status in (502, 503, 504):
+    if v & _GATEWAY_ERROR and status in (502, 503, 504):
         return True
-    if on & RetryOn.RETRIABLE_4XX and status == 409:
+    if v & _RETRIABLE_4XX and status == 409:
         return True
-    if on & RetryOn.RETRIABLE_STATUS_CODES and status in policy.retriable_status_codes:
+    if v & _RETRIABLE_STATUS_CODES and status in policy.retriable_status_codes:
         return True
-    if on & RetryOn.ENVOY_RATELIMITED and "x-envoy-ratelimited" in outcome.header_names:
+    if v & _ENVOY_RATELIMITED and "x-envoy-ratelimited" in outcome.header_names:
         return True
-    if on & RetryOn.RETRIABLE_HEADERS and any(h in outcome.header_names for h in policy.retriable_headers):
+    if v & _RETRIABLE_HEADERS and any(h in outcome.header_names for h in policy.retriable_headers):
         return True
     grpc = _GRPC_CODES.get(outcome.grpc_status) if outcome.grpc_status is not None else None
     return grpc is not None and bool(on & grpc)
