@@ -89,9 +89,6 @@ class InboundContext:
     rng: random.Random
     metrics: WaypointMetrics
     limits: Limits | None = None
-    detect_timeout: float | None = None
-    """Seconds to wait for a client's first bytes before treating the stream as opaque TCP
-    (0: wait for them); None: meshConfig.protocolDetectionTimeout, whose default (Istio's) is 0."""
     access_log: Callable[[str], None] | None = None
     """Writes one access-log line (the process's batched writer, waypoint/accesslog.py); None:
     through the `ambient.access` logger."""
@@ -206,10 +203,9 @@ class Inbound:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _detect_timeout(self) -> float:
+        """meshConfig.protocolDetectionTimeout; 0 (Istio's default): wait for the client's first bytes."""
         # Not 0.1 s, as this once was: a client that opens its connection before it has a
         # request (a pre-warmed pool) or a loaded node lost L7 routing and policy silently.
-        if self.ctx.detect_timeout is not None:
-            return self.ctx.detect_timeout
         mesh = self.ctx.state.mesh_config()
         return mesh.protocol_detection_timeout if mesh is not None else 0.0
 

@@ -3,22 +3,9 @@ from __future__ import annotations
 
 import asyncio
 
-import uvloop
-
-from tests.inprocess.waypoint_harness import WaypointMesh
+from tests.inprocess.test_waypoint_l7 import run
 
 VIP = "10.96.0.30"
-
-
-def run(coro, timeout: float = 60):
-    async def main():
-        mesh = WaypointMesh()
-        await mesh.start()
-        try:
-            return await asyncio.wait_for(coro(mesh), timeout)
-        finally:
-            await mesh.close()
-    return uvloop.run(main())
 
 
 def detection_timeout(value: str) -> str:

@@ -14,24 +14,16 @@ import socket
 import time
 from collections import Counter
 
-import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.inprocess.waypoint_harness import WaypointMesh
+from tests.inprocess.test_waypoint_l7 import run as run_l7
 
 VIP = "10.96.0.20"
 CLUSTER = "outbound|80||web.shop.svc.cluster.local"
 
 
 def run(coro, timeout: float = 120):
-    async def main():
-        mesh = WaypointMesh()
-        await mesh.start()
-        try:
-            return await asyncio.wait_for(coro(mesh), timeout)
-        finally:
-            await mesh.close()
-    return uvloop.run(main())
+    return run_l7(coro, timeout)
 
 
 async def web(mesh, n: int, dr_spec: str = ""):
