@@ -28,7 +28,6 @@ import dataclasses
 import ipaddress
 import logging
 import random
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -44,7 +43,7 @@ from .channel import HttpChannel
 from .headers import apply_modifiers
 from .mirror import Mirrors
 from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, ServerConnection
-from .plan import Destination, Forward, Reply, plan_request, refresh, service_fqdn
+from .plan import Bindings, Destination, Forward, Reply, bindings, plan_bound, refresh, service_fqdn
 from .routing import RequestInfo
 from .http2.downstream import current_stream
 from .resilience.timeout import is_grpc
@@ -122,6 +121,31 @@ _apply = apply_modifiers
 _LABEL_CACHE_SIZE = 4096
 
 
+def request_id(bits: int) -> bytes:
+    """`str(uuid.UUID(int=bits, version=4))` as bytes, without the UUID object (a request
+    without x-request-id gets one; the object's checks were ~3% of a request)."""
+    h = b"%032x" % ((bits & _UUID_KEEP) | _UUID_SET)
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+_UUID_KEEP = ~((0xc000 << 48) | (0xf000 << 64)) & ((1 << 128) - 1)
+_UUID_SET = (0x8000 << 48) | (4 << 76)
+"""RFC 4122 variant (10xx) and version 4, as uuid.UUID(version=4) sets them."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Scope:
+    """Pipeline._scope: what applies to a destination from a client namespace, at one state version."""
+
+    version: int
+    service: object
+    """The ServiceInfo it was made for (None: pod-addressed); identity-checked."""
+    service_key: ResourceKey | None
+    policies: tuple
+    """The AuthorizationPolicies this waypoint enforces for the service (none: allowed)."""
+    bound: Bindings
+
+
 class Pipeline:
     """Runs requests for one waypoint (see the module docstring)."""
 
@@ -139,6 +163,7 @@ class Pipeline:
         self.waypoint_namespace = waypoint_namespace
         self.requests = 0
         self._label_cache: dict[tuple, tuple] = {}
+        self._scopes: dict[tuple, _Scope] = {}
         self.tracing = tracing
         """Trace context and spans (waypoint/tracing.py); off unless configured."""
         self.attempts = Attempts(state=state, upstreams=upstreams, metrics=metrics, clock=clock, rng=rng)
@@ -197,7 +222,17 @@ class Pipeline:
         self.requests += 1
         if fwd is not None and fwd.fault is not None:   # an injected delay marks the result, whatever it is
             flags = fault.join_flags(flags, fwd.fault.flags)
-        hdr = dict(head.headers) if head is not None else {}
+        xff = ua = authority = b""
+        grpc = False
+        if head is not None:       # one pass (the last value wins, as a dict of them had it)
+            for n, v in head.headers:
+                if n == b"host":
+                    authority = v
+                elif n == b"user-agent":
+                    ua = v
+                elif n == b"x-forwarded-for":
+                    xff = v
+            grpc = is_grpc(head.headers)
         svc = (fwd.service if fwd is not None else None) or info.destination.service
         if target is not None:
             cluster = target.cluster
@@ -205,7 +240,7 @@ class Pipeline:
             cluster = (f"outbound|{fwd.port}|{fwd.subset}|{service_fqdn(svc)}" if fwd is not None and svc is not None
                        else "")
         labels = self._labels(info, fwd, target, status, flags)
-        if head is not None and is_grpc(head.headers):   # gRPC: Istio's request_protocol and status labels
+        if grpc:   # gRPC: Istio's request_protocol and status labels
             stream = current_stream.get()
             labels = replace(labels, request_protocol="grpc", grpc_response_status=grpc_response_status(
                 status, stream.grpc_status if stream is not None else None))
@@ -216,9 +251,8 @@ class Pipeline:
             path=head.target.decode("latin-1") if head is not None else "",
             protocol=f"HTTP/{head.http_version}" if head is not None else "HTTP/1.1",
             response_code_details=details, upstream_transport_failure_reason=failure,
-            x_forwarded_for=hdr.get(b"x-forwarded-for", b"").decode("latin-1"),
-            user_agent=hdr.get(b"user-agent", b"").decode("latin-1"), request_id=rid,
-            authority=hdr.get(b"host", b"").decode("latin-1"),
+            x_forwarded_for=xff.decode("latin-1"), user_agent=ua.decode("latin-1"), request_id=rid,
+            authority=authority.decode("latin-1"),
             upstream_host=target.address if target is not None else "", upstream_cluster=cluster,
             downstream_local_address=info.local_addr, downstream_remote_address=info.peer_addr, route_name=route)
         self.metrics.record(r)
@@ -273,44 +307,66 @@ class Pipeline:
         await self._finish_request_body(down, head)
         return True
 
+    def _scope(self, dst: Destination, client_ns: str) -> _Scope:
+        """What applies to requests for `dst` from `client_ns` now: kept per state version (the
+        routes and policies of every request of a connection are the same until the config
+        changes, and scanning them was a tenth of a request)."""
+        svc = dst.service
+        key = (id(svc), dst.port, client_ns)
+        st = self.state
+        hit = self._scopes.get(key)
+        if hit is not None and hit.version == st.version and hit.service is svc:
+            return hit
+        svc_key = ResourceKey("Service", svc.namespace, svc.name) if svc is not None else None
+        scope = _Scope(
+            version=st.version, service=svc, service_key=svc_key,
+            policies=tuple(p for p in st.authorization_policies() if authz.applies(p, self.waypoint, svc_key)),
+            bound=bindings(st, dst, client_namespace=client_ns, waypoint_namespace=self.waypoint_namespace))
+        if len(self._scopes) >= _LABEL_CACHE_SIZE:
+            self._scopes.clear()
+        self._scopes[key] = scope
+        return scope
+
     async def handle(self, head: RequestHead, down: DownstreamConn, info: ConnInfo) -> None:
-        start, t0 = self.clock.now(), self.clock.now()
+        start = t0 = self.clock.now()
         headers = list(head.headers)
         rid_b = next((v for n, v in headers if n == b"x-request-id"), None)
         if rid_b is None:
-            rid_b = str(uuid.UUID(int=self.rng.getrandbits(128), version=4)).encode()
+            rid_b = request_id(self.rng.getrandbits(128))
             headers.append((b"x-request-id", rid_b))
         rid = rid_b.decode("latin-1")
         if self.tracing is not None:
             headers = self.tracing.begin(headers, start)
-        str_headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
-        host = next((v for n, v in str_headers if n == "host"), "")
         dst = refresh(self.state, info.destination)   # the Service now, not when the connection opened
-        method = head.method.decode("latin-1")
-        path = head.path.decode("latin-1") or "/"
-        svc_key = ResourceKey("Service", dst.service.namespace, dst.service.name) if dst.service else None
-        # Only policies that apply here can decide; with none the request is allowed, and the
-        # authz.Request (two address parses and a dataclass) is not built.
-        policies = [p for p in self.state.authorization_policies() if authz.applies(p, self.waypoint, svc_key)]
-        decision = authz.evaluate(policies, authz.Request(
-            method=method, path=path, host=host, headers=str_headers, source_identity=info.peer_identity,
-            source_ip=ipaddress.IPv4Address(info.peer_ip), destination_ip=ipaddress.IPv4Address(dst.ip),
-            destination_port=dst.port, service=svc_key), waypoint=self.waypoint) if policies else None
-        if decision is not None and not decision.allowed:
-            rep = decision.reply
-            assert rep is not None
-            self._reply(down, rep)
-            self._record(info, head, start, t0, status=rep.status, flags=rep.response_flags, details=rep.details,
-                         resp_bytes=len(rep.body), rid=rid)
-            await self._finish_request_body(down, head)
-            return
-        # The head keeps the query apart (head.query); route matches need it (queryParams).
-        target = path + "?" + head.query.decode("latin-1") if head.query else path
-        req = RequestInfo.from_target(method, target, str_headers, host=host.rpartition(":")[0] or host,
-                                      port=dst.port)
         client_ns = info.source.namespace if info.source is not None else info.peer_identity.namespace
-        plan = plan_request(self.state, dst, req, head.query, client_namespace=client_ns,
-                            waypoint_namespace=self.waypoint_namespace, rng=self.rng)
+        scope = self._scope(dst, client_ns)
+        req = None
+        # Only policies that apply here can decide, and only bound routes look at the request:
+        # with neither (the common case) its headers are not decoded at all.
+        if scope.policies or scope.bound.routed:
+            str_headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
+            host = next((v for n, v in str_headers if n == "host"), "")
+            method = head.method.decode("latin-1")
+            path = head.path.decode("latin-1") or "/"
+            if scope.policies:
+                decision = authz.evaluate(scope.policies, authz.Request(
+                    method=method, path=path, host=host, headers=str_headers, source_identity=info.peer_identity,
+                    source_ip=ipaddress.IPv4Address(info.peer_ip), destination_ip=ipaddress.IPv4Address(dst.ip),
+                    destination_port=dst.port, service=scope.service_key), waypoint=self.waypoint)
+                if not decision.allowed:
+                    rep = decision.reply
+                    assert rep is not None
+                    self._reply(down, rep)
+                    self._record(info, head, start, t0, status=rep.status, flags=rep.response_flags,
+                                 details=rep.details, resp_bytes=len(rep.body), rid=rid)
+                    await self._finish_request_body(down, head)
+                    return
+            if scope.bound.routed:
+                # The head keeps the query apart (head.query); route matches need it (queryParams).
+                target = path + "?" + head.query.decode("latin-1") if head.query else path
+                req = RequestInfo.from_target(method, target, str_headers, host=host.rpartition(":")[0] or host,
+                                              port=dst.port)
+        plan = plan_bound(self.state, dst, scope.bound, req, head.query, self.rng)
         if isinstance(plan, Reply):
             self._reply(down, plan)
             self._record(info, head, start, t0, status=plan.status, flags=plan.flags, details=plan.details,

@@ -40,7 +40,7 @@ from .routing import (RequestInfo, bound_routes, bound_virtual_services, find_ro
                       pick_backend, pick_vs_destination)
 
 __all__ = ["Destination", "Forward", "Reply", "MirrorTarget", "resolve", "refresh", "plan_request", "service_fqdn",
-           "RouteSet", "destination_rule_for"]
+           "RouteSet", "destination_rule_for", "Bindings", "UNROUTED", "bindings", "plan_bound"]
 
 DOMAIN = "cluster.local"
 
@@ -457,25 +457,70 @@ def _plan_vs(state: ProxyState, vss: Sequence[VirtualService], drs: Sequence[Des
                        **_vs_resilience(route))
 
 
-def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_query: bytes, *,
-                 client_namespace: str | None, waypoint_namespace: str, rng: random.Random,
-                 routes: RouteSet | None = None) -> Forward | Reply:
-    """The decision for one request to `dst` (see the module docstring)."""
-    if dst.service is None:
-        assert dst.workload is not None
-        return Forward(service=None, port=dst.port, target_port=dst.port, workload=dst.workload)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bindings:
+    """The routes that apply to requests for one Service port from one client namespace: the
+    part of planning that depends on the config and the connection, not on the request (so a
+    caller may keep it per state version)."""
+
+    http_routes: tuple[HTTPRoute, ...] = ()
+    """Bound HTTPRoutes (they win over VirtualServices when any is bound)."""
+    virtual_services: tuple[VirtualService, ...] = ()
+    destination_rules: Sequence[DestinationRule] = ()
+
+    @property
+    def routed(self) -> bool:
+        """Some route attaches: the request itself must be looked at (else the default route)."""
+        return bool(self.http_routes or self.virtual_services)
+
+
+UNROUTED = Bindings()
+"""No service (pod-addressed) or no route: the default forward."""
+
+
+def bindings(state: ProxyState, dst: Destination, *, client_namespace: str | None, waypoint_namespace: str,
+             routes: RouteSet | None = None) -> Bindings:
+    """What applies to requests for `dst` (see the module docstring's route sources)."""
     svc = dst.service
+    if svc is None:
+        return UNROUTED
     rs = routes or RouteSet.of(state)
     bound = bound_routes(rs.http_routes, service_namespace=svc.namespace, service_name=svc.name, port=dst.port,
                          client_namespace=client_namespace)
     if bound:
-        return _plan_http_route(state, bound, req, raw_query, svc, dst.port, rng)
-    vss = [v for v in bound_virtual_services(rs.virtual_services, service_namespace=svc.namespace,
-                                             service_name=svc.name)
-           if v.namespace in (svc.namespace, waypoint_namespace)]
+        return Bindings(http_routes=tuple(bound), destination_rules=rs.destination_rules)
+    vss = tuple(v for v in bound_virtual_services(rs.virtual_services, service_namespace=svc.namespace,
+                                                  service_name=svc.name)
+                if v.namespace in (svc.namespace, waypoint_namespace))
     if vss:
-        return _plan_vs(state, vss, rs.destination_rules, req, raw_query, dst.port, rng)
+        return Bindings(virtual_services=vss, destination_rules=rs.destination_rules)
+    return UNROUTED
+
+
+def plan_bound(state: ProxyState, dst: Destination, bound: Bindings, req: RequestInfo | None, raw_query: bytes,
+               rng: random.Random) -> Forward | Reply:
+    """The decision for one request to `dst` under `bound` (from `bindings`); `req` may be None
+    only when nothing is bound (the default route does not look at the request)."""
+    if dst.service is None:
+        assert dst.workload is not None
+        return Forward(service=None, port=dst.port, target_port=dst.port, workload=dst.workload)
+    svc = dst.service
+    if bound.http_routes:
+        assert req is not None
+        return _plan_http_route(state, bound.http_routes, req, raw_query, svc, dst.port, rng)
+    if bound.virtual_services:
+        assert req is not None
+        return _plan_vs(state, bound.virtual_services, bound.destination_rules, req, raw_query, dst.port, rng)
     return _default_forward(svc, dst.port)
+
+
+def plan_request(state: ProxyState, dst: Destination, req: RequestInfo, raw_query: bytes, *,
+                 client_namespace: str | None, waypoint_namespace: str, rng: random.Random,
+                 routes: RouteSet | None = None) -> Forward | Reply:
+    """The decision for one request to `dst` (see the module docstring): `bindings` then `plan_bound`."""
+    bound = bindings(state, dst, client_namespace=client_namespace, waypoint_namespace=waypoint_namespace,
+                     routes=routes)
+    return plan_bound(state, dst, bound, req, raw_query, rng)
 
 
 _DEFAULTS: dict[tuple[int, int], tuple[ServiceInfo, Forward | Reply]] = {}

@@ -305,6 +305,22 @@ def _start(t: float) -> str:
 def access_log_line(r: RequestResult) -> str:
     """One line in Istio's default access-log format (`ACCESS_LOG_FORMAT`), without newline."""
     lab = r.labels
+    ust = r.upstream_service_time_ms
+    # Every field as `_f` prints it, without a call per field: an empty one is `-`, and one
+    # with a character to escape makes the whole line non-printable, which the slow path
+    # (the same fields through `_f`) handles.
+    line = (f'[{_start(r.start_time)}] "{r.method or "-"} {r.path or "-"} {r.protocol or "-"}" {lab.response_code} '
+            f'{lab.response_flags or "-"} {r.response_code_details or "-"} {r.connection_termination_details or "-"} '
+            f'"{r.upstream_transport_failure_reason or "-"}" {r.request_bytes} {r.response_bytes} '
+            f'{int(r.duration_ms)} {"-" if ust is None else ust} "{r.x_forwarded_for or "-"}" '
+            f'"{r.user_agent or "-"}" "{r.request_id or "-"}" "{r.authority or "-"}" "{r.upstream_host or "-"}" '
+            f'{r.upstream_cluster or "-"} {r.upstream_local_address or "-"} {r.downstream_local_address or "-"} '
+            f'{r.downstream_remote_address or "-"} {r.requested_server_name or "-"} {r.route_name or "-"}')
+    return line if line.isprintable() else _escaped_line(r)
+
+
+def _escaped_line(r: RequestResult) -> str:
+    lab = r.labels
     return (f'[{_start(r.start_time)}] "{_f(r.method)} {_f(r.path)} {_f(r.protocol)}" {lab.response_code} '
             f'{_f(lab.response_flags)} {_f(r.response_code_details)} {_f(r.connection_termination_details)} '
             f'"{_f(r.upstream_transport_failure_reason)}" {r.request_bytes} {r.response_bytes} '
@@ -312,7 +328,6 @@ def access_log_line(r: RequestResult) -> str:
             f'"{_f(r.user_agent)}" "{_f(r.request_id)}" "{_f(r.authority)}" "{_f(r.upstream_host)}" '
             f'{_f(r.upstream_cluster)} {_f(r.upstream_local_address)} {_f(r.downstream_local_address)} '
             f'{_f(r.downstream_remote_address)} {_f(r.requested_server_name)} {_f(r.route_name)}')
-
 
 
 def grpc_response_status(http_status: int, sent: str | None) -> str:

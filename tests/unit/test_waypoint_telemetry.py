@@ -1,6 +1,8 @@
 """Waypoint telemetry: Istio's request metrics as Prometheus parses them, the cap, the access-log line."""
 import dataclasses
 import math
+import random
+import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -166,6 +168,23 @@ def test_access_log_line_is_one_line_whatever_the_headers():
     assert '"x\\x0aforged line\\x0d\\x1b"' in line
 
 
+@pytest.mark.parametrize("change", [
+    {},
+    {"user_agent": "", "request_id": "", "authority": "", "path": "", "route_name": ""},       # all "-"
+    {"upstream_service_time_ms": 0}, {"upstream_service_time_ms": 12},
+    {"path": "/caf\u00e9"},                               # printable non-ASCII: as it is
+    {"path": "/a\u00a0b"},                                # not printable, not a control character: kept
+    {"x_forwarded_for": "1.2.3.4\t"}, {"route_name": "r\x7f"}, {"method": "G\x00T"},
+    {"response_code_details": "d\n", "upstream_cluster": "c\r"},
+])
+def test_access_log_line_is_the_per_field_format(change):
+    # The one-f-string line must print every field exactly as `_f` does (its slow path is `_f`).
+    from waypoint import telemetry
+    r = dataclasses.replace(FULL, **change)
+    assert access_log_line(r) == telemetry._escaped_line(r)
+    assert "\n" not in access_log_line(r) and "\x00" not in access_log_line(r)
+
+
 def test_access_log_upstream_fields():
     line = access_log_line(dataclasses.replace(
         FULL, labels=dataclasses.replace(WEB, response_code="503", response_flags="UF,URX"),
@@ -181,3 +200,11 @@ def test_mirror_results_are_counted_by_label():
         m.count_mirror(r)
     fam = families(m)["waypoint_mirror_requests"]
     assert {s.labels["result"]: s.value for s in fam.samples} == {"completed": 2.0, "overflow": 1.0}
+
+
+@pytest.mark.parametrize("bits", [0, (1 << 128) - 1, 0x0123456789abcdef0123456789abcdef, 1 << 76, 0xc000 << 48,
+                                  *(random.Random(s).getrandbits(128) for s in range(50))])
+def test_generated_request_id_is_uuid4_text(bits):
+    # x-request-id as Envoy generates it (a UUID4), formatted without the uuid.UUID object.
+    from waypoint.pipeline import request_id
+    assert request_id(bits) == str(uuid.UUID(int=bits, version=4)).encode()

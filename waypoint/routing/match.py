@@ -60,7 +60,7 @@ class RequestInfo:
         path, _, qs = target.partition("?")
         path = path.partition("#")[0]
         return cls(method=method, path=path or "/",
-                   query=tuple(parse_qsl(qs, keep_blank_values=True)),
+                   query=tuple(parse_qsl(qs, keep_blank_values=True)) if qs else (),
                    headers=tuple((k.lower(), v) for k, v in headers), host=host, port=port)
 
     def header(self, name: str) -> str | None:
