@@ -48,7 +48,7 @@ from .http import Body, EndOfMessage, HttpError, InformationalResponse, LocalPro
 from .plan import Forward, destination_rule_for, service_fqdn
 from .resilience.budget import RetryBudget, RetryBudgetConfig, RetryBudgets, budget_config
 from .resilience.retry import (ATTEMPT_COUNT_HEADER, AttemptOutcome, BudgetVerdict, GiveUpReason, OutcomeKind,
-                               RetryDecision, RetryOn, RetryPolicy, hosts_to_avoid, should_retry)
+                               RetryDecision, RetryOn, RetryPolicy, hosts_to_avoid, is_retriable, should_retry)
 from .resilience.outcome import TIMEOUT_BODY, failure_reply, give_up_flag
 from .resilience.timeout import (DEADLINE_EXCEEDED, grpc_local_reply_headers, grpc_status_for, is_grpc,
                                  request_timeout)
@@ -70,6 +70,7 @@ _TIMED_OUT = AttemptOutcome(kind=OutcomeKind.PER_TRY_TIMEOUT)
 """What the route timeout cutting an attempt short says about its endpoint (a timeout)."""
 """Ours: Envoy has no such local reply (its retry budget only stops its own retries)."""
 _ATTEMPT = ATTEMPT_COUNT_HEADER.encode()
+_NOT_RETRIABLE = RetryDecision(retry=False, reason=GiveUpReason.NOT_RETRIABLE)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -442,6 +443,12 @@ class Attempts:
 
     def _decide(self, policy, outcome: AttemptOutcome, attempt_no: int, body: RequestBody, deadline: float | None,
                 budget: RetryBudget | None, target: EndpointTarget) -> RetryDecision:
+        if not is_retriable(policy, outcome):
+            # What should_retry says first, with nothing for the budget to check or settle
+            # (settle counts nothing for it): the outcome of nearly every request.
+            if attempt_no > 1:
+                self._count(target, _NOT_RETRIABLE, attempt_no)
+            return _NOT_RETRIABLE
         now = self.clock.now()
         verdict = budget.check(now) if budget is not None else BudgetVerdict.ALLOWED
         d = should_retry(policy, outcome, attempt_no=attempt_no, budget=verdict, body_replayable=body.replayable,
