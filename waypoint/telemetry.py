@@ -151,6 +151,10 @@ class _Series:
         self.resp_sum = 0
 
 
+_BY_ID_SIZE = 4096
+"""Label objects the identity index keeps alive (the pipeline's label cache holds as many)."""
+
+
 def _label_text(labels: RequestLabels, route: str) -> bytes:
     return (",".join(f'{k}="{_escape(getattr(labels, k))}"' for k in LABEL_NAMES)
             + f',route="{_escape(route)}"').encode()
@@ -173,6 +177,7 @@ class WaypointMetrics:
         self._series: dict[tuple[RequestLabels, str], _Series] = {}
         """By (labels, route name): the route is a label of its own (see module doc)."""
         self._overflow: dict[str, _Series] = {}
+        self._by_id: dict[tuple[int, str], tuple[RequestLabels, _Series]] = {}
         self.overflowed = 0
         """Requests counted in an overflow series because the cap was reached."""
         self.budget_exhausted: dict[str, int] = {}
@@ -188,13 +193,23 @@ class WaypointMetrics:
         return _Series(_label_text(labels, route), len(self._dur_bounds) + 1, len(self._bytes_bounds) + 1)
 
     def _series_for(self, labels: RequestLabels, route: str) -> _Series:
+        # By identity first: the pipeline hands the same labels object to every request of a
+        # connection (its label cache), and hashing the 25-field object was a Python call.
+        hit = self._by_id.get((id(labels), route))
+        if hit is not None and hit[0] is labels:
+            return hit[1]
         key = (labels, route)
         s = self._series.get(key)
-        if s is not None:
-            return s
-        if len(self._series) < self.max_series:
+        if s is None:
+            if len(self._series) >= self.max_series:
+                return self._overflow_series(labels)     # never indexed: each request counts
             s = self._series[key] = self._new_series(labels, route or "unknown")
-            return s
+        if len(self._by_id) >= _BY_ID_SIZE:
+            self._by_id.clear()
+        self._by_id[(id(labels), route)] = (labels, s)   # the entry keeps `labels` alive: its id stays its own
+        return s
+
+    def _overflow_series(self, labels: RequestLabels) -> _Series:
         self.overflowed += 1
         s = self._overflow.get(labels.reporter)
         if s is None:

@@ -132,6 +132,18 @@ def test_series_cap_folds_into_overflow_and_keeps_totals():
     assert [s.value for s in fams["waypoint_metric_series_overflow"].samples] == [2]
 
 
+def test_the_same_labels_object_counts_each_request_in_its_series_or_the_overflow():
+    # The pipeline passes one labels object per connection: the identity index must not
+    # change what is counted, below the cap or past it.
+    m = WaypointMetrics(max_series=1)
+    a, b = WEB, dataclasses.replace(WEB, response_code="201")
+    for labels in (a, b, a, b, b, a):
+        m.record(result(labels))
+    assert m.overflowed == 3
+    totals = {s.labels["response_code"]: s.value for s in samples(families(m)["istio_requests"], "_total")}
+    assert totals == {"200": 3, "overflow": 3}
+
+
 def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="max_series"):
         WaypointMetrics(max_series=0)
