@@ -246,8 +246,8 @@ def _outcome_of(head: ResponseHead, policy: RetryPolicy) -> AttemptOutcome:
 class _Attempt:
     """One upstream attempt's connection, body pump and response head."""
 
-    __slots__ = ("target", "up", "conn", "pump", "head", "failure", "failure_text", "connect_timeout", "started_at",
-                 "upgrade")
+    __slots__ = ("target", "up", "conn", "pump", "sent", "head", "failure", "failure_text", "connect_timeout",
+                 "started_at", "upgrade")
 
     def __init__(self, target: EndpointTarget) -> None:
         self.target = target
@@ -259,6 +259,9 @@ class _Attempt:
         self.upgrade = False
         """The request asked for a protocol upgrade (WebSocket): a 101 turns into a relay."""
         self.pump: asyncio.Future | None = None
+        """The task sending the rest of the request body (None: none runs)."""
+        self.sent = False
+        """The whole body was sent when the head was (no pump was needed)."""
         self.head: ResponseHead | None = None
         self.failure = ""
         self.failure_text = ""
@@ -271,6 +274,8 @@ class _Attempt:
             await asyncio.gather(p, return_exceptions=True)
 
     def body_sent(self) -> bool:
+        if self.sent:
+            return True
         p = self.pump
         return p is not None and p.done() and not p.cancelled() and p.exception() is None and p.result()
 
@@ -286,15 +291,6 @@ class Attempts:
         self.clock = clock
         self.rng = rng
         self.budgets = BudgetBook(state)
-        self._event_loop: asyncio.AbstractEventLoop | None = None
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, looked up once (on Python < 3.12 each asyncio.get_running_loop()
-        is a getpid() syscall); looked up again if this object outlived its loop (tests)."""
-        loop = self._event_loop
-        if loop is None or not loop.is_running():
-            loop = self._event_loop = asyncio.get_running_loop()
-        return loop
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -420,7 +416,8 @@ class Attempts:
                 if retrying and budget is not None:
                     budget.retry_finished()
                     retrying = False
-                await a.stop_pump()
+                if a.pump is not None:
+                    await a.stop_pump()
                 if a.up is not None:
                     a.up.abort()                  # a discarded (retried) or failed attempt: reset it
                     self.upstreams.release(a.up, False)
@@ -501,8 +498,7 @@ class Attempts:
         if head.expect_continue and may_continue:
             down.write(down.codec.send(InformationalResponse(status=100)))
         if body.send_if_complete(up):
-            a.pump = self._running_loop().create_future()
-            a.pump.set_result(True)           # what `body.send` returns, without a task per request
+            a.sent = True                     # what `body.send` returns, without a task or future per request
         else:
             a.pump = asyncio.ensure_future(body.send(up))
         while True:
@@ -616,5 +612,6 @@ class Attempts:
                 await a.pump          # the response is complete: the rest of the request body follows
             res.reusable = a.body_sent() and up.codec.reusable
         finally:
-            await a.stop_pump()
+            if a.pump is not None:
+                await a.stop_pump()
             self.upstreams.release(up, res.reusable)
