@@ -18,10 +18,18 @@ from mesh.identity import NodeId, SpiffeId
 from mesh.ca.certs import WorkloadCert
 from mesh.ca.csr import build_csr, generate_key, key_to_pem
 
-__all__ = ["CAError", "CertificateAuthority", "DEFAULT_TTL", "DEFAULT_MAX_TTL",
+__all__ = ["CAError", "CertificateAuthority", "CLOCK_SKEW_GRACE", "DEFAULT_TTL", "DEFAULT_MAX_TTL",
            "ROOT_CERT_FILE", "ROOT_KEY_FILE", "CHAIN_FILE"]
 
 DEFAULT_TTL = 24 * 3600
+CLOCK_SKEW_GRACE = 120.0
+"""Seconds notBefore is backdated from the issue time (Istio's ClockSkewGracePeriod, 2 min;
+Kubernetes' signer backdates 5 min). A certificate is used the moment it is issued: OpenSSL
+checks notBefore against time(NULL), the kernel's coarse clock, which was measured behind
+floor(time.time()) in 0.6 % of samples, and a verifier on another node may be seconds or
+minutes behind; unbackdated, such a certificate is "not yet valid". notAfter still counts
+from the issue time (the TTL asked for), and so does renewal (WorkloadCert.issued_at): the
+backdate neither pulls renewal earlier nor, for a TTL shorter than it, into the past."""
 DEFAULT_MAX_TTL = 90 * 24 * 3600  # Istio's default max workload cert TTL
 ROOT_CERT_FILE = "root-cert.pem"
 ROOT_KEY_FILE = "root-key.pem"
@@ -84,8 +92,8 @@ class CertificateAuthority:
     """Signs workload and node certificates for one trust domain.
 
     Holds the signing cert and key plus the issuers above it (empty for a self-signed root).
-    Certificates are issued with not_before = clock.now() floored to the second, since X.509
-    times have one-second resolution.
+    A certificate's issue time is clock.now() floored to the second, since X.509 times have
+    one-second resolution; it is valid from CLOCK_SKEW_GRACE before that to the TTL after it.
     """
 
     def __init__(self, *, trust_domain: str, cert: x509.Certificate, key: _SigningKey,
@@ -115,15 +123,15 @@ class CertificateAuthority:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
             x509.NameAttribute(NameOID.COMMON_NAME, "ambient root CA"),
         ])
-        not_before = float(int(clock.now()))
+        issued = float(int(clock.now()))
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(_serial())
-            .not_valid_before(_utc(not_before))
-            .not_valid_after(_utc(not_before + validity_days * 86400))
+            .not_valid_before(_utc(issued - CLOCK_SKEW_GRACE))  # a new root is used at once too
+            .not_valid_after(_utc(issued + validity_days * 86400))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -218,6 +226,20 @@ class CertificateAuthority:
         The caller has authenticated `identity`; the CSR only proves key possession, and its
         URI SANs, if any, must agree. Returns PEM blobs: leaf, intermediates, root.
         """
+        return self._sign_csr(csr_pem, identity, ttl_seconds, self._issue_time())
+
+    def issue(self, identity: SpiffeId | NodeId, ttl_seconds: float = DEFAULT_TTL) -> WorkloadCert:
+        """Generate a key and sign it directly (the control plane's own and bootstrap certs)."""
+        key = generate_key()
+        issued = self._issue_time()
+        chain = self._sign_csr(build_csr(identity, key), identity, ttl_seconds, issued)
+        return WorkloadCert.from_pem(key_to_pem(key), chain, issued_at=issued)
+
+    def _issue_time(self) -> float:
+        return float(int(self._clock.now()))
+
+    def _sign_csr(self, csr_pem: bytes, identity: SpiffeId | NodeId, ttl_seconds: float,
+                  issued: float) -> tuple[bytes, ...]:
         if not 1 <= ttl_seconds <= self.max_ttl:
             raise CAError("ttl_out_of_range", f"TTL {ttl_seconds}s outside [1, {self.max_ttl}]s")
         if identity.trust_domain != self.trust_domain:
@@ -244,15 +266,14 @@ class CertificateAuthority:
         if any(uri != identity.uri for uri in uris):
             raise CAError("san_mismatch", f"CSR asks for {uris}, caller is {identity.uri}")
 
-        not_before = float(int(self._clock.now()))
         leaf = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
             .issuer_name(self._cert.subject)
             .public_key(public_key)
             .serial_number(_serial())
-            .not_valid_before(_utc(not_before))
-            .not_valid_after(_utc(not_before + ttl_seconds))
+            .not_valid_before(_utc(issued - CLOCK_SKEW_GRACE))
+            .not_valid_after(_utc(issued + ttl_seconds))
             # SPIFFE X.509-SVID: with an empty subject the SAN must be critical (RFC 5280 4.2.1.6).
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
                            critical=True)
@@ -265,12 +286,6 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         return (_pem(leaf),) + self._issuer_chain_pem
-
-    def issue(self, identity: SpiffeId | NodeId, ttl_seconds: float = DEFAULT_TTL) -> WorkloadCert:
-        """Generate a key and sign it directly (the control plane's own and bootstrap certs)."""
-        key = generate_key()
-        chain = self.sign_csr(build_csr(identity, key), identity, ttl_seconds)
-        return WorkloadCert.from_pem(key_to_pem(key), chain)
 
 
 def _serial() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,20 +19,6 @@ CLIENT_ID = SpiffeId(trust_domain=TD, namespace="default", service_account="clie
 SERVER_ID = SpiffeId(trust_domain=TD, namespace="default", service_account="server")
 
 
-class IssuingClock(SystemClock):
-    """The real clock a second behind, for a test CA whose certificates are used at once.
-    OpenSSL checks notBefore against time(NULL), the kernel's coarse clock, which lags
-    time.time() by up to a tick: measured, time(NULL) was behind floor(time.time()) in 0.6 %
-    of samples, so a certificate issued at int(time.time()) and presented within a few ms of a
-    second boundary was "not yet valid" (the in-process suites' rare "connection closed
-    during the HTTP/2 handshake", the server logging cert_not_yet_valid)."""
-
-    __slots__ = ()
-
-    def now(self) -> float:
-        return time.time() - 1.0
-
-
 @dataclass
 class Pki:
     ca: CertificateAuthority
@@ -41,8 +26,8 @@ class Pki:
 
     @classmethod
     def create(cls, trust_domain: str = TD) -> Pki:
-        # OpenSSL checks validity against the real (coarse) clock.
-        return cls(CertificateAuthority.generate(trust_domain, clock=IssuingClock()))
+        # OpenSSL checks validity against the real (coarse) clock: the CA backdates notBefore for it.
+        return cls(CertificateAuthority.generate(trust_domain, clock=SystemClock()))
 
     def server_context(self, identity: SpiffeId = SERVER_ID):
         return tls.server_context(self.ca.issue(identity), self.ca.roots_pem)

@@ -56,6 +56,9 @@ class WorkloadCert:
     chain_pem: tuple[bytes, ...] = field(repr=False)
     not_before: float
     not_after: float
+    issued_at: float | None = None
+    """When it was issued, as near as its holder knows: the CA's issue time for one it signed
+    itself, the time the request was sent for a fetched one; None (loaded from files): unknown."""
 
     @property
     def cert_pem(self) -> bytes:
@@ -67,8 +70,14 @@ class WorkloadCert:
 
     @property
     def refresh_at(self) -> float:
-        """Half-life, when Istio/ztunnel rotate: leaves the second half for retries."""
-        return self.not_before + (self.not_after - self.not_before) / 2
+        """Half-life, when Istio/ztunnel rotate: leaves the second half for retries.
+
+        Counted from the issue time when known, as istio-agent does (from its CreatedTime),
+        rather than from not_before as ztunnel does: CAs backdate not_before for clock skew
+        (controlplane/ca.py by 2 min, as Istio's), which would move renewal earlier by half the
+        backdate, and for a TTL under the backdate into the past: renewing without pause."""
+        start = self.not_before if self.issued_at is None else self.issued_at
+        return start + (self.not_after - start) / 2
 
     def expired(self, now: float) -> bool:
         return now >= self.not_after
@@ -77,7 +86,8 @@ class WorkloadCert:
         return self.not_before <= now < self.not_after
 
     @classmethod
-    def from_pem(cls, key_pem: bytes, chain_pem: bytes | Sequence[bytes]) -> WorkloadCert:
+    def from_pem(cls, key_pem: bytes, chain_pem: bytes | Sequence[bytes], *,
+                 issued_at: float | None = None) -> WorkloadCert:
         """Parse a key and chain (one bundle or one blob per cert); raise CertError or
         IdentityError when they are unusable."""
         bundle = chain_pem if isinstance(chain_pem, bytes) else b"".join(chain_pem)
@@ -98,4 +108,5 @@ class WorkloadCert:
             chain_pem=tuple(c.public_bytes(serialization.Encoding.PEM) for c in certs),
             not_before=leaf.not_valid_before_utc.timestamp(),
             not_after=leaf.not_valid_after_utc.timestamp(),
+            issued_at=issued_at,
         )

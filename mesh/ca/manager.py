@@ -214,8 +214,11 @@ class SecretManager:
     async def _fetch_once(self, identity: Identity) -> WorkloadCert:
         key = self._key_factory()  # a fresh key per fetch: renewal rotates the key too
         key_pem = key_to_pem(key)
+        # The request time stands for the issue time (renewal counts from it, see refresh_at):
+        # at most the round trip early, so renewal is at most half of that early.
+        asked = self._clock.now()
         chain = await self._fetch(identity, build_csr(identity, key))
-        cert = WorkloadCert.from_pem(key_pem, tuple(chain))
+        cert = WorkloadCert.from_pem(key_pem, tuple(chain), issued_at=asked)
         if cert.identity != identity:
             raise ValueError(f"CA issued {cert.identity.uri}, asked for {identity.uri}")
         if cert.expired(self._clock.now()):

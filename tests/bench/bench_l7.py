@@ -478,7 +478,7 @@ def run(a: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[dict, dict,
     cluster = Cluster(a.cluster)
     preflight(cluster)
     workdir = tempfile.mkdtemp(prefix=f"bench-l7-{a.cluster}-")
-    stack.callback(print, f"# cleaned up: proxies stopped, cluster {a.cluster!r} down, {workdir} removed",
+    stack.callback(print, f"# cleaned up: proxies stopped, cluster {a.cluster!r} down, its CA and {workdir} removed",
                    flush=True)
     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
     yaml_path = os.path.join(workdir, "cluster.yaml")
@@ -488,6 +488,9 @@ def run(a: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[dict, dict,
     with open(pace, "w") as f:
         f.write(PACE_LUA % {"interval_ms": 1000.0 * WRK_THREADS / a.rate})
     os.chmod(pace, 0o644)
+    # Registered before `down`, so it runs after it (LIFO): down keeps a cluster's CA, as it
+    # should for users, and this cluster is a throwaway one.
+    stack.callback(shutil.rmtree, cluster.paths.state_dir, ignore_errors=True)
     stack.callback(cluster.cli, "down", check=False)
     targets, failed, idle, notes = {}, {}, {}, {}
     runs: dict[str, list[dict[str, Any]]] = {}

@@ -239,6 +239,9 @@ def run(a: argparse.Namespace, stack: contextlib.ExitStack) -> list[dict[str, An
     bl.preflight(cluster)
     workdir = tempfile.mkdtemp(prefix=f"scale-l4-{a.cluster}-")
     stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    # On the outer stack, so it runs after every worker count's `down` (each on its own inner
+    # stack): down keeps a cluster's CA, as it should for users; this cluster is a throwaway one.
+    stack.callback(shutil.rmtree, cluster.paths.state_dir, ignore_errors=True)
     modes = [None] + ([a.pin] if a.pin else [])
     rows: list[dict[str, Any]] = []
     for n in a.workers:

@@ -7,9 +7,12 @@ import sys
 
 import pytest
 
+from localcluster.paths import ClusterPaths
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETUPS = ("direct", "ambient", "envoy")
 CLUSTER = f"bs{os.getpid() % 100000}"
+STATE_DIR = ClusterPaths(CLUSTER).state_dir  # /var/lib/ambient/CLUSTER: its CA
 
 
 @pytest.mark.root
@@ -19,9 +22,11 @@ def test_quick_bench_has_numbers_and_cleans_up(tmp_path):
                             "--rate", "500",
                             "--cluster", CLUSTER, "--setups", ",".join(SETUPS), "--out", str(tmp_path)],
                            capture_output=True, text=True, timeout=180)
-    finally:  # the throwaway cluster's CA (ambient down keeps CAs, as it should for users)
-        shutil.rmtree(f"/var/lib/ambient/{CLUSTER}", ignore_errors=True)
+    finally:  # the script must remove its throwaway cluster's CA (ambient down keeps CAs, as it should for users)
+        ca_left = os.path.exists(STATE_DIR)
+        shutil.rmtree(STATE_DIR, ignore_errors=True)  # never leave it, even when the script failed to
     assert p.returncode == 0, p.stdout + p.stderr
+    assert not ca_left, f"{STATE_DIR} left behind"
     [result] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     with open(tmp_path / result) as f:
         res = json.load(f)

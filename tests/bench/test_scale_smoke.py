@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
+from localcluster.paths import ClusterPaths
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLUSTER = f"sc{os.getpid() % 100000}"
+STATE_DIR = ClusterPaths(CLUSTER).state_dir  # /var/lib/ambient/CLUSTER: its CA
 
 
 @pytest.mark.root
@@ -20,9 +23,11 @@ def test_two_workers_spread_and_clean_up(tmp_path):
         p = subprocess.run([sys.executable, os.path.join(HERE, "scale_l4.py"), "--workers", "2", "--setups", "ambient",
                             "--secs", "1", *pin, "--cluster", CLUSTER, "--out", str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
-    finally:  # the throwaway cluster's CA (ambient down keeps CAs, as it should for users)
-        shutil.rmtree(f"/var/lib/ambient/{CLUSTER}", ignore_errors=True)
+    finally:  # the script must remove its throwaway cluster's CA (ambient down keeps CAs, as it should for users)
+        ca_left = os.path.exists(STATE_DIR)
+        shutil.rmtree(STATE_DIR, ignore_errors=True)  # never leave it, even when the script failed to
     assert p.returncode == 0, p.stdout + p.stderr
+    assert not ca_left, f"{STATE_DIR} left behind"
     [result] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     with open(tmp_path / result) as f:
         rows = json.load(f)["rows"]

@@ -7,10 +7,10 @@ import socket
 import textwrap
 
 from controlplane.ca import CertificateAuthority
+from mesh.clock import SystemClock
 from mesh.config import load_text
 from mesh.distribution.protocol import Snapshot
 from mesh.state import ProxyState
-from tests.hbone_support import IssuingClock
 
 TD = "cluster.local"
 
@@ -23,7 +23,7 @@ class MeshObjects:
         # A /24 of its own per run: parallel runs (other worktrees) must not collide on 15008.
         self.prefix = f"127.{100 + os.getpid() % 100}.{random.Random().randrange(1, 255)}."
         self._next = 1
-        self.ca = CertificateAuthority.generate(TD, clock=IssuingClock())  # see IssuingClock
+        self.ca = CertificateAuthority.generate(TD, clock=SystemClock())
         self.state = ProxyState()
         self.objects: list = []
         self._version = 0

@@ -21,6 +21,10 @@ from .cluster_helper import (app_pod_yaml, cluster_fixture, idle_pod_yaml, names
 
 NAME = f"wf{os.getpid() % 100000}"
 DELAY = 0.2
+# A delay may end up to ~1 ms early against the client's monotonic clock: the waypoint's
+# asyncio.sleep runs on a libuv timer, in whole milliseconds on the loop time cached at the
+# start of the iteration (seen once in CI: 0.19997 s for a 0.2 s delay).
+TIMER_SLACK = 0.001
 N = 1000
 
 # Counts requests per first path segment and per Host; `/_count` answers the tally.
@@ -274,14 +278,14 @@ def test_fault_delay_and_abort_at_0_50_100_percent(cluster):
     # Delays: every request answered by the upstream, the delayed ones flagged DI.
     for p in (0, 50, 100):
         assert paths[f"/d{p}/"]["status"] == {"200": N}, paths[f"/d{p}/"]["status"]
-    assert paths["/d100/"]["lat"][0] >= DELAY                       # each one was held
+    assert paths["/d100/"]["lat"][0] >= DELAY - TIMER_SLACK         # each one was held
     lines = waypoint_log(cluster)[since:]
     flags = flags_by_prefix(lines)
     di = {p: flags.get((f"/d{p}/", "200", "DI"), 0) for p in (0, 50, 100)}
     assert di[0] == 0 and flags.get(("/d0/", "200", "-")) == N, flags
     assert di[100] == N, flags
     assert within_binomial(di[50], N, 0.5) and di[50] + flags.get(("/d50/", "200", "-"), 0) == N, flags
-    assert sum(1 for t in paths["/d50/"]["lat"] if t >= DELAY) >= di[50]   # DI ones really waited
+    assert sum(1 for t in paths["/d50/"]["lat"] if t >= DELAY - TIMER_SLACK) >= di[50]   # DI ones really waited
     assert flags.get(("/a100/", "503", "FI")) == N and flags.get(("/a50/", "503", "FI")) == a50["503"], flags
 
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controlplane.ca import DEFAULT_TTL, CAError, CertificateAuthority
+from controlplane.ca import CLOCK_SKEW_GRACE, DEFAULT_TTL, CAError, CertificateAuthority
 from mesh.ca import WorkloadCert, build_csr, generate_key, identity_from_der, key_to_pem
 from mesh.identity import IdentityError, NodeId, SpiffeId
 from tests.fakes import FakeClock, make_intermediate
@@ -177,14 +177,15 @@ def test_serials_are_random_and_large(ca):
 
 def test_ttl_default_is_24h_and_exact(ca, clock):
     leaf = _leaf(ca.sign_csr(build_csr(ALICE, generate_key()), ALICE))
-    assert leaf.not_valid_before_utc.timestamp() == clock.now()
-    assert leaf.not_valid_after_utc.timestamp() == clock.now() + 24 * 3600
+    assert leaf.not_valid_before_utc.timestamp() == clock.now() - CLOCK_SKEW_GRACE
+    assert leaf.not_valid_after_utc.timestamp() == clock.now() + 24 * 3600  # from issuance, not not_before
 
 
 def test_ttl_follows_the_clock_and_request(ca, clock):
     asyncio.run(clock.advance(1234))
     cert = ca.issue(NODE, ttl_seconds=600)
-    assert cert.not_before == clock.now() == 1_800_000_000 + 1234
+    assert cert.issued_at == clock.now() == 1_800_000_000 + 1234
+    assert cert.not_before == clock.now() - CLOCK_SKEW_GRACE
     assert cert.not_after == clock.now() + 600
     assert cert.identity == NODE
 
@@ -206,6 +207,51 @@ def test_issue_returns_usable_workload_cert(ca, clock):
     key = serialization.load_pem_private_key(cert.key_pem, None)
     assert key.public_key() == _leaf(cert.chain_pem).public_key()
     assert b"PRIVATE KEY" not in repr(cert).encode()
+
+
+# -- validity window: backdated start, lifetime from issuance --------------------------------
+
+def test_not_before_is_backdated_below_the_issue_time(ca, clock):
+    # The CA's clock is fractional; the issue time is its second, X.509's resolution.
+    asyncio.run(clock.advance(0.75))
+    issued = int(clock.now())
+    leaf = _leaf(ca.sign_csr(build_csr(ALICE, generate_key()), ALICE, 600))
+    root = x509.load_pem_x509_certificate(ca.roots_pem)
+    assert leaf.not_valid_before_utc.timestamp() < issued
+    assert leaf.not_valid_before_utc.timestamp() == issued - CLOCK_SKEW_GRACE
+    assert CLOCK_SKEW_GRACE >= 1  # at least the coarse clock's lag
+    # The root of a CA generated just now is used at once as well.
+    assert root.not_valid_before_utc.timestamp() == 1_800_000_000 - CLOCK_SKEW_GRACE  # the fixture CA
+
+
+def test_a_verifier_whose_clock_lags_accepts_a_certificate_issued_just_now(ca, clock, tmp_path):
+    # OpenSSL, a minute behind the CA (-attime is the second after `at`): the time(NULL) lag
+    # after a second boundary, or another node's clock. Unbackdated, leaf and root are "not yet valid".
+    chain = ca.sign_csr(build_csr(ALICE, generate_key()), ALICE, 600)
+    _openssl_verify(tmp_path, chain, ca.roots_pem, clock.now() - 61)
+    _openssl_verify(tmp_path, chain, ca.roots_pem, clock.now() - CLOCK_SKEW_GRACE - 2, ok=False)
+
+
+def test_not_after_minus_issue_time_is_the_ttl(ca, clock):
+    asyncio.run(clock.advance(0.5))
+    issued = int(clock.now())
+    for ttl in (1, 2, 600, DEFAULT_TTL):
+        leaf = _leaf(ca.sign_csr(build_csr(ALICE, generate_key()), ALICE, ttl))
+        assert leaf.not_valid_after_utc.timestamp() - issued == ttl
+        cert = ca.issue(ALICE, ttl)
+        assert cert.issued_at == issued and cert.not_after - cert.issued_at == ttl
+
+
+def test_renewal_counts_from_issuance_not_from_the_backdated_start(ca, clock):
+    cert = ca.issue(ALICE, 1000)
+    assert cert.refresh_at == clock.now() + 500
+    # A TTL shorter than the backdate still renews at its half-life, not at once.
+    short = ca.issue(ALICE, 2)
+    assert short.refresh_at == clock.now() + 1
+    # Without the issue time (a credential read from files) the lifetime is not_before's.
+    loaded = WorkloadCert.from_pem(cert.key_pem, cert.full_chain_pem)
+    assert loaded.issued_at is None
+    assert loaded.refresh_at == cert.not_before + (1000 + CLOCK_SKEW_GRACE) / 2
 
 
 # -- CSR validation --------------------------------------------------------------------------
@@ -359,13 +405,14 @@ def test_load_expired_ca_refused(tmp_path, clock):
 
 def test_workload_cert_from_pem_and_validity(ca, clock):
     issued = ca.issue(ALICE, 1000)
-    cert = WorkloadCert.from_pem(issued.key_pem, issued.full_chain_pem)
+    cert = WorkloadCert.from_pem(issued.key_pem, issued.full_chain_pem, issued_at=issued.issued_at)
     assert cert == issued
     assert cert.refresh_at == clock.now() + 500
     assert cert.valid(clock.now()) and not cert.expired(clock.now())
     assert cert.valid(clock.now() + 999.9)
     assert cert.expired(clock.now() + 1000) and not cert.valid(clock.now() + 1000)
-    assert not cert.valid(clock.now() - 1)
+    assert cert.valid(clock.now() - CLOCK_SKEW_GRACE)  # backdated
+    assert not cert.valid(clock.now() - CLOCK_SKEW_GRACE - 1)
 
 
 def test_identity_from_der_rejects_non_svids(ca):

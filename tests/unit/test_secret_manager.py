@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from controlplane.ca import CertificateAuthority
+from controlplane.ca import CLOCK_SKEW_GRACE, CertificateAuthority
 from mesh.ca import SecretError, SecretManager, build_csr, generate_key
 from mesh.identity import NodeId, SpiffeId
 from tests.fakes import FakeClock
@@ -63,7 +63,10 @@ def test_get_fetches_once_and_caches():
     async def t(clock, ca, mgr):
         cert = await mgr.get(ALICE)
         assert cert.identity == ALICE
-        assert cert.not_before == START and cert.not_after == START + TTL
+        # Issued at START: valid from the CA's backdate, for the TTL from issuance, renewed
+        # half the TTL after issuance (the backdate does not move it).
+        assert cert.not_before == START - CLOCK_SKEW_GRACE and cert.not_after == START + TTL
+        assert cert.issued_at == START and cert.refresh_at == START + TTL / 2
         assert await mgr.get(ALICE) is cert
         assert len(ca.calls) == 1
         node_cert = await mgr.get(NODE)
@@ -83,11 +86,24 @@ def test_renews_at_half_life_and_not_before():
         assert ca.call_times() == [0, 500]
         second = await mgr.get(ALICE)
         assert second is not first
-        assert second.not_before == START + 500
+        assert second.not_before == START + 500 - CLOCK_SKEW_GRACE  # issued at 500
+        assert second.refresh_at == START + 1000
         assert second.key_pem != first.key_pem  # renewal rotates the key
         # Each renewal is at the half-life of the cert it replaces.
         await clock.advance(1200)
         assert ca.call_times() == [0, 500, 1000, 1500]
+    run(t)
+
+
+def test_a_ttl_shorter_than_the_backdate_renews_at_its_half_life_not_at_once():
+    async def t(clock, ca, mgr):
+        ca.ttl = 2  # under CLOCK_SKEW_GRACE: counted from not_before, the half-life is already past
+        first = await mgr.get(ALICE)
+        assert first.not_before == START - CLOCK_SKEW_GRACE and first.refresh_at == START + 1
+        await clock.settle()
+        assert ca.call_times() == [0]
+        await clock.advance(3.5)
+        assert ca.call_times() == [0, 1, 2, 3]
     run(t)
 
 
@@ -124,7 +140,7 @@ def test_first_fetch_retries_with_exponential_backoff_and_jitter():
         ca.failing = False
         await clock.advance(4)
         cert = await asyncio.wait_for(waiter, 1)
-        assert cert.not_before == int(ca.calls[-1][0])  # from the successful attempt
+        assert cert.not_before == int(ca.calls[-1][0]) - CLOCK_SKEW_GRACE  # from the successful attempt
         snap = mgr.snapshot(clock.now())[0]
         assert snap["state"] == "valid" and snap["fetch_errors"] == len(times)
         assert "CA unreachable" in snap["last_error"]
@@ -160,7 +176,7 @@ def test_wall_clock_jump_past_expiry_renews_without_waiting_for_the_sleep():
         first = await mgr.get(ALICE)
         clock.jump(TTL * 3)  # suspend: the half-life sleep has not fired
         fresh = await asyncio.wait_for(mgr.get(ALICE), 1)
-        assert fresh is not first and fresh.not_before == START + TTL * 3
+        assert fresh is not first and fresh.not_before == START + TTL * 3 - CLOCK_SKEW_GRACE
     run(t)
 
 
@@ -256,7 +272,7 @@ def test_ten_minute_outage_keeps_the_old_cert_and_renews_as_soon_as_the_ca_retur
         await clock.settle()
         second = mgr.current(ALICE)
         assert second is not None and second is not first
-        assert second.not_before == START + 300 + OUTAGE  # renewed at once, no virtual time passed
+        assert second.not_before == START + 300 + OUTAGE - CLOCK_SKEW_GRACE  # renewed at once, no virtual time passed
         assert mgr.retry_now() == 0  # nothing is backing off any more
         assert mgr.snapshot(clock.now())[0]["failing_since"] is None
     run(t)
@@ -274,7 +290,7 @@ def test_outage_past_expiry_fails_closed_then_renews_at_once():
         ca.failing = False
         mgr.retry_now()
         fresh = await asyncio.wait_for(waiter, 1)
-        assert fresh is not first and fresh.not_before == START + TTL + 1
+        assert fresh is not first and fresh.not_before == START + TTL + 1 - CLOCK_SKEW_GRACE
     run(t)
 
 
