@@ -477,7 +477,7 @@ class Attempts:
         a.started_at = self.clock.now()
         a.upgrade = head.upgrade is not None
         try:
-            up = await self.upstreams.acquire(a.target, src_ip, gone=down.gone)
+            up = self.upstreams.take_idle(a.target) or await self.upstreams.acquire(a.target, src_ip, gone=down.gone)
         except Withdrawn:                     # the client left while waiting for a connection
             a.failure = "withdrawn"
             return AttemptOutcome(kind=OutcomeKind.RESET, request_sent=False)

@@ -235,6 +235,26 @@ class Upstreams:
             await asyncio.get_running_loop().create_connection(lambda: protocol, sock=sock)
         self.opened += 1
 
+    def take_idle(self, target: EndpointTarget) -> UpstreamConn | None:
+        """`acquire`'s answer when it needs no wait: an idle HTTP/1.1 connection to `target`
+        that the circuit limits admit a request on, counted as `acquire` counts it. None
+        (nothing changed) when `acquire` must run: none idle, HTTP/2, or not admitted. For the
+        common request, without a coroutine."""
+        c = self._cluster_of(target.cluster)
+        if c is None:
+            return None
+        key = (c.key, target.address)
+        if not self._idle.get(key) or wants_http2(c) or not admit_request(c.limits, _counters(c)).admitted:
+            return None
+        conn = self._pop_idle(key, c)
+        if conn is None:
+            return None
+        self.reused += 1
+        c.active_requests += 1
+        conn.started_at = self.clock.now()
+        conn.first_byte_at = None
+        return conn
+
     async def acquire(self, target: EndpointTarget, src_ip: str, *,
                       gone: Callable[[], asyncio.Future[None]] | None = None) -> UpstreamConn:
         """A connection to `target` for one attempt, within the cluster's circuit limits.
