@@ -46,7 +46,6 @@ from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, Serv
 from .plan import Bindings, Destination, Forward, Reply, bindings, plan_bound, refresh, service_fqdn
 from .routing import RequestInfo
 from .http2.downstream import current_stream
-from .resilience.timeout import is_grpc
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line, grpc_response_status
 from .tracing import Tracing
 from .upstream import EndpointTarget, HashRequest, Upstreams
@@ -118,6 +117,7 @@ def local_reply_bytes(status: int, body: bytes, headers: Iterable[tuple[bytes, b
 
 
 _apply = apply_modifiers
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}
 _LABEL_CACHE_SIZE = 4096
 
 
@@ -223,7 +223,7 @@ class Pipeline:
         if fwd is not None and fwd.fault is not None:   # an injected delay marks the result, whatever it is
             flags = fault.join_flags(flags, fwd.fault.flags)
         xff = ua = authority = b""
-        grpc = False
+        ct = None
         if head is not None:       # one pass (the last value wins, as a dict of them had it)
             for n, v in head.headers:
                 if n == b"host":
@@ -232,7 +232,9 @@ class Pipeline:
                     ua = v
                 elif n == b"x-forwarded-for":
                     xff = v
-            grpc = is_grpc(head.headers)
+                elif n == b"content-type" and ct is None:    # the first, as is_grpc reads it
+                    ct = v
+        grpc = ct is not None and ct.lower().startswith(b"application/grpc")
         svc = (fwd.service if fwd is not None else None) or info.destination.service
         if target is not None:
             cluster = target.cluster
@@ -249,7 +251,8 @@ class Pipeline:
             duration_ms=(self.clock.now() - t0) * 1000.0, request_bytes=req_bytes, response_bytes=resp_bytes,
             method=head.method.decode("latin-1") if head is not None else "",
             path=head.target.decode("latin-1") if head is not None else "",
-            protocol=f"HTTP/{head.http_version}" if head is not None else "HTTP/1.1",
+            protocol=(_PROTOCOLS.get(head.http_version) or f"HTTP/{head.http_version}") if head is not None
+            else "HTTP/1.1",
             response_code_details=details, upstream_transport_failure_reason=failure,
             x_forwarded_for=xff.decode("latin-1"), user_agent=ua.decode("latin-1"), request_id=rid,
             authority=authority.decode("latin-1"),
