@@ -446,6 +446,12 @@ def test_control_plane_pod_deleted_traffic_flows_and_the_new_one_manages_the_mes
     poll(lambda: all(uid in mesh.admin(n).get("enrolled", ()) for n, uid in want.items()), 10, "both pods enrolled")
     poll(lambda: _call(mesh, client, vip, "hello").stdout.strip() == "echo hello", 10, "echo answers in the mesh")
     [old] = [p for p in _pods(kube, "istio-system", "app=istiod") if _ready(p)]
+    # The comparison below needs a state nothing else is changing: an earlier test's namespace
+    # still terminating (teardown does not wait) loses its pods while the control plane is
+    # away, and that is not what is tested (CI: its two workloads were in `before` only).
+    poll(lambda: _no_namespace_terminating(kube), 120, "earlier tests' namespaces gone")
+    poll(lambda: all(_only_live_namespaces(kube, mesh.admin(n)) for n in nodes), 30,
+         "the ztunnels' state without those namespaces")
     before = {n: mesh.admin(n) for n in nodes}
     assert all(d.get("connected") for d in before.values()), before
 
@@ -504,6 +510,18 @@ def test_control_plane_pod_deleted_traffic_flows_and_the_new_one_manages_the_mes
     gaps = {n: round(t_back - t, 2) for n, t in down.items()}
     print(f"control plane away {t_back - t_delete:.1f} s (ztunnels seen disconnected for up to {gaps} s); "
           f"exchanges meanwhile: {during}")
+
+
+def _no_namespace_terminating(kube: KubeCluster) -> bool:
+    items = json.loads(kube.kubectl("get", "namespaces", "-o", "json").stdout)["items"]
+    return not any(ns.get("status", {}).get("phase") == "Terminating" for ns in items)
+
+
+def _only_live_namespaces(kube: KubeCluster, dump: dict) -> bool:
+    """No workload or service in the ztunnel's state belongs to a namespace the API server
+    no longer has."""
+    live = {ns["metadata"]["name"] for ns in json.loads(kube.kubectl("get", "namespaces", "-o", "json").stdout)["items"]}
+    return bool(dump) and all(o["namespace"] in live for kind in ("workloads", "services") for o in dump[kind])
 
 
 def _contents(dump: dict) -> list[str]:
