@@ -118,28 +118,34 @@ class ConnectionConfig:
     """Flood and rapid-reset bounds (abuse.py); stream limits apply to the server role only."""
 
 
+# (remote_closed, local_closed) of each state: kept in slots next to `state` because every
+# DATA frame sent or received tests them (a property was 3 Python calls per DATA frame).
+_CLOSED_FLAGS: dict[StreamState, tuple[bool, bool]] = {
+    _S.OPEN: (False, False),
+    _S.HALF_CLOSED_LOCAL: (False, True),
+    _S.HALF_CLOSED_REMOTE: (True, False),
+    _S.CLOSED: (True, True),
+}
+
+
 class _Stream:
-    __slots__ = ("sid", "state", "send_window", "recv_window", "pending", "end_pending",
-                 "unacked", "response_seen")
+    __slots__ = ("sid", "state", "remote_closed", "local_closed", "send_window", "recv_window", "pending",
+                 "end_pending", "unacked", "response_seen")
     # response_seen -- client: the final :status arrived; server: we sent our response.
+    # remote_closed/local_closed -- derived from `state` (_CLOSED_FLAGS); only
+    # H2Connection._transition changes either.
 
     def __init__(self, sid: int, send_window: int, recv_window: int) -> None:
         self.sid = sid
         self.state = StreamState.OPEN
+        self.remote_closed = False                    # the peer sent END_STREAM (or the stream is closed)
+        self.local_closed = False                     # we sent END_STREAM (or the stream is closed)
         self.send_window = send_window
         self.recv_window = recv_window
         self.pending: list[bytes | memoryview] = []   # framed once the window allows
         self.end_pending = False                      # END_STREAM queued behind `pending`
         self.unacked = 0                              # consumed, not yet WINDOW_UPDATEd
         self.response_seen = False
-
-    @property
-    def remote_closed(self) -> bool:
-        return self.state is StreamState.HALF_CLOSED_REMOTE or self.state is StreamState.CLOSED
-
-    @property
-    def local_closed(self) -> bool:
-        return self.state is StreamState.HALF_CLOSED_LOCAL or self.state is StreamState.CLOSED
 
 
 class H2Connection:
@@ -676,6 +682,7 @@ class H2Connection:
         if new is None:
             raise LocalProtocolError("bad_transition", f"stream {s.sid}: {action} in state {s.state.value}")
         s.state = new
+        s.remote_closed, s.local_closed = _CLOSED_FLAGS[new]
         if new is StreamState.CLOSED:
             self._streams.pop(s.sid, None)
             self._blocked.pop(s.sid, None)
