@@ -64,6 +64,10 @@ DataReceived = f.DataReceived
 _DEFAULT_WINDOW = 65_535
 MIB = 1024 * 1024
 TLS_RECORD = 16 * 1024   # TLS's largest plaintext record (RFC 8446 §5.1)
+# DATA payloads up to this size are queued joined to their frame header (one copy, which
+# chunks_to_send would make anyway); larger ones stay separate items, passed by reference.
+_JOIN_DATA = TLS_RECORD
+_pack_header = f.FRAME_HEADER.pack       # (length >> 16, length & 0xFFFF, type, flags, stream id)
 
 
 class Role(enum.Enum):
@@ -325,8 +329,14 @@ class H2Connection:
         n = len(data)
         win = self._send_window if self._send_window < s.send_window else s.send_window
         if n <= win and n <= self._peer_max_frame:            # fast path: one frame
-            self._out.append(f.data_frame_header(stream_id, n))
-            self._out.append(data)
+            header = _pack_header(n >> 16, n & 0xFFFF, f.DATA, 0, stream_id)
+            if n <= _JOIN_DATA:
+                # chunks_to_send would join header and payload into one buffer anyway: do it
+                # now, one list item (and one copy) instead of two.
+                self._out.append(header + data)
+            else:
+                self._out.append(header)
+                self._out.append(data)                         # by reference, uncopied
             self._send_window -= n
             s.send_window -= n
             self._data_frames_sent += 1
