@@ -222,7 +222,18 @@ class H2Connection:
         would be a record of their own (a 31-byte TLS write, a segment on the wire, and one
         more decryption at the peer) for every 256 KiB read."""
         out = self._out
-        chunks: list[bytes | memoryview] = []
+        # The usual flush (a few small frames): what the loop below returns for it, without
+        # the per-item bookkeeping. One item is passed as is, whatever its size (so does the loop).
+        count = len(out)
+        if count == 1:
+            chunks = [out[0]]
+            out.clear()
+            return chunks
+        if count and sum(map(len, out)) < limit:  # every item is small, and so is their sum
+            chunks = [b"".join(out)]
+            out.clear()
+            return chunks
+        chunks = []
         cur: list[bytes | memoryview] = []
         size = 0
         for b in out:
