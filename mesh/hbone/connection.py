@@ -165,6 +165,10 @@ class H2Connection:
                                      max_header_list_size=config.max_header_list_size,
                                      max_consecutive_empty_frames=abuse.max_consecutive_empty_frames)
         self._out: list[bytes | memoryview] = []
+        self.output = self._out
+        """The queued output itself (never replaced: taking it clears it in place). The I/O
+        layer tests it for emptiness on every read and flush, cheaper than `has_data_to_send`;
+        it takes the contents with `data_to_send`/`chunks_to_send` only."""
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}
         self._next_sid = 1                      # client: next stream id we open
