@@ -438,9 +438,21 @@ class H2Connection:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "settings_expected",
                                     "the first frame from the peer must be SETTINGS")
             events: list = []
+            streams = self._streams
             for ev in frames:
                 if type(ev) is f.DataReceived:
-                    self._on_data(ev, events)
+                    # The common DATA frame (open stream, within both windows, no END_STREAM)
+                    # inline: exactly what _on_data does for it. Anything else goes to _on_data,
+                    # which starts from scratch (nothing is changed here before that test).
+                    n = ev.flow_controlled_length
+                    s = streams.get(ev.stream_id)
+                    if (s is not None and not s.remote_closed and not ev.end_stream and n <= self._recv_window
+                            and n <= s.recv_window and (s.response_seen or not self._client)):
+                        self._recv_window -= n
+                        s.recv_window -= n
+                        events.append(ev)
+                    else:
+                        self._on_data(ev, events)
                 else:
                     self._on_frame(ev, events)
             return events

@@ -389,9 +389,13 @@ class FrameParser:
                 off += 9
                 self.frames_seen += 1
                 if length:
+                    self._empty = 0
+                    if n - off >= length:             # the whole payload is here: no cut-through state
+                        append(DataReceived(sid, mv[off:off + length], bool(flags & FLAG_END_STREAM), length))
+                        off += length
+                        continue
                     self._data_left, self._data_sid = length, sid
                     self._data_end = bool(flags & FLAG_END_STREAM)
-                    self._empty = 0
                 elif flags & FLAG_END_STREAM:
                     append(DataReceived(sid, b"", True, 0))
                 else:
