@@ -75,7 +75,8 @@ class Session(asyncio.BufferedProtocol):
         self.tls_paused = False
         self.closed = False
         self.close_reason: str | None = None
-        self._flush_scheduled = False
+        self.flush_scheduled = False
+        """A flush is queued with call_soon (a writer may test this instead of calling want_flush)."""
         self._rbuf = bytearray(0)
 
     # -- hooks for subclasses -------------------------------------------------------------
@@ -216,18 +217,18 @@ class Session(asyncio.BufferedProtocol):
     def data_queued(self, nbytes: int) -> None:
         """A tunnel queued `nbytes` read from its TCP socket: written now or by the deferred
         flush, as `flush_at_once` decides."""
-        if flush_at_once(nbytes, len(self.tunnels), self._flush_scheduled):
+        if flush_at_once(nbytes, len(self.tunnels), self.flush_scheduled):
             self.flush()
         else:
             self.want_flush()
 
     def want_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        self._flush_scheduled = False
+        self.flush_scheduled = False
         if self._conn_out and self.transport is not None:
             conn = self.conn
             chunks = conn.chunks_to_send()
