@@ -277,7 +277,8 @@ class H2Connection:
     @property
     def header_block_open(self) -> bool:
         """The peer started a header block (HEADERS without END_HEADERS) not finished yet."""
-        return self._parser.header_block_open
+        # FrameParser.header_block_open's test, read here directly: the server asks after every read.
+        return self._parser._block_sid != 0
 
     @property
     def open_streams(self) -> int:
