@@ -64,6 +64,10 @@ DataReceived = f.DataReceived
 _DEFAULT_WINDOW = 65_535
 MIB = 1024 * 1024
 TLS_RECORD = 16 * 1024   # TLS's largest plaintext record (RFC 8446 §5.1)
+# DATA payloads up to this size are queued joined to their frame header (one copy, which
+# chunks_to_send would make anyway); larger ones stay separate items, passed by reference.
+_JOIN_DATA = TLS_RECORD
+_pack_header = f.FRAME_HEADER.pack       # (length >> 16, length & 0xFFFF, type, flags, stream id)
 
 
 class Role(enum.Enum):
@@ -118,28 +122,34 @@ class ConnectionConfig:
     """Flood and rapid-reset bounds (abuse.py); stream limits apply to the server role only."""
 
 
+# (remote_closed, local_closed) of each state: kept in slots next to `state` because every
+# DATA frame sent or received tests them (a property was 3 Python calls per DATA frame).
+_CLOSED_FLAGS: dict[StreamState, tuple[bool, bool]] = {
+    _S.OPEN: (False, False),
+    _S.HALF_CLOSED_LOCAL: (False, True),
+    _S.HALF_CLOSED_REMOTE: (True, False),
+    _S.CLOSED: (True, True),
+}
+
+
 class _Stream:
-    __slots__ = ("sid", "state", "send_window", "recv_window", "pending", "end_pending",
-                 "unacked", "response_seen")
+    __slots__ = ("sid", "state", "remote_closed", "local_closed", "send_window", "recv_window", "pending",
+                 "end_pending", "unacked", "response_seen")
     # response_seen -- client: the final :status arrived; server: we sent our response.
+    # remote_closed/local_closed -- derived from `state` (_CLOSED_FLAGS); only
+    # H2Connection._transition changes either.
 
     def __init__(self, sid: int, send_window: int, recv_window: int) -> None:
         self.sid = sid
         self.state = StreamState.OPEN
+        self.remote_closed = False                    # the peer sent END_STREAM (or the stream is closed)
+        self.local_closed = False                     # we sent END_STREAM (or the stream is closed)
         self.send_window = send_window
         self.recv_window = recv_window
         self.pending: list[bytes | memoryview] = []   # framed once the window allows
         self.end_pending = False                      # END_STREAM queued behind `pending`
         self.unacked = 0                              # consumed, not yet WINDOW_UPDATEd
         self.response_seen = False
-
-    @property
-    def remote_closed(self) -> bool:
-        return self.state is StreamState.HALF_CLOSED_REMOTE or self.state is StreamState.CLOSED
-
-    @property
-    def local_closed(self) -> bool:
-        return self.state is StreamState.HALF_CLOSED_LOCAL or self.state is StreamState.CLOSED
 
 
 class H2Connection:
@@ -155,6 +165,10 @@ class H2Connection:
                                      max_header_list_size=config.max_header_list_size,
                                      max_consecutive_empty_frames=abuse.max_consecutive_empty_frames)
         self._out: list[bytes | memoryview] = []
+        self.output = self._out
+        """The queued output itself (never replaced: taking it clears it in place). The I/O
+        layer tests it for emptiness on every read and flush, cheaper than `has_data_to_send`;
+        it takes the contents with `data_to_send`/`chunks_to_send` only."""
         self._streams: dict[int, _Stream] = {}
         self._blocked: dict[int, _Stream] = {}
         self._next_sid = 1                      # client: next stream id we open
@@ -212,7 +226,18 @@ class H2Connection:
         would be a record of their own (a 31-byte TLS write, a segment on the wire, and one
         more decryption at the peer) for every 256 KiB read."""
         out = self._out
-        chunks: list[bytes | memoryview] = []
+        # The usual flush (a few small frames): what the loop below returns for it, without
+        # the per-item bookkeeping. One item is passed as is, whatever its size (so does the loop).
+        count = len(out)
+        if count == 1:
+            chunks = [out[0]]
+            out.clear()
+            return chunks
+        if count and sum(map(len, out)) < limit:  # every item is small, and so is their sum
+            chunks = [b"".join(out)]
+            out.clear()
+            return chunks
+        chunks = []
         cur: list[bytes | memoryview] = []
         size = 0
         for b in out:
@@ -252,7 +277,8 @@ class H2Connection:
     @property
     def header_block_open(self) -> bool:
         """The peer started a header block (HEADERS without END_HEADERS) not finished yet."""
-        return self._parser.header_block_open
+        # FrameParser.header_block_open's test, read here directly: the server asks after every read.
+        return self._parser._block_sid != 0
 
     @property
     def open_streams(self) -> int:
@@ -319,8 +345,14 @@ class H2Connection:
         n = len(data)
         win = self._send_window if self._send_window < s.send_window else s.send_window
         if n <= win and n <= self._peer_max_frame:            # fast path: one frame
-            self._out.append(f.data_frame_header(stream_id, n))
-            self._out.append(data)
+            header = _pack_header(n >> 16, n & 0xFFFF, f.DATA, 0, stream_id)
+            if n <= _JOIN_DATA:
+                # chunks_to_send would join header and payload into one buffer anyway: do it
+                # now, one list item (and one copy) instead of two.
+                self._out.append(header + data)
+            else:
+                self._out.append(header)
+                self._out.append(data)                         # by reference, uncopied
             self._send_window -= n
             s.send_window -= n
             self._data_frames_sent += 1
@@ -407,9 +439,21 @@ class H2Connection:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "settings_expected",
                                     "the first frame from the peer must be SETTINGS")
             events: list = []
+            streams = self._streams
             for ev in frames:
                 if type(ev) is f.DataReceived:
-                    self._on_data(ev, events)
+                    # The common DATA frame (open stream, within both windows, no END_STREAM)
+                    # inline: exactly what _on_data does for it. Anything else goes to _on_data,
+                    # which starts from scratch (nothing is changed here before that test).
+                    n = ev.flow_controlled_length
+                    s = streams.get(ev.stream_id)
+                    if (s is not None and not s.remote_closed and not ev.end_stream and n <= self._recv_window
+                            and n <= s.recv_window and (s.response_seen or not self._client)):
+                        self._recv_window -= n
+                        s.recv_window -= n
+                        events.append(ev)
+                    else:
+                        self._on_data(ev, events)
                 else:
                     self._on_frame(ev, events)
             return events
@@ -676,6 +720,7 @@ class H2Connection:
         if new is None:
             raise LocalProtocolError("bad_transition", f"stream {s.sid}: {action} in state {s.state.value}")
         s.state = new
+        s.remote_closed, s.local_closed = _CLOSED_FLAGS[new]
         if new is StreamState.CLOSED:
             self._streams.pop(s.sid, None)
             self._blocked.pop(s.sid, None)

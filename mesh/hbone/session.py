@@ -68,13 +68,15 @@ class Session(asyncio.BufferedProtocol):
     def __init__(self, role: Role, config: ConnectionConfig) -> None:
         self.loop = asyncio.get_running_loop()
         self.conn = H2Connection(role, config, clock=self.loop.time)
+        self._conn_out = self.conn.output            # truthy when the connection has bytes to write
         self.tunnels: dict[int, StreamCore] = {}        # Tunnel or HboneStream, by stream id
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.tls_paused = False
         self.closed = False
         self.close_reason: str | None = None
-        self._flush_scheduled = False
+        self.flush_scheduled = False
+        """A flush is queued with call_soon (a writer may test this instead of calling want_flush)."""
         self._rbuf = bytearray(0)
 
     # -- hooks for subclasses -------------------------------------------------------------
@@ -124,7 +126,8 @@ class Session(asyncio.BufferedProtocol):
         # buffer is sized to it: a DATA view that outlives the read (a TCP transport buffering
         # it) pins the whole buffer, so a small read must not pin a large one; and a session
         # whose reads are small again gives a large buffer back.
-        want = min(max(sizehint, MIN_READ_BUFFER), READ_BUFFER)
+        # min(max(sizehint, MIN_READ_BUFFER), READ_BUFFER) without two builtin calls per read
+        want = MIN_READ_BUFFER if sizehint < MIN_READ_BUFFER else sizehint if sizehint < READ_BUFFER else READ_BUFFER
         # 2 = our attribute + getrefcount's argument: no memoryview of it is alive.
         if sys.getrefcount(self._rbuf) != 2 or not want <= len(self._rbuf) <= 4 * want:
             self._rbuf = bytearray(want)
@@ -155,7 +158,7 @@ class Session(asyncio.BufferedProtocol):
                     self.conn.acknowledge_received_data(ev.stream_id, ev.flow_controlled_length)
             else:
                 self._dispatch(ev)
-        if self.conn.has_data_to_send:
+        if self._conn_out:
             self.flush()
 
     def _dispatch(self, ev) -> None:
@@ -214,26 +217,27 @@ class Session(asyncio.BufferedProtocol):
     def data_queued(self, nbytes: int) -> None:
         """A tunnel queued `nbytes` read from its TCP socket: written now or by the deferred
         flush, as `flush_at_once` decides."""
-        if flush_at_once(nbytes, len(self.tunnels), self._flush_scheduled):
+        if flush_at_once(nbytes, len(self.tunnels), self.flush_scheduled):
             self.flush()
         else:
             self.want_flush()
 
     def want_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        self._flush_scheduled = False
-        conn = self.conn
-        if conn.has_data_to_send and self.transport is not None:
+        self.flush_scheduled = False
+        if self._conn_out and self.transport is not None:
+            conn = self.conn
             chunks = conn.chunks_to_send()
             if len(chunks) == 1:
                 self.transport.write(chunks[0])
             else:                             # one TLS output pass and socket write for all
                 self.transport.writelines(chunks)
-            if not self.tls_paused:           # else resume_writing says when it left
+            # Else resume_writing says when it left; nothing owed (the usual case): no call.
+            if not self.tls_paused and conn.abuse.control_pending:
                 conn.control_frames_written()
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -160,7 +160,9 @@ class HboneStream(StreamCore):
         self.sent += len(data)
         if not self.conn.send_data(self.sid, data) and not self.write_block & _BLOCK_WINDOW:
             self._block(_BLOCK_WINDOW)
-        self.session.want_flush()
+        session = self.session
+        if not session.flush_scheduled:               # a consumer writing head and body: one call
+            session.want_flush()
 
     def writelines(self, chunks) -> None:
         for c in chunks:

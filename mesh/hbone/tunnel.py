@@ -164,7 +164,9 @@ class Tunnel(StreamCore, asyncio.Protocol):
         self.sent += n
         if not self.conn.send_data(self.sid, data):
             self._block(_READ_WINDOW)
-        self.session.data_queued(n)
+        session = self.session
+        if not session.flush_scheduled:     # else data_queued would leave it to that flush
+            session.data_queued(n)
 
     def eof_received(self) -> bool:
         self.local_eof = True
