@@ -7,7 +7,7 @@ from http import HTTPStatus
 from .errors import LocalProtocolError
 from .events import Headers
 
-__all__ = ["Limits", "HOP_BY_HOP", "FramingFields", "split_fields", "serialize_head", "chunk",
+__all__ = ["Limits", "HOP_BY_HOP", "split_fields", "serialize_head", "chunk",
            "LAST_CHUNK", "status_line"]
 
 # RFC 9110 7.6.1 connection-specific fields, plus Proxy-* (RFC 9110 11.7, legacy
@@ -15,6 +15,7 @@ __all__ = ["Limits", "HOP_BY_HOP", "FramingFields", "split_fields", "serialize_h
 HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"])
 _FRAMING = frozenset([b"content-length", b"expect", b"host"])
+_SPECIAL = HOP_BY_HOP | _FRAMING
 # Fields a trailer section must not carry (RFC 9110 6.5.1): framing, routing, auth.
 _NOT_IN_TRAILERS = HOP_BY_HOP | frozenset([b"content-length", b"expect", b"host", b"authorization",
                                            b"set-cookie", b"cookie", b"content-type", b"content-encoding"])
@@ -32,53 +33,43 @@ class Limits:
     """Request body bytes (declared or streamed); None = unlimited -> 413."""
 
 
-@dataclass(slots=True)
-class FramingFields:
-    """What split_fields learnt from the connection-level fields of one head."""
+def split_fields(raw: list[tuple[bytes, bytes]]
+                 ) -> tuple[Headers, bytes | None, bytes | None, bytes | None, int, bytes | None]:
+    """Drop hop-by-hop fields (and those Connection names) from `raw`, recording framing ones:
+    (headers, content_length, transfer_encoding, expect, host_count, upgrade), the last five
+    as received (Transfer-Encoding fields joined with ", "; Upgrade is never passed on).
 
-    content_length: bytes | None = None
-    transfer_encoding: bytes | None = None
-    expect: bytes | None = None
-    host_count: int = 0
-    upgrade: bytes | None = None
-    """The Upgrade field (hop-by-hop: never in the headers passed on)."""
-
-
-def split_fields(raw: list[tuple[bytes, bytes]], framing: FramingFields) -> Headers:
-    """Drop hop-by-hop fields (and those Connection names) from `raw`, recording framing ones.
-
-    `raw` names are already lowercased. One pass builds the result; a second, only when a
-    Connection header lists extra names, removes those."""
+    `raw` names are already lowercased. One pass builds the result (one set test per
+    ordinary field); a second, only when a Connection header lists extra names, removes those."""
     out = []
+    append = out.append
     listed: set[bytes] | None = None
+    cl = te = expect = upgrade = None
+    hosts = 0
     for hv in raw:
         n = hv[0]
-        if n in HOP_BY_HOP:
-            if n == b"connection":
-                toks = {t.strip().lower() for t in hv[1].split(b",")}
-                toks.discard(b"close")
-                toks.discard(b"keep-alive")
-                if toks:
-                    listed = toks if listed is None else listed | toks
-            elif n == b"transfer-encoding":
-                te = framing.transfer_encoding
-                framing.transfer_encoding = hv[1] if te is None else te + b", " + hv[1]
-            elif n == b"upgrade":
-                framing.upgrade = hv[1]
-            continue
-        if n in _FRAMING:
-            if n == b"host":
-                framing.host_count += 1
-                out.append(hv)
-            elif n == b"content-length":
-                framing.content_length = hv[1]
-            else:
-                framing.expect = hv[1]
-            continue
-        out.append(hv)
+        if n not in _SPECIAL:
+            append(hv)
+        elif n == b"host":
+            hosts += 1
+            append(hv)
+        elif n == b"content-length":
+            cl = hv[1]
+        elif n == b"connection":
+            toks = {t.strip().lower() for t in hv[1].split(b",")}
+            toks.discard(b"close")
+            toks.discard(b"keep-alive")
+            if toks:
+                listed = toks if listed is None else listed | toks
+        elif n == b"transfer-encoding":
+            te = hv[1] if te is None else te + b", " + hv[1]
+        elif n == b"upgrade":
+            upgrade = hv[1]
+        elif n == b"expect":
+            expect = hv[1]
     if listed:
         out = [hv for hv in out if hv[0] not in listed]
-    return tuple(out)
+    return tuple(out), cl, te, expect, hosts, upgrade
 
 
 def filter_trailers(raw: list[tuple[bytes, bytes]]) -> Headers:
