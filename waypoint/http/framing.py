@@ -7,8 +7,8 @@ from http import HTTPStatus
 from .errors import LocalProtocolError
 from .events import Headers
 
-__all__ = ["Limits", "HOP_BY_HOP", "split_fields", "serialize_head", "chunk",
-           "LAST_CHUNK", "status_line"]
+__all__ = ["Limits", "HOP_BY_HOP", "split_fields", "serialize_head", "head",
+           "LAST_CHUNK", "STATUS_LINES", "status_line"]
 
 # RFC 9110 7.6.1 connection-specific fields, plus Proxy-* (RFC 9110 11.7, legacy
 # Proxy-Connection) and the framing fields this codec re-creates itself.
@@ -96,7 +96,20 @@ def serialize_head(start_line: bytes, headers: Headers, extra: list[bytes]) -> b
     return start_line + _field_block(headers, extra) + b"\r\n"
 
 
-_STATUS_LINES: dict[int, bytes] = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode())
+def head(start_line: bytes, headers: Headers, framing: bytes) -> bytes:
+    """serialize_head for the codec: `framing` is its own lines (CRLF-terminated, built from
+    numbers and constants, so not scanned). One C-level join over the fields (no Python call
+    per field), then the same two counts for CR/LF injection as _field_block."""
+    if not headers:
+        return start_line + framing + b"\r\n"
+    block = b"\r\n".join(map(b": ".join, headers))
+    n = len(headers) - 1
+    if block.count(b"\n") != n or block.count(b"\r") != n or b"\x00" in block:
+        raise LocalProtocolError("header_injection", "CR, LF or NUL inside a header name or value")
+    return b"%b%b\r\n%b\r\n" % (start_line, block, framing)
+
+
+STATUS_LINES: dict[int, bytes] = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode())
                                    for s in HTTPStatus}
 
 
@@ -105,16 +118,11 @@ def status_line(status: int, reason: bytes) -> bytes:
     if not 100 <= status <= 999:
         raise LocalProtocolError("bad_status", f"status {status} is not three digits")
     if not reason:
-        line = _STATUS_LINES.get(status)
+        line = STATUS_LINES.get(status)
         return line if line is not None else b"HTTP/1.1 %d \r\n" % status
     if b"\r" in reason or b"\n" in reason:
         raise LocalProtocolError("header_injection", "CR or LF in a reason phrase")
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-
-
-def chunk(data: bytes | memoryview) -> bytes:
-    """One chunk in chunked transfer coding (callers never pass empty data)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 LAST_CHUNK = b"0\r\n\r\n"
