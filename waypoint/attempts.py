@@ -552,10 +552,25 @@ class Attempts:
             head = ResponseHead(status=head.status, reason=head.reason, content_length=head.content_length,
                                 chunked=head.chunked,
                                 headers=tuple(apply_modifiers(list(head.headers), fwd.response_headers)))
-        down.write(down.codec.send(head))
+        out = down.codec.send(head)
         res.status, res.started = head.status, True
         try:
-            while True:
+            rest = up.pop_end() if isinstance(up, HttpChannel) else None
+            if rest is not None:        # all of it is here: head, body and end in one write
+                body, end = rest
+                if body is not None:
+                    res.response_bytes += len(body.data)
+                    out += down.codec.send(body)
+                down.write(out + down.codec.send(end))
+                if body is not None:
+                    if down.writing_paused:
+                        await down.drain()
+                    if down.lost:
+                        res.flags, res.details = "DC", "downstream_remote_disconnect"
+                        return
+            else:
+                down.write(out)
+            while rest is None:             # else event by event, as they arrive
                 try:
                     ev = await up.next()
                 except HttpError as e:

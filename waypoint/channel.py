@@ -20,7 +20,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from .http import Body, Event, HttpError
+from .http import Body, EndOfMessage, Event, HttpError
 
 __all__ = ["HttpChannel", "HIGH_WATER", "LOW_WATER"]
 
@@ -161,6 +161,28 @@ class HttpChannel(asyncio.Protocol):
                     self.transport.resume_reading()
             return ev
         return None
+
+    def pop_end(self) -> tuple[Body | None, EndOfMessage] | None:
+        """The rest of the message being received, without waiting, when all of it is queued
+        as at most one Body and its EndOfMessage (a small response that came in one read), so
+        that the caller can pass it on in one write. Else None and the queue is untouched."""
+        q = self._events
+        if not q:
+            return None
+        ev = q[0]
+        t = type(ev)
+        if t is EndOfMessage:
+            q.popleft()
+            return None, ev
+        if t is not Body or len(q) < 2 or type(q[1]) is not EndOfMessage:
+            return None
+        q.popleft()
+        end = q.popleft()
+        self._queued -= len(ev.data)
+        if self._paused_reading and self._queued <= self.low and self.transport is not None:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return ev, end
 
     def write(self, data: bytes | memoryview) -> None:
         if data and not self.lost:
