@@ -198,21 +198,15 @@ class _MessageParser:
         else:
             self._events.append(_END)
 
-    def _framing(self, cl: bytes | None, te: bytes | None, version: str) -> tuple[bool, int | None]:
-        """(chunked, content_length) after the checks llhttp leaves to us."""
+    def _check_chunked(self, cl: bytes | None, te: bytes, version: str) -> None:
+        """The checks llhttp leaves to us for a message with Transfer-Encoding."""
         st = self._error_status
-        if te is not None:
-            if cl is not None:
-                raise HttpError(st, "content_length_with_transfer_encoding")
-            if version == "1.0" and st == 400:
-                raise HttpError(400, "transfer_encoding_in_http10")
-            if te.strip().lower() != b"chunked":
-                raise HttpError(501 if st == 400 else st, "unsupported_transfer_coding")
-            return True, None
-        cl = cl.strip()
-        if not cl.isdigit():
-            raise HttpError(st, "bad_content_length")
-        return False, int(cl)
+        if cl is not None:
+            raise HttpError(st, "content_length_with_transfer_encoding")
+        if version == "1.0" and st == 400:
+            raise HttpError(400, "transfer_encoding_in_http10")
+        if te.strip().lower() != b"chunked":
+            raise HttpError(501 if st == 400 else st, "unsupported_transfer_coding")
 
 
 def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:
@@ -294,10 +288,14 @@ class RequestParser(_MessageParser):
             path, _, query = target.partition(b"?")
         else:
             path, query = _split_target(method, target)
-        if te is None and cl is None:
-            chunked = False
-        else:
-            chunked, cl = self._framing(cl, te, version)
+        chunked = te is not None
+        if chunked:
+            self._check_chunked(cl, te, version)
+        elif cl is not None:
+            cl = cl.strip()
+            if not cl.isdigit():
+                raise HttpError(400, "bad_content_length")
+            cl = int(cl)
         if host_count != 1:
             if host_count > 1:
                 raise HttpError(400, "duplicate_host")
@@ -439,10 +437,14 @@ class ResponseParser(_MessageParser):
             self._events.append(InformationalResponse(status=status, reason=self._reason, headers=headers))
             return
         method = self.request_method
-        if te is None and cl is None:
-            chunked = False
-        else:
-            chunked, cl = self._framing(cl, te, version)
+        chunked = te is not None
+        if chunked:
+            self._check_chunked(cl, te, version)
+        elif cl is not None:
+            cl = cl.strip()
+            if not cl.isdigit():
+                raise HttpError(502, "bad_content_length")
+            cl = int(cl)
         bodyless = method == b"HEAD" or status == 204 or status == 304
         if bodyless:
             chunked = False
