@@ -158,7 +158,9 @@ class RequestBody:
                 return False
             self.complete = True
             self.trailers = ev.trailers
-        up.write(up.codec.send(EndOfMessage(self.trailers)))
+        else:
+            ev = EndOfMessage(self.trailers)
+        up.write(up.codec.send(ev))       # (events are immutable: the client's own end goes on)
         return True
 
     async def send(self, up: UpstreamConn) -> bool:
