@@ -117,6 +117,7 @@ class _MessageParser:
         self._progress = False
         n = self._last = len(data)
         self._fed += n
+        upgrade_at = -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -127,11 +128,17 @@ class _MessageParser:
                 raise ctx if ctx is not None else e
             self._on_stop(data)
         except httptools.HttpParserUpgrade as e:
-            self._on_upgrade(data, int(e.args[0]) if e.args else len(data))
+            upgrade_at = int(e.args[0]) if e.args else n
         except httptools.HttpParserError as e:
             if self._raw and self._in_message:
                 self._check_fields()
             self._fail(HttpError(self._error_status, _classify(e), str(e)))
+        if upgrade_at >= 0:
+            # Not inside the except clause: _on_upgrade may feed the rest of the read, and an
+            # exception raised while one is being handled gets that one as its __context__,
+            # replacing the callback's error httptools puts there (an HttpError or _Stop of
+            # the next request would then escape as a bare HttpParserUpgrade).
+            self._on_upgrade(data, upgrade_at)
         if self._progress:
             self._stall = 0
         else:
