@@ -98,8 +98,9 @@ def serialize_head(start_line: bytes, headers: Headers, extra: list[bytes]) -> b
 
 def head(start_line: bytes, headers: Headers, framing: bytes) -> bytes:
     """serialize_head for the codec: `framing` is its own lines (CRLF-terminated, built from
-    numbers and constants, so not scanned). One C-level join over the fields (no Python call
-    per field), then the same two counts for CR/LF injection as _field_block."""
+    numbers, constants and values it has checked, so not scanned again). One C-level join
+    over the fields (no Python call per field), then the same two counts for CR/LF injection
+    as _field_block."""
     if not headers:
         return start_line + framing + b"\r\n"
     block = b"\r\n".join(map(b": ".join, headers))
