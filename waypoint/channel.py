@@ -22,10 +22,13 @@ from collections.abc import Callable
 
 from .http import Body, EndOfMessage, Event, HttpError
 
-__all__ = ["HttpChannel", "HIGH_WATER", "LOW_WATER"]
+__all__ = ["HttpChannel", "HIGH_WATER", "LOW_WATER", "COALESCE_MAX"]
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+COALESCE_MAX = 16 * 1024
+"""Largest body `pop_end` hands out to be joined with its head (a copy; one TLS record):
+a larger one keeps a write of its own, passed on by reference."""
 
 
 class HttpChannel(asyncio.Protocol):
@@ -164,8 +167,9 @@ class HttpChannel(asyncio.Protocol):
 
     def pop_end(self) -> tuple[Body | None, EndOfMessage] | None:
         """The rest of the message being received, without waiting, when all of it is queued
-        as at most one Body and its EndOfMessage (a small response that came in one read), so
-        that the caller can pass it on in one write. Else None and the queue is untouched."""
+        as at most one Body of at most COALESCE_MAX bytes and its EndOfMessage (a small
+        response that came in one read), so that the caller can pass it on in one write.
+        Else None and the queue is untouched."""
         q = self._events
         if not q:
             return None
@@ -174,7 +178,7 @@ class HttpChannel(asyncio.Protocol):
         if t is EndOfMessage:
             q.popleft()
             return None, ev
-        if t is not Body or len(q) < 2 or type(q[1]) is not EndOfMessage:
+        if t is not Body or len(q) < 2 or type(q[1]) is not EndOfMessage or len(ev.data) > COALESCE_MAX:
             return None
         q.popleft()
         end = q.popleft()
