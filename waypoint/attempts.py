@@ -64,8 +64,9 @@ __all__ = ["Attempts", "ForwardResult", "RequestBody", "REPLAY_LIMIT", "BudgetBo
 
 REPLAY_LIMIT = 64 * 1024
 """Request body bytes kept for a retry (Envoy's per_request_buffer_limit_bytes plays this role)."""
-COALESCE_LIMIT = 64 * 1024
-"""Response bytes already received that are joined with the head into one downstream write."""
+COALESCE_LIMIT = 16 * 1024
+"""Response bytes already received that are joined with the head into one downstream write
+(joining copies them; past a frame's worth, HBONE sends a body by reference anyway)."""
 
 _BUDGET_BODY = b"retry budget exhausted"
 _TIMED_OUT = AttemptOutcome(kind=OutcomeKind.PER_TRY_TIMEOUT)
@@ -161,7 +162,9 @@ class RequestBody:
                 return False
             self.complete = True
             self.trailers = ev.trailers
-        up.write(up.codec.send(EndOfMessage(self.trailers)))
+        else:
+            ev = EndOfMessage(self.trailers)
+        up.write(up.codec.send(ev))       # (events are immutable: the client's own end goes on)
         return True
 
     async def send(self, up: UpstreamConn) -> bool:

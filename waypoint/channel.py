@@ -20,7 +20,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from .http import Body, Event, HttpError
+from .http import Body, EndOfMessage, Event, HttpError
 
 __all__ = ["HttpChannel", "HIGH_WATER", "LOW_WATER"]
 
@@ -32,7 +32,7 @@ class HttpChannel(asyncio.Protocol):
     """One HTTP/1.1 connection's receive queue and write side (see the module docstring)."""
 
     __slots__ = ("_receive", "transport", "_loop", "_events", "_queued", "_waiter", "_paused_reading",
-                 "_write_ok", "ended", "error", "lost", "high", "low")
+                 "_write_ok", "writing_paused", "ended", "error", "lost", "high", "low")
 
     def __init__(self, receive: Callable[[bytes], list[Event]], *, high: int = HIGH_WATER,
                  low: int = LOW_WATER) -> None:
@@ -46,6 +46,8 @@ class HttpChannel(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._write_ok: asyncio.Future[None] | None = None   # set while writing is paused
+        self.writing_paused = False
+        """The transport's peer is slow (pause_writing until resume_writing): `drain()` waits."""
         self.ended = False
         """No more events will come (peer EOF processed, error, or connection lost)."""
         self.error: HttpError | None = None
@@ -69,8 +71,8 @@ class HttpChannel(asyncio.Protocol):
             events = ()
             self.error = e
         q = self._events
+        q.extend(events)
         for ev in events:
-            q.append(ev)
             if type(ev) is Body:
                 self._queued += len(ev.data)
         if self.error is not None:
@@ -79,7 +81,11 @@ class HttpChannel(asyncio.Protocol):
         if self._queued > self.high and not self._paused_reading and self.transport is not None:
             self._paused_reading = True
             self.transport.pause_reading()
-        self._wake()
+        w = self._waiter                  # _wake(), inlined (every read)
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def eof_received(self) -> bool:
         if not self.ended:
@@ -103,9 +109,11 @@ class HttpChannel(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._write_ok is None:
             self._write_ok = asyncio.get_running_loop().create_future()
+            self.writing_paused = True
 
     def resume_writing(self) -> None:
         w, self._write_ok = self._write_ok, None
+        self.writing_paused = False
         if w is not None and not w.done():
             w.set_result(None)
 
@@ -163,10 +171,6 @@ class HttpChannel(asyncio.Protocol):
         w = self._write_ok
         if w is not None:
             await w
-
-    @property
-    def writing_paused(self) -> bool:
-        return self._write_ok is not None
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:

@@ -62,7 +62,7 @@ from collections import deque
 
 from .errors import HttpError, LocalProtocolError
 from .events import Body, EndOfMessage, Event, InformationalResponse, RequestHead, ResponseHead
-from .framing import LAST_CHUNK, Limits, chunk, last_chunk, serialize_head, status_line
+from .framing import LAST_CHUNK, STATUS_LINES, Limits, head, last_chunk, status_line
 from .parser import RequestParser, ResponseParser
 
 __all__ = ["ServerConnection", "ClientConnection", "SendState"]
@@ -77,12 +77,19 @@ class SendState(enum.Enum):
     TUNNEL = "tunnel"        # protocols switched (101): Body is raw bytes, EndOfMessage ends it
     CLOSED = "closed"        # last message had close semantics; nothing more may be sent
 
+    # Members are singletons compared by identity: hash them so too, in C (Enum's own
+    # __hash__ is Python, and every send looks its (state, event type) pair up below).
+    __hash__ = object.__hash__
+
+
+_IDLE, _BODY, _AWAITING, _TUNNEL, _CLOSED = (SendState.IDLE, SendState.BODY, SendState.AWAITING, SendState.TUNNEL,
+                                             SendState.CLOSED)
 
 _SERVER_SEND: dict[tuple[SendState, type], SendState] = {
     (SendState.IDLE, InformationalResponse): SendState.IDLE,
     (SendState.IDLE, ResponseHead): SendState.BODY,
     (SendState.BODY, Body): SendState.BODY,
-    (SendState.BODY, EndOfMessage): SendState.IDLE,       # or CLOSED, see _end_response
+    (SendState.BODY, EndOfMessage): SendState.IDLE,       # or CLOSED (the response had close semantics)
     (SendState.TUNNEL, Body): SendState.TUNNEL,           # after a 101 (ResponseHead -> TUNNEL)
     (SendState.TUNNEL, EndOfMessage): SendState.CLOSED,
 }
@@ -97,50 +104,55 @@ _CLIENT_SEND: dict[tuple[SendState, type], SendState] = {
 }
 
 
+def _bad_order(state: SendState, event: Event) -> LocalProtocolError:
+    return LocalProtocolError("bad_event_order", f"cannot send {type(event).__name__} in state {state.name}")
+
+
 class _Outgoing:
-    """Byte accounting of the message being sent: enforces Content-Length, knows chunking."""
+    """Byte accounting of the message being sent (Content-Length enforced, chunking known),
+    as plain attributes of the connection: `send` does it inline, once per event."""
 
-    __slots__ = ("chunked", "remaining", "bodyless")
+    __slots__ = ("_chunked", "_remaining", "_bodyless")
 
-    def __init__(self, chunked: bool, remaining: int | None, bodyless: bool) -> None:
-        self.chunked = chunked
-        self.remaining = remaining
-        self.bodyless = bodyless
-
-    def body(self, data: bytes | memoryview) -> bytes | memoryview:
+    def _out_body(self, data: bytes | memoryview) -> bytes | memoryview:
         n = len(data)
         if not n:
             return b""
-        if self.bodyless:
+        if self._bodyless:
             raise LocalProtocolError("body_not_allowed", "this message cannot carry a body")
-        if self.remaining is not None:
-            if n > self.remaining:
+        rem = self._remaining
+        if rem is not None:
+            if n > rem:
                 raise LocalProtocolError("body_exceeds_content_length")
-            self.remaining -= n
-        return chunk(data) if self.chunked else data
+            self._remaining = rem - n
+        return b"%x\r\n%b\r\n" % (n, data) if self._chunked else data
 
-    def end(self, trailers) -> bytes:
-        if self.remaining:
-            raise LocalProtocolError("body_shorter_than_content_length", f"{self.remaining} bytes missing")
-        return last_chunk(trailers) if self.chunked else b""
-
-
-def _transition(table: dict, state: SendState, event: Event) -> SendState:
-    nxt = table.get((state, type(event)))
-    if nxt is None:
-        raise LocalProtocolError("bad_event_order", f"cannot send {type(event).__name__} in state {state.name}")
-    return nxt
+    def _out_end(self, trailers) -> bytes:
+        if self._remaining:
+            raise LocalProtocolError("body_shorter_than_content_length", f"{self._remaining} bytes missing")
+        if not self._chunked:
+            return b""
+        return last_chunk(trailers) if trailers else LAST_CHUNK
 
 
-class ServerConnection:
+class ServerConnection(_Outgoing):
     """The downstream side: parses requests, serializes responses (in request order)."""
+
+    __slots__ = ("_parser", "_pending", "_ends", "_answered", "state", "should_close", "_close_after", "_closing")
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._parser = RequestParser(limits or Limits())
         self._pending: deque[RequestHead] = deque()   # received, response not finished
-        self._complete: deque[bool] = deque()         # parallel: request body fully received?
+        # Request i (counted from 0 on this connection) is fully received once _ends > i;
+        # the one being answered is number _answered.
+        self._ends = 0
+        self._answered = 0
         self.state = SendState.IDLE
-        self._out: _Outgoing | None = None
+        self.should_close = False
+        """True once the last response ended with close semantics: close after writing."""
+        self._chunked = False
+        self._remaining: int | None = None
+        self._bodyless = False
         self._close_after = False
         self._closing = False
 
@@ -150,11 +162,11 @@ class ServerConnection:
         """Events for `data`; b"" means the client closed. Raises HttpError on hostile input."""
         events = self._parser.feed(data) if data else self._parser.feed_eof()
         for ev in events:
-            if type(ev) is RequestHead:
+            t = type(ev)
+            if t is RequestHead:
                 self._pending.append(ev)
-                self._complete.append(False)
-            elif type(ev) is EndOfMessage:
-                self._complete[-1] = True
+            elif t is EndOfMessage:
+                self._ends += 1
         return events
 
     # -- sending --------------------------------------------------------------------------
@@ -163,146 +175,169 @@ class ServerConnection:
         """Send `connection: close` with the next response head (drain, fatal error)."""
         self._close_after = True
 
-    @property
-    def should_close(self) -> bool:
-        """True once the last response ended with close semantics: close after writing."""
-        return self.state is SendState.CLOSED
-
     def send(self, event: Event) -> bytes:
         """Bytes for `event`, answering the oldest request still unanswered."""
-        nxt = _transition(_SERVER_SEND, self.state, event)
-        if not self._pending and self.state is not SendState.TUNNEL:
-            raise LocalProtocolError("no_request", "no request is waiting for a response")
         t = type(event)
-        if self.state is SendState.TUNNEL:
-            self.state = nxt
-            return bytes(event.data) if t is Body else b""
-        if t is Body:
-            self.state = nxt
-            return self._out.body(event.data)
-        if t is EndOfMessage:
-            out = self._out.end(event.trailers)
-            self._out = None
+        state = self.state
+        nxt = _SERVER_SEND.get((state, t))
+        if nxt is None:
+            raise _bad_order(state, event)
+        if state is _BODY:            # (a response under way answers a pending request)
+            if t is Body:
+                return self._out_body(event.data)
+            out = self._out_end(event.trailers)
             self._pending.popleft()
-            self._complete.popleft()
-            self.state = SendState.CLOSED if self._closing else nxt
+            self._answered += 1
+            if self._closing:
+                self.state = _CLOSED
+                self.should_close = True
+            else:
+                self.state = _IDLE
             return out
+        if state is _TUNNEL:
+            self.state = nxt
+            if t is Body:
+                return bytes(event.data)
+            self.should_close = True
+            return b""
+        if not self._pending:
+            raise LocalProtocolError("no_request", "no request is waiting for a response")
         req = self._pending[0]
         if t is InformationalResponse:
             if not 100 <= event.status < 200 or event.status == 101:
                 raise LocalProtocolError("bad_status", "informational responses are 100, 102-199")
             if req.http_version == "1.0":
                 return b""                      # RFC 9110 15.2: never 1xx to an HTTP/1.0 client
-            return serialize_head(status_line(event.status, event.reason), event.headers, [])
-        if event.status == 101:
+            return head(status_line(event.status, event.reason), event.headers, b"")
+        status = event.status
+        if status == 101:
             if req.upgrade is None:
                 raise LocalProtocolError("bad_status", "101 answers only an upgrade request")
-            self.state = SendState.TUNNEL
+            self.state = _TUNNEL
             self._closing = True
-            return serialize_head(status_line(101, event.reason), event.headers,
-                                  [b"connection: upgrade", b"upgrade: " + req.upgrade])
-        self.state = nxt
-        return self._response_head(req, event)
-
-    def _response_head(self, req: RequestHead, head: ResponseHead) -> bytes:
-        status = head.status
+            return head(status_line(101, event.reason), event.headers,
+                        b"connection: upgrade\r\nupgrade: %b\r\n" % req.upgrade)
+        self.state = _BODY
         if status < 200:
             raise LocalProtocolError("bad_status", "use InformationalResponse for 1xx")
-        extra: list[bytes] = []
         # After an upgrade request the client's bytes are not HTTP: any answer but a 101 ends it.
-        keep = req.keep_alive and not self._close_after and self._complete[0] and req.upgrade is None
+        keep = (req.keep_alive and not self._close_after and self._ends > self._answered
+                and req.upgrade is None)
+        cl = event.content_length
         if req.method == b"HEAD" or status == 204 or status == 304:
-            self._out = _Outgoing(False, None, True)
-            if head.content_length is not None and status != 204:
-                extra.append(b"content-length: %d" % head.content_length)
-        elif head.content_length is not None:
-            self._out = _Outgoing(False, head.content_length, False)
-            extra.append(b"content-length: %d" % head.content_length)
+            self._chunked, self._remaining, self._bodyless = False, None, True
+            framing = b"content-length: %d\r\n" % cl if cl is not None and status != 204 else b""
+        elif cl is not None:
+            self._chunked, self._remaining, self._bodyless = False, cl, False
+            framing = b"content-length: %d\r\n" % cl
         elif req.http_version == "1.1":
-            self._out = _Outgoing(True, None, False)
-            extra.append(b"transfer-encoding: chunked")
+            self._chunked, self._remaining, self._bodyless = True, None, False
+            framing = b"transfer-encoding: chunked\r\n"
         else:
-            self._out = _Outgoing(False, None, False)   # close-delimited for HTTP/1.0
+            self._chunked, self._remaining, self._bodyless = False, None, False   # close-delimited for HTTP/1.0
+            framing = b""
             keep = False
         if not keep:
-            extra.append(b"connection: close")
+            framing += b"connection: close\r\n"
             self._closing = True
         elif req.http_version == "1.0":
-            extra.append(b"connection: keep-alive")
-        return serialize_head(status_line(status, head.reason), head.headers, extra)
+            framing += b"connection: keep-alive\r\n"
+        # status_line(), inlined: status >= 200 here.
+        reason = event.reason
+        if status > 999:
+            raise LocalProtocolError("bad_status", f"status {status} is not three digits")
+        if reason:
+            if b"\r" in reason or b"\n" in reason:
+                raise LocalProtocolError("header_injection", "CR or LF in a reason phrase")
+            line = b"HTTP/1.1 %d %b\r\n" % (status, reason)
+        else:
+            line = STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
+        return head(line, event.headers, framing)
 
 
-class ClientConnection:
+class ClientConnection(_Outgoing):
     """The upstream side: serializes requests (HTTP/1.1), parses their responses."""
+
+    __slots__ = ("_parser", "state", "reusable", "_reusable", "_response_done")
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._parser = ResponseParser(limits or Limits())
         self.state = SendState.IDLE
-        self._out: _Outgoing | None = None
+        self._chunked = False
+        self._remaining: int | None = None
+        self._bodyless = False
         self._reusable = True
+        self.reusable = True
+        """The request/response exchange is over and the connection may carry another
+        (kept up to date by send and receive_data: state IDLE, no close, no stray bytes)."""
         self._response_done = True
-
-    @property
-    def reusable(self) -> bool:
-        """The request/response exchange is over and the connection may carry another."""
-        return (self.state is SendState.IDLE and self._reusable and not self._parser.tainted)
 
     def send(self, event: Event) -> bytes:
         """Bytes for `event`. One exchange at a time: RequestHead, Body*, EndOfMessage."""
-        nxt = _transition(_CLIENT_SEND, self.state, event)
         t = type(event)
-        if nxt is SendState.TUNNEL or self.state is SendState.TUNNEL:
+        state = self.state
+        nxt = _CLIENT_SEND.get((state, t))
+        if nxt is None:
+            raise _bad_order(state, event)
+        if nxt is _TUNNEL or state is _TUNNEL:
             if not self._parser.tunnel:
                 raise LocalProtocolError("bad_event_order", "raw bytes only after a 101")
             self.state = nxt
             return bytes(event.data) if t is Body else b""
         if t is Body:
-            self.state = nxt
-            return self._out.body(event.data)
+            return self._out_body(event.data)
         if t is EndOfMessage:
-            out = self._out.end(event.trailers)
-            self._out = None
-            self.state = nxt if not self._response_done else SendState.IDLE
+            out = self._out_end(event.trailers)
+            if self._response_done:
+                self.state = _IDLE
+                self.reusable = self._reusable and not self._parser.tainted
+            else:
+                self.state = nxt
             return out
         if not self._reusable or self._parser.tainted:
             raise LocalProtocolError("connection_not_reusable")
-        self.state = nxt
+        self.state = _BODY
+        self.reusable = False
         self._response_done = False
         self._parser.request_method = event.method
-        self._parser.request_upgrade = event.upgrade
-        extra: list[bytes] = []
-        if event.upgrade is not None:
-            extra += [b"connection: upgrade", b"upgrade: " + event.upgrade]
+        upgrade = self._parser.request_upgrade = event.upgrade
+        framing = b""
+        if upgrade is not None:
+            framing = b"connection: upgrade\r\nupgrade: %b\r\n" % upgrade
         if event.chunked:
-            self._out = _Outgoing(True, None, False)
-            extra.append(b"transfer-encoding: chunked")
+            self._chunked, self._remaining, self._bodyless = True, None, False
+            framing += b"transfer-encoding: chunked\r\n"
         else:
             cl = event.content_length
-            self._out = _Outgoing(False, cl or 0, False)
+            self._chunked, self._remaining, self._bodyless = False, cl or 0, False
             if cl is not None:
-                extra.append(b"content-length: %d" % cl)
+                framing += b"content-length: %d\r\n" % cl
         line = b"%s %s HTTP/1.1\r\n" % (event.method, event.target)
         if b"\r" in line[:-2] or b"\n" in line[:-2] or b" " in event.target:
             raise LocalProtocolError("header_injection", "CR, LF or space in the request line")
-        return serialize_head(line, event.headers, extra)
+        if upgrade is not None and (b"\r" in upgrade or b"\n" in upgrade or b"\x00" in upgrade):
+            raise LocalProtocolError("header_injection", "CR, LF or NUL inside a header name or value")
+        return head(line, event.headers, framing)
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Events for `data`; b"" means upstream closed. Raises HttpError (status 502)."""
+        parser = self._parser
         try:
-            events = self._parser.feed(data) if data else self._parser.feed_eof()
+            events = parser.feed(data) if data else parser.feed_eof()
+            for ev in events:
+                t = type(ev)
+                if t is ResponseHead:
+                    if not ev.keep_alive:   # (a 101 never is)
+                        self._reusable = False
+                elif t is EndOfMessage:
+                    self._response_done = True
+                    if self.state is _AWAITING:
+                        self.state = _IDLE
+                elif t is not Body and t is not InformationalResponse:   # ConnectionClosed
+                    self._reusable = False
         except HttpError:
             self._reusable = False
             raise
-        for ev in events:
-            t = type(ev)
-            if t is ResponseHead:
-                if not ev.keep_alive:   # (a 101 never is)
-                    self._reusable = False
-            elif t is EndOfMessage:
-                self._response_done = True
-                if self.state is SendState.AWAITING:
-                    self.state = SendState.IDLE
-            elif t is not Body and t is not InformationalResponse:   # ConnectionClosed
-                self._reusable = False
+        finally:                                  # (the parser may have been tainted too)
+            self.reusable = self.state is _IDLE and self._reusable and not parser.tainted
         return events
-

@@ -7,14 +7,15 @@ from http import HTTPStatus
 from .errors import LocalProtocolError
 from .events import Headers
 
-__all__ = ["Limits", "HOP_BY_HOP", "FramingFields", "split_fields", "serialize_head", "chunk",
-           "LAST_CHUNK", "status_line"]
+__all__ = ["Limits", "HOP_BY_HOP", "split_fields", "serialize_head", "head",
+           "LAST_CHUNK", "STATUS_LINES", "status_line"]
 
 # RFC 9110 7.6.1 connection-specific fields, plus Proxy-* (RFC 9110 11.7, legacy
 # Proxy-Connection) and the framing fields this codec re-creates itself.
 HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"])
 _FRAMING = frozenset([b"content-length", b"expect", b"host"])
+_SPECIAL = HOP_BY_HOP | _FRAMING
 # Fields a trailer section must not carry (RFC 9110 6.5.1): framing, routing, auth.
 _NOT_IN_TRAILERS = HOP_BY_HOP | frozenset([b"content-length", b"expect", b"host", b"authorization",
                                            b"set-cookie", b"cookie", b"content-type", b"content-encoding"])
@@ -32,53 +33,43 @@ class Limits:
     """Request body bytes (declared or streamed); None = unlimited -> 413."""
 
 
-@dataclass(slots=True)
-class FramingFields:
-    """What split_fields learnt from the connection-level fields of one head."""
+def split_fields(raw: list[tuple[bytes, bytes]]
+                 ) -> tuple[Headers, bytes | None, bytes | None, bytes | None, int, bytes | None]:
+    """Drop hop-by-hop fields (and those Connection names) from `raw`, recording framing ones:
+    (headers, content_length, transfer_encoding, expect, host_count, upgrade), the last five
+    as received (Transfer-Encoding fields joined with ", "; Upgrade is never passed on).
 
-    content_length: bytes | None = None
-    transfer_encoding: bytes | None = None
-    expect: bytes | None = None
-    host_count: int = 0
-    upgrade: bytes | None = None
-    """The Upgrade field (hop-by-hop: never in the headers passed on)."""
-
-
-def split_fields(raw: list[tuple[bytes, bytes]], framing: FramingFields) -> Headers:
-    """Drop hop-by-hop fields (and those Connection names) from `raw`, recording framing ones.
-
-    `raw` names are already lowercased. One pass builds the result; a second, only when a
-    Connection header lists extra names, removes those."""
+    `raw` names are already lowercased. One pass builds the result (one set test per
+    ordinary field); a second, only when a Connection header lists extra names, removes those."""
     out = []
+    append = out.append
     listed: set[bytes] | None = None
+    cl = te = expect = upgrade = None
+    hosts = 0
     for hv in raw:
         n = hv[0]
-        if n in HOP_BY_HOP:
-            if n == b"connection":
-                toks = {t.strip().lower() for t in hv[1].split(b",")}
-                toks.discard(b"close")
-                toks.discard(b"keep-alive")
-                if toks:
-                    listed = toks if listed is None else listed | toks
-            elif n == b"transfer-encoding":
-                te = framing.transfer_encoding
-                framing.transfer_encoding = hv[1] if te is None else te + b", " + hv[1]
-            elif n == b"upgrade":
-                framing.upgrade = hv[1]
-            continue
-        if n in _FRAMING:
-            if n == b"host":
-                framing.host_count += 1
-                out.append(hv)
-            elif n == b"content-length":
-                framing.content_length = hv[1]
-            else:
-                framing.expect = hv[1]
-            continue
-        out.append(hv)
+        if n not in _SPECIAL:
+            append(hv)
+        elif n == b"host":
+            hosts += 1
+            append(hv)
+        elif n == b"content-length":
+            cl = hv[1]
+        elif n == b"connection":
+            toks = {t.strip().lower() for t in hv[1].split(b",")}
+            toks.discard(b"close")
+            toks.discard(b"keep-alive")
+            if toks:
+                listed = toks if listed is None else listed | toks
+        elif n == b"transfer-encoding":
+            te = hv[1] if te is None else te + b", " + hv[1]
+        elif n == b"upgrade":
+            upgrade = hv[1]
+        elif n == b"expect":
+            expect = hv[1]
     if listed:
         out = [hv for hv in out if hv[0] not in listed]
-    return tuple(out)
+    return tuple(out), cl, te, expect, hosts, upgrade
 
 
 def filter_trailers(raw: list[tuple[bytes, bytes]]) -> Headers:
@@ -105,7 +96,21 @@ def serialize_head(start_line: bytes, headers: Headers, extra: list[bytes]) -> b
     return start_line + _field_block(headers, extra) + b"\r\n"
 
 
-_STATUS_LINES: dict[int, bytes] = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode())
+def head(start_line: bytes, headers: Headers, framing: bytes) -> bytes:
+    """serialize_head for the codec: `framing` is its own lines (CRLF-terminated, built from
+    numbers, constants and values it has checked, so not scanned again). One C-level join
+    over the fields (no Python call per field), then the same two counts for CR/LF injection
+    as _field_block."""
+    if not headers:
+        return start_line + framing + b"\r\n"
+    block = b"\r\n".join(map(b": ".join, headers))
+    n = len(headers) - 1
+    if block.count(b"\n") != n or block.count(b"\r") != n or b"\x00" in block:
+        raise LocalProtocolError("header_injection", "CR, LF or NUL inside a header name or value")
+    return b"%b%b\r\n%b\r\n" % (start_line, block, framing)
+
+
+STATUS_LINES: dict[int, bytes] = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode())
                                    for s in HTTPStatus}
 
 
@@ -114,16 +119,11 @@ def status_line(status: int, reason: bytes) -> bytes:
     if not 100 <= status <= 999:
         raise LocalProtocolError("bad_status", f"status {status} is not three digits")
     if not reason:
-        line = _STATUS_LINES.get(status)
+        line = STATUS_LINES.get(status)
         return line if line is not None else b"HTTP/1.1 %d \r\n" % status
     if b"\r" in reason or b"\n" in reason:
         raise LocalProtocolError("header_injection", "CR or LF in a reason phrase")
     return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-
-
-def chunk(data: bytes | memoryview) -> bytes:
-    """One chunk in chunked transfer coding (callers never pass empty data)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 LAST_CHUNK = b"0\r\n\r\n"

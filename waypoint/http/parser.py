@@ -8,18 +8,24 @@ transfer codings other than chunked, sizes) happens in `on_headers_complete`. Ex
 raised in a callback stop llhttp and come back wrapped in HttpParserCallbackError: an
 HttpError is unwrapped, `_Stop` means "halt on purpose" (HEAD response, connection closing).
 
-Memory bound: httptools buffers a header line until it is complete, so besides exact
-accounting in the callbacks a *stall* counter adds up the bytes of consecutive feeds that
-completed nothing; past `max_head_size` that is a 431 (one transport read of slack)."""
+Memory bound: fields are counted as they arrive (never more than `max_headers` held) and
+their sizes summed once per head, or after any read that left a head incomplete (so one
+transport read of slack); httptools buffers a header line until it is complete, so a *stall*
+counter adds up the bytes of consecutive feeds that completed nothing; past `max_head_size`
+that is a 431 (one transport read of slack)."""
 from __future__ import annotations
 
 import httptools
 
 from .errors import HttpError
 from .events import Body, ConnectionClosed, EndOfMessage, InformationalResponse, RequestHead, ResponseHead
-from .framing import FramingFields, Limits, filter_trailers, split_fields
+from .framing import Limits, filter_trailers, split_fields
 
 __all__ = ["RequestParser", "ResponseParser"]
+
+
+_END = EndOfMessage()
+"""The end of a message without trailers (events are immutable: one is shared)."""
 
 
 class _Stop(Exception):
@@ -59,31 +65,44 @@ def _classify(exc: httptools.HttpParserError) -> str:
 
 
 class _MessageParser:
-    """Shared callback plumbing; subclasses build heads. Not thread-safe, one per connection."""
+    """Shared callback plumbing; subclasses build heads. Not thread-safe, one per connection.
+
+    Field limits: `on_header` only appends and counts down `_room` (a field past
+    `max_headers` is caught as it arrives, so at most that many are ever held); byte sizes are
+    summed by `_over_limit`, which yields the 431 the first field past a limit earns. It runs
+    when a head completes (skipped when the bytes fed since the message began cannot reach
+    `max_head_size`), when trailers end, after a feed that left a head incomplete, and before
+    an llhttp error is reported (a limit crossed earlier in the read is what the peer hears)."""
 
     _error_status = 400
 
     def __init__(self, limits: Limits) -> None:
-        self._limits = limits
+        self._max_head = limits.max_head_size
+        self._max_headers = limits.max_headers
+        # A field's accounted size (name + value + 4) exceeds its bytes on the wire by at most
+        # 2 (no OWS, bare LF): below this many bytes fed, a head cannot be over the size limit.
+        self._head_slack = limits.max_head_size - 2 * (limits.max_headers + 1)
         self._events: list = []
         self._error: HttpError | None = None
         self._stopped = False
-        self._reset_message()
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._room = self._max_headers
+        self._counted = 0
+        self._head_size = 0
+        self._headers_done = False
         self._in_message = False
         self._stall = 0
         self._progress = False
+        self._last = 0
+        """Length of the read being fed."""
+        self._fed = 0
+        """Bytes fed from the read in which the current message began up to now."""
         self._parser = self._new_parser()
         self.tunnel = False
         """Switched protocols (WebSocket): every later byte is raw Body, never parsed."""
 
     def _new_parser(self):  # pragma: no cover - overridden
         raise NotImplementedError
-
-    def _reset_message(self) -> None:
-        self._raw: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
-        self._headers_done = False
-        self._body_size = 0
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -96,6 +115,9 @@ class _MessageParser:
             return []
         events = self._events = []
         self._progress = False
+        n = self._last = len(data)
+        self._fed += n
+        upgrade_at = -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -106,20 +128,55 @@ class _MessageParser:
                 raise ctx if ctx is not None else e
             self._on_stop(data)
         except httptools.HttpParserUpgrade as e:
-            self._on_upgrade(data, int(e.args[0]) if e.args else len(data))
+            upgrade_at = int(e.args[0]) if e.args else n
         except httptools.HttpParserError as e:
+            if self._raw and self._in_message:
+                self._check_fields()
             self._fail(HttpError(self._error_status, _classify(e), str(e)))
+        if upgrade_at >= 0:
+            # Not inside the except clause: _on_upgrade may feed the rest of the read, and an
+            # exception raised while one is being handled gets that one as its __context__,
+            # replacing the callback's error httptools puts there (an HttpError or _Stop of
+            # the next request would then escape as a bare HttpParserUpgrade).
+            self._on_upgrade(data, upgrade_at)
         if self._progress:
             self._stall = 0
         else:
-            self._stall += len(data)
-            if self._stall > self._limits.max_head_size:
+            self._stall += n
+            if self._stall > self._max_head:
                 self._fail(HttpError(431, "head_too_large", "a header line exceeds the head size limit"))
+        if self._raw and self._in_message:     # a head or trailer section still incomplete
+            self._check_fields()
         return events
 
     def _fail(self, err: HttpError) -> None:
         self._error = err
         raise err
+
+    def _over_limit(self) -> HttpError | None:
+        """The 431 for the fields not yet accounted, as a check per field would have raised it
+        at the first one past a limit (size before count); None within the limits."""
+        raw = self._raw
+        i = self._counted
+        size = self._head_size
+        max_head = self._max_head
+        max_headers = self._max_headers
+        for name, value in raw[i:] if i else raw:
+            i += 1
+            size += len(name) + len(value) + 4
+            if size > max_head:
+                return HttpError(431, "head_too_large" if not self._headers_done else "trailers_too_large")
+            if i > max_headers:
+                return HttpError(431, "too_many_headers" if not self._headers_done else "too_many_trailers")
+        self._counted = i
+        self._head_size = size
+        return None
+
+    def _check_fields(self) -> None:
+        """`_over_limit` outside a callback: the error fails the connection."""
+        err = self._over_limit()
+        if err is not None:
+            self._fail(err)
 
     def _on_stop(self, data: bytes) -> None:
         self._stopped = True
@@ -129,59 +186,39 @@ class _MessageParser:
 
     # -- callbacks shared by both directions ------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._reset_message()
-        self._in_message = True
-        self._progress = True
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._progress = True
         self._raw.append((name.lower(), value))
-        self._head_size += len(name) + len(value) + 4
-        lim = self._limits
-        if self._head_size > lim.max_head_size:
-            raise HttpError(431, "head_too_large" if not self._headers_done else "trailers_too_large")
-        if len(self._raw) > lim.max_headers:
-            raise HttpError(431, "too_many_headers" if not self._headers_done else "too_many_trailers")
-
-    def on_body(self, body: bytes) -> None:
-        self._progress = True
-        self._body_size += len(body)
-        self._events.append(Body(body))
-
-    def _start_trailers(self) -> None:
-        self._headers_done = True
-        self._raw = []
-        self._head_size = 0
+        self._room -= 1
+        if self._room < 0:
+            raise self._over_limit()
 
     def _end(self) -> None:
         self._progress = True
         self._in_message = False
-        self._events.append(EndOfMessage(filter_trailers(self._raw) if self._raw else ()))
+        raw = self._raw
+        if raw:
+            err = self._over_limit()
+            if err is not None:
+                raise err
+            self._events.append(EndOfMessage(filter_trailers(raw)))
+        else:
+            self._events.append(_END)
 
-    def _framing(self, framing: FramingFields, version: str) -> tuple[bool, int | None]:
-        """(chunked, content_length) after the checks llhttp leaves to us."""
+    def _check_chunked(self, cl: bytes | None, te: bytes, version: str) -> None:
+        """The checks llhttp leaves to us for a message with Transfer-Encoding."""
         st = self._error_status
-        te = framing.transfer_encoding
-        if te is not None:
-            if framing.content_length is not None:
-                raise HttpError(st, "content_length_with_transfer_encoding")
-            if version == "1.0" and st == 400:
-                raise HttpError(400, "transfer_encoding_in_http10")
-            if te.strip().lower() != b"chunked":
-                raise HttpError(501 if st == 400 else st, "unsupported_transfer_coding")
-            return True, None
-        cl = framing.content_length
-        if cl is None:
-            return False, None
-        cl = cl.strip()
-        if not cl.isdigit():
-            raise HttpError(st, "bad_content_length")
-        return False, int(cl)
+        if cl is not None:
+            raise HttpError(st, "content_length_with_transfer_encoding")
+        if version == "1.0" and st == 400:
+            raise HttpError(400, "transfer_encoding_in_http10")
+        if te.strip().lower() != b"chunked":
+            raise HttpError(501 if st == 400 else st, "unsupported_transfer_coding")
 
 
 def _split_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:
-    """(path, query) of an origin-form, absolute-form or asterisk-form request-target."""
+    """(path, query) of an origin-form, absolute-form or asterisk-form request-target (the
+    parser inlines the origin-form case)."""
     if target[:1] == b"/":
         path, sep, query = target.partition(b"?")
         return path, query
@@ -202,21 +239,49 @@ class RequestParser(_MessageParser):
 
     _error_status = 400
 
+    def __init__(self, limits: Limits) -> None:
+        self._url = b""
+        self._upgrade_pending = False
+        self._max_body = limits.max_body_size
+        self._body_size = 0
+        super().__init__(limits)
+
     def _new_parser(self):
         return httptools.HttpRequestParser(self)
 
-    def _reset_message(self) -> None:
-        super()._reset_message()
+    def on_message_begin(self) -> None:
+        self._raw = []                  # the per-message reset, inlined in each direction
+        self._room = self._max_headers
+        self._counted = 0
+        self._head_size = 0
+        self._headers_done = False
+        self._body_size = 0
+        self._in_message = True
+        self._progress = True
+        self._fed = self._last
         self._url = b""
         self._upgrade_pending = False
 
     def on_url(self, url: bytes) -> None:
         self._progress = True
         self._url += url
-        if len(self._url) > self._limits.max_head_size:
+        if self._fed > self._max_head and len(self._url) > self._max_head:   # (the URL is in what was fed)
             raise HttpError(431, "head_too_large")
 
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        self._events.append(Body(body))
+        limit = self._max_body
+        if limit is not None:
+            self._body_size += len(body)
+            if self._body_size > limit:
+                raise HttpError(413, "body_too_large")
+
     def on_headers_complete(self) -> None:
+        if self._fed > self._head_slack:
+            err = self._over_limit()
+            if err is not None:
+                raise err
         p = self._parser
         version = p.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -224,44 +289,58 @@ class RequestParser(_MessageParser):
         method = p.get_method()
         if method == b"CONNECT":
             raise HttpError(501, "connect_unsupported")
-        framing = FramingFields()
-        headers = split_fields(self._raw, framing)
+        headers, cl, te, expect_field, host_count, upgrade = split_fields(self._raw)
         target = self._url
-        path, query = _split_target(method, target)
-        chunked, cl = self._framing(framing, version)
-        if framing.host_count > 1:
-            raise HttpError(400, "duplicate_host")
-        if framing.host_count == 0 and version == "1.1":
-            raise HttpError(400, "missing_host")
+        if target[:1] == b"/":
+            path, _, query = target.partition(b"?")
+        else:
+            path, query = _split_target(method, target)
+        chunked = te is not None
+        if chunked:
+            self._check_chunked(cl, te, version)
+        elif cl is not None:
+            cl = cl.strip()
+            if not cl.isdigit():
+                raise HttpError(400, "bad_content_length")
+            cl = int(cl)
+        if host_count != 1:
+            if host_count > 1:
+                raise HttpError(400, "duplicate_host")
+            if version == "1.1":
+                raise HttpError(400, "missing_host")
         expect = False
-        if framing.expect is not None and version == "1.1":
-            if framing.expect.strip().lower() != b"100-continue":
+        if expect_field is not None and version == "1.1":
+            if expect_field.strip().lower() != b"100-continue":
                 raise HttpError(417, "unsupported_expectation")
             expect = True
-        limit = self._limits.max_body_size
+        limit = self._max_body
         if limit is not None and cl is not None and cl > limit:
             raise HttpError(413, "body_too_large")
-        if p.should_upgrade() and (chunked or cl):
-            raise HttpError(501, "upgrade_with_body")
-        # Only WebSocket is passed through (Istio configures Envoy's `upgrade_configs` with
-        # websocket only); any other Upgrade is stripped and the request served as a plain one.
-        ws = (p.should_upgrade() and framing.upgrade is not None and framing.upgrade.strip().lower() == b"websocket"
-              and version == "1.1")
-        self._upgrade_pending = ws
+        ws = False
+        if p.should_upgrade():
+            if chunked or cl:
+                raise HttpError(501, "upgrade_with_body")
+            # Only WebSocket is passed through (Istio configures Envoy's `upgrade_configs` with
+            # websocket only); any other Upgrade is stripped and the request served as a plain one.
+            ws = upgrade is not None and upgrade.strip().lower() == b"websocket" and version == "1.1"
+            self._upgrade_pending = ws
         self._events.append(RequestHead(
             method=method, target=target, path=path, query=query, headers=headers,
             http_version=version, keep_alive=p.should_keep_alive(), content_length=cl,
             chunked=chunked, expect_continue=expect, upgrade=b"websocket" if ws else None))
-        self._start_trailers()
-
-    def on_body(self, body: bytes) -> None:
-        super().on_body(body)
-        limit = self._limits.max_body_size
-        if limit is not None and self._body_size > limit:
-            raise HttpError(413, "body_too_large")
+        self._headers_done = True        # what follows is the trailer section (if any)
+        self._raw = []
+        self._room = self._max_headers
+        self._counted = 0
+        self._head_size = 0
 
     def on_message_complete(self) -> None:
-        self._end()
+        if self._raw:
+            self._end()
+        else:                           # _end() inlined for the common case, no trailers
+            self._progress = True
+            self._in_message = False
+            self._events.append(_END)
         if not self._parser.should_keep_alive():
             raise _Stop  # the client will send nothing we may answer after this request
 
@@ -309,6 +388,7 @@ class ResponseParser(_MessageParser):
         self.request_method: bytes | None = None
         self.request_upgrade: bytes | None = None
         """The Upgrade the request in flight asked for: only then is a 101 welcome."""
+        self._reason = b""
         self._switched = False
         self._interim = False
         self._close_delimited = False
@@ -318,29 +398,40 @@ class ResponseParser(_MessageParser):
     def _new_parser(self):
         return httptools.HttpResponseParser(self)
 
-    def _reset_message(self) -> None:
-        super()._reset_message()
-        self._reason = b""
-
     def on_message_begin(self) -> None:
         if self.request_method is None:
             raise HttpError(502, "unsolicited_response", "upstream sent bytes with no request in flight")
-        super().on_message_begin()
+        self._raw = []                  # the per-message reset, inlined in each direction
+        self._room = self._max_headers
+        self._counted = 0
+        self._head_size = 0
+        self._headers_done = False
+        self._in_message = True
+        self._progress = True
+        self._fed = self._last
+        self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
         self._progress = True
         self._reason += reason
-        if len(self._reason) > self._limits.max_head_size:
+        if self._fed > self._max_head and len(self._reason) > self._max_head:   # (it is in what was fed)
             raise HttpError(431, "head_too_large")
 
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        self._events.append(Body(body))
+
     def on_headers_complete(self) -> None:
+        if self._fed > self._head_slack:
+            err = self._over_limit()
+            if err is not None:
+                raise err
         p = self._parser
         status = p.get_status_code()
         version = p.get_http_version()
         if version != "1.1" and version != "1.0":
             raise HttpError(502, "bad_version")
-        framing = FramingFields()
-        headers = split_fields(self._raw, framing)
+        headers, cl, te, _, _, _ = split_fields(self._raw)
         if status < 200:
             if status == 101:
                 if self.request_upgrade is None:
@@ -353,7 +444,14 @@ class ResponseParser(_MessageParser):
             self._events.append(InformationalResponse(status=status, reason=self._reason, headers=headers))
             return
         method = self.request_method
-        chunked, cl = self._framing(framing, version)
+        chunked = te is not None
+        if chunked:
+            self._check_chunked(cl, te, version)
+        elif cl is not None:
+            cl = cl.strip()
+            if not cl.isdigit():
+                raise HttpError(502, "bad_content_length")
+            cl = int(cl)
         bodyless = method == b"HEAD" or status == 204 or status == 304
         if bodyless:
             chunked = False
@@ -362,7 +460,11 @@ class ResponseParser(_MessageParser):
             status=status, reason=self._reason, headers=headers, http_version=version,
             keep_alive=p.should_keep_alive() and not self._close_delimited,
             content_length=None if status == 204 else cl, chunked=chunked))
-        self._start_trailers()
+        self._headers_done = True        # what follows is the trailer section (if any)
+        self._raw = []
+        self._room = self._max_headers
+        self._counted = 0
+        self._head_size = 0
         if method == b"HEAD":
             self._end()
             raise _Stop  # llhttp cannot be told the request was HEAD: halt and start over
@@ -375,7 +477,12 @@ class ResponseParser(_MessageParser):
             self._interim = False
             self._in_message = False
             return
-        self._end()
+        if self._raw:
+            self._end()
+        else:                           # _end() inlined for the common case, no trailers
+            self._progress = True
+            self._in_message = False
+            self._events.append(_END)
         self.request_method = None
         self._close_delimited = False
 
