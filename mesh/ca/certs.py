@@ -95,15 +95,20 @@ class WorkloadCert:
         bundle = chain_pem if isinstance(chain_pem, bytes) else b"".join(chain_pem)
         try:
             ders = chain_ders(bundle)
-            leaf = libcrypto.cert_fields(ders[0])
             for der in ders[1:]:
                 libcrypto.check_cert(der)  # every certificate must parse, not only the leaf
         except ValueError as e:  # pem.PemError, libcrypto.LibcryptoError
             raise CertError("bad_cert", f"unparsable certificate chain: {e}") from None
         try:
-            matches = libcrypto.load_private_key_check(key_der(key_pem), ders[0])
-        except ValueError as e:
+            key = key_der(key_pem)
+        except pem.PemError as e:
             raise CertError("bad_key", f"unparsable private key: {e}") from None
+        try:
+            leaf, matches = libcrypto.leaf_fields(ders[0], key)
+        except libcrypto.LibcryptoError as e:
+            if e.what == "private key":
+                raise CertError("bad_key", f"unparsable private key: {e}") from None
+            raise CertError("bad_cert", f"unparsable certificate chain: {e}") from None
         if not matches:
             raise CertError("key_mismatch", "private key does not match the leaf certificate")
         return cls(

@@ -13,19 +13,26 @@ from __future__ import annotations
 import calendar
 import ctypes
 import ssl  # noqa: F401 - loads _ssl and with it the libcrypto bound below
+from collections.abc import Callable
 from ctypes import POINTER, byref, c_char_p, c_int, c_long, c_void_p
 from dataclasses import dataclass
 
 __all__ = ["LibcryptoError", "CertFields", "generate_p256_key", "build_csr", "cert_fields", "check_cert",
-           "load_private_key_check"]
+           "leaf_fields"]
 
 _NID_SUBJECT_ALT_NAME = 85
 _GEN_URI = 6
 _BIO_CTRL_INFO = 3
+_EVP_PKEY_EC = 408
 
 
 class LibcryptoError(ValueError):
-    """A libcrypto operation failed (unparsable input, or OpenSSL refused)."""
+    """A libcrypto operation failed (unparsable input, or OpenSSL refused); `what` names the
+    input that did not parse ("certificate", "private key"), else it is None."""
+
+    def __init__(self, message: str, what: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what
 
 
 def _load() -> ctypes.CDLL:
@@ -69,6 +76,7 @@ _EVP_PKEY_free = _fn("EVP_PKEY_free", None, c_void_p)
 _PEM_write_bio_PKCS8PrivateKey = _fn("PEM_write_bio_PKCS8PrivateKey", c_int, c_void_p, c_void_p, c_void_p,
                                      c_char_p, c_int, c_void_p, c_void_p)
 _d2i_AutoPrivateKey = _fn("d2i_AutoPrivateKey", c_void_p, c_void_p, POINTER(c_void_p), c_long)
+_d2i_PrivateKey = _fn("d2i_PrivateKey", c_void_p, c_int, c_void_p, POINTER(c_void_p), c_long)
 _d2i_X509 = _fn("d2i_X509", c_void_p, c_void_p, POINTER(c_void_p), c_long)
 _X509_free = _fn("X509_free", None, c_void_p)
 _X509_get0_notBefore = _fn("X509_get0_notBefore", c_void_p, c_void_p)
@@ -130,18 +138,35 @@ def _bio_bytes(bio: int) -> bytes:
     return ctypes.string_at(data.value, n) if n > 0 and data.value else b""
 
 
-def _d2i(fn: ctypes._CFuncPtr, der: bytes, what: str) -> int:  # type: ignore[name-defined]
-    """Decode all of `der` with a d2i_* function; trailing bytes are refused."""
+def _d2i(decode: Callable[[c_void_p], int], free: Callable[[int], None], der: bytes, what: str) -> int:
+    """Decode all of `der` with `decode(pointer to the input pointer)`; trailing bytes are refused."""
     buf = ctypes.create_string_buffer(der, len(der))
     start = ctypes.addressof(buf)
     p = c_void_p(start)
-    obj = fn(None, byref(p), len(der))
+    obj = decode(p)
     if not obj:
-        raise LibcryptoError(f"unparsable {what}")
+        raise LibcryptoError(f"unparsable {what}", what)
     if p.value - start != len(der):
-        (_X509_free if fn is _d2i_X509 else _EVP_PKEY_free)(obj)
-        raise LibcryptoError(f"trailing data after the {what}")
+        free(obj)
+        raise LibcryptoError(f"trailing data after the {what}", what)
     return obj
+
+
+def _x509(der: bytes) -> int:
+    return _d2i(lambda p: _d2i_X509(None, byref(p), len(der)), _X509_free, der, "certificate")
+
+
+def _pkey(der: bytes) -> int:
+    """A private key, PKCS#8 or traditional. EC (what the mesh issues) is tried first: with
+    OpenSSL 3.0's decoders a typed decode is ~1.5x faster than auto-detection."""
+    def decode(p: c_void_p) -> int:
+        start = p.value
+        obj = _d2i_PrivateKey(_EVP_PKEY_EC, None, byref(p), len(der))
+        if not obj:
+            p.value = start
+            obj = _d2i_AutoPrivateKey(None, byref(p), len(der))
+        return obj  # type: ignore[no-any-return]
+    return _d2i(decode, _EVP_PKEY_free, der, "private key")
 
 
 def _generate_pkey() -> int:
@@ -201,7 +226,7 @@ def build_csr(key_der: bytes, uri: str) -> bytes:
     """A PEM CSR signed (ECDSA-SHA256) by the private key `key_der`, with an empty subject
     and `uri` as its only subjectAltName, requested non-critical as the CA expects."""
     try:
-        pkey = _d2i(_d2i_AutoPrivateKey, key_der, "private key")
+        pkey = _pkey(key_der)
         req = bio = ext = exts = None
         try:
             req = _X509_REQ_new()
@@ -262,17 +287,21 @@ def _uri_sans(x509: int) -> tuple[str, ...] | None:
         _GENERAL_NAMES_free(gens)
 
 
+def _fields(x509: int) -> CertFields:
+    return CertFields(
+        not_before=_time(_X509_get0_notBefore(x509)),
+        not_after=_time(_X509_get0_notAfter(x509)),
+        uri_sans=_uri_sans(x509),
+        self_issued=_X509_NAME_cmp(_X509_get_subject_name(x509), _X509_get_issuer_name(x509)) == 0,
+    )
+
+
 def cert_fields(der: bytes) -> CertFields:
     """Validity, URI SANs and self-issuance of a DER certificate."""
     try:
-        x509 = _d2i(_d2i_X509, der, "certificate")
+        x509 = _x509(der)
         try:
-            return CertFields(
-                not_before=_time(_X509_get0_notBefore(x509)),
-                not_after=_time(_X509_get0_notAfter(x509)),
-                uri_sans=_uri_sans(x509),
-                self_issued=_X509_NAME_cmp(_X509_get_subject_name(x509), _X509_get_issuer_name(x509)) == 0,
-            )
+            return _fields(x509)
         finally:
             _X509_free(x509)
     finally:
@@ -282,23 +311,25 @@ def cert_fields(der: bytes) -> CertFields:
 def check_cert(der: bytes) -> None:
     """LibcryptoError unless `der` is one whole, parsable certificate."""
     try:
-        _X509_free(_d2i(_d2i_X509, der, "certificate"))
+        _X509_free(_x509(der))
     finally:
         _ERR_clear_error()
 
 
-def load_private_key_check(key_der: bytes, cert_der: bytes) -> bool:
-    """Whether the DER private key `key_der` (PKCS#8 or traditional) belongs to the DER
-    certificate `cert_der`; LibcryptoError if the key does not parse."""
+def leaf_fields(cert_der: bytes, key_der: bytes) -> tuple[CertFields, bool]:
+    """The fields of the DER certificate `cert_der` and whether the DER private key `key_der`
+    (PKCS#8 or traditional) is its key; one decode of each. LibcryptoError.what tells which
+    did not parse (the certificate is decoded first)."""
     try:
-        pkey = _d2i(_d2i_AutoPrivateKey, key_der, "private key")
+        x509 = _x509(cert_der)
         try:
-            x509 = _d2i(_d2i_X509, cert_der, "certificate")
+            fields = _fields(x509)
+            pkey = _pkey(key_der)
             try:
-                return _X509_check_private_key(x509, pkey) == 1
+                return fields, _X509_check_private_key(x509, pkey) == 1
             finally:
-                _X509_free(x509)
+                _EVP_PKEY_free(pkey)
         finally:
-            _EVP_PKEY_free(pkey)
+            _X509_free(x509)
     finally:
         _ERR_clear_error()
