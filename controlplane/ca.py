@@ -54,6 +54,12 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _key_pem(key: _SigningKey) -> bytes:
+    """The CA's own key (EC or RSA, a `cryptography` object) as unencrypted PKCS#8 PEM."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
 def _self_signed(cert: x509.Certificate) -> bool:
     if cert.subject != cert.issuer:
         return False
@@ -193,14 +199,14 @@ class CertificateAuthority:
 
     def to_pem(self) -> tuple[bytes, bytes, bytes]:
         """(signing cert, its key, its issuers up to the root or b"" for a root), as PEM."""
-        return _pem(self._cert), key_to_pem(self._key), b"".join(_pem(c) for c in self._chain)
+        return _pem(self._cert), _key_pem(self._key), b"".join(_pem(c) for c in self._chain)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the signing cert (root-cert.pem, 0644), its key (root-key.pem, 0600) and, for
         an intermediate, its issuers (cert-chain.pem, 0644)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _write_file(d / ROOT_KEY_FILE, key_to_pem(self._key), 0o600)
+        _write_file(d / ROOT_KEY_FILE, _key_pem(self._key), 0o600)
         _write_file(d / ROOT_CERT_FILE, _pem(self._cert), 0o644)
         if self._chain:
             _write_file(d / CHAIN_FILE, b"".join(_pem(c) for c in self._chain), 0o644)
@@ -229,7 +235,8 @@ class CertificateAuthority:
         return self._sign_csr(csr_pem, identity, ttl_seconds, self._issue_time())
 
     def issue(self, identity: SpiffeId | NodeId, ttl_seconds: float = DEFAULT_TTL) -> WorkloadCert:
-        """Generate a key and sign it directly (the control plane's own and bootstrap certs)."""
+        """Generate a key and sign it directly (the control plane's own and bootstrap certs),
+        with the proxies' own key and CSR code (mesh.ca.csr), so every such cert exercises it."""
         key = generate_key()
         issued = self._issue_time()
         chain = self._sign_csr(build_csr(identity, key), identity, ttl_seconds, issued)

@@ -6,9 +6,8 @@ import os
 import ssl
 from collections.abc import Collection, Iterator, Sequence
 
-from cryptography import x509
-
-from .ca.certs import WorkloadCert, identity_from_der
+from .ca import libcrypto
+from .ca.certs import WorkloadCert, chain_ders, identity_from_uri_sans
 from .identity import IdentityError, NodeId, SpiffeId
 
 __all__ = ["server_context", "client_context", "server_only_client_context", "load_cert", "peer_identity", "check_peer", "PeerIdentityError"]
@@ -80,8 +79,7 @@ def load_cert(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
 def _presented_chain(cert: WorkloadCert) -> tuple[bytes, ...]:
     """Leaf and intermediates: the peer has the root already, so it is not sent."""
     if len(cert.chain_pem) > 1:
-        top = x509.load_pem_x509_certificate(cert.chain_pem[-1])
-        if top.subject == top.issuer:
+        if libcrypto.cert_fields(chain_ders(cert.chain_pem[-1])[0]).self_issued:
             return cert.chain_pem[:-1]
     return cert.chain_pem
 
@@ -101,12 +99,23 @@ def _memfile(data: bytes) -> Iterator[str]:
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId | NodeId:
-    """The SPIFFE identity in the (already verified) peer certificate."""
-    der = ssl_object.getpeercert(binary_form=True)
-    if not der:
-        raise PeerIdentityError("no_peer_cert", "peer presented no certificate")
+    """The SPIFFE identity in the (already verified) peer certificate.
+
+    Read from `getpeercert()`'s dict, which OpenSSL decoded during the handshake's
+    verification: no DER parsing of ours per connection. It is empty when the context does
+    not verify peers; every context here requires and verifies them, so empty is refused."""
     try:
-        return identity_from_der(der)
+        cert = ssl_object.getpeercert()
+    except ValueError as e:  # e.g. a URI SAN that is not UTF-8
+        raise PeerIdentityError("bad_peer_identity", f"peer certificate: undecodable: {e}") from None
+    if cert is None:
+        raise PeerIdentityError("no_peer_cert", "peer presented no certificate")
+    if not cert:
+        raise PeerIdentityError("bad_peer_identity", "peer certificate was not verified (CERT_NONE context)")
+    sans = cert.get("subjectAltName")
+    uris = None if sans is None else [value for kind, value in sans if kind == "URI"]
+    try:
+        return identity_from_uri_sans(uris)
     except IdentityError as e:
         raise PeerIdentityError("bad_peer_identity", f"peer certificate: {e}") from None
 

@@ -98,3 +98,45 @@ def make_intermediate(issuer_cert: x509.Certificate, issuer_key: ec.EllipticCurv
         .sign(issuer_key, hashes.SHA256())
     )
     return cert, key
+
+
+def pem_of(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A `cryptography` key (a test CA's, an operator's) as unencrypted PKCS#8 PEM."""
+    from cryptography.hazmat.primitives import serialization
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_svid_like(ca_cert_pem: bytes, ca_key_pem: bytes, uris: list[str] | None, *, now: float,
+                   dns: tuple[str, ...] = ()) -> tuple[bytes, bytes]:
+    """(leaf PEM, key PEM) signed by the CA, with the given URI SANs (None: no SAN extension):
+    well-formed and verifiable X.509, but not necessarily a valid SVID."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    utc = dt.timezone.utc
+    builder = (
+        x509.CertificateBuilder()
+        # OpenSSL's strict mode wants a subject when there is no (critical) SAN.
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crafted")] if uris is None else []))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.fromtimestamp(now - 3600, utc))
+        .not_valid_after(dt.datetime.fromtimestamp(now + 3600, utc))
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=True, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+                       critical=False)
+    )
+    if uris is not None:
+        names = [x509.UniformResourceIdentifier(u) for u in uris] + [x509.DNSName(d) for d in dns]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), pem_of(key)

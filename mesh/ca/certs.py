@@ -4,12 +4,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from ..identity import IdentityError, NodeId, SpiffeId, parse_identity
+from . import libcrypto, pem
+from .csr import key_der
 
-__all__ = ["WorkloadCert", "CertError", "identity_from_der", "identity_from_cert", "split_pem"]
+__all__ = ["WorkloadCert", "CertError", "identity_from_der", "identity_from_uri_sans", "split_pem",
+           "chain_ders"]
 
 
 class CertError(ValueError):
@@ -20,13 +20,11 @@ class CertError(ValueError):
         self.reason = reason
 
 
-def identity_from_cert(cert: x509.Certificate) -> SpiffeId | NodeId:
-    """The identity in a certificate's single URI SAN (X.509-SVIDs carry exactly one)."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise IdentityError("certificate has no subjectAltName extension") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+def identity_from_uri_sans(uris: Sequence[str] | None) -> SpiffeId | NodeId:
+    """The identity in a certificate's single URI SAN (X.509-SVIDs carry exactly one);
+    `uris` None: the certificate has no subjectAltName extension."""
+    if uris is None:
+        raise IdentityError("certificate has no subjectAltName extension")
     if len(uris) != 1:
         raise IdentityError(f"certificate has {len(uris)} URI SANs, an SVID must have exactly one")
     return parse_identity(uris[0])
@@ -35,16 +33,20 @@ def identity_from_cert(cert: x509.Certificate) -> SpiffeId | NodeId:
 def identity_from_der(der: bytes) -> SpiffeId | NodeId:
     """The identity of a DER certificate (as `getpeercert(binary_form=True)` returns it)."""
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError as e:
+        fields = libcrypto.cert_fields(der)
+    except libcrypto.LibcryptoError as e:
         raise IdentityError(f"unparsable certificate: {e}") from None
-    return identity_from_cert(cert)
+    return identity_from_uri_sans(fields.uri_sans)
 
 
-def split_pem(pem: bytes) -> tuple[bytes, ...]:
+def chain_ders(bundle: bytes) -> list[bytes]:
+    """The DER of every certificate in a PEM bundle, in order; pem.PemError if none."""
+    return [der for _, der in pem.decode_blocks(bundle, ("CERTIFICATE",))]
+
+
+def split_pem(bundle: bytes) -> tuple[bytes, ...]:
     """Split a PEM bundle into one normalized PEM blob per certificate, in order."""
-    certs = x509.load_pem_x509_certificates(pem)
-    return tuple(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    return tuple(pem.encode("CERTIFICATE", der) for der in chain_ders(bundle))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,21 +94,28 @@ class WorkloadCert:
         IdentityError when they are unusable."""
         bundle = chain_pem if isinstance(chain_pem, bytes) else b"".join(chain_pem)
         try:
-            certs = x509.load_pem_x509_certificates(bundle)
-        except ValueError as e:
+            ders = chain_ders(bundle)
+            for der in ders[1:]:
+                libcrypto.check_cert(der)  # every certificate must parse, not only the leaf
+        except ValueError as e:  # pem.PemError, libcrypto.LibcryptoError
             raise CertError("bad_cert", f"unparsable certificate chain: {e}") from None
         try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError) as e:
+            key = key_der(key_pem)
+        except pem.PemError as e:
             raise CertError("bad_key", f"unparsable private key: {e}") from None
-        leaf = certs[0]
-        if key.public_key() != leaf.public_key():
+        try:
+            leaf, matches = libcrypto.leaf_fields(ders[0], key)
+        except libcrypto.LibcryptoError as e:
+            if e.what == "private key":
+                raise CertError("bad_key", f"unparsable private key: {e}") from None
+            raise CertError("bad_cert", f"unparsable certificate chain: {e}") from None
+        if not matches:
             raise CertError("key_mismatch", "private key does not match the leaf certificate")
         return cls(
-            identity=identity_from_cert(leaf),
+            identity=identity_from_uri_sans(leaf.uri_sans),
             key_pem=key_pem,
-            chain_pem=tuple(c.public_bytes(serialization.Encoding.PEM) for c in certs),
-            not_before=leaf.not_valid_before_utc.timestamp(),
-            not_after=leaf.not_valid_after_utc.timestamp(),
+            chain_pem=tuple(pem.encode("CERTIFICATE", der) for der in ders),
+            not_before=leaf.not_before,
+            not_after=leaf.not_after,
             issued_at=issued_at,
         )

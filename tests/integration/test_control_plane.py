@@ -11,7 +11,7 @@ import pytest
 from mesh import tls
 from controlplane.ca import CertificateAuthority
 from mesh.ca import build_csr, generate_key
-from mesh.ca.certs import identity_from_cert
+from tests.ca_reference import identity_from_cert
 from mesh.clock import SystemClock
 from mesh.distribution.client import CertificateRefused, ControlPlaneClient, NotConnected
 from controlplane.server import ControlPlane

@@ -16,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from controlplane.ca import CLOCK_SKEW_GRACE, DEFAULT_TTL, CAError, CertificateAuthority
 from mesh.ca import WorkloadCert, build_csr, generate_key, identity_from_der, key_to_pem
 from mesh.identity import IdentityError, NodeId, SpiffeId
-from tests.fakes import FakeClock, make_intermediate
+from tests.fakes import FakeClock, make_intermediate, pem_of
 
 TD = "cluster.local"
 ALICE = SpiffeId(trust_domain=TD, namespace="default", service_account="alice")
@@ -75,7 +75,7 @@ def two_level_files(tmp_path: Path, clock: FakeClock) -> dict[str, Path]:
     files = {"cert": d / "ca-cert.pem", "key": d / "ca-key.pem", "chain": d / "cert-chain.pem",
              "root": d / "root.pem"}
     files["cert"].write_bytes(_pem(issuing))
-    files["key"].write_bytes(key_to_pem(issuing_key))
+    files["key"].write_bytes(pem_of(issuing_key))
     files["chain"].write_bytes(_pem(root_cert) + _pem(mid))  # deliberately root first
     files["root"].write_bytes(_pem(root_cert))
     return files
@@ -161,9 +161,10 @@ def test_svid_fields(ca, clock):
     root_ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     assert aki.key_identifier == root_ski
+    public_key = serialization.load_pem_private_key(key_to_pem(key), None).public_key()
     ski = leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    assert ski == x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    assert leaf.public_key() == key.public_key()
+    assert ski == x509.SubjectKeyIdentifier.from_public_key(public_key)
+    assert leaf.public_key() == public_key
     assert identity_from_der(leaf.public_bytes(serialization.Encoding.DER)) == ALICE
 
 
@@ -267,8 +268,12 @@ def test_rsa_csr_refused(ca):
 
 def test_p384_csr_refused(ca):
     key = ec.generate_private_key(ec.SECP384R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ALICE.uri)]),
+                          critical=False)
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     with pytest.raises(CAError) as e:
-        ca.sign_csr(build_csr(ALICE, key), ALICE, 3600)
+        ca.sign_csr(csr, ALICE, 3600)
     assert e.value.reason == "bad_key_type"
 
 
@@ -298,7 +303,7 @@ def test_san_mismatch_refused(ca):
 
 
 def test_csr_without_san_gets_the_callers_identity(ca):
-    key = generate_key()
+    key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     leaf = _leaf(ca.sign_csr(csr, BOB, 60))

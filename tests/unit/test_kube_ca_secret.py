@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives import serialization
 
 from controlplane.ca import CertificateAuthority
 from controlplane.kube.ca_secret import CaSecretError, parse_ca_secret, self_signed_secret
-from mesh.ca import build_csr, generate_key, key_to_pem
+from mesh.ca import build_csr, generate_key
 from mesh.identity import SpiffeId
-from tests.fakes import FakeClock, make_intermediate
+from tests.fakes import FakeClock, make_intermediate, pem_of
 
 TD = "cluster.local"
 ALICE = SpiffeId(trust_domain=TD, namespace="default", service_account="alice")
@@ -36,7 +36,7 @@ def plugged() -> dict[str, bytes]:
     root_cert = x509.load_pem_x509_certificate(root_pem)
     root_key = serialization.load_pem_private_key(root_key_pem, None)
     cert, key = make_intermediate(root_cert, root_key, "issuing CA", clock.now())
-    return {"cert": cert.public_bytes(serialization.Encoding.PEM), "key": key_to_pem(key), "root": root_pem}
+    return {"cert": cert.public_bytes(serialization.Encoding.PEM), "key": pem_of(key), "root": root_pem}
 
 
 def _load(secret: dict) -> CertificateAuthority:

@@ -5,6 +5,8 @@ import os
 import socket
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +16,11 @@ from cryptography.hazmat.primitives import serialization
 
 from mesh import tls
 from controlplane.ca import CertificateAuthority
-from mesh.ca import WorkloadCert, key_to_pem
+from mesh.ca import WorkloadCert, identity_from_der
 from mesh.clock import SystemClock
-from mesh.identity import NodeId, SpiffeId
-from tests.fakes import make_intermediate
+from mesh.identity import IdentityError, NodeId, SpiffeId
+from tests.ca_reference import identity_from_cert
+from tests.fakes import make_intermediate, make_svid_like, pem_of
 
 TD = "cluster.local"
 ALICE = SpiffeId(trust_domain=TD, namespace="default", service_account="alice")
@@ -103,7 +106,7 @@ def test_intermediate_ca_chain_is_presented(tmp_path: Path):
     root_key = serialization.load_pem_private_key((tmp_path / "root-key.pem").read_bytes(), None)
     mid, mid_key = make_intermediate(root_cert, root_key, "issuing CA", clock.now())
     (tmp_path / "mid.pem").write_bytes(mid.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "mid-key.pem").write_bytes(key_to_pem(mid_key))
+    (tmp_path / "mid-key.pem").write_bytes(pem_of(mid_key))
     ca = CertificateAuthority.load(tmp_path / "mid.pem", tmp_path / "mid-key.pem",
                                    chain_path=tmp_path / "root-cert.pem", clock=clock, trust_domain=TD)
     server, client = ca.issue(ALICE, 3600), ca.issue(BOB, 3600)
@@ -185,33 +188,132 @@ def test_load_cert_rotates_a_live_context(ca):
 
 
 # -- check_peer ------------------------------------------------------------------------------
+# Identities are read from real handshakes: getpeercert() as OpenSSL decoded the verified cert.
 
-class _Peer:
-    def __init__(self, der: bytes | None) -> None:
-        self.der = der
+# URI SANs (None: no SAN extension) of certificates that verify but are not valid SVIDs, and
+# ones that are; the reference (the former cryptography-based parser) must agree on each.
+CRAFTED = [
+    ([ALICE.uri], ()),
+    ([NODE.uri], ()),
+    ([ALICE.uri], ("alice.example",)),  # other SAN types beside the one URI are ignored
+    (None, ()),
+    ([], ("alice.example",)),  # a SAN, but no URI in it
+    ([ALICE.uri, BOB.uri], ()),
+    ([ALICE.uri, ALICE.uri], ()),
+    (["https://cluster.local/ns/default/sa/alice"], ()),
+    (["spiffe://cluster.local/ns/default"], ()),
+    (["spiffe://cluster.local/ns/Default/sa/alice"], ()),
+    (["spiffe://cluster.local/ns/default/sa/alice/extra"], ()),
+    (["spiffe:///ns/default/sa/alice"], ()),
+]
 
-    def getpeercert(self, binary_form: bool = False) -> bytes | None:
-        assert binary_form
-        return self.der
+
+def _server_with(chain_pem: bytes, key_pem: bytes, roots_pem: bytes, tmp_path: Path, *,
+                 verify: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
+    """A plain TLS 1.3 server context presenting any (test) cert, WorkloadCert or not."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = verify
+    ctx.load_verify_locations(cadata=roots_pem.decode())
+    (tmp_path / "srv.pem").write_bytes(chain_pem)
+    (tmp_path / "srv-key.pem").write_bytes(key_pem)
+    ctx.load_cert_chain(tmp_path / "srv.pem", tmp_path / "srv-key.pem")
+    return ctx
 
 
-def _der(cert: WorkloadCert) -> bytes:
-    return x509.load_pem_x509_certificate(cert.cert_pem).public_bytes(serialization.Encoding.DER)
+def _client_check(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+                  check: Callable[[ssl.SSLSocket], object]) -> tuple[object, object]:
+    """(what `check` returned or raised on the client's socket, the same on the server's)."""
+    results: list[object] = [None, None]
+    s_sock, c_sock = socket.socketpair()
+    s_sock.settimeout(5)
+    c_sock.settimeout(5)
+
+    def run(i: int, sock: ssl.SSLSocket) -> None:
+        try:
+            results[i] = check(sock)
+        except Exception as e:  # the outcome under test
+            results[i] = e
+
+    def serve() -> None:
+        try:
+            with server_ctx.wrap_socket(s_sock, server_side=True) as ss:
+                run(1, ss)
+                ss.recv(1)
+        except (OSError, ssl.SSLError) as e:
+            results[1] = e
+        finally:
+            s_sock.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(c_sock, server_hostname=None) as cs:
+            run(0, cs)
+            cs.sendall(b"?")
+    finally:
+        c_sock.close()
+        t.join(5)
+    return results[0], results[1]
 
 
-def test_check_peer_reasons(ca):
-    alice = _Peer(_der(ca.issue(ALICE, 60)))
-    assert tls.peer_identity(alice) == ALICE
-    assert tls.check_peer(alice, trust_domain=TD, expected={ALICE, BOB}) == ALICE
+def _verdict(outcome: object) -> object:
+    return outcome if not isinstance(outcome, Exception) else getattr(outcome, "reason", type(outcome).__name__)
+
+
+def test_peer_identity_from_handshakes_matches_the_reference_parser(ca, tmp_path):
+    ca_cert_pem, ca_key_pem, _ = ca.to_pem()
+    client = tls.client_context(ca.issue(BOB, 3600), ca.roots_pem)
+    for uris, dns in CRAFTED:
+        leaf_pem, key_pem = make_svid_like(ca_cert_pem, ca_key_pem, uris, now=time.time(), dns=dns)
+        try:
+            expected: object = identity_from_cert(x509.load_pem_x509_certificate(leaf_pem))
+        except IdentityError:
+            expected = "bad_peer_identity"
+        server = _server_with(leaf_pem, key_pem, ca.roots_pem, tmp_path)
+        at_client, at_server = _client_check(server, client, tls.peer_identity)
+        assert _verdict(at_client) == expected, (uris, dns, at_client)
+        assert at_server == BOB  # and the server read the (valid) client identity the same way
+        # The DER path (identity_from_der, libcrypto) agrees too.
+        der = x509.load_pem_x509_certificate(leaf_pem).public_bytes(serialization.Encoding.DER)
+        try:
+            assert identity_from_der(der) == expected
+        except IdentityError:
+            assert expected == "bad_peer_identity"
+    valid = [u for u, _ in CRAFTED if u is not None and len(u) == 1 and u[0] in (ALICE.uri, NODE.uri)]
+    assert len(valid) == 3  # the table has both kinds, so neither branch is vacuous
+
+
+def test_check_peer_reasons(ca, tmp_path):
+    alice = ca.issue(ALICE, 60)
+    server = tls.server_context(alice, ca.roots_pem)
+    client = tls.client_context(ca.issue(BOB, 60), ca.roots_pem)
     cases = [
-        (alice, dict(trust_domain="other.example"), "wrong_trust_domain"),
-        (alice, dict(trust_domain=TD, expected=[BOB]), "unexpected_identity"),
-        (alice, dict(trust_domain=TD, expected=[]), "unexpected_identity"),
-        (_Peer(None), dict(trust_domain=TD), "no_peer_cert"),
-        (_Peer(x509.load_pem_x509_certificate(ca.roots_pem).public_bytes(serialization.Encoding.DER)),
-         dict(trust_domain=TD), "bad_peer_identity"),
+        (dict(trust_domain=TD), ALICE),
+        (dict(trust_domain=TD, expected={ALICE, BOB}), ALICE),
+        (dict(trust_domain="other.example"), "wrong_trust_domain"),
+        (dict(trust_domain=TD, expected=[BOB]), "unexpected_identity"),
+        (dict(trust_domain=TD, expected=[]), "unexpected_identity"),
     ]
-    for peer, kw, reason in cases:
-        with pytest.raises(tls.PeerIdentityError) as e:
-            tls.check_peer(peer, **kw)
-        assert e.value.reason == reason
+    for kw, verdict in cases:
+        at_client, _ = _client_check(server, client, lambda s: tls.check_peer(s, **kw))
+        assert _verdict(at_client) == verdict, (kw, at_client)
+    # A peer in another trust domain, under the same root (a federated CA's leaf, say).
+    ca_cert_pem, ca_key_pem, _ = ca.to_pem()
+    other = "spiffe://other.example/ns/default/sa/alice"
+    leaf_pem, key_pem = make_svid_like(ca_cert_pem, ca_key_pem, [other], now=time.time())
+    foreign = _server_with(leaf_pem, key_pem, ca.roots_pem, tmp_path)
+    at_client, _ = _client_check(foreign, client, lambda s: tls.check_peer(s, trust_domain=TD))
+    assert _verdict(at_client) == "wrong_trust_domain"
+    # No client certificate (a server that lets that through): no_peer_cert.
+    optional = _server_with(alice.full_chain_pem, alice.key_pem, ca.roots_pem, tmp_path,
+                            verify=ssl.CERT_OPTIONAL)
+    anonymous = tls.server_only_client_context(ca.roots_pem)
+    _, at_server = _client_check(optional, anonymous, lambda s: tls.check_peer(s, trust_domain=TD))
+    assert _verdict(at_server) == "no_peer_cert"
+    # A context that does not verify peers gets no decoded cert: refused, not trusted blindly.
+    blind = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    blind.check_hostname = False
+    blind.verify_mode = ssl.CERT_NONE
+    at_client, _ = _client_check(server, blind, lambda s: tls.check_peer(s, trust_domain=TD))
+    assert _verdict(at_client) == "bad_peer_identity"
