@@ -271,6 +271,45 @@ def test_l7_authz_allow_and_deny_with_exact_403():
     run(go)
 
 
+def test_config_applied_later_reaches_requests_of_an_open_connection():
+    # What applies to a destination is kept per state version (Pipeline._scope): a policy or
+    # route applied while a connection is open decides its very next request.
+    async def go(mesh):
+        a = await mesh.pod("a", labels={"app": "a"})
+        mesh.service("web", VIP, [a])
+        c = await mesh.client(f"{VIP}:80")
+        assert (await c.request("GET", "/x")).status == 200
+        mesh.apply("""
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: deny-x, namespace: shop}
+        spec:
+          targetRefs: [{kind: Service, group: "", name: web}]
+          action: DENY
+          rules: [{to: [{operation: {paths: [/x]}}]}]
+        """)
+        r = await c.request("GET", "/x")
+        assert (r.status, r.body) == (403, b"RBAC: access denied")
+        assert (await c.request("GET", "/y")).status == 200
+        mesh.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: shop}
+        spec:
+          hosts: [web]
+          http:
+          - match: [{uri: {prefix: /y}}]
+            directResponse: {status: 418, body: {string: teapot}}
+          - route: [{destination: {host: web}}]
+        """)
+        r = await c.request("GET", "/y")
+        assert (r.status, r.body) == (418, b"teapot")
+        assert (await c.request("GET", "/z")).status == 200
+        assert a.backend.requests == 3
+        c.close()
+    run(go)
+
+
 def test_metrics_labels_and_access_log(caplog):
     async def go(mesh):
         a = await mesh.pod("a", labels={"app": "web", "version": "v3"})
