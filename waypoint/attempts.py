@@ -307,10 +307,15 @@ class Attempts:
         body = RequestBody(down)
         timeout = request_timeout(fwd.timeout, headers, grpc=grpc)
         whole = asyncio.timeout(timeout) if timeout is not None else _UNBOUNDED
+        budget = self.budgets.for_service(fwd.service) if fwd.service is not None else None
+        # The request's name across hops: a repeat of it within the budget's window, while it
+        # is in flight or after it failed, is a retry made further up the chain (budget.py).
+        key = b"%s %s %s" % (request_id.encode("latin-1", "replace"), head.method, target) \
+            if budget is not None else None
         try:
             async with whole:
                 await self._loop(fwd, head, target, headers, down, src_ip, request_id, hash_request, body, res,
-                                 self.clock.now() + timeout if timeout else None)
+                                 self.clock.now() + timeout if timeout else None, budget, key)
         except TimeoutError:
             if not whole.expired():
                 raise
@@ -322,6 +327,8 @@ class Attempts:
         res.request_bytes += body.size        # (a WebSocket's relayed bytes are in already)
         res.client_error = body.client_error
         res.body_complete = body.complete
+        if key is not None and res.flags == "-" and 100 <= res.status < 400 and not grpc:
+            budget.forget(key)                # ended well: no proxy retries it (budget.py)
         return res
 
     def _timed_out(self, down: DownstreamConn, res: ForwardResult, details: str) -> None:
@@ -345,12 +352,11 @@ class Attempts:
 
     async def _loop(self, fwd: Forward, head: RequestHead, up_target: bytes, headers: list[tuple[bytes, bytes]],
                     down: DownstreamConn, src_ip: str, request_id: str,
-                    hash_request: HashRequest, body: RequestBody, res: ForwardResult, deadline: float | None) -> None:
+                    hash_request: HashRequest, body: RequestBody, res: ForwardResult, deadline: float | None,
+                    budget: RetryBudget | None, key: bytes | None) -> None:
         policy = fwd.retry
         clock = self.clock
-        budget = self.budgets.for_service(fwd.service) if fwd.service is not None else None
-        if budget is not None and budget.admit(clock.now(), b"%s %s %s" % (
-                request_id.encode("latin-1", "replace"), head.method, up_target)) is BudgetVerdict.EXHAUSTED:
+        if budget is not None and budget.admit(clock.now(), key) is BudgetVerdict.EXHAUSTED:
             # The same request again within the window: a retry further up the chain that
             # this destination's budget has no room for. Not sent (see budget.py).
             self.metrics.retry_budget_exhausted(service_fqdn(fwd.service))

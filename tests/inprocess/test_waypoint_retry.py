@@ -239,17 +239,35 @@ def test_budget_annotation_off_lets_attempts_multiply():
     run(go, timeout=120)
 
 
-def test_the_same_request_again_counts_against_the_budget_and_is_refused_without_room():
+def test_the_same_request_again_after_a_failure_counts_against_the_budget_and_is_refused_without_room():
     """A retry further up the chain arrives as a new request with the same x-request-id."""
     async def go(mesh):
         # floor: 5 retries per 60 s bucket (window 10 min), so the ten requests share one bucket
         (p,) = await web(mesh, retry_budget=RetryBudgetSpec(min_retries_per_second=5 / 60 + 1e-9, window=600.0))
+        p.backend.always = "500"                                        # failed, not retried at this hop
         c = await mesh.client(f"{VIP}:80")
         got = [(await c.request("GET", "/item", {"x-request-id": "same"})) for _ in range(10)]
-        assert [r.status for r in got] == [200] * 6 + [503] * 4         # the original and 5 repeats
+        assert [r.status for r in got] == [500] * 6 + [503] * 4         # the original and 5 repeats
         assert got[-1].body == b"retry budget exhausted" and p.backend.requests == 6
-        assert (await c.request("GET", "/other", {"x-request-id": "same"})).status == 200   # another path
-        assert flags(mesh) == {"200 -": 7, "503 URX": 4} and budget_denials(mesh) == 4
+        assert (await c.request("GET", "/other", {"x-request-id": "same"})).status == 500   # another path
+        assert flags(mesh) == {"500 -": 7, "503 URX": 4} and budget_denials(mesh) == 4
+        c.close()
+    run(go)
+
+
+def test_the_same_request_again_after_it_succeeded_is_a_new_request():
+    """No proxy retries a success: a client reusing its x-request-id for fresh calls is not
+    refused as a retry (the key is forgotten once the response went down whole), while a
+    repeat of the one that failed still counts."""
+    async def go(mesh):
+        (p,) = await web(mesh, retry_budget=RetryBudgetSpec(min_retries_per_second=5 / 60 + 1e-9, window=600.0))
+        c = await mesh.client(f"{VIP}:80")
+        got = [(await c.request("GET", "/item", {"x-request-id": "same"})).status for _ in range(10)]
+        assert got == [200] * 10 and p.backend.requests == 10 and budget_denials(mesh) == 0
+        p.backend.script += ["500"] * 6                                 # now it fails: its key stays
+        got = [(await c.request("GET", "/item", {"x-request-id": "same"})).status for _ in range(7)]
+        assert got == [500] * 6 + [503]                                 # 5 repeats fit the floor, the 6th not
+        assert p.backend.requests == 16 and budget_denials(mesh) == 1
         c.close()
     run(go)
 

@@ -214,6 +214,18 @@ def test_a_request_seen_again_counts_as_a_retry_and_is_refused_without_room():
     assert all(off.admit(0.0, "x") is A for _ in range(500))        # counted, never refused
 
 
+def test_a_forgotten_request_seen_again_is_a_new_request():
+    """The data path forgets a key whose request ended well: its repeat is not a retry."""
+    b = RetryBudget(RetryBudgetConfig(min_retries_per_second=1.0, window=10.0))
+    assert b.admit(0.0, "a") is BudgetVerdict.ALLOWED
+    b.forget("a")
+    b.forget("never-seen")                                       # harmless
+    assert b.admit(0.5, "a") is BudgetVerdict.ALLOWED
+    assert (b.requests_in_window(0.5), b.retries_in_window(0.5)) == (2, 0)
+    assert b.admit(0.7, "a") is BudgetVerdict.ALLOWED           # not forgotten this time: a retry
+    assert (b.requests_in_window(0.7), b.retries_in_window(0.7)) == (2, 1)
+
+
 def test_request_keys_are_bounded():
     b = RetryBudget(RetryBudgetConfig(max_ids=3))
     for rid in "abcd":

@@ -25,7 +25,15 @@ module is that budget, on by default for every destination service:
   a retry against its budget, and is refused like one when the budget has no room
   (`admit(now, key)`), so attempts reaching C stay within 1.2x of the DISTINCT requests, not
   1.2^hops (counting without refusing still gave 1.28x in a three-hop simulation: repeats
-  arrive after the budget let retries in). Keys are kept for one window, at most `max_ids`.
+  arrive after the budget let retries in). A key is kept from its arrival for one window (at
+  most `max_ids` keys), unless the data path `forget`s it: it does when the request ended with
+  a response below 400 relayed whole (not gRPC, whose failures come in trailers). No proxy
+  retries such a response, so a repeat of it is a new request (a client reusing its id for a
+  fresh call, or a hop above whose own failure was elsewhere; that hop's budget bounds those
+  repeats). In a failure cascade every hop answers with a failure, so its keys stay. This
+  keeps the store to the requests in flight and those that failed: remembering every key of
+  a window cost ~180 bytes each (12 MB of the waypoint's RSS at 8,000 req/s) and ~20 % of its
+  req/s in the benchmark (tests/bench/NOTES-l7.md).
 * Independently, at most `max_concurrent_retries` retries may be in flight: DestinationRule
   `trafficPolicy.connectionPool.http.maxRetries`, Envoy's `max_retries` circuit breaker
   (Istio's default 2^32-1, i.e. off; overflow is Envoy's upstream_rq_retry_overflow).
@@ -36,7 +44,8 @@ expired buckets, so every operation is O(1) (bounded by the constant bucket coun
 window is exact to one bucket width (1 s by default).
 
 Usage by the data path, per destination service (`RetryBudgets.for_service`):
-`admit(now, key)` for each original request (or `record_request(now)` without a key); `check(now)` -> a `BudgetVerdict` passed to
+`admit(now, key)` for each original request (or `record_request(now)` without a key), and
+`forget(key)` when it ended well; `check(now)` -> a `BudgetVerdict` passed to
 `retry.should_retry`; then `settle(decision, now)`, which counts an allowed retry (and holds a
 concurrency slot until `retry_finished()`), or counts a denial by reason (`denials`), which the
 data path turns into a metric and a response flag.
@@ -184,6 +193,11 @@ class RetryBudget:
         self._retries[i] += 1
         self._ret_sum += 1
         return BudgetVerdict.ALLOWED
+
+    def forget(self, key: str | bytes) -> None:
+        """The request `key` named ended well (see the module's docstring): a repeat of it
+        is a new request, and its key need not be kept."""
+        self._ids.pop(key, None)
 
     def requests_in_window(self, now: float) -> int:
         self._advance(now)
