@@ -32,7 +32,7 @@ from mesh.proxy.sockets import SocketFactory
 from mesh.state import ProxyState
 
 from .http import ConnectionClosed, HttpError, Limits, RequestHead, ServerConnection
-from .http2 import PREFACE, H2Downstream, H2Settings
+from .http2.base import PREFACE
 from .pipeline import ConnInfo, DownstreamConn, Pipeline, local_reply_bytes
 from .plan import Destination, Forward, resolve
 from .telemetry import WaypointMetrics
@@ -284,6 +284,7 @@ class Inbound:
             down.close()
 
     async def _h2(self, stream: HboneStream, info: ConnInfo, first: bytes, eof: bool) -> None:
+        from .http2 import H2Downstream, H2Settings   # h2 loads with the first HTTP/2 client (http2/__init__)
         self.counts["h2_connections"] += 1
         pipeline = self.pipeline
 

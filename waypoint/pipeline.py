@@ -45,7 +45,7 @@ from .mirror import Mirrors
 from .http import Body, EndOfMessage, HttpError, RequestHead, ResponseHead, ServerConnection
 from .plan import Bindings, Destination, Forward, Reply, bindings, plan_bound, refresh, service_fqdn
 from .routing import RequestInfo
-from .http2.downstream import current_stream
+from .http2.base import current_stream
 from .telemetry import RequestLabels, RequestResult, WaypointMetrics, access_log_line, grpc_response_status
 from .tracing import Tracing
 from .upstream import EndpointTarget, HashRequest, Upstreams

@@ -44,6 +44,7 @@ import random
 import ssl
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mesh.clock import Clock
 from mesh.hbone import HbonePool, PoolKey
@@ -56,12 +57,14 @@ from .channel import HttpChannel
 from .endpoints import (NO_REQUEST, Cluster, ClusterConfig, Clusters, EndpointTarget, HashRequest, cluster_exposition,
                         endpoint_targets)
 from .http import ClientConnection, Limits
-from .http2.upstream import ClientStream, H2Upstream
 from .plan import Forward
 from .tracing import CONNECT_TRACEPARENT
 from .protocols import PortProtocol, port_protocol
 from .resilience import (AttemptOutcome, ConnectionAction, OverflowReason, PoolCounters, admit_request,
                          connection_reusable, idle_expired, plan_connection)
+
+if TYPE_CHECKING:                    # loaded on first use: h2 is ~1 MB of RSS (http2/__init__)
+    from .http2.upstream import ClientStream, H2Upstream
 
 __all__ = ["EndpointTarget", "HashRequest", "Upstreams", "UpstreamConn", "Overflow", "ConnectTimeout", "Withdrawn",
            "HBONE_PORT", "MAX_IDLE_PER_ENDPOINT", "endpoints", "pick"]
@@ -331,6 +334,7 @@ class Upstreams:
         return s
 
     async def _connect_h2(self, c: Cluster, target: EndpointTarget, src_ip: str) -> H2Upstream:
+        from .http2.upstream import H2Upstream   # h2 loads with the first HTTP/2 cluster (http2/__init__)
         mux = H2Upstream(target, clock=self.clock, on_lost=self._forget_h2)
         mux.counted = True
         c.open_connections += 1
@@ -516,7 +520,7 @@ class Upstreams:
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
         """Done with `conn` (once per acquire): keep it for the next request to its endpoint,
         or close it."""
-        if type(conn) is ClientStream:
+        if type(conn) is not UpstreamConn:            # an HTTP/2 ClientStream
             self._release_h2(conn, reusable)
             return
         c = self._cluster_of(conn.target.cluster)

@@ -36,12 +36,12 @@ import h2.settings
 
 from waypoint.http import Body, EndOfMessage, HttpError, InformationalResponse, LocalProtocolError, ResponseHead
 
+from .base import PREFACE
 from .convert import request_from_h2, response_from_h2, response_to_h2, trailers_from_h2
 
 __all__ = ["Settings", "ServerConnection", "ClientConnection", "StreamReset", "Writable", "ConnectionEnded",
            "ProtocolError", "PREFACE", "ErrorCode"]
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 ProtocolError = h2.exceptions.ProtocolError
 ErrorCode = h2.errors.ErrorCodes
 

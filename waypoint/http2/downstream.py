@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from waypoint.http import (Body, EndOfMessage, HttpError, InformationalResponse, RequestHead, ResponseHead)
 
+from .base import current_stream
 from .connection import (ConnectionEnded, ErrorCode, ServerConnection, Settings, StreamReset, Writable)
 from .convert import grpc_status_of
 from .stream import StreamChannel
@@ -29,9 +30,6 @@ log = logging.getLogger("ambient.waypoint")
 PREMATURE_RESET_MIN = 500
 """Envoy's premature_reset_total_stream_count default."""
 
-current_stream: contextvars.ContextVar[ServerStream | None] = contextvars.ContextVar("h2_stream", default=None)
-"""The HTTP/2 stream whose request the running task serves (each stream has its own task):
-what the pipeline's telemetry reads the response's grpc-status from."""
 
 
 class ServerStream(StreamChannel):
