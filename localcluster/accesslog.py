@@ -144,7 +144,7 @@ def _prefix_time(date: str, clock: str) -> float:
     """logging's default asctime, `2026-12-03 14:57:07,123`, in the writer's local time."""
     v = f"{date} {clock}"
     try:
-        if not _LOCAL.match(v):
+        if not _LOCAL.fullmatch(v):
             raise ValueError(v)
         return _local_second(v[:19]) + int(v[20:23]) / 1000.0
     except (ValueError, OverflowError):
@@ -173,7 +173,7 @@ def _dash(v: str) -> str | None:
 def _start_time(v: str) -> float:
     """START_TIME as the waypoint prints it: `2026-12-03T14:57:07.123Z` (UTC)."""
     try:
-        if not _UTC.match(v):
+        if not _UTC.fullmatch(v):
             raise ValueError(v)
         frac = v[19:].rstrip("Z")
         return _utc_second(v[:19]) + (float(frac) if frac else 0.0)
@@ -288,7 +288,7 @@ def parse_status(v: str) -> tuple[StatusMatch, ...]:
     """`5xx`, `503`, `2xx,404`, `error`."""
     out = []
     for item in v.lower().split(","):
-        m = _STATUS.match(item.strip())
+        m = _STATUS.fullmatch(item.strip())
         if m is None:
             raise ValueError(f"bad --status item {item!r}: want a code (503), a class (5xx) or 'error'")
         out.append(StatusMatch(code=int(m["code"]) if m["code"] else None,
@@ -385,7 +385,7 @@ def proxy_logs(logs_dir: str, names: Iterable[str], nodes: Iterable[str],
             out[path] = wps[n]
         elif n.startswith("ztunnel-") and n.endswith(".log"):
             stem = n[len("ztunnel-"):-len(".log")]
-            m = _WORKER.match(stem)
+            m = _WORKER.fullmatch(stem)
             if stem in nodes:
                 out[path] = Proxy("ztunnel", stem)
             elif m and m["node"] in nodes:

@@ -224,7 +224,7 @@ class ClusterNetwork:
     """
 
     def __init__(self, prefix: str):
-        if not _PREFIX_RE.match(prefix or "") or len(prefix) > 32:
+        if not _PREFIX_RE.fullmatch(prefix or "") or len(prefix) > 32:
             raise NetworkError(f"invalid prefix {prefix!r}: use [a-z0-9] words joined by single "
                                "dashes, at most 32 characters")
         if _RESERVED_WORDS & set(prefix.split("-")):
@@ -243,7 +243,7 @@ class ClusterNetwork:
         if not name:
             raise NetworkError("node name must not be empty")
         full = f"{self.prefix}-n-{name}"
-        if _NODE_NAME_RE.match(name) and len(full) <= _MAX_NETNS_NAME:
+        if _NODE_NAME_RE.fullmatch(name) and len(full) <= _MAX_NETNS_NAME:
             return name
         return uid_hash(name)
 
@@ -269,7 +269,7 @@ class ClusterNetwork:
 
     def owns(self, name: str) -> bool:
         """Whether a netns or link name belongs to this prefix."""
-        return bool(self._owned.match(name))
+        return bool(self._owned.fullmatch(name))
 
     def list_netns(self) -> list[str]:
         """The existing namespaces of this prefix."""

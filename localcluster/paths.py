@@ -13,7 +13,7 @@ _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
 
 def check_cluster_name(name: str) -> str:
     # Short: it prefixes netns, cgroup and interface names, some of which have 15-char limits.
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"invalid cluster name {name!r}: 1-16 characters of [a-z0-9-]")
     return name
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 __all__ = ["SpiffeId", "NodeId", "IdentityError", "parse_identity", "CONTROL_PLANE_ID"]
 
 # RFC 1123 labels, as Kubernetes names namespaces and service accounts (subdomains for SAs).
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
+# Matched with fullmatch: `$` also matches before a trailing newline ("b\n" would pass).
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
 
 
 class IdentityError(ValueError):
@@ -18,7 +19,7 @@ class IdentityError(ValueError):
 
 
 def _check(kind: str, value: str, pattern: re.Pattern[str]) -> None:
-    if not value or len(value) > 253 or not pattern.match(value):
+    if not value or len(value) > 253 or not pattern.fullmatch(value):
         raise IdentityError(f"invalid {kind} {value!r}")
 
 

@@ -217,7 +217,7 @@ class _Eval:
     def _value(self, key: str, value: str) -> bool:
         """Does `key` (an `evaluable` one) have `value`? ValueError for a malformed address."""
         r = self.req
-        m = _HEADER_KEY.match(key)
+        m = _HEADER_KEY.fullmatch(key)
         if m:
             return StringMatch.parse(value).matches(r.header(m.group(1).lower()))
         if key == "source.ip":
@@ -254,7 +254,7 @@ class _Eval:
 def evaluable(key: str) -> bool:
     """Whether the waypoint can evaluate a `when` key (JWT and SNI keys it cannot)."""
     return key in ("source.ip", "remote.ip", "destination.ip", "destination.port", "source.namespace",
-                   "source.principal") or _HEADER_KEY.match(key) is not None
+                   "source.principal") or _HEADER_KEY.fullmatch(key) is not None
 
 
 def _unevaluable(p: AuthorizationPolicy) -> tuple[str, ...]:

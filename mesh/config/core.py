@@ -37,9 +37,9 @@ _NAME_RULE_OF_KIND = {"Namespace": "label", "Service": "dns1035"}
 
 def _name_ok(value: str, rule: str) -> bool:
     if rule == "subdomain":
-        return len(value) <= 253 and all(_DNS_LABEL.match(p) for p in value.split("."))
+        return len(value) <= 253 and all(_DNS_LABEL.fullmatch(p) for p in value.split("."))
     pattern = _DNS_LABEL if rule == "label" else _DNS_1035
-    return len(value) <= 63 and bool(pattern.match(value))
+    return len(value) <= 63 and bool(pattern.fullmatch(value))
 
 
 def _check_name(ctx: Ctx, value: str, path: Path, rule: str) -> None:
@@ -61,7 +61,7 @@ def _label_key_problem(key: Any) -> str | None:
     prefix, _, name = key.rpartition("/")
     if "/" in key and not (prefix and _name_ok(prefix, "subdomain")):
         return f"key {json.dumps(key)} has an invalid prefix: must be {_NAME_RULES['subdomain']}"
-    if not (len(name) <= 63 and _LABEL_NAME.match(name)):
+    if not (len(name) <= 63 and _LABEL_NAME.fullmatch(name)):
         return (f"key {json.dumps(key)} is not valid: the name part must be at most 63 letters, "
                 "digits, '-', '_' or '.', starting and ending with a letter or digit")
     return None
@@ -77,7 +77,7 @@ def _labels(ctx: Ctx, parent: Mapping[Any, Any], path: Path, *, values: str) -> 
         if not isinstance(v, str):
             # Kubernetes rejects non-string values; YAML makes `yes`, `true`, `1` non-strings.
             ctx.fail(path + (k,), f"values must be strings, got {describe(v)}{quote_hint(v)}")
-        if values == "label" and v and not (len(v) <= 63 and _LABEL_NAME.match(v)):
+        if values == "label" and v and not (len(v) <= 63 and _LABEL_NAME.fullmatch(v)):
             ctx.fail(path + (k,), f"{json.dumps(v)} is not a valid label value: at most 63 "
                      "letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
     return FrozenMap(m)
@@ -217,7 +217,7 @@ def _service_port(ctx: Ctx, p: Any, path: Path, many: bool) -> ServicePort:
         if target.isdigit():
             ctx.fail(tp, f"{json.dumps(target)} is a string: write the number unquoted, or use a "
                      "named container port")
-        if not (len(target) <= 15 and _IANA_PORT_NAME.match(target) and "--" not in target
+        if not (len(target) <= 15 and _IANA_PORT_NAME.fullmatch(target) and "--" not in target
                 and re.search("[a-z]", target)):
             ctx.fail(tp, f"{json.dumps(target)} is not a valid port name: at most 15 lowercase "
                      "letters, digits and '-' with at least one letter, or a port number")

@@ -53,7 +53,7 @@ def _string_map(ctx: Ctx, m: Mapping[Any, Any], path: Path, header: bool
                 ) -> tuple[tuple[str, IstioStringMatch], ...]:
     out = []
     for k, v in get_map(ctx, m, path).items():
-        if not isinstance(k, str) or (header and not _HEADER_NAME.match(k)):
+        if not isinstance(k, str) or (header and not _HEADER_NAME.fullmatch(k)):
             ctx.fail(path + (str(k),), f"{json.dumps(str(k))} is not a valid "
                      + ("HTTP header name" if header else "name"))
         out.append((k.lower() if header else k, _istio_string(ctx, v, path + (k,), presence=True)))
@@ -531,7 +531,7 @@ def _consistent_hash(ctx: Ctx, v: Any, path: Path) -> ConsistentHash:
     header = None
     if m.get("httpHeaderName") is not None:
         header = get_str(ctx, m, path + ("httpHeaderName",)) or ""
-        if not _HEADER_NAME.match(header):
+        if not _HEADER_NAME.fullmatch(header):
             ctx.fail(path + ("httpHeaderName",), f"{json.dumps(header)} is not a valid HTTP header name")
         header = header.lower()
     cookie = None

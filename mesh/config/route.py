@@ -273,7 +273,7 @@ def _hostname(ctx: Ctx, m: Mapping[Any, Any], path: Path, wildcard: bool) -> str
     h = get_str(ctx, m, path)
     if h is None:
         return None
-    if not (len(h) <= 253 and _HOSTNAME.match(h)) or (h.startswith("*.") and not wildcard):
+    if not (len(h) <= 253 and _HOSTNAME.fullmatch(h)) or (h.startswith("*.") and not wildcard):
         ctx.fail(path, f"{json.dumps(h)} is not a valid hostname (lowercase RFC 1123"
                  + (", optionally with a leading '*.' label)" if wildcard else ")"))
     return h
@@ -340,7 +340,7 @@ def http_route(ctx: Ctx, obj: Mapping[Any, Any], meta: ObjectMeta) -> HTTPRoute:
         if not isinstance(h, str):
             ctx.error(hp + (i,), f"must be a string, got {describe(h)}", "bad_value")
             continue
-        if not (len(h) <= 253 and _HOSTNAME.match(h)):
+        if not (len(h) <= 253 and _HOSTNAME.fullmatch(h)):
             ctx.error(hp + (i,), f"{json.dumps(h)} is not a valid hostname (lowercase RFC 1123, "
                       "optionally with a leading '*.' label)", "bad_value")
             continue

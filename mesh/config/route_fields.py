@@ -95,7 +95,7 @@ _GO_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-
 
 def parse_gep2257(s: str) -> float | None:
     """Gateway API duration (GEP-2257: `10s`, `500ms`, `1h30m`) in seconds, or None if invalid."""
-    if not _GEP2257.match(s):
+    if not _GEP2257.fullmatch(s):
         return None
     units = re.findall(r"([0-9]+)(ms|h|m|s)", s)
     if len({u for _, u in units}) != len(units):
@@ -133,7 +133,7 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 
 def _header_name(ctx: Ctx, m: Mapping[Any, Any], path: Path) -> str:
     name = get_str(ctx, m, path, required=True) or ""
-    if not _HEADER_NAME.match(name):
+    if not _HEADER_NAME.fullmatch(name):
         ctx.fail(path, f"{json.dumps(name)} is not a valid HTTP header name")
     return name
 
@@ -167,7 +167,7 @@ def _header_modifier(ctx: Ctx, v: Any, path: Path, *, istio: bool = False) -> He
             mm = get_map(ctx, m, p)
             out = []
             for k, val in mm.items():
-                if not isinstance(k, str) or not _HEADER_NAME.match(k):
+                if not isinstance(k, str) or not _HEADER_NAME.fullmatch(k):
                     ctx.fail(p + (str(k),), f"{json.dumps(str(k))} is not a valid HTTP header name")
                 if not isinstance(val, str):
                     ctx.fail(p + (k,), f"must be a string, got {describe(val)}")
@@ -188,7 +188,7 @@ def _header_modifier(ctx: Ctx, v: Any, path: Path, *, istio: bool = False) -> He
         raw = _items(ctx, m, p, None if istio else 16)
         out = []
         for i, x in enumerate(raw):
-            if not isinstance(x, str) or not _HEADER_NAME.match(x):
+            if not isinstance(x, str) or not _HEADER_NAME.fullmatch(x):
                 ctx.fail(p + (i,), f"must be an HTTP header name, got {describe(x)}")
             out.append(x.lower())
         if len(set(out)) != len(out):

@@ -120,7 +120,7 @@ def format_path(path: Path) -> str | None:
     for p in path:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif _PLAIN_FIELD.match(p):
+        elif _PLAIN_FIELD.fullmatch(p):
             out += f".{p}" if out else p
         else:  # label keys like istio.io/dataplane-mode
             out += f"[{json.dumps(p)}]"

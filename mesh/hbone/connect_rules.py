@@ -19,7 +19,7 @@ def regular_headers(headers, start: int) -> tuple[tuple[tuple[str, str], ...], s
     for name, value in headers[start:]:
         if name[:1] == b":":
             return (), "pseudo_header_after_regular"
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             return (), "invalid_header_name"
         if _BAD_VALUE.search(value):
             return (), "invalid_header_value"
@@ -60,7 +60,7 @@ def validate_connect(headers) -> tuple[str, tuple[tuple[str, str], ...]] | str:
     if not authority:
         return "missing_authority"
     auth = authority.decode("latin-1")
-    m = _AUTHORITY.match(auth)
+    m = _AUTHORITY.fullmatch(auth)
     if m is None or not 0 < int(m.group(2)) <= 65535:
         return "bad_authority"
     return auth, regular

@@ -46,7 +46,7 @@ class NetnsError(OSError):
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise NetnsError(errno.EINVAL, f"invalid netns name {name!r} "
                          "(1-63 chars of [A-Za-z0-9_.-], not starting with a dot or dash)")
     return name
