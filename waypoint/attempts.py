@@ -314,7 +314,7 @@ class Attempts:
             if budget is not None else None
         try:
             async with whole:
-                await self._loop(fwd, head, target, headers, down, src_ip, request_id, hash_request, body, res,
+                await self._loop(fwd, head, target, headers, down, src_ip, hash_request, body, res,
                                  self.clock.now() + timeout if timeout else None, budget, key)
         except TimeoutError:
             if not whole.expired():
@@ -351,9 +351,9 @@ class Attempts:
         res.status, res.response_bytes, res.started = status, len(body), True
 
     async def _loop(self, fwd: Forward, head: RequestHead, up_target: bytes, headers: list[tuple[bytes, bytes]],
-                    down: DownstreamConn, src_ip: str, request_id: str,
-                    hash_request: HashRequest, body: RequestBody, res: ForwardResult, deadline: float | None,
-                    budget: RetryBudget | None, key: bytes | None) -> None:
+                    down: DownstreamConn, src_ip: str, hash_request: HashRequest, body: RequestBody,
+                    res: ForwardResult, deadline: float | None, budget: RetryBudget | None,
+                    key: bytes | None) -> None:
         policy = fwd.retry
         clock = self.clock
         if budget is not None and budget.admit(clock.now(), key) is BudgetVerdict.EXHAUSTED:

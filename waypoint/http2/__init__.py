@@ -20,4 +20,5 @@ def __getattr__(name: str) -> Any:
         module, attr = _WHERE[name]
     except KeyError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{module}"), attr)   # once per name
+    return value

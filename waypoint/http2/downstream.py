@@ -12,7 +12,6 @@ gone (EOF or GOAWAY) and every stream task is done.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -29,7 +28,6 @@ log = logging.getLogger("ambient.waypoint")
 
 PREMATURE_RESET_MIN = 500
 """Envoy's premature_reset_total_stream_count default."""
-
 
 
 class ServerStream(StreamChannel):
